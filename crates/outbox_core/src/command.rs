@@ -1,0 +1,577 @@
+//! Centrifugo server API commands as they travel through the outbox.
+//!
+//! A command is a method name plus a JSON object payload, exactly the `method`/`payload` columns of
+//! Centrifugo's outbox table. Only the state-changing methods Centrifugo's own async consumers
+//! accept can be enqueued. Validation here mirrors what Centrifugo's API would reject as a bad
+//! request, so mistakes surface in the caller's transaction instead of as a dead letter later.
+
+use serde_json::{Map, Value};
+
+use crate::error::{CommandError, ErrorClass};
+
+/// A state-changing server API method accepted by the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Method {
+    Publish,
+    Broadcast,
+    Subscribe,
+    Unsubscribe,
+    Disconnect,
+    Refresh,
+    HistoryRemove,
+}
+
+/// Read-only methods of the server API: meaningless when run asynchronously.
+const READ_ONLY_METHODS: &[&str] = &[
+    "info",
+    "history",
+    "presence",
+    "presence_stats",
+    "channels",
+    "connections",
+    "rpc",
+    "get_user_status",
+    "device_list",
+    "device_topic_list",
+    "user_topic_list",
+];
+
+impl Method {
+    pub const ALL: [Method; 7] = [
+        Method::Publish,
+        Method::Broadcast,
+        Method::Subscribe,
+        Method::Unsubscribe,
+        Method::Disconnect,
+        Method::Refresh,
+        Method::HistoryRemove,
+    ];
+
+    /// The method's name on the wire (the `method` column, the `/api/<name>` path, the batch key).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Publish => "publish",
+            Method::Broadcast => "broadcast",
+            Method::Subscribe => "subscribe",
+            Method::Unsubscribe => "unsubscribe",
+            Method::Disconnect => "disconnect",
+            Method::Refresh => "refresh",
+            Method::HistoryRemove => "history_remove",
+        }
+    }
+
+    /// Parses a method name, telling apart unknown, read-only and `batch`.
+    pub fn parse(name: &str) -> Result<Method, CommandError> {
+        if let Some(m) = Method::ALL.iter().find(|m| m.as_str() == name) {
+            return Ok(*m);
+        }
+        let accepted = Method::ALL.map(Method::as_str).join(", ");
+        if name == "batch" {
+            return Err(CommandError::new(
+                ErrorClass::NotSupported,
+                "method \"batch\" cannot be enqueued",
+            )
+            .with_hint(format!(
+                "Enqueue each command on its own; the workers batch them when sending. Accepted methods: {accepted}."
+            )));
+        }
+        if READ_ONLY_METHODS.contains(&name) {
+            return Err(CommandError::new(
+                ErrorClass::NotSupported,
+                format!("method \"{name}\" is read-only and cannot be enqueued"),
+            )
+            .with_hint(format!("Only state-changing methods are accepted: {accepted}.")));
+        }
+        Err(CommandError::invalid(format!("unknown method \"{name}\""))
+            .with_hint(format!("Accepted methods: {accepted}.")))
+    }
+}
+
+impl std::fmt::Display for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A validated command, ready for the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    pub method: Method,
+    pub payload: Map<String, Value>,
+}
+
+impl Command {
+    /// Validates `payload` for `method`. The payload may be a JSON object or a JSON string holding
+    /// one (Debezium sends JSONB columns as strings), as Centrifugo's consumers accept.
+    pub fn new(method: Method, payload: Value) -> Result<Command, CommandError> {
+        let payload = normalize_payload(payload)?;
+        validate(method, &payload)?;
+        Ok(Command { method, payload })
+    }
+
+    /// Parses and validates a raw `method`/`payload` pair (generic SQL function, outbox rows).
+    pub fn parse(method: &str, payload: Value) -> Result<Command, CommandError> {
+        Command::new(Method::parse(method)?, payload)
+    }
+
+    pub fn payload_json(&self) -> String {
+        Value::Object(self.payload.clone()).to_string()
+    }
+}
+
+/// Accepts a JSON object, or a JSON string whose content is a JSON object.
+pub fn normalize_payload(payload: Value) -> Result<Map<String, Value>, CommandError> {
+    match payload {
+        Value::Object(map) => Ok(map),
+        Value::String(text) => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(CommandError::invalid(
+                "payload is a JSON string that does not hold a JSON object",
+            )),
+            Err(e) => Err(CommandError::new(
+                ErrorClass::InvalidJson,
+                format!("payload is a JSON string that is not valid JSON: {e}"),
+            )),
+        },
+        other => Err(CommandError::invalid(format!(
+            "payload must be a JSON object, got {}",
+            json_type(&other)
+        ))),
+    }
+}
+
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The JSON shape a field must have.
+#[derive(Clone, Copy)]
+enum Shape {
+    /// Any JSON value (publication data, connection info).
+    Any,
+    String,
+    NonEmptyString,
+    Bool,
+    /// A non-negative integer that fits in u64.
+    Unsigned,
+    /// A signed 64-bit integer.
+    Integer,
+    Base64,
+    /// An object whose values are all strings (`tags`).
+    StringMap,
+    /// A non-empty array of non-empty strings (`channels`).
+    Channels,
+    /// An array of strings (`whitelist`).
+    StringArray,
+    /// `{offset, epoch}` (`recover_since`).
+    StreamPosition,
+    /// `{code, reason}` (`disconnect`).
+    Disconnect,
+    /// `{presence: {value: bool}, ...}` (`override`).
+    SubscribeOverride,
+    /// Any JSON object (`label_filter`, whose grammar Centrifugo checks).
+    Object,
+}
+
+struct Field {
+    name: &'static str,
+    shape: Shape,
+}
+
+const fn f(name: &'static str, shape: Shape) -> Field {
+    Field { name, shape }
+}
+
+const PUBLICATION_FIELDS: &[Field] = &[
+    f("data", Shape::Any),
+    f("b64data", Shape::Base64),
+    f("skip_history", Shape::Bool),
+    f("tags", Shape::StringMap),
+    f("idempotency_key", Shape::String),
+    f("delta", Shape::Bool),
+    f("version", Shape::Unsigned),
+    f("version_epoch", Shape::String),
+];
+
+const USER_TARGET_FIELDS: &[Field] = &[
+    f("user", Shape::String),
+    f("client", Shape::String),
+    f("session", Shape::String),
+    f("label_filter", Shape::Object),
+    f("all_users", Shape::Bool),
+];
+
+fn fields(method: Method) -> Vec<&'static Field> {
+    const SUBSCRIBE: &[Field] = &[
+        f("channel", Shape::NonEmptyString),
+        f("info", Shape::Any),
+        f("b64info", Shape::Base64),
+        f("data", Shape::Any),
+        f("b64data", Shape::Base64),
+        f("recover_since", Shape::StreamPosition),
+        f("expire_at", Shape::Integer),
+        f("override", Shape::SubscribeOverride),
+    ];
+    const UNSUBSCRIBE: &[Field] = &[f("channel", Shape::NonEmptyString)];
+    const DISCONNECT: &[Field] =
+        &[f("whitelist", Shape::StringArray), f("disconnect", Shape::Disconnect)];
+    const REFRESH: &[Field] = &[
+        f("expired", Shape::Bool),
+        f("expire_at", Shape::Integer),
+        f("info", Shape::Any),
+    ];
+    const PUBLISH: &[Field] = &[f("channel", Shape::NonEmptyString)];
+    const BROADCAST: &[Field] = &[f("channels", Shape::Channels)];
+    const HISTORY_REMOVE: &[Field] = &[f("channel", Shape::NonEmptyString)];
+    let (own, shared): (&[Field], &[Field]) = match method {
+        Method::Publish => (PUBLISH, PUBLICATION_FIELDS),
+        Method::Broadcast => (BROADCAST, PUBLICATION_FIELDS),
+        Method::Subscribe => (SUBSCRIBE, USER_TARGET_FIELDS),
+        Method::Unsubscribe => (UNSUBSCRIBE, USER_TARGET_FIELDS),
+        Method::Disconnect => (DISCONNECT, USER_TARGET_FIELDS),
+        Method::Refresh => (REFRESH, USER_TARGET_FIELDS),
+        Method::HistoryRemove => (HISTORY_REMOVE, &[]),
+    };
+    own.iter().chain(shared.iter()).collect()
+}
+
+/// Fields without which Centrifugo rejects the command.
+fn required(method: Method) -> &'static [&'static str] {
+    match method {
+        Method::Publish | Method::HistoryRemove => &["channel"],
+        Method::Broadcast => &["channels"],
+        Method::Subscribe | Method::Unsubscribe => &["channel", "user"],
+        Method::Disconnect | Method::Refresh => &["user"],
+    }
+}
+
+/// Checks a payload against what Centrifugo's server API accepts for `method`.
+///
+/// Unknown fields are passed through untouched: a newer Centrifugo may accept them, and the
+/// server ignores what it does not know.
+pub fn validate(method: Method, payload: &Map<String, Value>) -> Result<(), CommandError> {
+    let targets_all_users = matches!(payload.get("all_users"), Some(Value::Bool(true)))
+        || payload.get("label_filter").is_some_and(|v| !v.is_null());
+    for name in required(method) {
+        let missing = matches!(payload.get(*name), None | Some(Value::Null));
+        if missing && !(*name == "user" && targets_all_users) {
+            let err = CommandError::new(
+                ErrorClass::NullValue,
+                format!("{method} requires \"{name}\""),
+            );
+            return Err(if *name == "user" {
+                err.with_hint("Use an empty string for anonymous connections, or all_users => true.")
+            } else {
+                err
+            });
+        }
+    }
+    for field in fields(method) {
+        if let Some(value) = payload.get(field.name) {
+            check_shape(method, field, value)?;
+        }
+    }
+    if matches!(method, Method::Publish | Method::Broadcast) {
+        let has_data = payload.get("data").is_some_and(|v| !v.is_null());
+        let has_b64 = payload.get("b64data").is_some_and(|v| v.as_str() != Some(""));
+        match (has_data, has_b64) {
+            (false, false) => {
+                return Err(CommandError::new(
+                    ErrorClass::NullValue,
+                    format!("{method} requires \"data\" (JSON) or \"b64data\" (base64)"),
+                ))
+            }
+            (true, true) => {
+                return Err(CommandError::invalid(format!(
+                    "{method} takes either \"data\" or \"b64data\", not both"
+                )))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn check_shape(method: Method, field: &Field, value: &Value) -> Result<(), CommandError> {
+    let name = field.name;
+    let wrong = |expected: &str| {
+        CommandError::invalid(format!(
+            "{method}: \"{name}\" must be {expected}, got {}",
+            json_type(value)
+        ))
+    };
+    // JSON null means "not set", as in Centrifugo's decoder.
+    if value.is_null() {
+        return Ok(());
+    }
+    match field.shape {
+        Shape::Any => Ok(()),
+        Shape::Object => value.as_object().map(|_| ()).ok_or_else(|| wrong("an object")),
+        Shape::String => value.as_str().map(|_| ()).ok_or_else(|| wrong("a string")),
+        Shape::NonEmptyString => match value.as_str() {
+            Some("") => Err(CommandError::new(
+                ErrorClass::NullValue,
+                format!("{method}: \"{name}\" must not be empty"),
+            )),
+            Some(_) => Ok(()),
+            None => Err(wrong("a string")),
+        },
+        Shape::Bool => value.as_bool().map(|_| ()).ok_or_else(|| wrong("a boolean")),
+        Shape::Unsigned => value.as_u64().map(|_| ()).ok_or_else(|| wrong("a non-negative integer")),
+        Shape::Integer => value.as_i64().map(|_| ()).ok_or_else(|| wrong("an integer")),
+        Shape::Base64 => {
+            let text = value.as_str().ok_or_else(|| wrong("a base64 string"))?;
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map(|_| ())
+                .map_err(|e| CommandError::invalid(format!("{method}: \"{name}\" is not valid base64: {e}")))
+        }
+        Shape::StringMap => {
+            let map = value.as_object().ok_or_else(|| wrong("an object of strings"))?;
+            match map.iter().find(|(_, v)| !v.is_string()) {
+                Some((k, v)) => Err(CommandError::invalid(format!(
+                    "{method}: \"{name}\".\"{k}\" must be a string, got {}",
+                    json_type(v)
+                ))),
+                None => Ok(()),
+            }
+        }
+        Shape::StringArray => {
+            let items = value.as_array().ok_or_else(|| wrong("an array of strings"))?;
+            if items.iter().all(Value::is_string) {
+                Ok(())
+            } else {
+                Err(wrong("an array of strings"))
+            }
+        }
+        Shape::Channels => {
+            let items = value.as_array().ok_or_else(|| wrong("an array of channel names"))?;
+            if items.is_empty() {
+                return Err(CommandError::invalid(format!(
+                    "{method}: \"{name}\" must not be empty"
+                )));
+            }
+            match items.iter().position(|c| c.as_str().is_none_or(str::is_empty)) {
+                Some(i) => Err(CommandError::invalid(format!(
+                    "{method}: \"{name}\"[{i}] must be a non-empty string"
+                ))),
+                None => Ok(()),
+            }
+        }
+        Shape::StreamPosition => {
+            let obj = value.as_object().ok_or_else(|| wrong("an object {offset, epoch}"))?;
+            check_members(method, name, obj, &[("offset", Shape::Unsigned), ("epoch", Shape::String)])
+        }
+        Shape::Disconnect => {
+            let obj = value.as_object().ok_or_else(|| wrong("an object {code, reason}"))?;
+            check_members(method, name, obj, &[("code", Shape::Unsigned), ("reason", Shape::String)])
+        }
+        Shape::SubscribeOverride => {
+            let obj = value.as_object().ok_or_else(|| wrong("an object"))?;
+            for (key, v) in obj {
+                let inner = v.as_object().and_then(|o| o.get("value"));
+                if !matches!(inner, Some(Value::Bool(_))) && !v.is_null() {
+                    return Err(CommandError::invalid(format!(
+                        "{method}: \"{name}\".\"{key}\" must be {{\"value\": true|false}}"
+                    )));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_members(
+    method: Method,
+    parent: &str,
+    obj: &Map<String, Value>,
+    members: &[(&'static str, Shape)],
+) -> Result<(), CommandError> {
+    for (name, shape) in members {
+        if let Some(v) = obj.get(*name) {
+            check_shape(method, &Field { name, shape: *shape }, v).map_err(|e| CommandError {
+                message: e.message.replacen(&format!("\"{name}\""), &format!("\"{parent}.{name}\""), 1),
+                ..e
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(method: &str, payload: Value) -> CommandError {
+        Command::parse(method, payload).expect_err("should be rejected")
+    }
+
+    #[test]
+    fn every_accepted_method_round_trips_its_name() {
+        for m in Method::ALL {
+            assert_eq!(Method::parse(m.as_str()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn seed_insert_payload_is_valid() {
+        let c = Command::parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}}))
+            .unwrap();
+        assert_eq!(c.method, Method::Publish);
+        assert_eq!(c.payload["channel"], "updates");
+    }
+
+    #[test]
+    fn batch_read_only_and_unknown_methods_are_told_apart() {
+        let e = err("batch", json!({}));
+        assert_eq!(e.class, ErrorClass::NotSupported);
+        assert!(e.message.contains("batch"));
+        assert!(e.hint.unwrap().contains("workers batch"));
+        let e = err("presence", json!({"channel": "x"}));
+        assert_eq!(e.class, ErrorClass::NotSupported);
+        assert!(e.message.contains("read-only"));
+        let e = err("pubish", json!({}));
+        assert_eq!(e.class, ErrorClass::InvalidParameter);
+        assert!(e.message.contains("unknown method \"pubish\""));
+    }
+
+    #[test]
+    fn payload_may_be_a_json_string_holding_an_object() {
+        let c = Command::parse("publish", json!("{\"channel\":\"a\",\"data\":1}")).unwrap();
+        assert_eq!(c.payload["data"], 1);
+        assert_eq!(err("publish", json!("not json")).class, ErrorClass::InvalidJson);
+        assert_eq!(err("publish", json!("[1]")).class, ErrorClass::InvalidParameter);
+        assert_eq!(err("publish", json!(42)).class, ErrorClass::InvalidParameter);
+    }
+
+    #[test]
+    fn required_fields_are_enforced_per_method() {
+        assert_eq!(err("publish", json!({"data": 1})).class, ErrorClass::NullValue);
+        assert_eq!(err("publish", json!({"channel": "", "data": 1})).class, ErrorClass::NullValue);
+        assert_eq!(err("publish", json!({"channel": "a"})).class, ErrorClass::NullValue);
+        assert_eq!(err("broadcast", json!({"data": 1})).class, ErrorClass::NullValue);
+        let e = err("broadcast", json!({"channels": [], "data": 1}));
+        assert_eq!(e.class, ErrorClass::InvalidParameter);
+        assert!(e.message.contains("must not be empty"));
+        assert!(err("broadcast", json!({"channels": ["a", ""], "data": 1})).message.contains("[1]"));
+        assert_eq!(err("subscribe", json!({"channel": "a"})).class, ErrorClass::NullValue);
+        assert_eq!(err("subscribe", json!({"user": "1"})).class, ErrorClass::NullValue);
+        assert_eq!(err("disconnect", json!({})).class, ErrorClass::NullValue);
+        assert_eq!(err("history_remove", json!({})).class, ErrorClass::NullValue);
+        // Anonymous users and all-user targeting are legitimate.
+        Command::parse("disconnect", json!({"user": ""})).unwrap();
+        Command::parse("unsubscribe", json!({"channel": "a", "all_users": true})).unwrap();
+    }
+
+    #[test]
+    fn field_types_are_checked() {
+        let cases = [
+            json!({"channel": 1, "data": 1}),
+            json!({"channel": "a", "data": 1, "tags": {"k": 1}}),
+            json!({"channel": "a", "data": 1, "tags": []}),
+            json!({"channel": "a", "data": 1, "skip_history": "yes"}),
+            json!({"channel": "a", "data": 1, "version": -1}),
+            json!({"channel": "a", "b64data": "%%%"}),
+            json!({"channel": "a", "data": 1, "b64data": "AA=="}),
+        ];
+        for payload in cases {
+            let e = err("publish", payload.clone());
+            assert_eq!(e.class, ErrorClass::InvalidParameter, "{payload}: {e}");
+        }
+        let e = err("subscribe", json!({"channel": "a", "user": "u", "recover_since": {"offset": "x"}}));
+        assert!(e.message.contains("recover_since.offset"), "{e}");
+        assert!(err("disconnect", json!({"user": "u", "disconnect": {"code": "x"}})).message.contains("disconnect.code"));
+        assert!(err("subscribe", json!({"channel": "a", "user": "u", "override": {"presence": true}})).message.contains("override"));
+    }
+
+    #[test]
+    fn full_commands_pass() {
+        Command::parse(
+            "publish",
+            json!({"channel": "a", "data": {"x": [1]}, "skip_history": true, "tags": {"k": "v"},
+                   "idempotency_key": "k1", "delta": false, "version": 3, "version_epoch": "e"}),
+        )
+        .unwrap();
+        Command::parse("broadcast", json!({"channels": ["a", "b"], "b64data": "aGk="})).unwrap();
+        Command::parse(
+            "subscribe",
+            json!({"user": "1", "channel": "c", "info": {"n": 1}, "client": "cl", "session": "s",
+                   "recover_since": {"offset": 1, "epoch": "e"}, "expire_at": 0,
+                   "override": {"presence": {"value": true}}}),
+        )
+        .unwrap();
+        Command::parse("disconnect", json!({"user": "1", "whitelist": ["c1"], "disconnect": {"code": 4000, "reason": "bye"}})).unwrap();
+        Command::parse("refresh", json!({"user": "1", "expired": true})).unwrap();
+        // Unknown fields pass through for newer servers.
+        Command::parse("publish", json!({"channel": "a", "data": 1, "future_field": 1})).unwrap();
+    }
+}
+
+/// Builds a payload from optional SQL arguments: a field is set only when its argument is not NULL.
+#[derive(Debug, Default)]
+pub struct PayloadBuilder(Map<String, Value>);
+
+impl PayloadBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn field<V: Into<Value>>(mut self, key: &str, value: Option<V>) -> Self {
+        if let Some(v) = value {
+            self.0.insert(key.to_owned(), v.into());
+        }
+        self
+    }
+
+    /// Sets `key` to the standard base64 of `bytes` (Centrifugo's `b64data`/`b64info`).
+    pub fn base64(self, key: &str, bytes: Option<&[u8]>) -> Self {
+        use base64::Engine as _;
+        let encoded = bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        self.field(key, encoded)
+    }
+
+    /// Sets `key` to `{"value": v}` inside the `override` object (subscribe option overrides).
+    pub fn override_flag(mut self, key: &str, value: Option<bool>) -> Self {
+        if let Some(v) = value {
+            let obj = self.0.entry("override").or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(o) = obj {
+                o.insert(key.to_owned(), serde_json::json!({ "value": v }));
+            }
+        }
+        self
+    }
+
+    pub fn build(self, method: Method) -> Result<Command, CommandError> {
+        Command::new(method, Value::Object(self.0))
+    }
+}
+
+#[cfg(test)]
+mod builder_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn null_arguments_are_left_out_and_binary_is_base64() {
+        let c = PayloadBuilder::new()
+            .field("channel", Some("c"))
+            .base64("b64data", Some(b"hi".as_slice()))
+            .field::<bool>("skip_history", None)
+            .override_flag("presence", Some(true))
+            .build(Method::Publish)
+            .unwrap();
+        assert_eq!(
+            Value::Object(c.payload),
+            json!({"channel": "c", "b64data": "aGk=", "override": {"presence": {"value": true}}})
+        );
+    }
+}

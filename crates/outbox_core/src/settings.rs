@@ -1,0 +1,129 @@
+//! Validation of settings that PostgreSQL's GUC machinery cannot check by itself: identifiers,
+//! URLs and size limits. Used both at call time (SQL API) and when a worker starts.
+
+use crate::error::{CommandError, ErrorClass};
+
+/// Default of `centrifugo.max_command_size`: Centrifugo's default HTTP API body limit is larger,
+/// but a real-time message of more than 1 MiB is almost always a mistake.
+pub const DEFAULT_MAX_COMMAND_SIZE: i32 = 1024 * 1024;
+
+/// Turns `table` or `schema.table` (each part optionally double-quoted) into a safely quoted SQL
+/// name, so the outbox table name setting can never inject SQL.
+pub fn quoted_table_name(name: &str) -> Result<String, String> {
+    let mut parts = Vec::new();
+    let mut rest = name.trim();
+    while !rest.is_empty() {
+        let (part, tail) = if let Some(stripped) = rest.strip_prefix('"') {
+            // A quoted identifier: "" stands for one quote.
+            let mut ident = String::new();
+            let mut chars = stripped.char_indices().peekable();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if matches!(chars.peek(), Some((_, '"'))) {
+                        ident.push('"');
+                        chars.next();
+                    } else {
+                        end = Some(i + 1);
+                        break;
+                    }
+                } else {
+                    ident.push(c);
+                }
+            }
+            let end = end.ok_or_else(|| format!("unterminated quoted identifier in \"{name}\""))?;
+            (ident, &stripped[end..])
+        } else {
+            let end = rest.find('.').unwrap_or(rest.len());
+            let ident = &rest[..end];
+            let valid = ident.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+                && ident.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+            if !valid {
+                return Err(format!("\"{name}\" is not a valid table name"));
+            }
+            (ident.to_lowercase(), &rest[end..])
+        };
+        if part.is_empty() {
+            return Err(format!("\"{name}\" has an empty name part"));
+        }
+        parts.push(part);
+        rest = match tail.strip_prefix('.') {
+            Some(t) if !t.is_empty() => t,
+            Some(_) => return Err(format!("\"{name}\" ends with a dot")),
+            None if tail.is_empty() => "",
+            None => return Err(format!("\"{name}\" is not a valid table name")),
+        };
+    }
+    match parts.len() {
+        1 | 2 => Ok(parts
+            .iter()
+            .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(".")),
+        0 => Err("the outbox table name is empty".into()),
+        _ => Err(format!("\"{name}\" has too many dots: use table or schema.table")),
+    }
+}
+
+/// Rejects a serialized command larger than the limit (0 disables the check).
+pub fn check_command_size(len: usize, limit: i32) -> Result<(), CommandError> {
+    if limit > 0 && len > limit as usize {
+        return Err(CommandError::new(
+            ErrorClass::TooLarge,
+            format!("command payload is {len} bytes, over the limit of {limit} bytes"),
+        )
+        .with_hint("Raise centrifugo.max_command_size, or send a reference instead of the data."));
+    }
+    Ok(())
+}
+
+/// Checks the Centrifugo API base URL: http(s), with a host.
+pub fn validate_api_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("centrifugo.api_url \"{url}\" must start with http:// or https://"))?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err(format!("centrifugo.api_url \"{url}\" has no host"));
+    }
+    Ok(())
+}
+
+/// Centrifugo's rule for consumer names: `^[a-zA-Z0-9_]{2,}$`.
+pub fn valid_consumer_name(name: &str) -> bool {
+    name.len() >= 2 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_quoted_and_checked() {
+        assert_eq!(quoted_table_name("centrifugo_outbox").unwrap(), "\"centrifugo_outbox\"");
+        assert_eq!(quoted_table_name("App.Chat_Outbox").unwrap(), "\"app\".\"chat_outbox\"");
+        assert_eq!(quoted_table_name("\"My \"\"Box\"\"\"").unwrap(), "\"My \"\"Box\"\"\"");
+        assert_eq!(quoted_table_name("s.\"T.x\"").unwrap(), "\"s\".\"T.x\"");
+        for bad in ["", "a;drop table x", "a.b.c", "1abc", "a.", "\"open", "a b"] {
+            assert!(quoted_table_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn size_limit() {
+        assert!(check_command_size(10, 10).is_ok());
+        assert_eq!(check_command_size(11, 10).unwrap_err().class, ErrorClass::TooLarge);
+        assert!(check_command_size(usize::MAX, 0).is_ok());
+    }
+
+    #[test]
+    fn urls_and_names() {
+        assert!(validate_api_url("http://127.0.0.1:8000/api").is_ok());
+        assert!(validate_api_url("https://c.example/api").is_ok());
+        assert!(validate_api_url("ftp://x").is_err());
+        assert!(validate_api_url("http:///api").is_err());
+        assert!(valid_consumer_name("my_consumer1"));
+        assert!(!valid_consumer_name("a"));
+        assert!(!valid_consumer_name("bad-name"));
+    }
+}

@@ -1,0 +1,59 @@
+-- centrifugo_outbox schema: the Centrifugo-compatible outbox table and its NOTIFY trigger.
+-- API: Public  objects are for applications and operators; their shape is a compatibility promise.
+-- API: Private objects start with "_" and may change between versions.
+
+-- API: Public
+-- Exactly the columns and defaults of Centrifugo's outbox table, so the seed INSERT works and
+-- Centrifugo's own PostgreSQL consumer can drain this table too (drop-in both ways).
+CREATE TABLE centrifugo_outbox (
+    id         BIGSERIAL PRIMARY KEY,
+    method     text        NOT NULL,
+    payload    JSONB       NOT NULL,
+    partition  INTEGER     NOT NULL DEFAULT 0,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE centrifugo_outbox IS
+    'Centrifugo server API commands waiting for delivery; drained in id order per partition.';
+
+-- Draining reads "the next rows of partition P in id order".
+CREATE INDEX centrifugo_outbox_partition_id_idx ON centrifugo_outbox (partition, id);
+
+-- A queue table: rows are deleted soon after insert, so vacuum it eagerly.
+ALTER TABLE centrifugo_outbox SET (
+    autovacuum_vacuum_scale_factor = 0.0,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.0,
+    autovacuum_vacuum_insert_threshold = 10000
+);
+
+-- API: Public
+-- Centrifugo's documented trigger function: NOTIFY <channel> with the partition number as text.
+-- The channel is the trigger's first argument when given (for a table of your own), otherwise
+-- centrifugo.partition_notification_channel; an empty channel sends nothing.
+CREATE FUNCTION centrifugo_notify_partition_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    channel text := coalesce(TG_ARGV[0], current_setting('centrifugo.partition_notification_channel', true), '');
+BEGIN
+    IF channel <> '' THEN
+        PERFORM pg_notify(channel, NEW.partition::text);
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER centrifugo_notify_partition_trigger
+    AFTER INSERT ON centrifugo_outbox
+    FOR EACH ROW EXECUTE FUNCTION centrifugo_notify_partition_change();
+
+-- API: Public
+-- Applications get the SQL API through this role instead of PUBLIC.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'centrifugo_publisher') THEN
+        CREATE ROLE centrifugo_publisher NOLOGIN;
+    END IF;
+END;
+$$;
+GRANT INSERT ON centrifugo_outbox TO centrifugo_publisher;
+GRANT USAGE ON SEQUENCE centrifugo_outbox_id_seq TO centrifugo_publisher;

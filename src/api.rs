@@ -1,0 +1,309 @@
+//! The SQL API: one function per state-changing Centrifugo method, plus a generic one. Each
+//! builds a payload from its arguments (NULL means "not set"), validates it with `outbox_core`,
+//! picks the partition and inserts one outbox row in the caller's transaction, returning its id.
+//! Nothing is inserted when validation fails; the error carries a documented SQLSTATE.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+
+use outbox_core::partition::{choose_partition, partition_for_key};
+use outbox_core::settings::check_command_size;
+use outbox_core::{Command, CommandError, ErrorClass, Method, PayloadBuilder};
+
+use crate::errors::raise;
+use crate::gucs;
+
+/// Inserts a validated command into the outbox and returns its id.
+fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, partition_key: Option<&str>) -> i64 {
+    let command = command.unwrap_or_else(|e| raise(e));
+    let partition = choose_partition(partition, partition_key, gucs::num_partitions()).unwrap_or_else(|e| raise(e));
+    let payload = command.payload_json();
+    check_command_size(payload.len(), gucs::max_command_size()).unwrap_or_else(|e| raise(e));
+    let sql = format!(
+        "INSERT INTO {} (method, payload, partition) VALUES ($1, $2::jsonb, $3) RETURNING id",
+        gucs::outbox_table()
+    );
+    Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()])
+        .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
+        .unwrap_or_else(|| error!("centrifugo_outbox: the outbox insert returned no id"))
+}
+
+fn require<T>(value: Option<T>, method: Method, name: &str) -> Result<T, CommandError> {
+    value.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires \"{name}\"")))
+}
+
+fn channel_list(method: Method, channels: Option<Vec<Option<String>>>) -> Result<Vec<String>, CommandError> {
+    let channels = require(channels, method, "channels")?;
+    channels
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| c.ok_or_else(|| CommandError::invalid(format!("{method}: \"channels\"[{i}] must be a non-empty string"))))
+        .collect()
+}
+
+fn json(value: Option<JsonB>) -> Option<serde_json::Value> {
+    value.map(|j| j.0)
+}
+
+/// The fields shared by publish and broadcast.
+fn publication(
+    b: PayloadBuilder,
+    idempotency_key: Option<&str>,
+    tags: Option<JsonB>,
+    skip_history: Option<bool>,
+    delta: Option<bool>,
+    version: Option<i64>,
+    version_epoch: Option<&str>,
+) -> Result<PayloadBuilder, CommandError> {
+    if let Some(v) = version {
+        if v < 0 {
+            return Err(CommandError::new(ErrorClass::OutOfRange, format!("version must not be negative, got {v}")));
+        }
+    }
+    Ok(b.field("idempotency_key", idempotency_key)
+        .field("tags", json(tags))
+        .field("skip_history", skip_history)
+        .field("delta", delta)
+        .field("version", version)
+        .field("version_epoch", version_epoch))
+}
+
+/// Publishes `data` (any JSON) into `channel`. Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_publish(
+    channel: Option<&str>,
+    data: Option<JsonB>,
+    idempotency_key: default!(Option<&str>, "NULL"),
+    tags: default!(Option<JsonB>, "NULL"),
+    skip_history: default!(Option<bool>, "NULL"),
+    delta: default!(Option<bool>, "NULL"),
+    version: default!(Option<i64>, "NULL"),
+    version_epoch: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let m = Method::Publish;
+    let cmd = (|| {
+        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).field("data", Some(require(json(data), m, "data")?));
+        publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Publishes binary `data` into `channel` (sent as `b64data`). Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_publish_binary(
+    channel: Option<&str>,
+    data: Option<&[u8]>,
+    idempotency_key: default!(Option<&str>, "NULL"),
+    tags: default!(Option<JsonB>, "NULL"),
+    skip_history: default!(Option<bool>, "NULL"),
+    delta: default!(Option<bool>, "NULL"),
+    version: default!(Option<i64>, "NULL"),
+    version_epoch: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let m = Method::Publish;
+    let cmd = (|| {
+        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).base64("b64data", Some(require(data, m, "data")?));
+        publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Publishes the same `data` into every channel of `channels`. Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_broadcast(
+    channels: Option<Vec<Option<String>>>,
+    data: Option<JsonB>,
+    idempotency_key: default!(Option<&str>, "NULL"),
+    tags: default!(Option<JsonB>, "NULL"),
+    skip_history: default!(Option<bool>, "NULL"),
+    delta: default!(Option<bool>, "NULL"),
+    version: default!(Option<i64>, "NULL"),
+    version_epoch: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let m = Method::Broadcast;
+    let cmd = (|| {
+        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).field("data", Some(require(json(data), m, "data")?));
+        publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Broadcasts binary `data` (sent as `b64data`). Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_broadcast_binary(
+    channels: Option<Vec<Option<String>>>,
+    data: Option<&[u8]>,
+    idempotency_key: default!(Option<&str>, "NULL"),
+    tags: default!(Option<JsonB>, "NULL"),
+    skip_history: default!(Option<bool>, "NULL"),
+    delta: default!(Option<bool>, "NULL"),
+    version: default!(Option<i64>, "NULL"),
+    version_epoch: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let m = Method::Broadcast;
+    let cmd = (|| {
+        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).base64("b64data", Some(require(data, m, "data")?));
+        publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Subscribes `user`'s connections to `channel` (server-side subscription). Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_subscribe(
+    user: Option<&str>,
+    channel: Option<&str>,
+    info: default!(Option<JsonB>, "NULL"),
+    client: default!(Option<&str>, "NULL"),
+    session: default!(Option<&str>, "NULL"),
+    data: default!(Option<JsonB>, "NULL"),
+    recover_since: default!(Option<JsonB>, "NULL"),
+    expire_at: default!(Option<i64>, "NULL"),
+    override_presence: default!(Option<bool>, "NULL"),
+    override_join_leave: default!(Option<bool>, "NULL"),
+    override_force_recovery: default!(Option<bool>, "NULL"),
+    override_force_positioning: default!(Option<bool>, "NULL"),
+    override_force_push_join_leave: default!(Option<bool>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = PayloadBuilder::new()
+        .field("user", user)
+        .field("channel", channel)
+        .field("info", json(info))
+        .field("client", client)
+        .field("session", session)
+        .field("data", json(data))
+        .field("recover_since", json(recover_since))
+        .field("expire_at", expire_at)
+        .override_flag("presence", override_presence)
+        .override_flag("join_leave", override_join_leave)
+        .override_flag("force_recovery", override_force_recovery)
+        .override_flag("force_positioning", override_force_positioning)
+        .override_flag("force_push_join_leave", override_force_push_join_leave)
+        .build(Method::Subscribe);
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Unsubscribes `user` (optionally one client or session) from `channel`. Returns the outbox id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_unsubscribe(
+    user: Option<&str>,
+    channel: Option<&str>,
+    client: default!(Option<&str>, "NULL"),
+    session: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = PayloadBuilder::new()
+        .field("user", user)
+        .field("channel", channel)
+        .field("client", client)
+        .field("session", session)
+        .build(Method::Unsubscribe);
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Disconnects `user`'s connections (optionally one client or session). Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_disconnect(
+    user: Option<&str>,
+    client: default!(Option<&str>, "NULL"),
+    session: default!(Option<&str>, "NULL"),
+    whitelist: default!(Option<Vec<Option<String>>>, "NULL"),
+    code: default!(Option<i32>, "NULL"),
+    reason: default!(Option<&str>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = (|| {
+        if code.is_some_and(|c| c < 0) {
+            return Err(CommandError::new(ErrorClass::OutOfRange, "disconnect code must not be negative"));
+        }
+        let disconnect = match (code, reason) {
+            (None, None) => None,
+            (c, r) => Some(serde_json::json!({ "code": c.unwrap_or(0), "reason": r.unwrap_or("") })),
+        };
+        let whitelist = whitelist.map(|w| w.into_iter().flatten().collect::<Vec<_>>());
+        PayloadBuilder::new()
+            .field("user", user)
+            .field("client", client)
+            .field("session", session)
+            .field("whitelist", whitelist)
+            .field("disconnect", disconnect)
+            .build(Method::Disconnect)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Refreshes `user`'s connections (prolong or expire them). Returns the outbox id.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_refresh(
+    user: Option<&str>,
+    client: default!(Option<&str>, "NULL"),
+    session: default!(Option<&str>, "NULL"),
+    expired: default!(Option<bool>, "NULL"),
+    expire_at: default!(Option<i64>, "NULL"),
+    info: default!(Option<JsonB>, "NULL"),
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = PayloadBuilder::new()
+        .field("user", user)
+        .field("client", client)
+        .field("session", session)
+        .field("expired", expired)
+        .field("expire_at", expire_at)
+        .field("info", json(info))
+        .build(Method::Refresh);
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Removes the history of `channel`. Returns the outbox id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_history_remove(
+    channel: Option<&str>,
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = PayloadBuilder::new().field("channel", channel).build(Method::HistoryRemove);
+    enqueue(cmd, partition, partition_key)
+}
+
+/// Enqueues any state-changing command as Centrifugo's outbox row would hold it. Returns the outbox id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_command(
+    method: Option<&str>,
+    payload: Option<JsonB>,
+    partition_key: default!(Option<&str>, "NULL"),
+    partition: default!(Option<i32>, "NULL"),
+) -> i64 {
+    let cmd = (|| {
+        let method = method.ok_or_else(|| CommandError::new(ErrorClass::NullValue, "method must not be NULL"))?;
+        let method = Method::parse(method)?;
+        let payload = payload.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires a payload")))?;
+        Command::new(method, payload.0)
+    })();
+    enqueue(cmd, partition, partition_key)
+}
+
+/// The partition `key` maps to under the current `centrifugo.num_partitions` (see README, "Partitions").
+#[pg_extern(stable, parallel_safe, strict)]
+fn centrifugo_partition_for(key: &str) -> i32 {
+    partition_for_key(key, gucs::num_partitions())
+}

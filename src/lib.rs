@@ -1,0 +1,44 @@
+//! centrifugo_outbox: a PostgreSQL extension that delivers Centrifugo server API commands
+//! reliably. Applications enqueue commands inside their own transactions (SQL API or plain
+//! INSERT into the Centrifugo-compatible outbox table); background workers deliver them.
+//!
+//! This crate is the thin pgrx shell: settings (`gucs`), the SQL API (`api`), and the error
+//! boundary (`errors`). The logic lives in the `outbox_core` crate, testable without PostgreSQL.
+
+use pgrx::prelude::*;
+
+mod api;
+mod errors;
+pub mod gucs;
+
+::pgrx::pg_module_magic!();
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a postmaster global during library load.
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    if !preloading {
+        error!(
+            "centrifugo_outbox must be loaded at server start: add it to shared_preload_libraries in postgresql.conf and restart PostgreSQL"
+        );
+    }
+    gucs::init();
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+#[path = "../pgrx-tests/mod.rs"]
+mod tests;
+
+/// Required by `cargo pgrx test`: the test cluster preloads the library like a real one.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec!["shared_preload_libraries = 'centrifugo_outbox'", "centrifugo.num_partitions = 4"]
+    }
+}
