@@ -55,5 +55,6 @@ BEGIN
     END IF;
 END;
 $$;
-GRANT INSERT ON centrifugo_outbox TO centrifugo_publisher;
+-- INSERT ... RETURNING id needs SELECT on id; payloads of other rows stay unreadable.
+GRANT INSERT, SELECT (id) ON centrifugo_outbox TO centrifugo_publisher;
 GRANT USAGE ON SEQUENCE centrifugo_outbox_id_seq TO centrifugo_publisher;

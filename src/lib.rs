@@ -11,7 +11,7 @@ mod api;
 mod errors;
 pub mod gucs;
 
-::pgrx::pg_module_magic!();
+::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
@@ -28,10 +28,12 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
 }
 
+// The in-database tests live in pgrx-tests/ (see CONTRIBUTING, "Test layers").
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
-#[path = "../pgrx-tests/mod.rs"]
-mod tests;
+mod tests {
+    include!("../pgrx-tests/sql_api.rs");
+}
 
 /// Required by `cargo pgrx test`: the test cluster preloads the library like a real one.
 #[cfg(test)]

@@ -1,7 +1,7 @@
-//! In-database tests (`cargo pgrx test`): every SQL function, its success path and each
-//! validation error with its SQLSTATE, against a real PostgreSQL with the library preloaded
-//! (`centrifugo.num_partitions = 4`, see `pg_test` in lib.rs). Each test runs in a transaction
-//! that is rolled back, so tests see only their own rows.
+// In-database tests of the SQL API (`cargo pgrx test`): every SQL function, its success path and each
+// validation error with its SQLSTATE, against a real PostgreSQL with the library preloaded
+// (`centrifugo.num_partitions = 4`, see `pg_test` in lib.rs). Each test runs in a transaction
+// that is rolled back, so tests see only their own rows.
 
 use pgrx::prelude::*;
 use serde_json::{json, Value};

@@ -1,0 +1,142 @@
+"""The extension in a real PostgreSQL 15 cluster started like a user's: preloaded, configured
+through postgresql.conf. Covers what the in-database tests cannot see from inside one rolled-back
+transaction: preload enforcement, NOTIFY at commit, a user's own outbox table, settings checks,
+secrets, and drop-in compatibility with Centrifugo's own PostgreSQL consumer."""
+
+import json
+import re
+import select
+import uuid
+
+import psycopg
+import pytest
+
+from harness.centrifugo import Centrifugo
+from harness.common import wait_until
+from harness.subscriber import Subscriber
+
+SEED_INSERT = """INSERT INTO centrifugo_outbox (method, payload, partition)
+VALUES ('publish', '{"channel": "updates", "data": {"text": "Hello, world!"}}', 0)"""
+
+
+def notifications(conn, timeout=2.0):
+    """Drains the notifications a LISTENing connection received within `timeout`."""
+    got = []
+    for n in conn.notifies(timeout=timeout, stop_after=None):
+        got.append((n.channel, n.payload))
+    return got
+
+
+def test_create_extension_requires_preload(make_cluster):
+    pg = make_cluster(preload=False, create_extension=False)
+    with pytest.raises(psycopg.Error) as err:
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+    assert "shared_preload_libraries" in str(err.value)
+    assert pg.scalar("SELECT count(*) FROM pg_extension WHERE extname = 'centrifugo_outbox'") == 0
+
+
+def test_seed_insert_notifies_at_commit_only(make_cluster):
+    pg = make_cluster({"centrifugo.num_partitions": 4,
+                       "centrifugo.partition_notification_channel": "centrifugo_partition_change"})
+    listener = pg.connect()
+    listener.execute("LISTEN centrifugo_partition_change")
+    pg.sql(SEED_INSERT)
+    pg.sql("SELECT centrifugo_publish('c', '1', partition => 2)")
+    with pg.connect(autocommit=False) as conn:
+        conn.execute("SELECT centrifugo_publish('c', '1', partition => 3)")
+        conn.rollback()
+    got = notifications(listener)
+    assert got == [("centrifugo_partition_change", "0"), ("centrifugo_partition_change", "2")]
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 2
+    listener.close()
+
+
+def test_no_notification_channel_sends_nothing(make_cluster):
+    pg = make_cluster()
+    listener = pg.connect()
+    listener.execute("LISTEN centrifugo_partition_change")
+    pg.sql(SEED_INSERT)
+    assert notifications(listener, 1.0) == []
+    listener.close()
+
+
+def test_users_own_outbox_table(make_cluster):
+    pg = make_cluster({"centrifugo.outbox_table_name": "app.chat_outbox"})
+    pg.sql("""CREATE SCHEMA app;
+        CREATE TABLE app.chat_outbox (
+            id BIGSERIAL PRIMARY KEY, method text NOT NULL, payload JSONB NOT NULL,
+            partition INTEGER NOT NULL default 0, created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL);
+        CREATE OR REPLACE TRIGGER centrifugo_notify_partition_trigger AFTER INSERT ON app.chat_outbox
+            FOR EACH ROW EXECUTE FUNCTION centrifugo_notify_partition_change('chat_changes');""")
+    listener = pg.connect()
+    listener.execute("LISTEN chat_changes")
+    new_id = pg.scalar("SELECT centrifugo_publish('chat:1', '{\"m\": 1}')")
+    row = pg.sql("SELECT id, method, payload FROM app.chat_outbox")
+    assert row == [(new_id, "publish", {"channel": "chat:1", "data": {"m": 1}})]
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0
+    assert notifications(listener) == [("chat_changes", "0")]
+    listener.close()
+
+
+def test_invalid_settings_are_refused_with_a_reason(make_cluster):
+    pg = make_cluster()
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        pg.sql("ALTER SYSTEM SET centrifugo.outbox_table_name = 'x; DROP TABLE y'")
+    assert "not a valid table name" in str(err.value.diag.message_detail)
+    with pytest.raises(psycopg.errors.InvalidParameterValue) as err:
+        pg.sql("ALTER SYSTEM SET centrifugo.api_url = 'ftp://example'")
+    assert "http://" in str(err.value.diag.message_detail)
+    with pytest.raises(psycopg.errors.InvalidParameterValue):
+        pg.sql("ALTER SYSTEM SET centrifugo.num_partitions = 0")
+    with pytest.raises(psycopg.errors.CantChangeRuntimeParam):
+        pg.sql("SET centrifugo.api_url = 'http://other:8000/api'")
+
+
+def test_secrets_are_superuser_only_masked_and_never_logged(make_cluster):
+    key, password = "k-" + uuid.uuid4().hex, "p-" + uuid.uuid4().hex
+    pg = make_cluster({"centrifugo.api_key": key, "centrifugo.kafka_sasl_password": password,
+                       "log_min_messages": "debug1"})
+    assert pg.scalar("SHOW centrifugo.api_key") == "********"
+    assert pg.scalar("SELECT setting FROM pg_settings WHERE name = 'centrifugo.kafka_sasl_password'") == "********"
+    pg.sql("CREATE ROLE app LOGIN IN ROLE centrifugo_publisher")
+    with pg.connect(user="app") as app:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SHOW centrifugo.api_key")
+        assert app.execute("SELECT count(*) FROM pg_settings WHERE name = 'centrifugo.api_key'").fetchone()[0] == 0
+        # The publisher role can use the API.
+        assert app.execute("SELECT centrifugo_publish('c', '1')").fetchone()[0] > 0
+    # Changing a secret takes a restart, so a reload never logs its value.
+    pg.set(**{"centrifugo.api_key": key + "-rotated"})
+    pg.reload()
+    wait_until(lambda: "cannot be changed without restarting" in pg.log(), 10, what="the reload to be logged")
+    pg.restart()
+    pg.sql("SELECT 1")
+    log = pg.log()
+    assert key not in log and password not in log
+
+
+def test_centrifugo_own_consumer_drains_our_table(make_cluster):
+    """Drop-in the other way: Centrifugo's built-in PostgreSQL consumer delivers what our SQL API enqueued."""
+    pg = make_cluster({"centrifugo.num_partitions": 2,
+                       "centrifugo.partition_notification_channel": "centrifugo_partition_change"})
+    consumer = {"name": "our_outbox", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", "outbox_table_name": "centrifugo_outbox",
+        "num_partitions": 2, "partition_select_limit": 100, "partition_poll_interval": "300ms",
+        "partition_notification_channel": "centrifugo_partition_change"}}
+    server = Centrifugo(extra_config={"consumers": [consumer]}).start()
+    sub = Subscriber(server, channels=["chat:a", "chat:b"]).start()
+    try:
+        pg.sql(SEED_INSERT.replace("updates", "chat:a"))
+        pg.sql("SELECT centrifugo_publish('chat:a', '{\"n\": 1}', partition => 1)")
+        pg.sql("SELECT centrifugo_broadcast(ARRAY['chat:a', 'chat:b'], '{\"n\": 2}')")
+        pg.sql("SELECT centrifugo_publish_binary('chat:b', convert_to('{\"n\": 3}', 'UTF8'))")
+        sub.wait_for_publications(3, "chat:a")
+        sub.wait_for_publications(2, "chat:b")
+        assert sorted(json.dumps(p.data, sort_keys=True) for p in sub.publications("chat:a")) == sorted(
+            json.dumps(d, sort_keys=True) for d in [{"text": "Hello, world!"}, {"n": 1}, {"n": 2}])
+        assert sorted(json.dumps(p.data, sort_keys=True) for p in sub.publications("chat:b")) == sorted(
+            json.dumps(d, sort_keys=True) for d in [{"n": 2}, {"n": 3}])
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 10, what="an empty outbox")
+    finally:
+        sub.stop()
+        server.stop()
