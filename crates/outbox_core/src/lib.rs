@@ -1,9 +1,13 @@
 //! Pure logic of centrifugo_outbox, free of PostgreSQL so that `cargo test -p outbox_core` covers
-//! it without a server: the command model and its validation, partition hashing, and settings.
+//! it without a server: the command model and its validation, partition hashing, settings, batch
+//! dispatch and reply classification, the retry policy, and the HTTP client.
 
+pub mod client;
 pub mod command;
+pub mod dispatch;
 pub mod error;
 pub mod partition;
+pub mod retry;
 pub mod settings;
 
 pub use command::{Command, Method, PayloadBuilder};

@@ -1,0 +1,179 @@
+//! The HTTP client towards Centrifugo's server API: keep-alive, bounded connect and request
+//! timeouts, `X-API-Key`, HTTPS verified by default (custom CA and client certificate optional).
+//! One client per partition worker, and the worker sends one request at a time, so there is
+//! never more than one request in flight per partition.
+
+use std::time::Duration;
+
+use crate::dispatch::{batch_body, scrub, Prepared, Response};
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClientConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8000/api`.
+    pub api_url: String,
+    pub api_key: String,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    /// PEM file of the CA of Centrifugo's certificate (empty: system roots).
+    pub tls_root_ca: String,
+    /// PEM files of a client certificate and key for mutual TLS (both or neither).
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub tls_insecure_skip_verify: bool,
+}
+
+pub struct CentrifugoClient {
+    config: ClientConfig,
+    http: reqwest::blocking::Client,
+    batch_url: String,
+}
+
+impl CentrifugoClient {
+    /// Builds a client; errors say which setting is wrong and never contain the API key.
+    pub fn new(config: ClientConfig) -> Result<Self, String> {
+        crate::settings::validate_api_url(&config.api_url)?;
+        let mut builder = reqwest::blocking::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.timeout)
+            .pool_max_idle_per_host(1)
+            .tcp_nodelay(true)
+            .no_proxy()
+            .danger_accept_invalid_certs(config.tls_insecure_skip_verify);
+        if !config.tls_root_ca.is_empty() {
+            let pem = std::fs::read(&config.tls_root_ca)
+                .map_err(|e| format!("centrifugo.http_tls_root_ca: cannot read {}: {e}", config.tls_root_ca))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("centrifugo.http_tls_root_ca: not a PEM certificate: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        match (config.tls_cert.is_empty(), config.tls_key.is_empty()) {
+            (true, true) => {}
+            (false, false) => {
+                let mut pem = std::fs::read(&config.tls_cert)
+                    .map_err(|e| format!("centrifugo.http_tls_cert: cannot read {}: {e}", config.tls_cert))?;
+                pem.push(b'\n');
+                pem.extend(std::fs::read(&config.tls_key).map_err(|e| format!("centrifugo.http_tls_key: cannot read the key file: {e}"))?);
+                let identity = reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| format!("centrifugo.http_tls_cert/http_tls_key: not a PEM certificate and key: {e}"))?;
+                builder = builder.identity(identity);
+            }
+            _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
+        }
+        let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let batch_url = format!("{}/batch", config.api_url.trim_end_matches('/'));
+        Ok(CentrifugoClient { config, http, batch_url })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Sends `commands` as one sequential `/api/batch` request.
+    pub fn send_batch(&self, commands: &[Prepared]) -> Response {
+        let body = batch_body(commands);
+        let result = self
+            .http
+            .post(&self.batch_url)
+            .header("X-API-Key", &self.config.api_key)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .and_then(|resp| {
+                let status = resp.status().as_u16();
+                resp.bytes().map(|b| Response::Http { status, body: b.to_vec() })
+            });
+        match result {
+            Ok(r) => r,
+            Err(e) => Response::Transport(scrub(&describe(&e), &[&self.config.api_key])),
+        }
+    }
+}
+
+/// A one-line description of a transport error, with its causes.
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = if e.is_timeout() {
+        "timeout".to_owned()
+    } else if e.is_connect() {
+        "connect failed".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{classify_batch, prepare, BatchVerdict, Outcome};
+    use serde_json::json;
+
+    fn config(url: String) -> ClientConfig {
+        ClientConfig {
+            api_url: url,
+            api_key: "secret-key-123".into(),
+            connect_timeout: Duration::from_millis(500),
+            timeout: Duration::from_millis(500),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sends_the_key_and_a_sequential_batch() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut req = server.recv().unwrap();
+            let key = req.headers().iter().find(|h| h.field.equiv("X-API-Key")).map(|h| h.value.to_string());
+            let mut body = String::new();
+            req.as_reader().read_to_string(&mut body).unwrap();
+            let path = req.url().to_owned();
+            req.respond(tiny_http::Response::from_string(r#"{"replies":[{"publish":{}}]}"#)).unwrap();
+            (path, key, body)
+        });
+        let client = CentrifugoClient::new(config(url)).unwrap();
+        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k1".into()).unwrap();
+        let response = client.send_batch(std::slice::from_ref(&cmd));
+        assert_eq!(classify_batch(&response, &[cmd]), BatchVerdict::PerCommand(vec![Outcome::Delivered]));
+        let (path, key, body) = handle.join().unwrap();
+        assert_eq!(path, "/api/batch");
+        assert_eq!(key.as_deref(), Some("secret-key-123"));
+        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["parallel"], false);
+        assert_eq!(body["commands"][0]["publish"]["idempotency_key"], "k1");
+    }
+
+    #[test]
+    fn refused_and_slow_servers_are_transport_failures_without_the_key() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{port}/api"))).unwrap();
+        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        match client.send_batch(std::slice::from_ref(&cmd)) {
+            Response::Transport(msg) => assert!(msg.contains("connect") && !msg.contains("secret-key-123"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        // Accepts the connection but never answers: the request timeout fires.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = CentrifugoClient::new(config(format!("http://{}/api", silent.local_addr().unwrap()))).unwrap();
+        match client.send_batch(&[cmd]) {
+            Response::Transport(msg) => assert!(msg.contains("timeout"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let mut c = config("http://127.0.0.1:1/api".into());
+        c.tls_root_ca = "/nonexistent/ca.pem".into();
+        assert!(CentrifugoClient::new(c.clone()).err().unwrap().contains("http_tls_root_ca"));
+        c.tls_root_ca.clear();
+        c.tls_cert = "/x".into();
+        assert!(CentrifugoClient::new(c).err().unwrap().contains("set together"));
+        assert!(CentrifugoClient::new(config("localhost:8000".into())).is_err());
+    }
+}

@@ -1,0 +1,388 @@
+//! Turning outbox rows into one `/api/batch` request and Centrifugo's reply into a delivery
+//! outcome per command. No I/O here: the worker reads rows and sends bytes; this module decides.
+//!
+//! Definitions used throughout:
+//! - a *row* is what the outbox holds (`method`, `payload`), possibly malformed;
+//! - a *prepared* command is a row that parsed, with an idempotency key added where it helps;
+//! - an *outcome* says what happens to the row: removed (delivered), kept and retried later, or
+//!   moved to the dead-letter table with a reason.
+
+use serde_json::{json, Map, Value};
+
+use crate::command::{normalize_payload, Method};
+
+/// Centrifugo error codes that mean "try again later" (internal, too many requests, concurrent
+/// pagination). Every other code is final.
+pub const RETRYABLE_CODES: [u32; 3] = [100, 111, 113];
+
+pub fn is_retryable_code(code: u32) -> bool {
+    RETRYABLE_CODES.contains(&code)
+}
+
+/// Where a failure came from; stored with each dead letter as `error_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Centrifugo answered with an error code (`error_code` is that code).
+    Centrifugo,
+    /// The HTTP exchange failed (`error_code` is the HTTP status, if any).
+    Http,
+    /// The row itself cannot be sent: unknown method, payload not an object.
+    Malformed,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Centrifugo => "centrifugo",
+            FailureKind::Http => "http",
+            FailureKind::Malformed => "malformed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub code: Option<u32>,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn centrifugo(code: u32, message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Centrifugo, code: Some(code), message: message.into() }
+    }
+    pub fn http(status: Option<u16>, message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Http, code: status.map(u32::from), message: message.into() }
+    }
+    pub fn malformed(message: impl Into<String>) -> Self {
+        Failure { kind: FailureKind::Malformed, code: None, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{} error {code}: {}", self.kind.as_str(), self.message),
+            None => write!(f, "{} error: {}", self.kind.as_str(), self.message),
+        }
+    }
+}
+
+/// What happens to one row after a send.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Centrifugo accepted it: delete the row.
+    Delivered,
+    /// Temporary failure: keep this row and every later one of the partition, back off, resend.
+    Retry(Failure),
+    /// Final failure: move the row to the dead letters (with `payload` instead of the row's own
+    /// payload when given: a broadcast keeps only the channels that failed) and go on.
+    DeadLetter { failure: Failure, payload: Option<Map<String, Value>> },
+}
+
+/// A row ready to send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    pub method: Method,
+    pub payload: Map<String, Value>,
+}
+
+/// Parses a row as Centrifugo's consumers do (method name, payload object or JSON string holding
+/// one) and adds `idempotency_key` to publish/broadcast rows that lack one, so a resend after a
+/// crash or timeout does not publish twice. Anything Centrifugo may accept is passed on as is:
+/// the server, not us, judges the fields of raw rows.
+pub fn prepare(method: &str, payload: Value, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
+    let method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
+    let mut payload = normalize_payload(payload).map_err(|e| Failure::malformed(e.message))?;
+    if matches!(method, Method::Publish | Method::Broadcast) {
+        let has_key = payload.get("idempotency_key").and_then(Value::as_str).is_some_and(|k| !k.is_empty());
+        if !has_key {
+            payload.insert("idempotency_key".into(), Value::String(idempotency_key()));
+        }
+    }
+    Ok(Prepared { method, payload })
+}
+
+/// The idempotency key of an outbox row: unique per cluster, table and row, stable across resends.
+pub fn outbox_idempotency_key(system_id: u64, table_oid: u32, row_id: i64) -> String {
+    format!("cfo-{system_id:x}-{table_oid}-{row_id}")
+}
+
+/// The body of one `/api/batch` request running `commands` sequentially, in order.
+pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u8> {
+    let commands: Vec<Value> = commands
+        .into_iter()
+        .map(|c| {
+            let mut one = Map::with_capacity(1);
+            one.insert(c.method.as_str().to_owned(), Value::Object(c.payload.clone()));
+            Value::Object(one)
+        })
+        .collect();
+    serde_json::to_vec(&json!({ "commands": commands, "parallel": false })).expect("JSON values serialize")
+}
+
+/// What came back from one HTTP exchange.
+#[derive(Debug, Clone)]
+pub enum Response {
+    /// An HTTP response with its status and body.
+    Http { status: u16, body: Vec<u8> },
+    /// No HTTP response: connect refused, reset, timeout, TLS failure (already scrubbed of secrets).
+    Transport(String),
+}
+
+/// The verdict on one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchVerdict {
+    /// One outcome per command, in order.
+    PerCommand(Vec<Outcome>),
+    /// Nothing is known to have happened: keep every row and retry (Centrifugo down, overloaded,
+    /// misconfigured URL or key: never a reason to dead-letter the user's commands).
+    RetryAll(Failure),
+    /// The request as a whole was refused (HTTP 400/413): resend the commands one per batch to
+    /// find the one at fault. A single command refused this way is a dead letter.
+    SplitAndResend(Failure),
+}
+
+/// Classifies Centrifugo's answer to a batch of `commands`.
+pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdict {
+    let (status, body) = match response {
+        Response::Transport(message) => return BatchVerdict::RetryAll(Failure::http(None, message.clone())),
+        Response::Http { status, body } => (*status, body),
+    };
+    let snippet = || String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
+    match status {
+        200 => {}
+        400 | 413 => {
+            let failure = Failure::http(Some(status), format!("request refused: {}", snippet()));
+            return if commands.len() > 1 {
+                BatchVerdict::SplitAndResend(failure)
+            } else {
+                BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }])
+            };
+        }
+        401 | 403 => {
+            return BatchVerdict::RetryAll(Failure::http(
+                Some(status),
+                "unauthorized: check centrifugo.api_key against Centrifugo's http_api.key",
+            ))
+        }
+        404 => {
+            return BatchVerdict::RetryAll(Failure::http(
+                Some(status),
+                "API endpoint not found: check centrifugo.api_url (it should end with Centrifugo's API prefix, usually /api)",
+            ))
+        }
+        _ => return BatchVerdict::RetryAll(Failure::http(Some(status), format!("HTTP {status}: {}", snippet()))),
+    }
+    let parsed: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return BatchVerdict::RetryAll(Failure::http(Some(status), format!("unreadable reply: {e}"))),
+    };
+    if let Some(err) = parsed.get("error") {
+        let failure = reply_error(err);
+        return match failure.code {
+            Some(code) if is_retryable_code(code) => BatchVerdict::RetryAll(failure),
+            _ if commands.len() > 1 => BatchVerdict::SplitAndResend(failure),
+            _ => BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }]),
+        };
+    }
+    let replies = match parsed.get("replies").and_then(Value::as_array) {
+        Some(r) if r.len() == commands.len() => r,
+        Some(r) => {
+            return BatchVerdict::RetryAll(Failure::http(
+                Some(status),
+                format!("batch reply has {} replies for {} commands", r.len(), commands.len()),
+            ))
+        }
+        None => return BatchVerdict::RetryAll(Failure::http(Some(status), "batch reply without replies")),
+    };
+    BatchVerdict::PerCommand(commands.iter().zip(replies).map(|(c, r)| classify_reply(c, r)).collect())
+}
+
+fn reply_error(err: &Value) -> Failure {
+    let code = err.get("code").and_then(Value::as_u64).unwrap_or(0) as u32;
+    let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_owned();
+    Failure::centrifugo(code, message)
+}
+
+/// One reply of a batch: `{"error": {...}}` or `{"<method>": result}`.
+fn classify_reply(command: &Prepared, reply: &Value) -> Outcome {
+    if let Some(err) = reply.get("error") {
+        let failure = reply_error(err);
+        return match failure.code {
+            Some(code) if is_retryable_code(code) => Outcome::Retry(failure),
+            _ => Outcome::DeadLetter { failure, payload: None },
+        };
+    }
+    if command.method != Method::Broadcast {
+        return Outcome::Delivered;
+    }
+    // A broadcast answers per channel. Any temporary failure retries the whole broadcast (the
+    // idempotency key keeps the channels that succeeded from publishing twice); final failures
+    // on some channels dead-letter a broadcast to just those channels.
+    let responses = reply
+        .get("broadcast")
+        .and_then(|b| b.get("responses"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let channels: Vec<Value> = command.payload.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut failed_channels = Vec::new();
+    let mut failures = Vec::new();
+    for (i, response) in responses.iter().enumerate() {
+        if let Some(err) = response.get("error") {
+            let failure = reply_error(err);
+            if failure.code.is_some_and(is_retryable_code) {
+                return Outcome::Retry(Failure {
+                    message: format!("channel {}: {}", channels.get(i).and_then(Value::as_str).unwrap_or("?"), failure.message),
+                    ..failure
+                });
+            }
+            if let Some(ch) = channels.get(i) {
+                failed_channels.push(ch.clone());
+            }
+            failures.push((channels.get(i).and_then(Value::as_str).unwrap_or("?").to_owned(), failure));
+        }
+    }
+    if failures.is_empty() {
+        return Outcome::Delivered;
+    }
+    let first = failures[0].1.clone();
+    let message = failures
+        .iter()
+        .map(|(ch, f)| format!("{ch}: {} {}", f.code.unwrap_or(0), f.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut payload = command.payload.clone();
+    payload.insert("channels".into(), Value::Array(failed_channels));
+    Outcome::DeadLetter {
+        failure: Failure { message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()), ..first },
+        payload: Some(payload),
+    }
+}
+
+/// Replaces every occurrence of each secret in `text` (defence in depth for log lines and errors).
+pub fn scrub(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(secret, "********");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prep(method: &str, payload: Value) -> Prepared {
+        prepare(method, payload, || "k".into()).unwrap()
+    }
+
+    fn http(status: u16, body: Value) -> Response {
+        Response::Http { status, body: body.to_string().into_bytes() }
+    }
+
+    #[test]
+    fn prepare_adds_idempotency_keys_only_where_missing() {
+        let p = prep("publish", json!({"channel": "a", "data": 1}));
+        assert_eq!(p.payload["idempotency_key"], "k");
+        let p = prep("publish", json!({"channel": "a", "data": 1, "idempotency_key": "mine"}));
+        assert_eq!(p.payload["idempotency_key"], "mine");
+        let p = prep("subscribe", json!({"channel": "a", "user": "u"}));
+        assert!(p.payload.get("idempotency_key").is_none());
+        let p = prep("broadcast", json!("{\"channels\": [\"a\"], \"data\": 1}"));
+        assert_eq!(p.payload["idempotency_key"], "k");
+        assert_eq!(outbox_idempotency_key(255, 16384, 42), "cfo-ff-16384-42");
+    }
+
+    #[test]
+    fn malformed_rows_are_dead_letters_not_errors() {
+        for (m, p) in [("nope", json!({})), ("publish", json!([1])), ("publish", json!("{bad")), ("batch", json!({}))] {
+            let f = prepare(m, p, || "k".into()).unwrap_err();
+            assert_eq!(f.kind, FailureKind::Malformed);
+        }
+    }
+
+    #[test]
+    fn batch_body_keeps_order_and_is_sequential() {
+        let a = prep("publish", json!({"channel": "a", "data": 1}));
+        let b = prep("history_remove", json!({"channel": "a"}));
+        let body: Value = serde_json::from_slice(&batch_body([&a, &b])).unwrap();
+        assert_eq!(body["parallel"], false);
+        assert_eq!(body["commands"][0]["publish"]["channel"], "a");
+        assert_eq!(body["commands"][1]["history_remove"]["channel"], "a");
+    }
+
+    #[test]
+    fn replies_map_to_outcomes_in_order() {
+        let cmds = vec![
+            prep("publish", json!({"channel": "a", "data": 1})),
+            prep("publish", json!({"channel": "x:a", "data": 1})),
+            prep("publish", json!({"channel": "a", "data": 1})),
+            prep("subscribe", json!({"channel": "a", "user": "u"})),
+        ];
+        let reply = json!({"replies": [
+            {"publish": {"offset": 1}},
+            {"error": {"code": 102, "message": "unknown channel"}},
+            {"error": {"code": 100, "message": "internal server error"}},
+            {"subscribe": {}}
+        ]});
+        let BatchVerdict::PerCommand(outcomes) = classify_batch(&http(200, reply), &cmds) else { panic!() };
+        assert_eq!(outcomes[0], Outcome::Delivered);
+        assert!(matches!(&outcomes[1], Outcome::DeadLetter { failure, payload: None } if failure.code == Some(102)));
+        assert!(matches!(&outcomes[2], Outcome::Retry(f) if f.code == Some(100)));
+        assert_eq!(outcomes[3], Outcome::Delivered);
+        for code in [111, 113] {
+            let reply = json!({"replies": [{"error": {"code": code, "message": "x"}}]});
+            let BatchVerdict::PerCommand(o) = classify_batch(&http(200, reply), &cmds[..1]) else { panic!() };
+            assert!(matches!(o[0], Outcome::Retry(_)));
+        }
+    }
+
+    #[test]
+    fn broadcast_retries_on_any_internal_error_and_dead_letters_only_failed_channels() {
+        let cmd = vec![prep("broadcast", json!({"channels": ["a", "b", "c"], "data": 1}))];
+        let retry = json!({"replies": [{"broadcast": {"responses": [
+            {"result": {}}, {"error": {"code": 100, "message": "internal"}}, {"result": {}}]}}]});
+        let BatchVerdict::PerCommand(o) = classify_batch(&http(200, retry), &cmd) else { panic!() };
+        assert!(matches!(&o[0], Outcome::Retry(f) if f.message.contains("channel b")));
+
+        let partial = json!({"replies": [{"broadcast": {"responses": [
+            {"result": {}}, {"error": {"code": 102, "message": "unknown channel"}}, {"result": {}}]}}]});
+        let BatchVerdict::PerCommand(o) = classify_batch(&http(200, partial), &cmd) else { panic!() };
+        match &o[0] {
+            Outcome::DeadLetter { failure, payload: Some(p) } => {
+                assert_eq!(failure.code, Some(102));
+                assert!(failure.message.contains("1 of 3 channels"), "{}", failure.message);
+                assert_eq!(p["channels"], json!(["b"]));
+                assert_eq!(p["data"], 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        let ok = json!({"replies": [{"broadcast": {"responses": [{"result": {}}, {"result": {}}, {"result": {}}]}}]});
+        assert_eq!(classify_batch(&http(200, ok), &cmd), BatchVerdict::PerCommand(vec![Outcome::Delivered]));
+    }
+
+    #[test]
+    fn transport_and_http_failures() {
+        let two = vec![prep("publish", json!({"channel": "a", "data": 1})), prep("publish", json!({"channel": "b", "data": 1}))];
+        assert!(matches!(classify_batch(&Response::Transport("connection refused".into()), &two), BatchVerdict::RetryAll(_)));
+        for status in [500, 502, 503, 429, 401, 403, 404] {
+            assert!(matches!(classify_batch(&http(status, json!({})), &two), BatchVerdict::RetryAll(_)), "{status}");
+        }
+        let r = Response::Http { status: 400, body: b"Bad Request\n".to_vec() };
+        assert!(matches!(classify_batch(&r, &two), BatchVerdict::SplitAndResend(_)));
+        assert!(matches!(classify_batch(&r, &two[..1]), BatchVerdict::PerCommand(o) if matches!(o[0], Outcome::DeadLetter { .. })));
+        let r = Response::Http { status: 200, body: b"<html>".to_vec() };
+        assert!(matches!(classify_batch(&r, &two), BatchVerdict::RetryAll(_)));
+        let short = json!({"replies": [{"publish": {}}]});
+        assert!(matches!(classify_batch(&http(200, short), &two), BatchVerdict::RetryAll(_)));
+        let top = json!({"error": {"code": 100, "message": "internal"}});
+        assert!(matches!(classify_batch(&http(200, top), &two), BatchVerdict::RetryAll(_)));
+    }
+
+    #[test]
+    fn scrub_hides_secrets() {
+        assert_eq!(scrub("key=s3cret-key here", &["s3cret-key", ""]), "key=******** here");
+    }
+}
