@@ -58,3 +58,27 @@ $$;
 -- INSERT ... RETURNING id needs SELECT on id; payloads of other rows stay unreadable.
 GRANT INSERT, SELECT (id) ON centrifugo_outbox TO centrifugo_publisher;
 GRANT USAGE ON SEQUENCE centrifugo_outbox_id_seq TO centrifugo_publisher;
+
+-- API: Public
+-- Commands that cannot be delivered, with the reason; nothing is dropped silently.
+-- Replay with centrifugo_replay_dead_letters(...).
+CREATE TABLE centrifugo_dead_letters (
+    id              BIGSERIAL PRIMARY KEY,
+    source          text        NOT NULL CHECK (source IN ('outbox', 'kafka')),
+    outbox_id       bigint,
+    method          text        NOT NULL,
+    payload         JSONB       NOT NULL,
+    partition       integer,
+    kafka_topic     text,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    error_kind      text        NOT NULL CHECK (error_kind IN ('centrifugo', 'http', 'malformed')),
+    error_code      integer,
+    error_message   text        NOT NULL,
+    attempts        integer     NOT NULL DEFAULT 1,
+    enqueued_at     timestamptz,
+    failed_at       timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE centrifugo_dead_letters IS
+    'Centrifugo commands that failed for good: error_kind/error_code/error_message say why.';
+CREATE INDEX centrifugo_dead_letters_failed_at_idx ON centrifugo_dead_letters (failed_at);

@@ -20,6 +20,8 @@ static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 /// Table the SQL API writes to and the workers drain (`table` or `schema.table`); Centrifugo's `outbox_table_name`.
 static OUTBOX_TABLE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"centrifugo_outbox"));
+/// Consumer name in logs and in the partition lock key, as Centrifugo's consumer `name`: give a Centrifugo consumer the same name and the two never drain a partition at once.
+static CONSUMER_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"centrifugo_outbox"));
 /// Number of outbox partitions, one ordered worker each; Centrifugo's `num_partitions`.
 static NUM_PARTITIONS: GucSetting<i32> = GucSetting::<i32>::new(1);
 /// Most rows a worker claims from a partition per round (one batch request); Centrifugo's `partition_select_limit`.
@@ -115,6 +117,7 @@ pub fn init() {
     secret(c"centrifugo.api_key", c"Centrifugo HTTP API key (superuser-only, never shown).", &API_KEY);
     string(c"centrifugo.database", c"Database whose outbox the workers drain.", &DATABASE, Postmaster, none);
     string_checked(c"centrifugo.outbox_table_name", c"Outbox table (table or schema.table).", &OUTBOX_TABLE_NAME, Sighup, check_table_name);
+    string(c"centrifugo.consumer_name", c"Consumer name for logs and the partition lock key (as Centrifugo's consumer name).", &CONSUMER_NAME, Sighup, none);
     int(c"centrifugo.num_partitions", c"Number of outbox partitions, one ordered worker each.", &NUM_PARTITIONS, 1, outbox_core::partition::MAX_PARTITIONS, Postmaster, none);
     int(c"centrifugo.partition_select_limit", c"Most rows sent per partition round (one batch request).", &PARTITION_SELECT_LIMIT, 1, 10_000, Sighup, none);
     int(c"centrifugo.partition_poll_interval", c"Safety-net poll interval of each partition worker.", &PARTITION_POLL_INTERVAL, 1, 3_600_000, Sighup, MS);
@@ -229,6 +232,7 @@ fn text(s: &GucSetting<Option<CString>>) -> String {
 pub fn api_url() -> String { text(&API_URL) }
 pub fn api_key() -> String { text(&API_KEY) }
 pub fn database() -> String { text(&DATABASE) }
+pub fn consumer_name() -> String { text(&CONSUMER_NAME) }
 pub fn num_partitions() -> i32 { NUM_PARTITIONS.get() }
 pub fn partition_select_limit() -> i32 { PARTITION_SELECT_LIMIT.get() }
 pub fn partition_poll_interval_ms() -> i32 { PARTITION_POLL_INTERVAL.get() }

@@ -2,19 +2,24 @@
 //! reliably. Applications enqueue commands inside their own transactions (SQL API or plain
 //! INSERT into the Centrifugo-compatible outbox table); background workers deliver them.
 //!
-//! This crate is the thin pgrx shell: settings (`gucs`), the SQL API (`api`), and the error
-//! boundary (`errors`). The logic lives in the `outbox_core` crate, testable without PostgreSQL.
+//! This crate is the thin pgrx shell: settings (`gucs`), the SQL API (`api`, `dead_letters`),
+//! the error boundary (`errors`), shared memory and wake-at-commit (`shmem`), and the partition
+//! workers (`worker`). The logic lives in the `outbox_core` crate, testable without PostgreSQL.
 
 use pgrx::prelude::*;
 
 mod api;
+mod dead_letters;
 mod errors;
 pub mod gucs;
+mod shmem;
+mod status;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
@@ -26,6 +31,8 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     gucs::init();
+    shmem::init();
+    worker::register();
 }
 
 // The in-database tests live in pgrx-tests/ (see CONTRIBUTING, "Test layers").

@@ -1,0 +1,50 @@
+//! Dead-letter tools: moving failed commands back into the outbox once the cause is fixed.
+
+use pgrx::prelude::*;
+
+use crate::gucs;
+
+/// Moves dead letters back into the outbox (in their original order and partition) and returns
+/// how many. Filters combine with AND; no filter replays them all.
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_replay_dead_letters(
+    ids: default!(Option<Vec<i64>>, "NULL"),
+    method: default!(Option<&str>, "NULL"),
+    error_code: default!(Option<i32>, "NULL"),
+    error_kind: default!(Option<&str>, "NULL"),
+    failed_after: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
+) -> i64 {
+    let sql = format!(
+        "WITH moved AS (
+             DELETE FROM @extschema@.centrifugo_dead_letters d
+             WHERE ($1::bigint[] IS NULL OR d.id = ANY($1))
+               AND ($2::text IS NULL OR d.method = $2)
+               AND ($3::int IS NULL OR d.error_code = $3)
+               AND ($4::text IS NULL OR d.error_kind = $4)
+               AND ($5::timestamptz IS NULL OR d.failed_at > $5)
+             RETURNING d.*),
+         inserted AS (
+             INSERT INTO {outbox} (method, payload, partition)
+             SELECT method, payload, CASE WHEN partition BETWEEN 0 AND $6 - 1 THEN partition ELSE 0 END
+             FROM moved ORDER BY id
+             RETURNING 1)
+         SELECT count(*) FROM inserted",
+        outbox = gucs::outbox_table()
+    )
+    .replace("@extschema@", &extension_schema());
+    Spi::get_one_with_args::<i64>(
+        &sql,
+        &[ids.into(), method.into(), error_code.into(), error_kind.into(), failed_after.into(), gucs::num_partitions().into()],
+    )
+    .unwrap_or_else(|e| error!("centrifugo_outbox: replay failed: {e}"))
+    .unwrap_or(0)
+}
+
+fn extension_schema() -> String {
+    let schema = Spi::get_one::<String>(
+        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
+    )
+    .ok()
+    .flatten();
+    schema.unwrap_or_else(|| error!("centrifugo_outbox: the extension is not installed in this database"))
+}

@@ -1,0 +1,457 @@
+//! Partition workers: one background worker per outbox partition drains it to Centrifugo.
+//!
+//! A *round* is one transaction: take the partition's advisory lock (the same key Centrifugo's
+//! own consumer uses, so two drainers never interleave a partition), read the next rows in id
+//! order, send them as one sequential `/api/batch`, and in the same transaction delete the rows
+//! that are done (delivered or moved to the dead letters). A temporary failure keeps the failed
+//! row and every later one, and the worker backs off. A crash between send and commit resends
+//! the rows; their idempotency keys stop Centrifugo from publishing twice.
+//!
+//! Order is id order among committed rows at the time of the read: a row whose transaction
+//! commits after a higher id was already delivered is delivered later, never skipped.
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+
+use outbox_core::client::{CentrifugoClient, ClientConfig};
+use outbox_core::dispatch::{classify_batch, outbox_idempotency_key, prepare, scrub, BatchVerdict, Failure, Outcome, Prepared};
+use outbox_core::retry::{Backoff, Jitter};
+use outbox_core::settings::quoted_table_name;
+
+use crate::gucs;
+use crate::shmem::{self, WorkerState};
+
+/// Registers one worker per partition; called from `_PG_init` while preloading.
+pub fn register() {
+    for partition in 0..gucs::num_partitions() {
+        let name = format!("centrifugo_outbox partition {partition}");
+        BackgroundWorkerBuilder::new(&name)
+            .set_type(&name)
+            .set_library("centrifugo_outbox")
+            .set_function("centrifugo_partition_worker_main")
+            .set_argument(partition.into_datum())
+            .enable_spi_access()
+            // Not on a hot standby: workers start once recovery is over (after promotion).
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    }
+}
+
+/// What the worker does next: the one state machine of delivery.
+enum Next {
+    /// Wait for a commit wake-up or the poll interval.
+    Wait,
+    /// More rows may be waiting: drain again at once.
+    DrainNow,
+    /// A temporary failure: wait this long before resending.
+    BackOff(Duration),
+}
+
+/// The result of one round.
+enum Round {
+    /// The partition had fewer rows than the limit; all done were removed.
+    Drained,
+    /// A full batch was done; there may be more.
+    Full,
+    /// Another drainer holds the partition's lock.
+    Locked,
+    /// The outbox table or the extension is missing in the database.
+    NotReady(String),
+    /// A temporary failure at outbox row `id`.
+    Retry { id: i64, failure: Failure },
+}
+
+struct Worker {
+    partition: i32,
+    client: Option<CentrifugoClient>,
+    client_error: Option<String>,
+    system_id: u64,
+    jitter: Jitter,
+    /// Consecutive temporary failures, and the row they are about.
+    attempts: u32,
+    failing_row: Option<i64>,
+    log: RateLimitedLog,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
+    // SAFETY: the argument is the partition number set at registration.
+    let partition = unsafe { i32::from_datum(arg, false) }.unwrap_or(0);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    shmem::attach_worker(partition as usize);
+
+    let system_id = BackgroundWorker::transaction(|| {
+        Spi::get_one::<i64>("SELECT system_identifier FROM pg_control_system()")
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(0) as u64;
+    let mut worker = Worker {
+        partition,
+        client: None,
+        client_error: None,
+        system_id,
+        // SAFETY: MyProcPid is set for every backend.
+        jitter: Jitter::new(u64::from(unsafe { pg_sys::MyProcPid } as u32) << 20 ^ partition as u64),
+        attempts: 0,
+        failing_row: None,
+        log: RateLimitedLog::default(),
+    };
+    log!("centrifugo_outbox: partition {partition} worker started (database \"{}\")", gucs::database());
+
+    let mut next = Next::DrainNow;
+    loop {
+        let wait = match next {
+            Next::DrainNow => None,
+            Next::Wait => Some(Duration::from_millis(gucs::partition_poll_interval_ms() as u64)),
+            Next::BackOff(d) => Some(d),
+        };
+        if let Some(timeout) = wait {
+            if !wait_for(timeout, matches!(next, Next::BackOff(_))) {
+                break;
+            }
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file in a backend, as PostgreSQL's own workers do.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        if shutdown_requested() {
+            break;
+        }
+        next = worker.step();
+    }
+    shmem::detach_worker(partition as usize);
+    log!("centrifugo_outbox: partition {partition} worker stopped");
+}
+
+fn shutdown_requested() -> bool {
+    // SAFETY: a flag set by the SIGTERM handler.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+/// Sleeps on the latch; a back-off sleeps its full time even when commits wake the latch.
+/// Returns false when the worker must exit.
+fn wait_for(timeout: Duration, full: bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if !BackgroundWorker::wait_latch(Some(remaining.max(Duration::from_millis(1)))) {
+            return false;
+        }
+        if !full || Instant::now() >= deadline || shutdown_requested() {
+            return !shutdown_requested();
+        }
+    }
+}
+
+impl Worker {
+    /// One pass of the state machine: a round, and what it means for the next wait.
+    fn step(&mut self) -> Next {
+        self.refresh_client();
+        shmem::set_state(self.partition as usize, WorkerState::Sending);
+        let round = match &self.client {
+            Some(_) => self.round(),
+            None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
+        };
+        match round {
+            Round::Drained | Round::Locked => {
+                self.recovered();
+                shmem::set_state(self.partition as usize, WorkerState::Idle);
+                Next::Wait
+            }
+            Round::Full => {
+                self.recovered();
+                Next::DrainNow
+            }
+            Round::NotReady(reason) => {
+                self.log.warn(self.partition, &format!("not draining: {reason}"));
+                shmem::set_state(self.partition as usize, WorkerState::Waiting);
+                Next::Wait
+            }
+            Round::Retry { id, failure } => {
+                if self.failing_row != Some(id) {
+                    self.failing_row = Some(id);
+                }
+                self.attempts += 1;
+                let backoff = Backoff {
+                    base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
+                    max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
+                };
+                let delay = backoff.delay(self.attempts, self.jitter.next());
+                shmem::update(self.partition as usize, |s| {
+                    s.retries += 1;
+                    s.last_error_code = failure.code.map(|c| c as i32).unwrap_or(-1);
+                });
+                shmem::set_state(self.partition as usize, WorkerState::BackingOff);
+                self.log.warn(
+                    self.partition,
+                    &format!("outbox id {id}: {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
+                );
+                Next::BackOff(delay)
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.attempts > 0 {
+            log!("centrifugo_outbox: partition {} delivering again after {} retries", self.partition, self.attempts);
+        }
+        self.attempts = 0;
+        self.failing_row = None;
+    }
+
+    /// Rebuilds the HTTP client when its settings changed (after a reload).
+    fn refresh_client(&mut self) {
+        let config = ClientConfig {
+            api_url: gucs::api_url(),
+            api_key: gucs::api_key(),
+            connect_timeout: Duration::from_millis(gucs::http_connect_timeout_ms() as u64),
+            timeout: Duration::from_millis(gucs::http_timeout_ms() as u64),
+            tls_root_ca: gucs::http_tls_root_ca(),
+            tls_cert: gucs::http_tls_cert(),
+            tls_key: gucs::http_tls_key(),
+            tls_insecure_skip_verify: gucs::http_tls_insecure_skip_verify(),
+        };
+        if self.client.as_ref().is_some_and(|c| *c.config() == config) {
+            return;
+        }
+        match CentrifugoClient::new(config) {
+            Ok(client) => {
+                self.client = Some(client);
+                self.client_error = None;
+            }
+            Err(e) => {
+                self.client = None;
+                self.client_error = Some(e);
+            }
+        }
+    }
+
+    /// One transaction: lock, read, send, delete what is done.
+    fn round(&mut self) -> Round {
+        let partition = self.partition;
+        let limit = gucs::partition_select_limit();
+        let table = gucs::outbox_table();
+        let table_text = table.clone();
+        let client = self.client.as_ref().expect("client checked by the caller");
+        let system_id = self.system_id;
+        // Attempts already made for the row that has been failing, if it fails for good now.
+        let (failing_row, attempts) = (self.failing_row, self.attempts);
+        let result = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || {
+            Spi::connect_mut(|spi| -> Result<(Round, u64, u64, u64), pgrx::spi::Error> {
+                let Some(dead_letters) = extension_table(spi, "centrifugo_dead_letters")? else {
+                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database())), 0, 0, 0));
+                };
+                let table_oid =
+                    first_value::<i64>(spi.select("SELECT to_regclass($1)::oid::bigint", None, &[table_text.clone().into()])?)?;
+                let Some(table_oid) = table_oid else {
+                    return Ok((Round::NotReady(format!("outbox table {table_text} does not exist")), 0, 0, 0));
+                };
+                let locked = spi
+                    .select(
+                        "SELECT pg_try_advisory_xact_lock(hashtext($1))",
+                        None,
+                        &[format!("centrifugo_partition_lock_{}{partition}", gucs::consumer_name()).into()],
+                    )?
+                    .first()
+                    .get_one::<bool>()?
+                    .unwrap_or(false);
+                if !locked {
+                    return Ok((Round::Locked, 0, 0, 0));
+                }
+                let rows: Vec<(i64, String, String)> = spi
+                    .select(
+                        &format!("SELECT id, method, payload::text FROM {table} WHERE partition = $1 ORDER BY id LIMIT $2"),
+                        None,
+                        &[partition.into(), i64::from(limit).into()],
+                    )?
+                    .map(|row| -> Result<_, pgrx::spi::Error> {
+                        Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<String>(2)?.unwrap_or_default(), row.get::<String>(3)?.unwrap_or_default()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                if rows.is_empty() {
+                    return Ok((Round::Drained, 0, 0, 0));
+                }
+                let full = rows.len() as i64 >= i64::from(limit);
+
+                // Parse every row; malformed ones are dead letters straight away.
+                let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
+                let mut sendable: Vec<(usize, Prepared)> = Vec::with_capacity(rows.len());
+                for (i, (id, method, payload)) in rows.iter().enumerate() {
+                    let parsed = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")));
+                    match parsed.and_then(|p| prepare(method, p, || outbox_idempotency_key(system_id, table_oid as u32, *id))) {
+                        Ok(p) => {
+                            outcomes.push(None);
+                            sendable.push((i, p));
+                        }
+                        Err(failure) => outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
+                    }
+                }
+                let mut batches = 0u64;
+                if !sendable.is_empty() {
+                    let commands: Vec<Prepared> = sendable.iter().map(|(_, p)| p.clone()).collect();
+                    let per_command = send(client, &commands, &mut batches);
+                    for ((i, _), outcome) in sendable.iter().zip(per_command) {
+                        outcomes[*i] = Some(outcome);
+                    }
+                }
+
+                // Apply outcomes in order, up to the first temporary failure.
+                let mut done_ids = Vec::new();
+                let mut delivered = 0u64;
+                let mut dead = 0u64;
+                let mut retry = None;
+                for ((id, method, payload), outcome) in rows.iter().zip(outcomes) {
+                    match outcome.expect("every row has an outcome") {
+                        Outcome::Delivered => {
+                            delivered += 1;
+                            done_ids.push(*id);
+                        }
+                        Outcome::DeadLetter { failure, payload: replacement } => {
+                            let payload = replacement.map(|p| serde_json::Value::Object(p).to_string()).unwrap_or_else(|| payload.clone());
+                            let tries = if failing_row == Some(*id) { attempts + 1 } else { 1 };
+                            insert_dead_letter(spi, &dead_letters, *id, method, &payload, partition, &failure, tries)?;
+                            dead += 1;
+                            done_ids.push(*id);
+                        }
+                        Outcome::Retry(failure) => {
+                            retry = Some(Round::Retry { id: *id, failure });
+                            break;
+                        }
+                    }
+                }
+                if !done_ids.is_empty() {
+                    spi.update(&format!("DELETE FROM {table} WHERE id = ANY($1)"), None, &[done_ids.into()])?;
+                }
+                let round = retry.unwrap_or(if full { Round::Full } else { Round::Drained });
+                Ok((round, delivered, dead, batches))
+            })
+        }));
+        match result {
+            Ok((round, delivered, dead, batches)) => {
+                if delivered + dead + batches > 0 {
+                    shmem::update(self.partition as usize, |s| {
+                        s.delivered += delivered;
+                        s.dead_lettered += dead;
+                        s.batches += batches;
+                    });
+                }
+                if dead > 0 {
+                    self.log.warn(self.partition, &format!("moved {dead} command(s) to centrifugo_dead_letters"));
+                }
+                round
+            }
+            Err(e) => Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()])),
+        }
+    }
+}
+
+/// Sends `commands` as one batch; when Centrifugo refuses the request as a whole, resends them
+/// one per batch, in order, stopping at the first temporary failure.
+fn send(client: &CentrifugoClient, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
+    *batches += 1;
+    match classify_batch(&client.send_batch(commands), commands) {
+        BatchVerdict::PerCommand(outcomes) => outcomes,
+        BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
+        BatchVerdict::SplitAndResend(_) => {
+            let mut outcomes = Vec::with_capacity(commands.len());
+            for (i, command) in commands.iter().enumerate() {
+                let mut one = send(client, std::slice::from_ref(command), batches);
+                let outcome = one.pop().expect("one outcome for one command");
+                let stop = matches!(outcome, Outcome::Retry(_));
+                outcomes.push(outcome.clone());
+                if stop {
+                    outcomes.extend(std::iter::repeat_n(outcome, commands.len() - i - 1));
+                    break;
+                }
+            }
+            outcomes
+        }
+    }
+}
+
+/// The quoted name of one of the extension's own tables, or None when the extension is missing.
+fn extension_table(spi: &mut SpiClient<'_>, name: &str) -> Result<Option<String>, pgrx::spi::Error> {
+    let schema = first_value::<String>(spi.select(
+        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
+        None,
+        &[],
+    )?)?;
+    Ok(schema.and_then(|s| quoted_table_name(&format!("\"{}\".{name}", s.replace('"', "\"\""))).ok()))
+}
+
+/// The first column of the first row, or None when there is no row.
+fn first_value<T: FromDatum + IntoDatum>(table: pgrx::spi::SpiTupleTable<'_>) -> Result<Option<T>, pgrx::spi::Error> {
+    if table.is_empty() {
+        Ok(None)
+    } else {
+        table.first().get_one::<T>()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_dead_letter(
+    spi: &mut SpiClient<'_>,
+    table: &str,
+    outbox_id: i64,
+    method: &str,
+    payload: &str,
+    partition: i32,
+    failure: &Failure,
+    attempts: u32,
+) -> Result<(), pgrx::spi::Error> {
+    // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
+    let payload_json = if serde_json::from_str::<serde_json::Value>(payload).is_ok() {
+        payload.to_owned()
+    } else {
+        serde_json::Value::String(payload.to_owned()).to_string()
+    };
+    spi.update(
+        &format!(
+            "INSERT INTO {table} (source, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
+             SELECT 'outbox', $1, $2, $3::jsonb, $4, $5, $6, $7, $8,
+                    (SELECT created_at FROM {outbox} WHERE id = $1)",
+            outbox = gucs::outbox_table()
+        ),
+        None,
+        &[
+            outbox_id.into(),
+            method.into(),
+            payload_json.into(),
+            partition.into(),
+            failure.kind.as_str().into(),
+            failure.code.map(|c| c as i32).into(),
+            scrub(&failure.message, &[&gucs::api_key()]).into(),
+            (attempts as i32).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// At most one warning per 10 seconds per worker, with a count of the ones held back, so a dead
+/// Centrifugo does not flood the log.
+#[derive(Default)]
+struct RateLimitedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn warn(&mut self, partition: i32, message: &str) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            self.suppressed += 1;
+            return;
+        }
+        let held = std::mem::take(&mut self.suppressed);
+        let tail = if held > 0 { format!(" ({held} similar messages suppressed)") } else { String::new() };
+        warning!("centrifugo_outbox: consumer {} partition {partition}: {message}{tail}", gucs::consumer_name());
+        self.last = Some(now);
+    }
+}
