@@ -21,3 +21,8 @@ TO centrifugo_publisher;
 
 -- Dead letters are for operators: superusers, or roles they grant.
 REVOKE ALL ON FUNCTION centrifugo_replay_dead_letters FROM PUBLIC;
+
+-- API: Private
+-- Workers waiting for the extension start draining as soon as CREATE EXTENSION commits.
+REVOKE ALL ON FUNCTION _centrifugo_wake_workers_at_commit FROM PUBLIC;
+SELECT _centrifugo_wake_workers_at_commit();

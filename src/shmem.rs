@@ -193,3 +193,12 @@ fn centrifugo_wake_at_commit<'a>(
     }
     Ok(None)
 }
+
+/// Wakes every partition worker when the calling transaction commits (run by CREATE EXTENSION,
+/// so workers waiting for the extension start draining at once).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _centrifugo_wake_workers_at_commit() {
+    for partition in 0..crate::gucs::num_partitions() {
+        wake_at_commit(partition);
+    }
+}

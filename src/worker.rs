@@ -127,7 +127,12 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         next = worker.step();
     }
     shmem::detach_worker(partition as usize);
+    // Exit code 1 makes the postmaster start the worker again after the restart interval, so a
+    // pg_terminate_backend() of a worker never stops delivery for good (pg_cron issue #99). At
+    // server shutdown the postmaster restarts nothing.
     log!("centrifugo_outbox: partition {partition} worker stopped");
+    // SAFETY: ends the process the way PostgreSQL's own workers do.
+    unsafe { pg_sys::proc_exit(1) };
 }
 
 fn shutdown_requested() -> bool {

@@ -43,3 +43,28 @@ def make_cluster():
     yield make
     for cluster in clusters:
         cluster.destroy()
+
+
+def delivery_settings(api_url, api_key, **extra):
+    """postgresql.conf settings for a cluster whose workers deliver to `api_url`."""
+    settings = {"centrifugo.api_url": api_url, "centrifugo.api_key": api_key}
+    settings.update({f"centrifugo.{k}": v for k, v in extra.items()})
+    return settings
+
+
+@pytest.fixture
+def outbox(make_cluster, centrifugo):
+    """A started cluster with the extension, delivering to the session's real Centrifugo."""
+    def make(**extra):
+        pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, **extra))
+        wait_for_workers(pg)
+        return pg
+    return make
+
+
+def wait_for_workers(pg, timeout=20):
+    """Waits until every partition worker runs and sees the extension."""
+    from harness.common import wait_until
+    wait_until(lambda: all(row[0] is not None and row[1] in ("idle", "sending", "backing off")
+                           for row in pg.sql("SELECT pid, state FROM centrifugo_worker_status()")),
+               timeout, interval=0.1, what="the partition workers")

@@ -104,6 +104,12 @@ class Centrifugo:
         except json.JSONDecodeError:
             return status, raw
 
+    def history(self, channel, limit=10000):
+        """The channel's publications as Centrifugo stored them (data only), oldest first."""
+        status, body = self.call("history", {"channel": channel, "limit": limit})
+        assert status == 200 and "result" in body, body
+        return [p.get("data") for p in body["result"].get("publications", [])]
+
     def token(self, user: str, ttl: int = 3600, **claims) -> str:
         """An HS256 connection JWT for `user`."""
         header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())

@@ -54,6 +54,9 @@ class Subscriber:
             async def on_disconnected(self, ctx):
                 outer._record(Event("disconnected", None, data={"code": ctx.code, "reason": ctx.reason}))
 
+            async def on_connecting(self, ctx):
+                outer._record(Event("connecting", None, data={"code": ctx.code, "reason": ctx.reason}))
+
             async def on_connected(self, ctx):
                 outer._record(Event("connected", None, data={"client": ctx.client}))
 

@@ -1,0 +1,126 @@
+"""A small fault-injecting HTTP double of Centrifugo's server API, used *in addition* to the real
+server for faults the real one cannot produce on demand. It either answers by itself or forwards
+to a real Centrifugo, and a test-provided `script(request)` decides, per request, what happens:
+
+    ("forward",)                      pass to the upstream Centrifugo, return its answer
+    ("reply", status, body_bytes)     answer by itself
+    ("rewrite", fn)                   forward, then answer fn(upstream_reply_json) instead
+    ("delay", seconds, then_action)   wait, then do then_action (past the client's timeout)
+    ("reset",)                        close the connection without answering
+
+Every request is recorded (`requests`: parsed JSON bodies) so tests can count resends."""
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .common import free_port
+
+
+class FaultDouble:
+    def __init__(self, upstream_api_url=None, api_key=None):
+        self.upstream = upstream_api_url
+        self.api_key = api_key
+        self.port = free_port()
+        self.requests = []
+        self.lock = threading.Lock()
+        self.script = lambda request: ("forward",)
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    body = None
+                request = {"path": self.path, "body": body, "raw": raw, "key": self.headers.get("X-API-Key")}
+                with double.lock:
+                    double.requests.append(request)
+                    action = double.script(request)
+                double._act(self, action, request)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def api_url(self):
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def commands(self):
+        """Every command received, in arrival order (batches flattened), as (method, payload)."""
+        with self.lock:
+            out = []
+            for r in self.requests:
+                for c in (r["body"] or {}).get("commands", []):
+                    (method, payload), = c.items()
+                    out.append((method, payload))
+            return out
+
+    def _forward(self, request):
+        req = urllib.request.Request(self.upstream + request["path"][len("/api"):], data=request["raw"],
+                                     method="POST", headers={"X-API-Key": request["key"] or "",
+                                                             "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def _act(self, handler, action, request):
+        kind = action[0]
+        if kind == "delay":
+            time.sleep(action[1])
+            return self._act(handler, action[2], request)
+        if kind == "reset":
+            handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            handler.connection.close()
+            handler.close_connection = True
+            return
+        if kind == "forward":
+            status, body = self._forward(request)
+        elif kind == "rewrite":
+            status, body = self._forward(request)
+            body = json.dumps(action[1](json.loads(body))).encode()
+        elif kind == "reply":
+            status, body = action[1], action[2]
+        else:
+            raise ValueError(action)
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+        except OSError:
+            pass  # the client gave up (timeout): exactly the fault being tested
+
+
+def ok_replies(request):
+    """A successful batch reply for every command of `request` (for answering without upstream)."""
+    replies = []
+    for c in request["body"]["commands"]:
+        (method, payload), = c.items()
+        if method == "broadcast":
+            replies.append({"broadcast": {"responses": [{"result": {}} for _ in payload["channels"]]}})
+        else:
+            replies.append({method: {}})
+    return replies

@@ -1,0 +1,180 @@
+"""Delivery end to end: SQL → the partition workers → the real Centrifugo → a real WebSocket
+subscriber, for every method that has a visible effect, in partition order under concurrency."""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from conftest import wait_for_workers
+from harness.common import wait_until
+from harness.subscriber import Subscriber
+
+
+def uid():
+    return uuid.uuid4().hex[:8]
+
+
+def test_publish_broadcast_and_binary_reach_a_subscriber(outbox, centrifugo):
+    pg = outbox()
+    a, b = f"chat:a{uid()}", f"chat:b{uid()}"
+    sub = Subscriber(centrifugo, channels=[a, b]).start()
+    binary_channel = f"bin{uid()}"
+    binary_sub = Subscriber(centrifugo, channels=[binary_channel], binary=True).start()
+    try:
+        pg.sql("SELECT centrifugo_publish(%s, %s::jsonb, tags => '{\"kind\": \"greeting\"}')",
+               (a, '{"text": "hello", "n": [1, 2.5, null]}'))
+        pg.sql("SELECT centrifugo_broadcast(ARRAY[%s, %s], '{\"both\": true}')", (a, b))
+        payload = bytes(range(256))
+        pg.sql("SELECT centrifugo_publish_binary(%s, %s)", (binary_channel, payload))
+        pubs = sub.wait_for_publications(2, a)
+        assert pubs[0].data == {"text": "hello", "n": [1, 2.5, None]}
+        assert pubs[0].tags == {"kind": "greeting"}
+        assert pubs[1].data == {"both": True}
+        assert sub.wait_for_publications(1, b)[0].data == {"both": True}
+        assert binary_sub.wait_for_publications(1, binary_channel)[0].data == payload
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 5, what="an empty outbox")
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    finally:
+        sub.stop()
+        binary_sub.stop()
+
+
+def test_server_side_subscribe_unsubscribe_disconnect_refresh_history_remove(outbox, centrifugo):
+    pg = outbox()
+    user = f"user{uid()}"
+    client_channel, server_channel = f"chat:c{uid()}", f"chat:s{uid()}"
+    sub = Subscriber(centrifugo, user=user, channels=[client_channel]).start()
+    try:
+        # subscribe: the connection gets a server-side subscription with our data, then its publications.
+        pg.sql("SELECT centrifugo_subscribe(%s, %s, data => '{\"welcome\": 1}')", (user, server_channel))
+        wait_until(lambda: any(e.channel == server_channel for e in sub.of_kind("server_subscribed")), 10,
+                   what="the server-side subscription")
+        pg.sql("SELECT centrifugo_publish(%s, '{\"via\": \"server sub\"}')", (server_channel,))
+        assert sub.wait_for_publications(1, server_channel)[0].data == {"via": "server sub"}
+
+        # history_remove: the channel's history is gone.
+        pg.sql("SELECT centrifugo_publish(%s, '{\"h\": 1}')", (client_channel,))
+        sub.wait_for_publications(1, client_channel)
+        assert centrifugo.history(client_channel) == [{"h": 1}]
+        pg.sql("SELECT centrifugo_history_remove(%s)", (client_channel,))
+        wait_until(lambda: centrifugo.history(client_channel) == [], 10, what="history removal")
+
+        # unsubscribe: the client's subscription is ended by the server.
+        pg.sql("SELECT centrifugo_unsubscribe(%s, %s)", (user, client_channel))
+        wait_until(lambda: any(e.channel == client_channel for e in sub.of_kind("unsubscribed")), 10,
+                   what="the unsubscribe")
+
+        # disconnect: the connection is closed with our code and reason.
+        pg.sql("SELECT centrifugo_disconnect(%s, code => 4503, reason => 'bye from sql')", (user,))
+        wait_until(lambda: any(e.data.get("code") == 4503 for e in sub.of_kind("disconnected")), 10,
+                   what="the disconnect")
+        assert [e.data["reason"] for e in sub.of_kind("disconnected") if e.data["code"] == 4503] == ["bye from sql"]
+    finally:
+        sub.stop()
+
+    # refresh expired => true: Centrifugo drops the user's connection as expired (the client
+    # then reconnects with a fresh token, as a browser would).
+    sub = Subscriber(centrifugo, user=user, channels=[client_channel]).start()
+    try:
+        pg.sql("SELECT centrifugo_refresh(%s, expired => true)", (user,))
+        expired = lambda: [e for e in sub.of_kind("connecting") + sub.of_kind("disconnected")
+                           if "expired" in (e.data.get("reason") or "")]
+        wait_until(expired, 10, what="the expiry")
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    finally:
+        sub.stop()
+
+
+def test_commit_wakes_the_worker_without_waiting_for_the_poll(outbox, centrifugo):
+    pg = outbox(partition_poll_interval=10000)
+    channel = f"latency{uid()}"
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        time.sleep(0.5)  # let the workers settle into their 10 s wait
+        for i in range(5):
+            start = time.monotonic()
+            pg.sql("SELECT centrifugo_publish(%s, %s::jsonb)", (channel, f'{{"i": {i}}}'))
+            pub = sub.wait_for_publications(i + 1, channel, timeout=9)[i]
+            assert pub.data == {"i": i}
+            assert pub.at - start < 2.0, f"delivery took {pub.at - start:.3f}s: the commit did not wake the worker"
+        # A plain INSERT wakes it too (the trigger, not the SQL API, does the waking).
+        start = time.monotonic()
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('publish', %s)",
+               (f'{{"channel": "{channel}", "data": "raw"}}',))
+        assert sub.wait_for_publications(6, channel, timeout=9)[5].at - start < 2.0
+        # A rolled-back insert delivers nothing.
+        with pg.connect(autocommit=False) as conn:
+            conn.execute("SELECT centrifugo_publish(%s, '\"rolled back\"')", (channel,))
+            conn.rollback()
+        time.sleep(1)
+        assert [p.data for p in sub.publications(channel)][5:] == ["raw"]
+    finally:
+        sub.stop()
+
+
+def test_concurrent_writers_keep_partition_order(outbox, centrifugo):
+    pg = outbox(num_partitions=4, partition_select_limit=100)
+    channels = [f"chat:order{p}-{uid()}" for p in range(4)]
+    sub = Subscriber(centrifugo, channels=channels).start()
+    writers, per_writer = 6, 500
+    errors = []
+
+    def write(w):
+        try:
+            with pg.connect() as conn:
+                seq = [0] * 4
+                i = 0
+                while i < per_writer:
+                    # Mix single-row and multi-row transactions.
+                    batch = 1 if i % 3 else 5
+                    with conn.transaction():
+                        for _ in range(min(batch, per_writer - i)):
+                            p = (w + i) % 4
+                            conn.execute("SELECT centrifugo_publish(%s, jsonb_build_object('w', %s::int, 's', %s::int), partition => %s)",
+                                         (channels[p], w, seq[p], p))
+                            seq[p] += 1
+                            i += 1
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        total = writers * per_writer
+        wait_until(lambda: sum(len(sub.publications(c)) for c in channels) >= total, 60,
+                   what=f"{total} publications")
+        for p, channel in enumerate(channels):
+            got = [(d.data["w"], d.data["s"]) for d in sub.publications(channel)]
+            for w in range(writers):
+                seqs = [s for (ww, s) in got if ww == w]
+                assert seqs == list(range(len(seqs))), f"partition {p} writer {w}: out of order or missing"
+            assert len(got) == len(set(got)), f"partition {p}: duplicates"
+        assert sum(len(sub.publications(c)) for c in channels) == total
+        assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0
+        status = pg.sql("SELECT partition, delivered, batches FROM centrifugo_worker_status() ORDER BY partition")
+        assert sum(r[1] for r in status) == total
+        assert all(r[1] > 0 for r in status), status
+        assert sum(r[2] for r in status) < total, "commands should travel in batches"
+    finally:
+        sub.stop()
+
+
+def test_worker_terminated_comes_back_by_itself(outbox, centrifugo):
+    pg = outbox()
+    old = pg.scalar("SELECT pid FROM centrifugo_worker_status() WHERE partition = 0")
+    assert pg.scalar("SELECT pg_terminate_backend(%s)", (old,))
+    wait_until(lambda: pg.scalar("SELECT pid FROM centrifugo_worker_status() WHERE partition = 0") not in (None, old),
+               15, what="a new worker")
+    channel = f"back{uid()}"
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        pg.sql("SELECT centrifugo_publish(%s, '\"after restart\"')", (channel,))
+        assert sub.wait_for_publications(1, channel)[0].data == "after restart"
+    finally:
+        sub.stop()
