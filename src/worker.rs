@@ -175,7 +175,7 @@ impl Worker {
                 Next::DrainNow
             }
             Round::NotReady(reason) => {
-                self.log.warn(self.partition, &format!("not draining: {reason}"));
+                self.log.warn(self.partition, "not ready", &format!("not draining: {reason}"));
                 shmem::set_state(self.partition as usize, WorkerState::Waiting);
                 Next::Wait
             }
@@ -196,6 +196,7 @@ impl Worker {
                 shmem::set_state(self.partition as usize, WorkerState::BackingOff);
                 self.log.warn(
                     self.partition,
+                    "retry",
                     &format!("outbox id {id}: {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
                 );
                 Next::BackOff(delay)
@@ -348,7 +349,7 @@ impl Worker {
                     });
                 }
                 if dead > 0 {
-                    self.log.warn(self.partition, &format!("moved {dead} command(s) to centrifugo_dead_letters"));
+                    self.log.warn(self.partition, "dead letter", &format!("moved {dead} command(s) to centrifugo_dead_letters"));
                 }
                 round
             }
@@ -439,24 +440,24 @@ fn insert_dead_letter(
     Ok(())
 }
 
-/// At most one warning per 10 seconds per worker, with a count of the ones held back, so a dead
-/// Centrifugo does not flood the log.
+/// At most one warning of a kind per 10 seconds per worker, with a count of the ones held back,
+/// so a dead Centrifugo does not flood the log; a new kind of problem is logged at once.
 #[derive(Default)]
 struct RateLimitedLog {
-    last: Option<Instant>,
+    last: Option<(Instant, &'static str)>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    fn warn(&mut self, partition: i32, message: &str) {
+    fn warn(&mut self, partition: i32, kind: &'static str, message: &str) {
         let now = Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+        if self.last.is_some_and(|(t, k)| k == kind && now.duration_since(t) < Duration::from_secs(10)) {
             self.suppressed += 1;
             return;
         }
         let held = std::mem::take(&mut self.suppressed);
         let tail = if held > 0 { format!(" ({held} similar messages suppressed)") } else { String::new() };
         warning!("centrifugo_outbox: consumer {} partition {partition}: {message}{tail}", gucs::consumer_name());
-        self.last = Some(now);
+        self.last = Some((now, kind));
     }
 }

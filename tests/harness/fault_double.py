@@ -6,6 +6,7 @@ to a real Centrifugo, and a test-provided `script(request)` decides, per request
     ("reply", status, body_bytes)     answer by itself
     ("rewrite", fn)                   forward, then answer fn(upstream_reply_json) instead
     ("delay", seconds, then_action)   wait, then do then_action (past the client's timeout)
+    ("hold", seconds)                 forward at once, but hold the upstream's answer back
     ("reset",)                        close the connection without answering
 
 Every request is recorded (`requests`: parsed JSON bodies) so tests can count resends."""
@@ -97,6 +98,9 @@ class FaultDouble:
             return
         if kind == "forward":
             status, body = self._forward(request)
+        elif kind == "hold":
+            status, body = self._forward(request)
+            time.sleep(action[1])
         elif kind == "rewrite":
             status, body = self._forward(request)
             body = json.dumps(action[1](json.loads(body))).encode()

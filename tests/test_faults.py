@@ -1,0 +1,219 @@
+"""Faults, each followed by counting what arrived: Centrifugo down, a worker killed mid-batch,
+PostgreSQL restarted, and a fault-injecting double for code 100, 5xx, slow replies, connection
+resets, partial broadcast failures and final errors (dead letters that do not block the partition)."""
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from conftest import delivery_settings, wait_for_workers
+from harness.centrifugo import Centrifugo
+from harness.common import wait_until
+from harness.fault_double import FaultDouble, ok_replies
+
+FAST_RETRY = {"retry_backoff_base": 10, "retry_backoff_max": 200, "http_timeout": 500, "http_connect_timeout": 300}
+
+
+def uid():
+    return uuid.uuid4().hex[:8]
+
+
+def outbox_count(pg):
+    return pg.scalar("SELECT count(*) FROM centrifugo_outbox")
+
+
+def publish_many(pg, channel, n, start=0, partition=0):
+    pg.sql("SELECT count(centrifugo_publish(%s, jsonb_build_object('i', g), partition => %s)) "
+           "FROM generate_series(%s::int, %s::int) g", (channel, partition, start, start + n - 1))
+
+
+@pytest.fixture
+def double_cluster(make_cluster):
+    """A cluster delivering to a fault double (answering by itself unless given an upstream)."""
+    doubles = []
+
+    def make(upstream=None, **extra):
+        double = FaultDouble(upstream.api_url if upstream else None).start()
+        doubles.append(double)
+        key = upstream.api_key if upstream else "double-key"
+        pg = make_cluster(delivery_settings(double.api_url, key, **{**FAST_RETRY, **extra}))
+        wait_for_workers(pg)
+        return pg, double
+
+    yield make
+    for d in doubles:
+        d.stop()
+
+
+def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster):
+    server = Centrifugo().start()
+    try:
+        pg = make_cluster(delivery_settings(server.api_url, server.api_key, retry_backoff_max=1000))
+        wait_for_workers(pg)
+        channel = f"chat:down{uid()}"
+        publish_many(pg, channel, 50)
+        wait_until(lambda: len(server.history(channel)) == 50, 10, what="the first 50")
+        server.kill()
+        publish_many(pg, channel, 200, start=50)
+        time.sleep(20)
+        assert outbox_count(pg) == 200, "commands must wait in the outbox while Centrifugo is down"
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+        assert pg.scalar("SELECT sum(retries) FROM centrifugo_worker_status()") > 5
+        server.start()
+        publish_many(pg, channel, 10, start=250)
+        wait_until(lambda: outbox_count(pg) == 0, 15, what="the backlog to drain")
+        # A restarted Centrifugo (memory engine) starts with empty history: it holds what came after.
+        assert [d["i"] for d in server.history(channel)] == list(range(50, 260))
+        assert "retrying in" in pg.log() and server.api_key not in pg.log()
+    finally:
+        server.stop()
+
+
+def test_worker_killed_mid_batch_loses_nothing_and_duplicates_are_suppressed(double_cluster, centrifugo):
+    pg, double = double_cluster(upstream=centrifugo, http_timeout=10000)
+    channel = f"chat:kill{uid()}"
+    held = {"first": True}
+
+    def script(request):
+        # Centrifugo executes the first batch, but its answer is held back until the worker is dead.
+        if held["first"] and request["body"] and any(
+                c.get("publish", {}).get("channel") == channel for c in request["body"]["commands"]):
+            held["first"] = False
+            return ("hold", 5)
+        return ("forward",)
+
+    double.script = script
+    publish_many(pg, channel, 40)
+    wait_until(lambda: len(centrifugo.history(channel)) == 40, 10, what="Centrifugo to run the first batch")
+    pid = pg.scalar("SELECT pid FROM centrifugo_worker_status() WHERE partition = 0")
+    os.kill(pid, signal.SIGKILL)  # the postmaster restarts every backend (crash recovery)
+    wait_until(lambda: outbox_count(pg) == 0, 30, interval=0.2, what="the resend after the crash")
+    sent = [p["idempotency_key"] for m, p in double.commands() if p.get("channel") == channel]
+    assert len(sent) == 80, "every command was sent twice: once before the kill, once after"
+    assert len(set(sent)) == 40
+    assert [d["i"] for d in centrifugo.history(channel)] == list(range(40)), "no duplicates, no gaps, in order"
+
+
+def test_postgres_restart_keeps_the_backlog(double_cluster):
+    pg, double = double_cluster()
+    double.script = lambda r: ("reply", 503, b"unavailable")
+    publish_many(pg, f"r{uid()}", 30)
+    time.sleep(1)
+    assert outbox_count(pg) == 30
+    pg.restart()
+    double.script = lambda r: ("reply", 200, json.dumps({"replies": ok_replies(r)}).encode())
+    wait_until(lambda: outbox_count(pg) == 0, 20, what="delivery after the restart")
+    assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+
+
+@pytest.mark.parametrize("fault", ["code100", "http500", "slow", "reset"])
+def test_temporary_faults_are_retried_in_order(double_cluster, fault):
+    pg, double = double_cluster(partition_select_limit=5)
+    failures = {"left": 3}
+
+    def script(request):
+        cmds = request["body"]["commands"]
+        if failures["left"] > 0 and any(c["publish"]["data"]["i"] == 7 for c in cmds):
+            failures["left"] -= 1
+            if fault == "code100":
+                replies = ok_replies(request)
+                k = [c["publish"]["data"]["i"] for c in cmds].index(7)
+                replies[k] = {"error": {"code": 100, "message": "internal server error"}}
+                return ("reply", 200, json.dumps({"replies": replies}).encode())
+            if fault == "http500":
+                return ("reply", 500, b"internal")
+            if fault == "slow":
+                return ("delay", 1.5, ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode()))
+            return ("reset",)
+        return ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+
+    double.script = script
+    publish_many(pg, "c", 20)
+    wait_until(lambda: outbox_count(pg) == 0, 20, what="delivery after the faults")
+    seen = [p["data"]["i"] for m, p in double.commands()]
+    # First sight of each command is in order, everything got through, and retries resent the
+    # failed command before anything after it was considered done.
+    first_sight = list(dict.fromkeys(seen))
+    assert first_sight == list(range(20))
+    assert seen.count(7) == 4, seen
+    last_try_of_7 = len(seen) - 1 - seen[::-1].index(7)
+    assert all(i > 7 for i in seen[last_try_of_7 + 1:]), "after the retry, only later commands follow"
+    assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    assert pg.scalar("SELECT retries FROM centrifugo_worker_status() WHERE partition = 0") >= 3
+
+
+def test_broadcast_with_one_internal_error_is_retried_whole(double_cluster):
+    pg, double = double_cluster()
+    attempts = {"n": 0}
+
+    def script(request):
+        replies = ok_replies(request)
+        for k, c in enumerate(request["body"]["commands"]):
+            if "broadcast" in c:
+                attempts["n"] += 1
+                if attempts["n"] == 1:
+                    replies[k] = {"broadcast": {"responses": [
+                        {"result": {}}, {"error": {"code": 100, "message": "internal"}}, {"result": {}}]}}
+        return ("reply", 200, json.dumps({"replies": replies}).encode())
+
+    double.script = script
+    pg.sql("SELECT centrifugo_broadcast(ARRAY['a', 'b', 'c'], '1')")
+    wait_until(lambda: outbox_count(pg) == 0, 10, what="the broadcast")
+    broadcasts = [p for m, p in double.commands() if m == "broadcast"]
+    assert len(broadcasts) == 2 and broadcasts[0] == broadcasts[1], "the same broadcast, same idempotency key"
+    assert broadcasts[0]["channels"] == ["a", "b", "c"]
+
+
+def test_final_errors_become_dead_letters_and_do_not_block_the_partition(double_cluster):
+    pg, double = double_cluster()
+
+    def script(request):
+        replies = ok_replies(request)
+        for k, c in enumerate(request["body"]["commands"]):
+            (m, p), = c.items()
+            if m == "publish" and p["channel"] == "nope:x":
+                replies[k] = {"error": {"code": 102, "message": "unknown channel"}}
+            if m == "broadcast":
+                replies[k] = {"broadcast": {"responses": [
+                    {"result": {}}, {"error": {"code": 103, "message": "permission denied"}}]}}
+        return ("reply", 200, json.dumps({"replies": replies}).encode())
+
+    double.script = script
+    pg.sql("SELECT centrifugo_publish('ok', '1')")
+    first_bad = pg.scalar("SELECT centrifugo_publish('nope:x', '{\"lost\": false}')")
+    pg.sql("SELECT centrifugo_broadcast(ARRAY['fine', 'forbidden'], '2')")
+    pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('no_such_method', '{}'), ('publish', '[1, 2]')")
+    pg.sql("SELECT centrifugo_publish('ok', '3')")
+    wait_until(lambda: outbox_count(pg) == 0, 10, what="the partition to drain past the bad commands")
+    rows = pg.sql("SELECT outbox_id, method, payload, error_kind, error_code, error_message, attempts "
+                  "FROM centrifugo_dead_letters ORDER BY id")
+    assert [(r[1], r[3], r[4]) for r in rows] == [
+        ("publish", "centrifugo", 102), ("broadcast", "centrifugo", 103),
+        ("no_such_method", "malformed", None), ("publish", "malformed", None)]
+    assert rows[0][0] == first_bad and rows[0][2]["channel"] == "nope:x" and rows[0][2]["data"] == {"lost": False}
+    assert rows[1][2]["channels"] == ["forbidden"], "only the failed channel is kept"
+    assert "1 of 2 channels" in rows[1][5]
+    assert [p["data"] for m, p in double.commands() if m == "publish" and p["channel"] == "ok"] == [1, 3]
+    assert pg.scalar("SELECT dead_lettered FROM centrifugo_worker_status() WHERE partition = 0") == 4
+
+    # Once the cause is fixed, a replay puts them back in the outbox, in order.
+    double.script = lambda r: ("reply", 200, json.dumps({"replies": ok_replies(r)}).encode())
+    assert pg.scalar("SELECT centrifugo_replay_dead_letters(error_code => 102)") == 1
+    wait_until(lambda: outbox_count(pg) == 0, 10, what="the replay")
+    assert [p["data"] for m, p in double.commands() if p.get("channel") == "nope:x"] == [{"lost": False}] * 2
+    assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 3
+
+
+def test_unauthorized_is_retried_not_dead_lettered(double_cluster):
+    pg, double = double_cluster()
+    double.script = lambda r: ("reply", 401, b"")
+    publish_many(pg, "c", 3)
+    time.sleep(1.5)
+    assert outbox_count(pg) == 3 and pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    assert "check centrifugo.api_key" in pg.log()
+    assert all(r["key"] == "double-key" for r in double.requests)
+    assert "double-key" not in pg.log()
