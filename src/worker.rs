@@ -19,7 +19,6 @@ use pgrx::spi::SpiClient;
 use outbox_core::client::{CentrifugoClient, ClientConfig};
 use outbox_core::dispatch::{classify_batch, outbox_idempotency_key, prepare, scrub, BatchVerdict, Failure, Outcome, Prepared};
 use outbox_core::retry::{Backoff, Jitter};
-use outbox_core::settings::quoted_table_name;
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
@@ -251,24 +250,31 @@ impl Worker {
         let (failing_row, attempts) = (self.failing_row, self.attempts);
         let result = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || {
             Spi::connect_mut(|spi| -> Result<(Round, u64, u64, u64), pgrx::spi::Error> {
-                let Some(dead_letters) = extension_table(spi, "centrifugo_dead_letters")? else {
+                // One statement per round for the bookkeeping: where the extension lives, the
+                // outbox table's oid, the partition lock (the key Centrifugo's consumer uses), and
+                // a plan fix: the (partition, id) index is always right for "the next rows of this
+                // partition", even before a freshly filled queue table has statistics.
+                let lock_key = format!("centrifugo_partition_lock_{}{partition}", gucs::consumer_name());
+                let head = spi.select(
+                    "SELECT (SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                             WHERE e.extname = 'centrifugo_outbox'),
+                            to_regclass($1)::oid::bigint,
+                            pg_try_advisory_xact_lock(hashtext($2)),
+                            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+                            set_config('enable_sort', 'off', true)",
+                    None,
+                    &[table_text.clone().into(), lock_key.into()],
+                )?;
+                let head = head.first();
+                let (schema, table_oid, locked) = (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?);
+                let Some(schema) = schema else {
                     return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database())), 0, 0, 0));
                 };
-                let table_oid =
-                    first_value::<i64>(spi.select("SELECT to_regclass($1)::oid::bigint", None, &[table_text.clone().into()])?)?;
+                let dead_letters = format!("{schema}.centrifugo_dead_letters");
                 let Some(table_oid) = table_oid else {
                     return Ok((Round::NotReady(format!("outbox table {table_text} does not exist")), 0, 0, 0));
                 };
-                let locked = spi
-                    .select(
-                        "SELECT pg_try_advisory_xact_lock(hashtext($1))",
-                        None,
-                        &[format!("centrifugo_partition_lock_{}{partition}", gucs::consumer_name()).into()],
-                    )?
-                    .first()
-                    .get_one::<bool>()?
-                    .unwrap_or(false);
-                if !locked {
+                if locked != Some(true) {
                     return Ok((Round::Locked, 0, 0, 0));
                 }
                 let rows: Vec<(i64, String, String)> = spi
@@ -288,22 +294,23 @@ impl Worker {
 
                 // Parse every row; malformed ones are dead letters straight away.
                 let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
-                let mut sendable: Vec<(usize, Prepared)> = Vec::with_capacity(rows.len());
+                let mut sendable_rows: Vec<usize> = Vec::with_capacity(rows.len());
+                let mut commands: Vec<Prepared> = Vec::with_capacity(rows.len());
                 for (i, (id, method, payload)) in rows.iter().enumerate() {
                     let parsed = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")));
                     match parsed.and_then(|p| prepare(method, p, || outbox_idempotency_key(system_id, table_oid as u32, *id))) {
                         Ok(p) => {
                             outcomes.push(None);
-                            sendable.push((i, p));
+                            sendable_rows.push(i);
+                            commands.push(p);
                         }
                         Err(failure) => outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
                     }
                 }
                 let mut batches = 0u64;
-                if !sendable.is_empty() {
-                    let commands: Vec<Prepared> = sendable.iter().map(|(_, p)| p.clone()).collect();
+                if !commands.is_empty() {
                     let per_command = send(client, &commands, &mut batches);
-                    for ((i, _), outcome) in sendable.iter().zip(per_command) {
+                    for (i, outcome) in sendable_rows.iter().zip(per_command) {
                         outcomes[*i] = Some(outcome);
                     }
                 }
@@ -379,25 +386,6 @@ fn send(client: &CentrifugoClient, commands: &[Prepared], batches: &mut u64) -> 
             }
             outcomes
         }
-    }
-}
-
-/// The quoted name of one of the extension's own tables, or None when the extension is missing.
-fn extension_table(spi: &mut SpiClient<'_>, name: &str) -> Result<Option<String>, pgrx::spi::Error> {
-    let schema = first_value::<String>(spi.select(
-        "SELECT n.nspname::text FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
-        None,
-        &[],
-    )?)?;
-    Ok(schema.and_then(|s| quoted_table_name(&format!("\"{}\".{name}", s.replace('"', "\"\""))).ok()))
-}
-
-/// The first column of the first row, or None when there is no row.
-fn first_value<T: FromDatum + IntoDatum>(table: pgrx::spi::SpiTupleTable<'_>) -> Result<Option<T>, pgrx::spi::Error> {
-    if table.is_empty() {
-        Ok(None)
-    } else {
-        table.first().get_one::<T>()
     }
 }
 

@@ -178,3 +178,33 @@ def test_worker_terminated_comes_back_by_itself(outbox, centrifugo):
         assert sub.wait_for_publications(1, channel)[0].data == "after restart"
     finally:
         sub.stop()
+
+
+def test_hot_standby_does_no_work_until_promoted(make_cluster, centrifugo):
+    from conftest import delivery_settings
+    from harness.pg import PgCluster
+    # The primary cannot reach Centrifugo, so its commands wait in the (replicated) outbox.
+    primary = make_cluster(delivery_settings("http://127.0.0.1:9/api", "unused", retry_backoff_max=200))
+    wait_for_workers(primary)
+    standby = PgCluster.standby_of(primary, delivery_settings(centrifugo.api_url, centrifugo.api_key))
+    channel = f"chat:standby{uid()}"
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        standby.start()
+        standby.wait_ready()
+        primary.sql("SELECT centrifugo_publish(%s, to_jsonb(g)) FROM generate_series(1, 5) g", (channel,))
+        lsn = primary.scalar("SELECT pg_current_wal_lsn()::text")
+        wait_until(lambda: standby.scalar("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)), 15,
+                   what="the standby to replay the outbox rows")
+        primary.stop()
+        time.sleep(1)
+        workers = "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'centrifugo_outbox%%'"
+        assert standby.scalar(workers) == 0, "no worker runs on a hot standby"
+        assert standby.scalar("SELECT count(*) FROM centrifugo_outbox") == 5
+        assert sub.publications(channel) == []
+        standby.promote()
+        wait_until(lambda: standby.scalar(workers) == 1, 15, what="workers after promotion")
+        assert [p.data for p in sub.wait_for_publications(5, channel)] == [1, 2, 3, 4, 5]
+    finally:
+        sub.stop()
+        standby.destroy()

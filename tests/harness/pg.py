@@ -37,6 +37,18 @@ class PgCluster:
         self.write_conf()
         return self
 
+    @classmethod
+    def standby_of(cls, primary, settings=None):
+        """A streaming-replication hot standby of `primary` (pg_basebackup -R), not yet started."""
+        standby = cls(settings if settings is not None else primary.settings, preload=primary.preload, name="standby")
+        _as_postgres(os.path.join(PG_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                     "-U", "postgres", "-D", standby.data, "-R", "-X", "stream")
+        standby.write_conf()
+        return standby
+
+    def promote(self):
+        _as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-w", "promote")
+
     def write_conf(self):
         lines = [
             f"port = {self.port}",

@@ -114,6 +114,17 @@ class Subscriber:
                 asyncio.run_coroutine_threadsafe(self.client.disconnect(), self.loop).result(5)
             except Exception:
                 pass
+
+        async def cancel_the_rest():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(5)
+        except Exception:
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 

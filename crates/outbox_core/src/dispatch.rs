@@ -7,7 +7,7 @@
 //! - an *outcome* says what happens to the row: removed (delivered), kept and retried later, or
 //!   moved to the dead-letter table with a reason.
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::command::{normalize_payload, Method};
 
@@ -110,15 +110,21 @@ pub fn outbox_idempotency_key(system_id: u64, table_oid: u32, row_id: i64) -> St
 
 /// The body of one `/api/batch` request running `commands` sequentially, in order.
 pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u8> {
-    let commands: Vec<Value> = commands
-        .into_iter()
-        .map(|c| {
-            let mut one = Map::with_capacity(1);
-            one.insert(c.method.as_str().to_owned(), Value::Object(c.payload.clone()));
-            Value::Object(one)
-        })
-        .collect();
-    serde_json::to_vec(&json!({ "commands": commands, "parallel": false })).expect("JSON values serialize")
+    // Written by hand to serialize each payload once, without copying it into a new tree.
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(b"{\"commands\":[");
+    for (i, c) in commands.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"");
+        out.extend_from_slice(c.method.as_str().as_bytes());
+        out.extend_from_slice(b"\":");
+        serde_json::to_writer(&mut out, &c.payload).expect("JSON values serialize");
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"parallel\":false}");
+    out
 }
 
 /// What came back from one HTTP exchange.
@@ -273,6 +279,7 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn prep(method: &str, payload: Value) -> Prepared {
         prepare(method, payload, || "k".into()).unwrap()

@@ -1,0 +1,177 @@
+"""Benchmarks: centrifugo_outbox workers against Centrifugo's own PostgreSQL consumer, on this
+machine, with the same real Centrifugo, the same outbox table shape and the same commands.
+
+1. Drain throughput: N publish commands are committed to the outbox while nothing drains it,
+   then draining starts; we time until the outbox is empty (and check Centrifugo's history).
+2. Commit → delivery latency: one publish per transaction, timed from COMMIT returning to a real
+   WebSocket subscriber receiving it (p50/p95/p99 over the samples).
+
+Usage: python3 bench/run.py [--rows 20000] [--samples 200] [--partitions 1,4]
+Writes bench/results.json; bench/REPORT.md quotes a run."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from harness.centrifugo import Centrifugo  # noqa: E402
+from harness.common import wait_until  # noqa: E402
+from harness.pg import PgCluster  # noqa: E402
+from harness.subscriber import Subscriber  # noqa: E402
+
+FILL = ("INSERT INTO centrifugo_outbox (method, payload, partition) "
+        "SELECT 'publish', jsonb_build_object('channel', 'chat:bench' || (g %% %(p)s), "
+        "'data', jsonb_build_object('i', g, 'text', 'benchmark message')), g %% %(p)s "
+        "FROM generate_series(1, %(n)s) g")
+
+
+def wait_empty(pg, timeout=600):
+    """Polls the outbox over one connection (a new connection per poll would load the 2 cores)."""
+    with pg.connect() as conn:
+        deadline = time.monotonic() + timeout
+        while conn.execute("SELECT NOT EXISTS (SELECT FROM centrifugo_outbox)").fetchone()[0] is False:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the outbox did not drain")
+            time.sleep(0.005)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def ours_throughput(centrifugo, rows, partitions, limit=100):
+    # Workers start pointed at a closed port, so the backlog builds up; a reload points them at Centrifugo.
+    pg = PgCluster({"centrifugo.api_url": "http://127.0.0.1:9/api", "centrifugo.api_key": centrifugo.api_key,
+                    "centrifugo.num_partitions": partitions, "centrifugo.retry_backoff_max": 100,
+                    "centrifugo.partition_select_limit": limit}, name="bench").init()
+    try:
+        pg.start()
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+        pg.sql(FILL, {"p": partitions, "n": rows})
+        pg.set(**{"centrifugo.api_url": centrifugo.api_url})
+        start = time.monotonic()
+        pg.reload()
+        wait_empty(pg)
+        elapsed = time.monotonic() - start
+        batches = pg.scalar("SELECT sum(batches) FROM centrifugo_worker_status()")
+        return {"rows": rows, "partitions": partitions, "select_limit": limit, "seconds": round(elapsed, 3),
+                "per_second": round(rows / elapsed), "batches": int(batches)}
+    finally:
+        pg.destroy()
+
+
+def centrifugo_consumer_throughput(rows, partitions, limit=100):
+    # The same table, drained by Centrifugo's built-in consumer (the library is not preloaded here).
+    pg = PgCluster({}, preload=False, name="benchc").init()
+    pg.start()
+    server = None
+    try:
+        pg.sql("""CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
+                  payload JSONB NOT NULL, partition INTEGER NOT NULL default 0,
+                  created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL);
+                  CREATE INDEX ON centrifugo_outbox (partition, id)""")
+        pg.sql(FILL, {"p": partitions, "n": rows})
+        consumer = {"name": "bench", "type": "postgresql", "enabled": True, "postgresql": {
+            "dsn": f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", "outbox_table_name": "centrifugo_outbox",
+            "num_partitions": partitions, "partition_select_limit": limit, "partition_poll_interval": "300ms"}}
+        start = time.monotonic()
+        server = Centrifugo(extra_config={"consumers": [consumer]}).start()
+        wait_empty(pg)
+        elapsed = time.monotonic() - start
+        return {"rows": rows, "partitions": partitions, "select_limit": limit, "seconds": round(elapsed, 3),
+                "per_second": round(rows / elapsed), "note": "includes Centrifugo start-up (~0.1 s)"}
+    finally:
+        if server:
+            server.stop()
+        pg.destroy()
+
+
+def latency(centrifugo_server, pg, samples, channel):
+    sub = Subscriber(centrifugo_server, channels=[channel]).start()
+    try:
+        time.sleep(0.5)
+        lat = []
+        with pg.connect() as conn:
+            for i in range(samples):
+                conn.execute("INSERT INTO centrifugo_outbox (method, payload) VALUES ('publish', %s)",
+                             (json.dumps({"channel": channel, "data": {"i": i}}),))
+                committed = time.monotonic()
+                pub = sub.wait_for_publications(i + 1, channel, timeout=10)[i]
+                lat.append((pub.at - committed) * 1000)
+                time.sleep(0.01)
+        return {"samples": samples, "p50_ms": round(percentile(lat, 50), 2), "p95_ms": round(percentile(lat, 95), 2),
+                "p99_ms": round(percentile(lat, 99), 2), "mean_ms": round(statistics.mean(lat), 2)}
+    finally:
+        sub.stop()
+
+
+def ours_latency(centrifugo, samples):
+    pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key},
+                   name="benchl").init()
+    try:
+        pg.start()
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+        return latency(centrifugo, pg, samples, "chat:latency_ours")
+    finally:
+        pg.destroy()
+
+
+def centrifugo_consumer_latency(samples):
+    pg = PgCluster({}, preload=False, name="benchcl").init()
+    pg.start()
+    server = None
+    try:
+        pg.sql("""CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
+                  payload JSONB NOT NULL, partition INTEGER NOT NULL default 0,
+                  created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL);
+                  CREATE OR REPLACE FUNCTION centrifugo_notify_partition_change() RETURNS TRIGGER AS $$
+                  BEGIN PERFORM pg_notify('centrifugo_partition_change', NEW.partition::text); RETURN NEW; END;
+                  $$ LANGUAGE plpgsql;
+                  CREATE TRIGGER t AFTER INSERT ON centrifugo_outbox FOR EACH ROW
+                  EXECUTE FUNCTION centrifugo_notify_partition_change()""")
+        consumer = {"name": "bench", "type": "postgresql", "enabled": True, "postgresql": {
+            "dsn": f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", "outbox_table_name": "centrifugo_outbox",
+            "num_partitions": 1, "partition_select_limit": 100, "partition_poll_interval": "300ms",
+            "partition_notification_channel": "centrifugo_partition_change"}}
+        server = Centrifugo(extra_config={"consumers": [consumer]}).start()
+        return latency(server, pg, samples, "chat:latency_theirs")
+    finally:
+        if server:
+            server.stop()
+        pg.destroy()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=100000)
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--partitions", default="1,4")
+    parser.add_argument("--limits", default="100,1000", help="partition_select_limit values")
+    args = parser.parse_args()
+    results = {"machine": f"{os.cpu_count()} cores", "throughput": [], "latency": {}}
+    centrifugo = Centrifugo().start()
+    try:
+        for limit in [int(x) for x in args.limits.split(",")]:
+            for p in [int(x) for x in args.partitions.split(",")]:
+                ours = ours_throughput(centrifugo, args.rows, p, limit)
+                theirs = centrifugo_consumer_throughput(args.rows, p, limit)
+                results["throughput"].append({"centrifugo_outbox": ours, "centrifugo_builtin_consumer": theirs})
+                print(f"throughput, {p} partition(s), select limit {limit}: ours {ours['per_second']}/s "
+                      f"({ours['seconds']} s, {ours['batches']} batches) | Centrifugo's consumer "
+                      f"{theirs['per_second']}/s ({theirs['seconds']} s)", flush=True)
+        results["latency"]["centrifugo_outbox"] = ours_latency(centrifugo, args.samples)
+        results["latency"]["centrifugo_builtin_consumer_with_notify"] = centrifugo_consumer_latency(args.samples)
+        print("latency commit -> subscriber:", json.dumps(results["latency"]), flush=True)
+    finally:
+        centrifugo.stop()
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
