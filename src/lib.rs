@@ -3,8 +3,8 @@
 //! INSERT into the Centrifugo-compatible outbox table); background workers deliver them.
 //!
 //! This crate is the thin pgrx shell: settings (`gucs`), the SQL API (`api`, `dead_letters`),
-//! the error boundary (`errors`), shared memory and wake-at-commit (`shmem`), and the partition
-//! workers (`worker`). The logic lives in the `outbox_core` crate, testable without PostgreSQL.
+//! the error boundary (`errors`), shared memory and wake-at-commit (`shmem`), the partition
+//! workers (`worker`) and, with the `kafka` feature, the Kafka bridge (`kafka_worker`). The logic lives in the `outbox_core` crate, testable without PostgreSQL.
 
 use pgrx::prelude::*;
 
@@ -12,6 +12,8 @@ mod api;
 mod dead_letters;
 mod errors;
 pub mod gucs;
+#[cfg(feature = "kafka")]
+mod kafka_worker;
 mod shmem;
 mod status;
 mod worker;
@@ -33,6 +35,8 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     shmem::init();
     worker::register();
+    #[cfg(feature = "kafka")]
+    kafka_worker::register();
 }
 
 // The in-database tests live in pgrx-tests/ (see CONTRIBUTING, "Test layers").

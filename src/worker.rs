@@ -17,7 +17,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
 use outbox_core::client::{CentrifugoClient, ClientConfig};
-use outbox_core::dispatch::{classify_batch, outbox_idempotency_key, prepare, scrub, BatchVerdict, Failure, Outcome, Prepared};
+use outbox_core::dispatch::{outbox_idempotency_key, prepare, scrub, Failure, Outcome, Prepared};
 use outbox_core::retry::{Backoff, Jitter};
 
 use crate::gucs;
@@ -309,7 +309,7 @@ impl Worker {
                 }
                 let mut batches = 0u64;
                 if !commands.is_empty() {
-                    let per_command = send(client, &commands, &mut batches);
+                    let per_command = client.send(&commands, &mut batches);
                     for (i, outcome) in sendable_rows.iter().zip(per_command) {
                         outcomes[*i] = Some(outcome);
                     }
@@ -361,30 +361,6 @@ impl Worker {
                 round
             }
             Err(e) => Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()])),
-        }
-    }
-}
-
-/// Sends `commands` as one batch; when Centrifugo refuses the request as a whole, resends them
-/// one per batch, in order, stopping at the first temporary failure.
-fn send(client: &CentrifugoClient, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
-    *batches += 1;
-    match classify_batch(&client.send_batch(commands), commands) {
-        BatchVerdict::PerCommand(outcomes) => outcomes,
-        BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
-        BatchVerdict::SplitAndResend(_) => {
-            let mut outcomes = Vec::with_capacity(commands.len());
-            for (i, command) in commands.iter().enumerate() {
-                let mut one = send(client, std::slice::from_ref(command), batches);
-                let outcome = one.pop().expect("one outcome for one command");
-                let stop = matches!(outcome, Outcome::Retry(_));
-                outcomes.push(outcome.clone());
-                if stop {
-                    outcomes.extend(std::iter::repeat_n(outcome, commands.len() - i - 1));
-                    break;
-                }
-            }
-            outcomes
         }
     }
 }

@@ -35,7 +35,7 @@ class Centrifugo:
         channel_options = {
             "allow_subscribe_for_client": True,
             "allow_history_for_subscriber": True,
-            "history_size": 1000,
+            "history_size": 10000,
             "history_ttl": "600s",
             "force_recovery": True,
         }

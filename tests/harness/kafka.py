@@ -54,6 +54,7 @@ def make_test_pki(directory, server_name="localhost"):
 class KafkaBroker:
     def __init__(self, users=None):
         self.root = tempfile.mkdtemp(prefix="kafka_")
+        os.chmod(self.root, 0o755)  # PostgreSQL (user postgres) reads the test CA and client key
         self.port = free_port()
         self.sasl_port = free_port()
         self.ssl_port = free_port()
@@ -63,6 +64,8 @@ class KafkaBroker:
         self.proc = None
         self.formatted = False
         make_test_pki(self.root)
+        for f in os.listdir(self.root):
+            os.chmod(os.path.join(self.root, f), 0o644)
         self.ca_file = os.path.join(self.root, "ca.pem")
         self.client_cert = os.path.join(self.root, "client.pem")
         self.client_key = os.path.join(self.root, "client.key")

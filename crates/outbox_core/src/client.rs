@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::dispatch::{batch_body, scrub, Prepared, Response};
+use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
@@ -89,6 +89,32 @@ impl CentrifugoClient {
     }
 }
 
+impl CentrifugoClient {
+    /// Sends `commands` as one batch and returns one outcome per command. When Centrifugo refuses
+    /// the request as a whole, resends them one per batch, in order, stopping at the first
+    /// temporary failure (the rest then count as retries too). Adds the requests made to `batches`.
+    pub fn send(&self, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
+        *batches += 1;
+        match classify_batch(&self.send_batch(commands), commands) {
+            BatchVerdict::PerCommand(outcomes) => outcomes,
+            BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
+            BatchVerdict::SplitAndResend(_) => {
+                let mut outcomes = Vec::with_capacity(commands.len());
+                for (i, command) in commands.iter().enumerate() {
+                    let outcome = self.send(std::slice::from_ref(command), batches).pop().expect("one outcome per command");
+                    let stop = matches!(outcome, Outcome::Retry(_));
+                    outcomes.push(outcome.clone());
+                    if stop {
+                        outcomes.extend(std::iter::repeat_n(outcome, commands.len() - i - 1));
+                        break;
+                    }
+                }
+                outcomes
+            }
+        }
+    }
+}
+
 /// A one-line description of a transport error, with its causes.
 fn describe(e: &reqwest::Error) -> String {
     let mut text = if e.is_timeout() {
@@ -110,7 +136,7 @@ fn describe(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dispatch::{classify_batch, prepare, BatchVerdict, Outcome};
+    use crate::dispatch::prepare;
     use serde_json::json;
 
     fn config(url: String) -> ClientConfig {
@@ -164,6 +190,43 @@ mod tests {
             Response::Transport(msg) => assert!(msg.contains("timeout"), "{msg}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_refused_batch_is_resent_one_by_one_to_find_the_bad_command() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
+        let handle = std::thread::spawn(move || {
+            let mut sizes = Vec::new();
+            for _ in 0..4 {
+                let mut req = server.recv().unwrap();
+                let mut body = String::new();
+                req.as_reader().read_to_string(&mut body).unwrap();
+                let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let cmds = body["commands"].as_array().unwrap().clone();
+                sizes.push(cmds.len());
+                let bad = cmds.iter().any(|c| c["publish"]["channel"] == "bad");
+                let resp = if cmds.len() > 1 || bad {
+                    tiny_http::Response::from_string("Bad Request").with_status_code(400)
+                } else {
+                    tiny_http::Response::from_string(r#"{"replies":[{"publish":{}}]}"#)
+                };
+                req.respond(resp).unwrap();
+            }
+            sizes
+        });
+        let client = CentrifugoClient::new(config(url)).unwrap();
+        let cmds: Vec<_> = ["a", "bad", "c"]
+            .iter()
+            .map(|ch| prepare("publish", json!({"channel": ch, "data": 1}), || "k".into()).unwrap())
+            .collect();
+        let mut batches = 0;
+        let outcomes = client.send(&cmds, &mut batches);
+        assert_eq!(outcomes[0], Outcome::Delivered);
+        assert!(matches!(&outcomes[1], Outcome::DeadLetter { failure, .. } if failure.code == Some(400)));
+        assert_eq!(outcomes[2], Outcome::Delivered);
+        assert_eq!(batches, 4);
+        assert_eq!(handle.join().unwrap(), vec![3, 1, 1, 1]);
     }
 
     #[test]

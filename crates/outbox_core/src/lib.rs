@@ -5,6 +5,7 @@
 pub mod client;
 pub mod command;
 pub mod dispatch;
+pub mod kafka;
 pub mod error;
 pub mod partition;
 pub mod retry;

@@ -1,0 +1,544 @@
+//! The Kafka bridge: one background worker per Kafka consumer consumes Centrifugo commands from
+//! Kafka topics and dispatches them through the same client, batch dispatch, outcomes, retry
+//! policy and dead-letter table as the outbox workers.
+//!
+//! Per Kafka partition, records are dispatched in offset order (up to `max_poll_records` per
+//! `/api/batch`); a temporary failure pauses only that partition while it backs off. An offset is
+//! committed only after its record is done: delivered, or written to the dead letters in a
+//! committed transaction. Queues are bounded (`partition_queue_max_size`): a full partition is
+//! paused at the broker until it drains. On revocation, what is done is committed and the rest
+//! is dropped for the new owner to read again. Offsets never move past an undone record, so a
+//! crash redelivers (at least once), and derived idempotency keys stop duplicate publications.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
+use pgrx::prelude::*;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig as KafkaConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use outbox_core::client::{CentrifugoClient, ClientConfig};
+use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
+use outbox_core::kafka::{flat_tls, parse_consumers, parse_record, split_list, ConsumerEntry, KafkaConsumer, RecordPosition, SaslMechanism};
+use outbox_core::retry::{Backoff, Jitter};
+
+use crate::gucs;
+
+/// The Kafka consumers to run: the flat `centrifugo.kafka_*` settings (consumer "kafka") and the
+/// kafka entries of `centrifugo.consumers`. Computed the same way in the postmaster and workers.
+pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
+    let mut out = Vec::new();
+    let brokers = split_list(&gucs::kafka::brokers());
+    if !brokers.is_empty() {
+        let mut c = KafkaConsumer::new("kafka", brokers, split_list(&gucs::kafka::topics()), &gucs::kafka::consumer_group());
+        c.max_poll_records = gucs::kafka::max_poll_records().max(1) as usize;
+        c.fetch_max_bytes = gucs::kafka::fetch_max_bytes() as u64;
+        c.fetch_max_wait_ms = gucs::kafka::fetch_max_wait_ms() as u64;
+        c.fetch_read_uncommitted = gucs::kafka::fetch_read_uncommitted();
+        c.partition_queue_max_size = gucs::kafka::partition_queue_max_size().max(1) as usize;
+        c.dial_timeout_ms = gucs::kafka::dial_timeout_ms() as u64;
+        c.instance_id = gucs::kafka::instance_id();
+        if let Some(m) = SaslMechanism::parse(&gucs::kafka::sasl_mechanism()).map_err(|e| format!("centrifugo.kafka_{e}"))? {
+            c.sasl = Some((m, gucs::kafka::sasl_user(), gucs::kafka::sasl_password()));
+        }
+        if gucs::kafka::tls() {
+            let get = |k: &str| match k {
+                "tls_cert" => gucs::kafka::tls_cert(),
+                "tls_key" => gucs::kafka::tls_key(),
+                "tls_cert_pem" => gucs::kafka::tls_cert_pem(),
+                "tls_key_pem" => gucs::kafka::tls_key_pem(),
+                "tls_root_ca" => gucs::kafka::tls_root_ca(),
+                "tls_root_ca_pem" => gucs::kafka::tls_root_ca_pem(),
+                "tls_client_ca" => gucs::kafka::tls_client_ca(),
+                "tls_client_ca_pem" => gucs::kafka::tls_client_ca_pem(),
+                "server_name" => gucs::kafka::tls_server_name(),
+                _ => String::new(),
+            };
+            c.tls = Some(flat_tls(get, gucs::kafka::tls_insecure_skip_verify()));
+        }
+        let header = gucs::kafka::method_header();
+        if !header.is_empty() {
+            c.method_header = header;
+        }
+        if gucs::kafka::publication_data_mode() {
+            c.publication_data_mode = Some(Default::default());
+        }
+        c.validate()?;
+        out.push(c);
+    }
+    for entry in parse_consumers(&gucs::kafka::consumers())? {
+        if let ConsumerEntry::Kafka(c) = entry {
+            if out.iter().any(|o| o.name == c.name) {
+                return Err(format!("kafka consumer name \"{}\" is used twice", c.name));
+            }
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Registers one bridge worker per Kafka consumer; with invalid settings, one worker that logs
+/// why and stays down (PostgreSQL itself keeps running).
+pub fn register() {
+    let count = match consumers() {
+        Ok(list) => list.len() as i32,
+        Err(_) => -1,
+    };
+    let register_one = |index: i32, name: &str| {
+        let title = format!("centrifugo_outbox kafka {name}");
+        BackgroundWorkerBuilder::new(&title)
+            .set_type(&title)
+            .set_library("centrifugo_outbox")
+            .set_function("centrifugo_kafka_worker_main")
+            .set_argument(index.into_datum())
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(Some(Duration::from_secs(1)))
+            .load();
+    };
+    if count < 0 {
+        register_one(-1, "(invalid settings)");
+    }
+    for (i, c) in consumers().unwrap_or_default().iter().enumerate() {
+        register_one(i as i32, &c.name);
+    }
+}
+
+/// Events from librdkafka's own threads, handed to the worker's thread (only it may log).
+struct BridgeContext {
+    events: Mutex<Vec<String>>,
+    /// Offsets done per partition (next offset to read), committed synchronously on revocation.
+    done: Mutex<HashMap<(String, i32), i64>>,
+    revoked: Mutex<Vec<(String, i32)>>,
+    secrets: Vec<String>,
+}
+
+impl BridgeContext {
+    fn push(&self, line: String) {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        if let Ok(mut e) = self.events.lock() {
+            if e.len() < 1000 {
+                e.push(scrub(&line, &secrets));
+            }
+        }
+    }
+}
+
+impl ClientContext for BridgeContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.push(format!("librdkafka {fac}: {message}"));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.push(format!("kafka error: {error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for BridgeContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let mut commit = TopicPartitionList::new();
+            let done = self.done.lock().map(|d| d.clone()).unwrap_or_default();
+            for e in tpl.elements() {
+                let key = (e.topic().to_owned(), e.partition());
+                if let Some(next) = done.get(&key) {
+                    let _ = commit.add_partition_offset(&key.0, key.1, Offset::Offset(*next));
+                }
+                if let Ok(mut r) = self.revoked.lock() {
+                    r.push(key);
+                }
+            }
+            if commit.count() > 0 {
+                if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                    self.push(format!("commit before revocation failed: {e}"));
+                }
+            }
+        }
+    }
+}
+
+struct Record {
+    offset: i64,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct PartitionQueue {
+    records: VecDeque<Record>,
+    retry_at: Option<Instant>,
+    attempts: u32,
+    paused: bool,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn centrifugo_kafka_worker_main(arg: pg_sys::Datum) {
+    // SAFETY: the argument is the consumer index set at registration.
+    let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(-1);
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let consumer_spec = match consumers() {
+        Ok(list) if index >= 0 && (index as usize) < list.len() => list[index as usize].clone(),
+        Ok(_) => {
+            log!("centrifugo_outbox: kafka bridge: the consumer settings changed; waiting for a restart");
+            return;
+        }
+        Err(e) => {
+            // Exit code 0: the postmaster does not restart a worker whose settings are wrong.
+            warning!("centrifugo_outbox: kafka bridge not started: {e}");
+            return;
+        }
+    };
+    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    let name = consumer_spec.name.clone();
+    match run(consumer_spec) {
+        Ok(()) => log!("centrifugo_outbox: kafka consumer {name} stopped"),
+        Err(e) => {
+            warning!("centrifugo_outbox: kafka consumer {name} stopped: {e}");
+            // A setting or file is wrong: try again in a while, without flooding the log.
+            let _ = BackgroundWorker::wait_latch(Some(Duration::from_secs(10)));
+        }
+    }
+    // Exit code 1: restarted after the restart interval unless the server is shutting down.
+    // SAFETY: ends the process the way PostgreSQL's own workers do.
+    unsafe { pg_sys::proc_exit(1) };
+}
+
+fn shutdown_requested() -> bool {
+    // SAFETY: a flag set by the SIGTERM handler.
+    unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+fn client_config() -> ClientConfig {
+    ClientConfig {
+        api_url: gucs::api_url(),
+        api_key: gucs::api_key(),
+        connect_timeout: Duration::from_millis(gucs::http_connect_timeout_ms() as u64),
+        timeout: Duration::from_millis(gucs::http_timeout_ms() as u64),
+        tls_root_ca: gucs::http_tls_root_ca(),
+        tls_cert: gucs::http_tls_cert(),
+        tls_key: gucs::http_tls_key(),
+        tls_insecure_skip_verify: gucs::http_tls_insecure_skip_verify(),
+    }
+}
+
+fn run(spec: KafkaConsumer) -> Result<(), String> {
+    let mut secrets = spec.secrets();
+    secrets.push(gucs::api_key());
+    let secret_refs = secrets.clone();
+    let scrubbed = move |text: &str| scrub(text, &secret_refs.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let mut config = KafkaConfig::new();
+    for (k, v) in spec.librdkafka_config() {
+        config.set(k, v);
+    }
+    // Group joins and rebalances within seconds rather than tens of seconds.
+    config.set("session.timeout.ms", "6000").set("heartbeat.interval.ms", "1000");
+    config.set_log_level(RDKafkaLogLevel::Warning);
+    let context = BridgeContext {
+        events: Mutex::new(Vec::new()),
+        done: Mutex::new(HashMap::new()),
+        revoked: Mutex::new(Vec::new()),
+        secrets: secrets.clone(),
+    };
+    let consumer: BaseConsumer<BridgeContext> =
+        config.create_with_context(context).map_err(|e| scrubbed(&format!("cannot create the Kafka client: {e}")))?;
+    let topics: Vec<&str> = spec.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).map_err(|e| scrubbed(&format!("cannot subscribe to {topics:?}: {e}")))?;
+    log!(
+        "centrifugo_outbox: kafka consumer {} started: brokers {}, topics {}, group {}",
+        spec.name,
+        spec.brokers.join(","),
+        spec.topics.join(","),
+        spec.consumer_group
+    );
+
+    let mut client: Option<CentrifugoClient> = None;
+    let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
+    let mut jitter = Jitter::new(u64::from(unsafe { pg_sys::MyProcPid } as u32));
+    let mut last_log: HashMap<&'static str, Instant> = HashMap::new();
+    let mut warn = |kind: &'static str, message: String| {
+        let now = Instant::now();
+        if last_log.get(kind).is_none_or(|t| now.duration_since(*t) >= Duration::from_secs(10)) {
+            warning!("centrifugo_outbox: kafka consumer {}: {}", spec.name, message);
+            last_log.insert(kind, now);
+        }
+    };
+
+    while !shutdown_requested() {
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file in a backend, as PostgreSQL's own workers do.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let wanted = client_config();
+        if client.as_ref().is_none_or(|c| *c.config() != wanted) {
+            client = match CentrifugoClient::new(wanted) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    warn("client", format!("cannot reach Centrifugo: {e}"));
+                    None
+                }
+            };
+        }
+        for line in std::mem::take(&mut *consumer.context().events.lock().unwrap()) {
+            warn("librdkafka", line);
+        }
+        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
+            queues.remove(&key);
+            consumer.context().done.lock().unwrap().remove(&key);
+        }
+
+        // Poll: wait only when nothing is ready to dispatch.
+        let now = Instant::now();
+        let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
+        let mut timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
+        for _ in 0..spec.max_poll_records {
+            match consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    warn("poll", scrubbed(&format!("poll: {e}")));
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    let key = (msg.topic().to_owned(), msg.partition());
+                    let headers = msg
+                        .headers()
+                        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+                        .unwrap_or_default();
+                    let record = Record { offset: msg.offset(), value: msg.payload().map(<[u8]>::to_vec), headers };
+                    let queue = queues.entry(key.clone()).or_default();
+                    queue.records.push_back(record);
+                    if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&key.0, key.1);
+                        if consumer.pause(&tpl).is_ok() {
+                            queue.paused = true;
+                        }
+                    }
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+
+        let Some(client) = client.as_ref() else { continue };
+        let now = Instant::now();
+        let keys: Vec<(String, i32)> = queues
+            .iter()
+            .filter(|(_, q)| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            let queue = queues.get_mut(&key).expect("key from the map");
+            match dispatch(&spec, client, &key, queue) {
+                Ok((done, retry)) => {
+                    if let Some(last) = done {
+                        consumer.context().done.lock().unwrap().insert(key.clone(), last + 1);
+                        let mut tpl = TopicPartitionList::new();
+                        let _ = tpl.add_partition_offset(&key.0, key.1, Offset::Offset(last + 1));
+                        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                            warn("commit", scrubbed(&format!("offset commit for {}[{}]: {e}", key.0, key.1)));
+                        }
+                    }
+                    match retry {
+                        None => {
+                            queue.attempts = 0;
+                            queue.retry_at = None;
+                        }
+                        Some(failure) => {
+                            queue.attempts += 1;
+                            let backoff = Backoff {
+                                base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
+                                max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
+                            };
+                            let delay = backoff.delay(queue.attempts, jitter.next());
+                            queue.retry_at = Some(Instant::now() + delay);
+                            let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
+                            warn(
+                                "retry",
+                                scrubbed(&format!(
+                                    "{}[{}] offset {offset}: {failure}; retrying in {} ms (attempt {})",
+                                    key.0,
+                                    key.1,
+                                    delay.as_millis(),
+                                    queue.attempts
+                                )),
+                            );
+                        }
+                    }
+                }
+                Err(e) => {
+                    queue.attempts += 1;
+                    queue.retry_at = Some(Instant::now() + Duration::from_millis(gucs::retry_backoff_max_ms() as u64));
+                    warn("dead letters", scrubbed(&format!("cannot record dead letters, partition paused: {e}")));
+                }
+            }
+            if queue.paused && queue.records.len() <= spec.partition_queue_max_size / 2 {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&key.0, key.1);
+                if consumer.resume(&tpl).is_ok() {
+                    queue.paused = false;
+                }
+            }
+        }
+    }
+
+    // Shutdown: commit what is done, synchronously, then leave the group.
+    let done = consumer.context().done.lock().map(|d| d.clone()).unwrap_or_default();
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in done {
+        let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(next));
+    }
+    if tpl.count() > 0 {
+        let _ = consumer.commit(&tpl, CommitMode::Sync);
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// Dispatches the head of one partition's queue. Returns the last offset that is done (delivered
+/// or dead-lettered in a committed transaction) and the temporary failure that stopped it, if any.
+fn dispatch(
+    spec: &KafkaConsumer,
+    client: &CentrifugoClient,
+    key: &(String, i32),
+    queue: &mut PartitionQueue,
+) -> Result<(Option<i64>, Option<Failure>), String> {
+    let take = queue.records.len().min(spec.max_poll_records);
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(take);
+    let mut methods: Vec<String> = Vec::with_capacity(take);
+    let mut sendable = Vec::with_capacity(take);
+    let mut commands: Vec<Prepared> = Vec::with_capacity(take);
+    for (i, record) in queue.records.iter().take(take).enumerate() {
+        let pos = RecordPosition { topic: &key.0, partition: key.1, offset: record.offset };
+        match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
+            Ok(p) => {
+                methods.push(p.method.as_str().to_owned());
+                outcomes.push(None);
+                sendable.push(i);
+                commands.push(p);
+            }
+            Err(failure) => {
+                let method = record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| *k == spec.method_header)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .or_else(|| {
+                        record
+                            .value
+                            .as_deref()
+                            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+                            .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_owned))
+                    })
+                    .unwrap_or_else(|| "unknown".into());
+                methods.push(method);
+                outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
+            }
+        }
+    }
+    let mut batches = 0;
+    if !commands.is_empty() {
+        for (i, outcome) in sendable.iter().zip(client.send(&commands, &mut batches)) {
+            outcomes[*i] = Some(outcome);
+        }
+    }
+    let mut done = 0usize;
+    let mut dead: Vec<(usize, Failure, Option<serde_json::Map<String, serde_json::Value>>)> = Vec::new();
+    let mut retry = None;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome.expect("every record has an outcome") {
+            Outcome::Delivered => done = i + 1,
+            Outcome::DeadLetter { failure, payload } => {
+                dead.push((i, failure, payload));
+                done = i + 1;
+            }
+            Outcome::Retry(failure) => {
+                retry = Some(failure);
+                break;
+            }
+        }
+    }
+    if !dead.is_empty() {
+        let attempts = queue.attempts + 1;
+        let rows: Vec<_> = dead
+            .iter()
+            .map(|(i, failure, payload)| {
+                let record = &queue.records[*i];
+                let payload = match payload {
+                    Some(p) => serde_json::Value::Object(p.clone()).to_string(),
+                    None => match commands.iter().zip(&sendable).find(|(_, s)| **s == *i) {
+                        Some((cmd, _)) => serde_json::Value::Object(cmd.payload.clone()).to_string(),
+                        None => raw_payload(record.value.as_deref()),
+                    },
+                };
+                (record.offset, methods[*i].clone(), payload, failure.clone())
+            })
+            .collect();
+        insert_dead_letters(key, &rows, attempts)?;
+    }
+    let last = (done > 0).then(|| queue.records[done - 1].offset);
+    queue.records.drain(..done);
+    Ok((last, retry))
+}
+
+/// A record value as JSON for the dead letters: itself when it is JSON, else a JSON string.
+fn raw_payload(value: Option<&[u8]>) -> String {
+    let bytes = value.unwrap_or_default();
+    match serde_json::from_slice::<serde_json::Value>(bytes) {
+        Ok(v) => v.to_string(),
+        Err(_) => serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()).to_string(),
+    }
+}
+
+fn insert_dead_letters(key: &(String, i32), rows: &[(i64, String, String, Failure)], attempts: u32) -> Result<(), String> {
+    let topic = key.0.clone();
+    let partition = key.1;
+    let rows = rows.to_vec();
+    let api_key = gucs::api_key();
+    BackgroundWorker::transaction(move || {
+        Spi::connect_mut(|spi| -> Result<(), String> {
+            let schema = spi
+                .select(
+                    "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
+                    None,
+                    &[],
+                )
+                .map_err(|e| e.to_string())?;
+            if schema.is_empty() {
+                return Err(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database()));
+            }
+            let schema: String = schema.first().get_one().map_err(|e| e.to_string())?.unwrap_or_default();
+            for (offset, method, payload, failure) in &rows {
+                spi.update(
+                    &format!(
+                        "INSERT INTO {schema}.centrifugo_dead_letters
+                             (source, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts)
+                         VALUES ('kafka', $1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9)"
+                    ),
+                    None,
+                    &[
+                        method.clone().into(),
+                        payload.clone().into(),
+                        topic.clone().into(),
+                        partition.into(),
+                        (*offset).into(),
+                        failure.kind.as_str().into(),
+                        failure.code.map(|c| c as i32).into(),
+                        scrub(&failure.message, &[&api_key]).into(),
+                        (attempts as i32).into(),
+                    ],
+                )
+                .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+    })
+}

@@ -1,0 +1,297 @@
+"""The Kafka bridge against a real Apache Kafka broker (KRaft) and the real Centrifugo: message
+formats, per-partition order, dead letters for garbage, at-least-once across SIGTERM/SIGKILL,
+Centrifugo and broker outages, a consumer group shared by two PostgreSQL clusters, SASL/SCRAM and
+TLS listeners, and invalid settings."""
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import pytest
+
+from conftest import delivery_settings
+from harness.centrifugo import Centrifugo
+from harness.common import wait_until
+from harness.fault_double import FaultDouble
+from harness.subscriber import Subscriber
+
+
+def uid():
+    return uuid.uuid4().hex[:8]
+
+
+def produce(kafka, topic, records, **conf):
+    """records: (value, headers dict or None, partition or None)."""
+    producer = kafka.producer(**conf)
+    for value, headers, partition in records:
+        kwargs = {"headers": list(headers.items())} if headers else {}
+        if partition is not None:
+            kwargs["partition"] = partition
+        producer.produce(topic, value=value if isinstance(value, bytes) else json.dumps(value).encode(), **kwargs)
+    assert producer.flush(30) == 0
+
+
+def command(channel, data, method="publish"):
+    return {"method": method, "payload": {"channel": channel, "data": data}}
+
+
+def bridge_cluster(make_cluster, centrifugo_server, kafka, topics, group=None, api_url=None, **extra):
+    settings = delivery_settings(api_url or centrifugo_server.api_url, centrifugo_server.api_key,
+                                 retry_backoff_max=500, **extra)
+    settings.setdefault("centrifugo.kafka_brokers", kafka.bootstrap)
+    settings["centrifugo.kafka_topics"] = ",".join(topics)
+    settings["centrifugo.kafka_consumer_group"] = group or f"g{uid()}"
+    return make_cluster(settings)
+
+
+def kafka_worker_pid(pg, name="kafka"):
+    return pg.scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = %s",
+                     (f"centrifugo_outbox kafka {name}",))
+
+
+def committed(kafka, group, topic, partitions):
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        return [tp.offset for tp in c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)]
+    finally:
+        c.close()
+
+
+def test_every_message_format_reaches_the_subscriber(make_cluster, centrifugo, kafka):
+    t_cmd, t_pdm = f"cmd{uid()}", f"pdm{uid()}"
+    kafka.create_topic(t_cmd)
+    kafka.create_topic(t_pdm)
+    a, b = f"chat:ka{uid()}", f"chat:kb{uid()}"
+    consumers = [
+        {"name": "data_mode", "type": "kafka", "enabled": True, "kafka": {
+            "brokers": [kafka.bootstrap], "topics": [t_pdm], "consumer_group": f"g{uid()}",
+            "publication_data_mode": {"enabled": True}}},
+        {"name": "old_style_off", "type": "kafka", "disabled": True, "kafka": {}},
+    ]
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [t_cmd], **{"consumers": json.dumps(consumers)})
+    sub = Subscriber(centrifugo, channels=[a, b]).start()
+    try:
+        produce(kafka, t_cmd, [
+            (command(a, {"n": 1}), None, None),
+            # payload as a JSON string holding the object (Debezium)
+            ({"method": "publish", "payload": json.dumps({"channel": a, "data": {"n": 2}})}, None, None),
+            # method header + bare payload
+            ({"channel": a, "data": {"n": 3}}, {"centrifugo-method": "publish"}, None),
+            ({"channels": [a, b], "data": {"n": 4}}, {"centrifugo-method": "broadcast"}, None),
+        ])
+        produce(kafka, t_pdm, [
+            ({"n": 5}, {"centrifugo-channels": a, "centrifugo-tag-kind": "pdm"}, None),
+            ({"n": 6}, {"centrifugo-channels": f"{a},{b}", "centrifugo-idempotency-key": "k-6"}, None),
+        ])
+        pubs = sub.wait_for_publications(6, a, timeout=30)
+        by_n = {p.data["n"]: p for p in pubs}
+        assert sorted(by_n) == [1, 2, 3, 4, 5, 6]
+        assert [p.data["n"] for p in pubs if p.data["n"] <= 4] == [1, 2, 3, 4], "one partition, offset order"
+        assert by_n[5].tags == {"kind": "pdm"}
+        assert sorted(p.data["n"] for p in sub.wait_for_publications(2, b)) == [4, 6]
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+        assert pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'centrifugo_outbox kafka %%'") == 2
+    finally:
+        sub.stop()
+
+
+def test_per_partition_order_over_thousands_of_records(make_cluster, centrifugo, kafka):
+    topic = f"order{uid()}"
+    kafka.create_topic(topic, partitions=4)
+    channels = [f"chat:kord{p}-{uid()}" for p in range(4)]
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_max_poll_records=50)
+    sub = Subscriber(centrifugo, channels=channels).start()
+    try:
+        n = 1000
+        produce(kafka, topic, [(command(channels[p], {"s": s}), None, p) for s in range(n) for p in range(4)])
+        for p in range(4):
+            got = [x.data["s"] for x in sub.wait_for_publications(n, channels[p], timeout=60)]
+            assert got == list(range(n)), f"partition {p} out of order or incomplete"
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    finally:
+        sub.stop()
+
+
+def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka):
+    topic, group = f"garbage{uid()}", f"g{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:kg{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group)
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [
+            (command(channel, "before"), None, None),
+            (b"not json at all", None, None),
+            ({"method": "explode", "payload": {}}, None, None),
+            ({"method": "publish"}, None, None),
+            ({"method": "publish", "payload": "[1, 2]"}, None, None),
+            ({"method": "publish", "payload": {"channel": "nope:x", "data": 1}}, None, None),
+            (command(channel, "after"), None, None),
+        ])
+        assert [p.data for p in sub.wait_for_publications(2, channel, timeout=30)] == ["before", "after"]
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 5, 10, what="5 dead letters")
+        rows = pg.sql("SELECT source, kafka_topic, kafka_partition, kafka_offset, method, error_kind, error_code, payload "
+                      "FROM centrifugo_dead_letters ORDER BY kafka_offset")
+        assert [r[3] for r in rows] == [1, 2, 3, 4, 5]
+        assert all(r[0] == "kafka" and r[1] == topic and r[2] == 0 for r in rows)
+        assert [(r[4], r[5], r[6]) for r in rows] == [
+            ("unknown", "malformed", None), ("explode", "malformed", None), ("publish", "malformed", None),
+            ("publish", "malformed", None), ("publish", "centrifugo", 102)]
+        assert rows[0][7] == "not json at all"
+        wait_until(lambda: committed(kafka, group, topic, 1) == [7], 15, what="the committed offset to pass the garbage")
+    finally:
+        sub.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_at_least_once_when_the_bridge_is_stopped_mid_stream(make_cluster, centrifugo, kafka, sig):
+    topic = f"alo{uid()}"
+    kafka.create_topic(topic, partitions=2)
+    channel = f"chat:kalo{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_max_poll_records=20)
+    wait_until(lambda: kafka_worker_pid(pg), 10, what="the bridge worker")
+    n = 2000
+    produce(kafka, topic, [(command(channel, {"s": s}), None, s % 2) for s in range(n)])
+    wait_until(lambda: len(centrifugo.history(channel)) >= 300, 30, interval=0.02, what="delivery to start")
+    os.kill(kafka_worker_pid(pg), sig)
+    wait_until(lambda: len(centrifugo.history(channel)) >= n, 90, interval=0.2,
+               what="every record after the restart")
+    time.sleep(1)
+    history = [d["s"] for d in centrifugo.history(channel)]
+    assert sorted(history) == list(range(n)), "nothing lost, no duplicates (idempotency keys)"
+    for parity in (0, 1):
+        seq = [s for s in history if s % 2 == parity]
+        assert seq == sorted(seq), "each Kafka partition in offset order"
+
+
+def test_centrifugo_down_pauses_then_resumes(make_cluster, kafka):
+    server = Centrifugo().start()
+    try:
+        topic = f"down{uid()}"
+        kafka.create_topic(topic, partitions=2)
+        channel = f"chat:kdown{uid()}"
+        pg = bridge_cluster(make_cluster, server, kafka, [topic])
+        produce(kafka, topic, [(command(channel, {"s": s}), None, s % 2) for s in range(20)])
+        wait_until(lambda: len(server.history(channel)) == 20, 30, what="the first records")
+        server.kill()
+        produce(kafka, topic, [(command(channel, {"s": s}), None, s % 2) for s in range(20, 120)])
+        time.sleep(5)
+        server.start()
+        wait_until(lambda: len(server.history(channel)) == 100, 30, interval=0.2, what="the backlog after the outage")
+        got = [d["s"] for d in server.history(channel)]
+        assert sorted(got) == list(range(20, 120))
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+        assert "retrying in" in pg.log()
+    finally:
+        server.stop()
+
+
+def test_broker_restart_reconnects(make_cluster, centrifugo, kafka):
+    topic = f"restart{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:kre{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic])
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [(command(channel, "before"), None, None)])
+        sub.wait_for_publications(1, channel, timeout=30)
+        kafka.stop()
+        time.sleep(3)
+        kafka.start()
+        produce(kafka, topic, [(command(channel, "after"), None, None)])
+        assert [p.data for p in sub.wait_for_publications(2, channel, timeout=60)] == ["before", "after"]
+        assert kafka_worker_pid(pg)
+    finally:
+        sub.stop()
+
+
+def test_two_clusters_share_a_group_and_take_over(make_cluster, centrifugo, kafka):
+    topic, group = f"shared{uid()}", f"g{uid()}"
+    kafka.create_topic(topic, partitions=4)
+    channel = f"chat:kshared{uid()}"
+    doubles = [FaultDouble(centrifugo.api_url).start() for _ in range(2)]
+    try:
+        a = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[0].api_url)
+        b = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[1].api_url)
+        time.sleep(8)  # both join the group
+        produce(kafka, topic, [(command(channel, {"s": s}), None, s % 4) for s in range(400)])
+        wait_until(lambda: len(centrifugo.history(channel)) == 400, 60, what="the first 400")
+        sent = [len([c for c in d.commands() if c[1].get("channel") == channel]) for d in doubles]
+        assert sent[0] > 0 and sent[1] > 0, f"both clusters should consume: {sent}"
+        a.stop("immediate")
+        produce(kafka, topic, [(command(channel, {"s": s}), None, s % 4) for s in range(400, 800)])
+        wait_until(lambda: len(centrifugo.history(channel)) >= 800, 90, interval=0.2, what="the survivor to take over")
+        got = sorted(d["s"] for d in centrifugo.history(channel))
+        assert got == list(range(800)), "nothing lost, nothing published twice"
+    finally:
+        for d in doubles:
+            d.stop()
+
+
+@pytest.mark.parametrize("mechanism", ["plain", "scram-sha-256", "scram-sha-512"])
+def test_sasl_listener(make_cluster, centrifugo, kafka, mechanism):
+    topic = f"sasl{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:ksasl{uid()}"
+    user, password = next(iter(kafka.users.items()))
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.sasl_bootstrap,
+                        kafka_sasl_mechanism=mechanism, kafka_sasl_user=user, kafka_sasl_password=password)
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [(command(channel, mechanism), None, None)])
+        assert sub.wait_for_publications(1, channel, timeout=30)[0].data == mechanism
+        assert password not in pg.log()
+    finally:
+        sub.stop()
+
+
+def test_sasl_wrong_password_fails_clearly_without_the_password(make_cluster, centrifugo, kafka):
+    topic = f"saslbad{uid()}"
+    kafka.create_topic(topic)
+    wrong = "wrong-" + uid()
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.sasl_bootstrap,
+                        kafka_sasl_mechanism="scram-sha-256", kafka_sasl_user="alice", kafka_sasl_password=wrong)
+    wait_until(lambda: "uthentication" in pg.log(), 30, what="an authentication error in the log")
+    assert wrong not in pg.log()
+
+
+def test_tls_listener(make_cluster, centrifugo, kafka):
+    topic = f"tls{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:ktls{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.ssl_bootstrap,
+                        kafka_tls=True, kafka_tls_root_ca=kafka.ca_file, kafka_tls_cert=kafka.client_cert,
+                        kafka_tls_key=kafka.client_key)
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [(command(channel, "over tls"), None, None)])
+        assert sub.wait_for_publications(1, channel, timeout=30)[0].data == "over tls"
+    finally:
+        sub.stop()
+
+
+def test_tls_with_an_unknown_ca_fails_clearly(make_cluster, centrifugo, kafka):
+    topic = f"tlsbad{uid()}"
+    kafka.create_topic(topic)
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.ssl_bootstrap, kafka_tls=True)
+    wait_until(lambda: "certificate verify failed" in pg.log() or "SSL handshake failed" in pg.log(), 30,
+               what="a TLS verification error in the log")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"consumers": "[not json"}, "centrifugo.consumers is not valid JSON"),
+    ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_sasl_mechanism": "aws-msk-iam"}, "aws-msk-iam"),
+    ({"consumers": json.dumps([{"name": "x", "type": "kafka"}])}, "must match"),
+    ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_tls": True, "kafka_tls_server_name": "kafka.example"},
+     "server_name is not supported"),
+])
+def test_invalid_settings_log_one_clear_error_and_postgres_keeps_running(make_cluster, settings, message):
+    pg = make_cluster({f"centrifugo.{k}": v for k, v in settings.items()})
+    wait_until(lambda: "kafka bridge not started" in pg.log(), 15, what="the bridge's error")
+    time.sleep(2)
+    assert pg.log().count("kafka bridge not started") == 1, "logged once, not restarted in a loop"
+    assert message in pg.log()
+    assert pg.scalar("SELECT 1") == 1
