@@ -65,6 +65,7 @@ GRANT USAGE ON SEQUENCE centrifugo_outbox_id_seq TO centrifugo_publisher;
 CREATE TABLE centrifugo_dead_letters (
     id              BIGSERIAL PRIMARY KEY,
     source          text        NOT NULL CHECK (source IN ('outbox', 'kafka')),
+    consumer        text,
     outbox_id       bigint,
     method          text        NOT NULL,
     payload         JSONB       NOT NULL,

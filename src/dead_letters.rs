@@ -1,11 +1,12 @@
-//! Dead-letter tools: moving failed commands back into the outbox once the cause is fixed.
+//! Dead-letter tools: moving failed commands back into an outbox once the cause is fixed.
 
 use pgrx::prelude::*;
 
-use crate::gucs;
+use crate::worker::outbox_specs;
 
-/// Moves dead letters back into the outbox (in their original order and partition) and returns
-/// how many. Filters combine with AND; no filter replays them all.
+/// Moves dead letters back into the outbox they came from (Kafka ones into the default outbox),
+/// in their original order and partition, and returns how many. Filters combine with AND; no
+/// filter replays them all.
 #[pg_extern(volatile, parallel_unsafe)]
 fn centrifugo_replay_dead_letters(
     ids: default!(Option<Vec<i64>>, "NULL"),
@@ -14,30 +15,52 @@ fn centrifugo_replay_dead_letters(
     error_kind: default!(Option<&str>, "NULL"),
     failed_after: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
 ) -> i64 {
-    let sql = format!(
-        "WITH moved AS (
-             DELETE FROM @extschema@.centrifugo_dead_letters d
-             WHERE ($1::bigint[] IS NULL OR d.id = ANY($1))
-               AND ($2::text IS NULL OR d.method = $2)
-               AND ($3::int IS NULL OR d.error_code = $3)
-               AND ($4::text IS NULL OR d.error_kind = $4)
-               AND ($5::timestamptz IS NULL OR d.failed_at > $5)
-             RETURNING d.*),
-         inserted AS (
-             INSERT INTO {outbox} (method, payload, partition)
-             SELECT method, payload, CASE WHEN partition BETWEEN 0 AND $6 - 1 THEN partition ELSE 0 END
-             FROM moved ORDER BY id
-             RETURNING 1)
-         SELECT count(*) FROM inserted",
-        outbox = gucs::outbox_table()
-    )
-    .replace("@extschema@", &extension_schema());
-    Spi::get_one_with_args::<i64>(
-        &sql,
-        &[ids.into(), method.into(), error_code.into(), error_kind.into(), failed_after.into(), gucs::num_partitions().into()],
-    )
-    .unwrap_or_else(|e| error!("centrifugo_outbox: replay failed: {e}"))
-    .unwrap_or(0)
+    let schema = extension_schema();
+    let specs = outbox_specs();
+    let others: Vec<String> = specs.iter().skip(1).map(|s| s.name()).collect();
+    let mut replayed = 0;
+    for (i, spec) in specs.iter().enumerate() {
+        // The default outbox takes its own rows, Kafka's, and those of consumers no longer configured.
+        let mine = if i == 0 {
+            "(d.source = 'kafka' OR d.consumer IS NULL OR NOT (d.consumer = ANY($7)))"
+        } else {
+            "(d.source = 'outbox' AND d.consumer = $8)"
+        };
+        let sql = format!(
+            "WITH moved AS (
+                 DELETE FROM {schema}.centrifugo_dead_letters d
+                 WHERE {mine}
+                   AND ($1::bigint[] IS NULL OR d.id = ANY($1))
+                   AND ($2::text IS NULL OR d.method = $2)
+                   AND ($3::int IS NULL OR d.error_code = $3)
+                   AND ($4::text IS NULL OR d.error_kind = $4)
+                   AND ($5::timestamptz IS NULL OR d.failed_at > $5)
+                 RETURNING d.*),
+             inserted AS (
+                 INSERT INTO {outbox} (method, payload, partition)
+                 SELECT method, payload, CASE WHEN partition BETWEEN 0 AND $6 - 1 THEN partition ELSE 0 END
+                 FROM moved ORDER BY id
+                 RETURNING 1)
+             SELECT count(*) FROM inserted",
+            outbox = spec.table()
+        );
+        replayed += Spi::get_one_with_args::<i64>(
+            &sql,
+            &[
+                ids.clone().into(),
+                method.into(),
+                error_code.into(),
+                error_kind.into(),
+                failed_after.into(),
+                spec.num_partitions().into(),
+                others.clone().into(),
+                spec.name().into(),
+            ],
+        )
+        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.table()))
+        .unwrap_or(0);
+    }
+    replayed
 }
 
 fn extension_schema() -> String {

@@ -247,6 +247,9 @@ pub fn retry_backoff_base_ms() -> i32 { RETRY_BACKOFF_BASE.get() }
 pub fn retry_backoff_max_ms() -> i32 { RETRY_BACKOFF_MAX.get() }
 pub fn partition_notification_channel() -> String { text(&PARTITION_NOTIFICATION_CHANNEL) }
 
+/// The outbox table setting as written (`table` or `schema.table`).
+pub fn outbox_table_name() -> String { text(&OUTBOX_TABLE_NAME) }
+
 /// The outbox table as a quoted SQL name; the check hook guarantees it parses.
 pub fn outbox_table() -> String {
     settings::quoted_table_name(&text(&OUTBOX_TABLE_NAME)).unwrap_or_else(|_| "\"centrifugo_outbox\"".into())

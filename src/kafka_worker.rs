@@ -25,7 +25,8 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_core::client::{CentrifugoClient, ClientConfig};
 use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
-use outbox_core::kafka::{flat_tls, parse_consumers, parse_record, split_list, ConsumerEntry, KafkaConsumer, RecordPosition, SaslMechanism};
+use outbox_core::consumers::{parse_consumers, ConsumerEntry};
+use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
 use outbox_core::retry::{Backoff, Jitter};
 
 use crate::gucs;
@@ -482,7 +483,7 @@ fn dispatch(
                 (record.offset, methods[*i].clone(), payload, failure.clone())
             })
             .collect();
-        insert_dead_letters(key, &rows, attempts)?;
+        insert_dead_letters(&spec.name, key, &rows, attempts)?;
     }
     let last = (done > 0).then(|| queue.records[done - 1].offset);
     queue.records.drain(..done);
@@ -498,7 +499,8 @@ fn raw_payload(value: Option<&[u8]>) -> String {
     }
 }
 
-fn insert_dead_letters(key: &(String, i32), rows: &[(i64, String, String, Failure)], attempts: u32) -> Result<(), String> {
+fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[(i64, String, String, Failure)], attempts: u32) -> Result<(), String> {
+    let consumer = consumer.to_owned();
     let topic = key.0.clone();
     let partition = key.1;
     let rows = rows.to_vec();
@@ -520,8 +522,8 @@ fn insert_dead_letters(key: &(String, i32), rows: &[(i64, String, String, Failur
                 spi.update(
                     &format!(
                         "INSERT INTO {schema}.centrifugo_dead_letters
-                             (source, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts)
-                         VALUES ('kafka', $1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9)"
+                             (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts)
+                         VALUES ('kafka', $10, $1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9)"
                     ),
                     None,
                     &[
@@ -534,6 +536,7 @@ fn insert_dead_letters(key: &(String, i32), rows: &[(i64, String, String, Failur
                         failure.code.map(|c| c as i32).into(),
                         scrub(&failure.message, &[&api_key]).into(),
                         (attempts as i32).into(),
+                        consumer.clone().into(),
                     ],
                 )
                 .map_err(|e| e.to_string())?;

@@ -54,6 +54,9 @@ impl WorkerState {
 #[repr(C)]
 pub struct Slot {
     pub pid: i32,
+    /// Which consumer (index into `worker::outbox_specs()`) and partition the slot's worker drains.
+    pub consumer: u16,
+    pub partition: i32,
     /// Address of the worker's latch (in shared memory), 0 when no worker runs.
     pub latch: usize,
     state: u8,
@@ -91,10 +94,12 @@ pub fn init() {
     pgrx::pg_shmem_init!(SLOTS);
 }
 
-/// Registers the calling worker in its partition's slot.
-pub fn attach_worker(partition: usize) {
+/// Registers the calling worker in its slot.
+pub fn attach_worker(index: usize, consumer: usize, partition: i32) {
     let mut slots = SLOTS.exclusive();
-    let slot = &mut slots.slots[partition];
+    let slot = &mut slots.slots[index];
+    slot.consumer = consumer as u16;
+    slot.partition = partition;
     // SAFETY: MyProcPid and MyLatch are set for every backend process.
     unsafe {
         slot.pid = pg_sys::MyProcPid;
@@ -104,25 +109,25 @@ pub fn attach_worker(partition: usize) {
 }
 
 /// Clears the slot when the worker exits, so nobody sets a stale latch.
-pub fn detach_worker(partition: usize) {
+pub fn detach_worker(index: usize) {
     let mut slots = SLOTS.exclusive();
-    let slot = &mut slots.slots[partition];
+    let slot = &mut slots.slots[index];
     slot.pid = 0;
     slot.latch = 0;
     slot.state = WorkerState::Stopped as u8;
 }
 
-pub fn set_state(partition: usize, state: WorkerState) {
-    SLOTS.exclusive().slots[partition].state = state as u8;
+pub fn set_state(index: usize, state: WorkerState) {
+    SLOTS.exclusive().slots[index].state = state as u8;
 }
 
-/// Applies `update` to a partition's slot under the exclusive lock.
-pub fn update(partition: usize, update: impl FnOnce(&mut Slot)) {
-    update(&mut SLOTS.exclusive().slots[partition]);
+/// Applies `update` to a slot under the exclusive lock.
+pub fn update(index: usize, update: impl FnOnce(&mut Slot)) {
+    update(&mut SLOTS.exclusive().slots[index]);
 }
 
-pub fn snapshot(partition: usize) -> Slot {
-    SLOTS.share().slots[partition]
+pub fn snapshot(index: usize) -> Slot {
+    SLOTS.share().slots[index]
 }
 
 /// Partitions this backend's current transaction inserted into (bit i = partition i).
@@ -164,10 +169,13 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
     }
 }
 
+/// Wakes the workers of the marked partitions, of every consumer (a spurious wake-up of another
+/// consumer's worker costs one empty round).
 fn wake_partitions(low: u64, high: u64) {
     let slots = SLOTS.share();
-    for (i, slot) in slots.slots.iter().enumerate() {
-        let bit = if i < 64 { low >> i & 1 } else { high >> (i - 64) & 1 };
+    for slot in slots.slots.iter() {
+        let p = slot.partition as u32;
+        let bit = if p < 64 { low >> p & 1 } else { high >> (p - 64) & 1 };
         if bit == 1 && slot.latch != 0 {
             // SAFETY: the address is a PGPROC latch in shared memory, valid for the server's life.
             unsafe { pg_sys::SetLatch(slot.latch as *mut pg_sys::Latch) };
@@ -183,7 +191,7 @@ fn centrifugo_wake_at_commit<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     if let Some(new) = trigger.new() {
         let partition = new.get_by_name::<i32>("partition").ok().flatten().unwrap_or(0);
-        let num = crate::gucs::num_partitions();
+        let num = crate::worker::partitions_of_table(&trigger.table_schema()?, &trigger.table_name()?);
         if !(0..num).contains(&partition) {
             crate::errors::raise(
                 outbox_core::partition::check_partition(partition, num).expect_err("out of range"),
@@ -198,7 +206,7 @@ fn centrifugo_wake_at_commit<'a>(
 /// so workers waiting for the extension start draining at once).
 #[pg_extern(volatile, parallel_unsafe)]
 fn _centrifugo_wake_workers_at_commit() {
-    for partition in 0..crate::gucs::num_partitions() {
+    for (_, partition) in crate::worker::worker_slots() {
         wake_at_commit(partition);
     }
 }

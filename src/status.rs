@@ -2,13 +2,14 @@
 
 use pgrx::prelude::*;
 
-use crate::{gucs, shmem};
+use crate::{shmem, worker};
 
-/// One row per configured partition: the worker's pid, state and counters since server start.
+/// One row per partition worker: its consumer, pid, state and counters since server start.
 #[pg_extern(volatile, parallel_safe)]
 fn centrifugo_worker_status() -> TableIterator<
     'static,
     (
+        name!(consumer, String),
         name!(partition, i32),
         name!(pid, Option<i32>),
         name!(state, String),
@@ -19,10 +20,14 @@ fn centrifugo_worker_status() -> TableIterator<
         name!(last_error_code, Option<i32>),
     ),
 > {
-    let rows: Vec<_> = (0..gucs::num_partitions())
-        .map(|p| {
-            let s = shmem::snapshot(p as usize);
+    let specs = worker::outbox_specs();
+    let rows: Vec<_> = worker::worker_slots()
+        .into_iter()
+        .enumerate()
+        .map(|(slot, (consumer, p))| {
+            let s = shmem::snapshot(slot);
             (
+                specs[consumer].name(),
                 p,
                 (s.pid != 0).then_some(s.pid),
                 s.state().as_str().to_owned(),

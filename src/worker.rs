@@ -18,20 +18,106 @@ use pgrx::spi::SpiClient;
 
 use outbox_core::client::{CentrifugoClient, ClientConfig};
 use outbox_core::dispatch::{outbox_idempotency_key, prepare, scrub, Failure, Outcome, Prepared};
+use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
+use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
+use outbox_core::settings::{quoted_table_name, table_name_parts};
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
 
-/// Registers one worker per partition; called from `_PG_init` while preloading.
+/// An outbox consumer: the default one, defined by the flat `centrifugo.*` settings (reloadable),
+/// or a `postgresql` entry of `centrifugo.consumers` (fixed at server start).
+#[derive(Debug, Clone)]
+pub struct OutboxSpec {
+    /// None for the default consumer, whose settings are read live.
+    entry: Option<OutboxConsumer>,
+}
+
+impl OutboxSpec {
+    pub fn name(&self) -> String {
+        self.entry.as_ref().map_or_else(gucs::consumer_name, |e| e.name.clone())
+    }
+    pub fn database(&self) -> String {
+        self.entry.as_ref().and_then(|e| e.database.clone()).unwrap_or_else(gucs::database)
+    }
+    pub fn table_setting(&self) -> String {
+        self.entry.as_ref().map_or_else(gucs::outbox_table_name, |e| e.table.clone())
+    }
+    /// The outbox table as a quoted SQL name (validated when the settings were read).
+    pub fn table(&self) -> String {
+        quoted_table_name(&self.table_setting()).unwrap_or_else(|_| "\"centrifugo_outbox\"".into())
+    }
+    pub fn num_partitions(&self) -> i32 {
+        self.entry.as_ref().map_or_else(gucs::num_partitions, |e| e.num_partitions)
+    }
+    fn select_limit(&self) -> i32 {
+        self.entry.as_ref().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
+    }
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.entry.as_ref().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms))
+    }
+}
+
+/// The default consumer first, then the `postgresql` entries of `centrifugo.consumers` (an
+/// invalid array is reported by the Kafka bridge and leaves just the default consumer).
+pub fn outbox_specs() -> Vec<OutboxSpec> {
+    static ENTRIES: std::sync::OnceLock<Vec<OutboxConsumer>> = std::sync::OnceLock::new();
+    let entries = ENTRIES.get_or_init(|| {
+        parse_consumers(&gucs::kafka::consumers())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| match e {
+                ConsumerEntry::Postgresql(c) => Some(c),
+                ConsumerEntry::Kafka(_) => None,
+            })
+            .collect()
+    });
+    std::iter::once(OutboxSpec { entry: None })
+        .chain(entries.iter().filter(|e| e.name != gucs::consumer_name()).map(|e| OutboxSpec { entry: Some(e.clone()) }))
+        .collect()
+}
+
+/// Every partition worker as (index into `outbox_specs()`, partition), at most one per
+/// shared-memory slot. A worker's position in this list is its slot.
+pub fn worker_slots() -> Vec<(usize, i32)> {
+    outbox_specs()
+        .iter()
+        .enumerate()
+        .flat_map(|(i, spec)| (0..spec.num_partitions()).map(move |p| (i, p)))
+        .take(MAX_PARTITIONS as usize)
+        .collect()
+}
+
+/// The most partitions any consumer drains from the table `schema.table` (for the outbox trigger).
+pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
+    outbox_specs()
+        .iter()
+        .filter(|spec| match table_name_parts(&spec.table_setting()) {
+            Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
+            Ok(parts) => parts.len() == 1 && parts[0] == table,
+            Err(_) => false,
+        })
+        .map(OutboxSpec::num_partitions)
+        .max()
+        .unwrap_or_else(gucs::num_partitions)
+}
+
+/// Registers one worker per partition of every outbox consumer; called from `_PG_init`.
 pub fn register() {
-    for partition in 0..gucs::num_partitions() {
-        let name = format!("centrifugo_outbox partition {partition}");
+    let specs = outbox_specs();
+    for (slot, (consumer, partition)) in worker_slots().into_iter().enumerate() {
+        let spec = &specs[consumer];
+        let name = if spec.entry.is_none() {
+            format!("centrifugo_outbox partition {partition}")
+        } else {
+            format!("centrifugo_outbox {} partition {partition}", spec.name())
+        };
         BackgroundWorkerBuilder::new(&name)
             .set_type(&name)
             .set_library("centrifugo_outbox")
             .set_function("centrifugo_partition_worker_main")
-            .set_argument(partition.into_datum())
+            .set_argument((slot as i32).into_datum())
             .enable_spi_access()
             // Not on a hot standby: workers start once recovery is over (after promotion).
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
@@ -65,6 +151,8 @@ enum Round {
 }
 
 struct Worker {
+    slot: usize,
+    spec: OutboxSpec,
     partition: i32,
     client: Option<CentrifugoClient>,
     client_error: Option<String>,
@@ -79,11 +167,13 @@ struct Worker {
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
-    // SAFETY: the argument is the partition number set at registration.
-    let partition = unsafe { i32::from_datum(arg, false) }.unwrap_or(0);
+    // SAFETY: the argument is the worker's slot, set at registration.
+    let slot = unsafe { i32::from_datum(arg, false) }.unwrap_or(0) as usize;
+    let (consumer, partition) = worker_slots()[slot];
+    let spec = outbox_specs()[consumer].clone();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
-    shmem::attach_worker(partition as usize);
+    BackgroundWorker::connect_worker_to_spi(Some(&spec.database()), None);
+    shmem::attach_worker(slot, consumer, partition);
 
     let system_id = BackgroundWorker::transaction(|| {
         Spi::get_one::<i64>("SELECT system_identifier FROM pg_control_system()")
@@ -91,7 +181,10 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     .ok()
     .flatten()
     .unwrap_or(0) as u64;
+    let database = spec.database();
     let mut worker = Worker {
+        slot,
+        spec,
         partition,
         client: None,
         client_error: None,
@@ -102,13 +195,13 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         failing_row: None,
         log: RateLimitedLog::default(),
     };
-    log!("centrifugo_outbox: partition {partition} worker started (database \"{}\")", gucs::database());
+    log!("centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")", worker.spec.name());
 
     let mut next = Next::DrainNow;
     loop {
         let wait = match next {
             Next::DrainNow => None,
-            Next::Wait => Some(Duration::from_millis(gucs::partition_poll_interval_ms() as u64)),
+            Next::Wait => Some(worker.spec.poll_interval()),
             Next::BackOff(d) => Some(d),
         };
         if let Some(timeout) = wait {
@@ -125,7 +218,7 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         }
         next = worker.step();
     }
-    shmem::detach_worker(partition as usize);
+    shmem::detach_worker(slot);
     // Exit code 1 makes the postmaster start the worker again after the restart interval, so a
     // pg_terminate_backend() of a worker never stops delivery for good (pg_cron issue #99). At
     // server shutdown the postmaster restarts nothing.
@@ -158,7 +251,7 @@ impl Worker {
     /// One pass of the state machine: a round, and what it means for the next wait.
     fn step(&mut self) -> Next {
         self.refresh_client();
-        shmem::set_state(self.partition as usize, WorkerState::Sending);
+        shmem::set_state(self.slot, WorkerState::Sending);
         let round = match &self.client {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
@@ -166,7 +259,7 @@ impl Worker {
         match round {
             Round::Drained | Round::Locked => {
                 self.recovered();
-                shmem::set_state(self.partition as usize, WorkerState::Idle);
+                shmem::set_state(self.slot, WorkerState::Idle);
                 Next::Wait
             }
             Round::Full => {
@@ -174,8 +267,8 @@ impl Worker {
                 Next::DrainNow
             }
             Round::NotReady(reason) => {
-                self.log.warn(self.partition, "not ready", &format!("not draining: {reason}"));
-                shmem::set_state(self.partition as usize, WorkerState::Waiting);
+                self.log.warn(&self.spec.name(), self.partition, "not ready", &format!("not draining: {reason}"));
+                shmem::set_state(self.slot, WorkerState::Waiting);
                 Next::Wait
             }
             Round::Retry { id, failure } => {
@@ -188,12 +281,13 @@ impl Worker {
                     max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
                 };
                 let delay = backoff.delay(self.attempts, self.jitter.next());
-                shmem::update(self.partition as usize, |s| {
+                shmem::update(self.slot, |s| {
                     s.retries += 1;
                     s.last_error_code = failure.code.map(|c| c as i32).unwrap_or(-1);
                 });
-                shmem::set_state(self.partition as usize, WorkerState::BackingOff);
+                shmem::set_state(self.slot, WorkerState::BackingOff);
                 self.log.warn(
+                    &self.spec.name(),
                     self.partition,
                     "retry",
                     &format!("outbox id {id}: {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
@@ -205,7 +299,7 @@ impl Worker {
 
     fn recovered(&mut self) {
         if self.attempts > 0 {
-            log!("centrifugo_outbox: partition {} delivering again after {} retries", self.partition, self.attempts);
+            log!("centrifugo_outbox: consumer {} partition {} delivering again after {} retries", self.spec.name(), self.partition, self.attempts);
         }
         self.attempts = 0;
         self.failing_row = None;
@@ -241,8 +335,10 @@ impl Worker {
     /// One transaction: lock, read, send, delete what is done.
     fn round(&mut self) -> Round {
         let partition = self.partition;
-        let limit = gucs::partition_select_limit();
-        let table = gucs::outbox_table();
+        let limit = self.spec.select_limit();
+        let table = self.spec.table();
+        let consumer_name = self.spec.name();
+        let database = self.spec.database();
         let table_text = table.clone();
         let client = self.client.as_ref().expect("client checked by the caller");
         let system_id = self.system_id;
@@ -254,7 +350,7 @@ impl Worker {
                 // outbox table's oid, the partition lock (the key Centrifugo's consumer uses), and
                 // a plan fix: the (partition, id) index is always right for "the next rows of this
                 // partition", even before a freshly filled queue table has statistics.
-                let lock_key = format!("centrifugo_partition_lock_{}{partition}", gucs::consumer_name());
+                let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
                 let head = spi.select(
                     "SELECT (SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
                              WHERE e.extname = 'centrifugo_outbox'),
@@ -268,7 +364,7 @@ impl Worker {
                 let head = head.first();
                 let (schema, table_oid, locked) = (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?);
                 let Some(schema) = schema else {
-                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database())), 0, 0, 0));
+                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{database}\"")), 0, 0, 0));
                 };
                 let dead_letters = format!("{schema}.centrifugo_dead_letters");
                 let Some(table_oid) = table_oid else {
@@ -329,7 +425,8 @@ impl Worker {
                         Outcome::DeadLetter { failure, payload: replacement } => {
                             let payload = replacement.map(|p| serde_json::Value::Object(p).to_string()).unwrap_or_else(|| payload.clone());
                             let tries = if failing_row == Some(*id) { attempts + 1 } else { 1 };
-                            insert_dead_letter(spi, &dead_letters, *id, method, &payload, partition, &failure, tries)?;
+                            let row = DeadRow { outbox_id: *id, method, payload: &payload, partition, failure: &failure, attempts: tries };
+                            insert_dead_letter(spi, &dead_letters, &table, &consumer_name, &row)?;
                             dead += 1;
                             done_ids.push(*id);
                         }
@@ -349,14 +446,14 @@ impl Worker {
         match result {
             Ok((round, delivered, dead, batches)) => {
                 if delivered + dead + batches > 0 {
-                    shmem::update(self.partition as usize, |s| {
+                    shmem::update(self.slot, |s| {
                         s.delivered += delivered;
                         s.dead_lettered += dead;
                         s.batches += batches;
                     });
                 }
                 if dead > 0 {
-                    self.log.warn(self.partition, "dead letter", &format!("moved {dead} command(s) to centrifugo_dead_letters"));
+                    self.log.warn(&self.spec.name(), self.partition, "dead letter", &format!("moved {dead} command(s) to centrifugo_dead_letters"));
                 }
                 round
             }
@@ -365,40 +462,46 @@ impl Worker {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One outbox row on its way to the dead letters.
+struct DeadRow<'a> {
+    outbox_id: i64,
+    method: &'a str,
+    payload: &'a str,
+    partition: i32,
+    failure: &'a Failure,
+    attempts: u32,
+}
+
 fn insert_dead_letter(
     spi: &mut SpiClient<'_>,
-    table: &str,
-    outbox_id: i64,
-    method: &str,
-    payload: &str,
-    partition: i32,
-    failure: &Failure,
-    attempts: u32,
+    dead_letters: &str,
+    outbox: &str,
+    consumer: &str,
+    row: &DeadRow<'_>,
 ) -> Result<(), pgrx::spi::Error> {
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
-    let payload_json = if serde_json::from_str::<serde_json::Value>(payload).is_ok() {
-        payload.to_owned()
+    let payload_json = if serde_json::from_str::<serde_json::Value>(row.payload).is_ok() {
+        row.payload.to_owned()
     } else {
-        serde_json::Value::String(payload.to_owned()).to_string()
+        serde_json::Value::String(row.payload.to_owned()).to_string()
     };
     spi.update(
         &format!(
-            "INSERT INTO {table} (source, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
-             SELECT 'outbox', $1, $2, $3::jsonb, $4, $5, $6, $7, $8,
-                    (SELECT created_at FROM {outbox} WHERE id = $1)",
-            outbox = gucs::outbox_table()
+            "INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
+             SELECT 'outbox', $9, $1, $2, $3::jsonb, $4, $5, $6, $7, $8,
+                    (SELECT created_at FROM {outbox} WHERE id = $1)"
         ),
         None,
         &[
-            outbox_id.into(),
-            method.into(),
+            row.outbox_id.into(),
+            row.method.into(),
             payload_json.into(),
-            partition.into(),
-            failure.kind.as_str().into(),
-            failure.code.map(|c| c as i32).into(),
-            scrub(&failure.message, &[&gucs::api_key()]).into(),
-            (attempts as i32).into(),
+            row.partition.into(),
+            row.failure.kind.as_str().into(),
+            row.failure.code.map(|c| c as i32).into(),
+            scrub(&row.failure.message, &[&gucs::api_key()]).into(),
+            (row.attempts as i32).into(),
+            consumer.into(),
         ],
     )?;
     Ok(())
@@ -413,7 +516,7 @@ struct RateLimitedLog {
 }
 
 impl RateLimitedLog {
-    fn warn(&mut self, partition: i32, kind: &'static str, message: &str) {
+    fn warn(&mut self, consumer: &str, partition: i32, kind: &'static str, message: &str) {
         let now = Instant::now();
         if self.last.is_some_and(|(t, k)| k == kind && now.duration_since(t) < Duration::from_secs(10)) {
             self.suppressed += 1;
@@ -421,7 +524,7 @@ impl RateLimitedLog {
         }
         let held = std::mem::take(&mut self.suppressed);
         let tail = if held > 0 { format!(" ({held} similar messages suppressed)") } else { String::new() };
-        warning!("centrifugo_outbox: consumer {} partition {partition}: {message}{tail}", gucs::consumer_name());
+        warning!("centrifugo_outbox: consumer {consumer} partition {partition}: {message}{tail}");
         self.last = Some((now, kind));
     }
 }

@@ -208,3 +208,45 @@ def test_hot_standby_does_no_work_until_promoted(make_cluster, centrifugo):
     finally:
         sub.stop()
         standby.destroy()
+
+
+def test_postgresql_entries_of_centrifugo_consumers_get_their_own_workers(make_cluster, centrifugo):
+    import json as _json
+    from conftest import delivery_settings
+    consumers = [{"name": "chat_pg", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://user:secret@db.example:5432/postgres", "outbox_table_name": "chat_outbox",
+        "num_partitions": 2, "partition_select_limit": 10, "partition_poll_interval": "10s"}}]
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, consumers=_json.dumps(consumers)))
+    pg.sql("""CREATE TABLE chat_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL, payload JSONB NOT NULL,
+                  partition INTEGER NOT NULL default 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+              CREATE TRIGGER wake AFTER INSERT ON chat_outbox FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit()""")
+    wait_for_workers(pg)
+    status = pg.sql("SELECT consumer, partition FROM centrifugo_worker_status() ORDER BY consumer, partition")
+    assert status == [("centrifugo_outbox", 0), ("chat_pg", 0), ("chat_pg", 1)]
+    channel = f"chat:pgentry{uid()}"
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        start = time.monotonic()
+        pg.sql("INSERT INTO chat_outbox (method, payload, partition) SELECT 'publish', "
+               "jsonb_build_object('channel', %s::text, 'data', g), g %% 2 FROM generate_series(1, 30) g", (channel,))
+        got = sub.wait_for_publications(30, channel, timeout=9)
+        assert time.monotonic() - start < 5, "woken at commit, not by the 10 s poll"
+        assert sorted(p.data for p in got) == list(range(1, 31))
+        for parity in (0, 1):
+            seq = [p.data for p in got if p.data % 2 == parity]
+            assert seq == sorted(seq)
+        assert pg.scalar("SELECT count(*) FROM chat_outbox") == 0
+        # The entry's table takes 2 partitions; a third is refused at insert time.
+        import psycopg
+        with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+            pg.sql("INSERT INTO chat_outbox (method, payload, partition) VALUES ('publish', '{}', 2)")
+        # A dead letter remembers its consumer and is replayed into that consumer's table.
+        pg.sql("INSERT INTO chat_outbox (method, payload) VALUES ('publish', '{\"channel\": \"nope:x\", \"data\": 1}')")
+        wait_until(lambda: pg.scalar("SELECT consumer FROM centrifugo_dead_letters") == "chat_pg", 15,
+                   what="the dead letter")
+        with pg.connect(autocommit=False) as conn:
+            assert conn.execute("SELECT centrifugo_replay_dead_letters()").fetchone()[0] == 1
+            assert conn.execute("SELECT count(*) FROM chat_outbox").fetchone()[0] == 1
+            conn.rollback()
+    finally:
+        sub.stop()

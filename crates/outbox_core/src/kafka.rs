@@ -1,6 +1,6 @@
-//! The Kafka bridge's pure logic: consumer settings (flat settings or Centrifugo's own
-//! `consumers` JSON, v5 and v6 shapes), their mapping to librdkafka properties, and turning a
-//! Kafka record into a command exactly as Centrifugo's Kafka consumer reads it.
+//! The Kafka bridge's pure logic: a Kafka consumer's settings (flat settings or an entry of
+//! Centrifugo's `consumers` JSON, v5 and v6 shapes), their mapping to librdkafka properties, and
+//! turning a Kafka record into a command exactly as Centrifugo's Kafka consumer reads it.
 //!
 //! Record formats, as Centrifugo accepts them:
 //! - value `{"method": "...", "payload": {...}}` (payload may be a JSON string holding the object);
@@ -265,57 +265,6 @@ impl KafkaConsumer {
     }
 }
 
-/// An entry of Centrifugo's `consumers` array that the bridge runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsumerEntry {
-    Kafka(KafkaConsumer),
-    /// A PostgreSQL outbox consumer: drained by the partition workers (settings of the entry are
-    /// reported; the flat centrifugo.* settings define the drained outbox).
-    Postgresql { name: String },
-}
-
-/// Parses Centrifugo's `consumers` JSON array (v5 `disabled` or v6 `enabled`, v5 flat `tls_*`
-/// options or the v6 `tls` object), skipping disabled entries and checking names.
-pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
-    if json.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let value: Value = serde_json::from_str(json).map_err(|e| format!("centrifugo.consumers is not valid JSON: {e}"))?;
-    let items = value.as_array().ok_or("centrifugo.consumers must be a JSON array")?;
-    let mut names = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    for (i, item) in items.iter().enumerate() {
-        let obj = item.as_object().ok_or_else(|| format!("centrifugo.consumers[{i}] must be an object"))?;
-        let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
-        if !valid_consumer_name(name) {
-            return Err(format!("centrifugo.consumers[{i}]: name \"{name}\" must match ^[a-zA-Z0-9_]{{2,}}$"));
-        }
-        if !names.insert(name.to_owned()) {
-            return Err(format!("centrifugo.consumers: name \"{name}\" is used twice"));
-        }
-        let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
-            || obj.get("enabled").and_then(Value::as_bool) == Some(false);
-        if disabled {
-            continue;
-        }
-        match obj.get("type").and_then(Value::as_str).unwrap_or("") {
-            "kafka" => {
-                let cfg = obj.get("kafka").and_then(Value::as_object).cloned().unwrap_or_default();
-                let consumer = kafka_from_json(name, &cfg)?;
-                consumer.validate()?;
-                out.push(ConsumerEntry::Kafka(consumer));
-            }
-            "postgresql" => out.push(ConsumerEntry::Postgresql { name: name.to_owned() }),
-            other => {
-                return Err(format!(
-                    "centrifugo.consumers[{i}] (\"{name}\"): type \"{other}\" is not supported here (kafka, postgresql)"
-                ))
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn strings(v: Option<&Value>) -> Vec<String> {
     match v {
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_owned).collect(),
@@ -351,7 +300,7 @@ pub fn duration_ms(v: Option<&Value>) -> Result<u64, String> {
     }
 }
 
-fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<KafkaConsumer, String> {
+pub(crate) fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<KafkaConsumer, String> {
     let who = |e: String| format!("kafka consumer \"{name}\": {e}");
     let text = |k: &str| cfg.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let mut c = KafkaConsumer::new(name, strings(cfg.get("brokers")), strings(cfg.get("topics")), &text("consumer_group"));
@@ -616,9 +565,10 @@ mod tests {
     }
 
     #[test]
-    fn consumers_json_v5_and_v6() {
+    fn kafka_entries_of_consumers_json_v5_and_v6() {
+        use crate::consumers::{parse_consumers, ConsumerEntry};
         let entries = parse_consumers(r#"[
-            {"name": "pg1", "type": "postgresql", "postgresql": {"dsn": "x"}},
+            {"name": "pg1", "type": "postgresql", "postgresql": {"dsn": "x", "outbox_table_name": "t"}},
             {"name": "k5", "type": "kafka", "kafka": {"brokers": ["b:9092"], "topics": ["t"], "consumer_group": "g",
                 "sasl_mechanism": "scram-sha-512", "sasl_user": "u", "sasl_password": "p", "tls": true,
                 "tls_root_ca": "/ca.pem", "fetch_max_wait": "250ms", "publication_data_mode": true}},
@@ -629,7 +579,7 @@ mod tests {
             {"name": "off6", "type": "kafka", "enabled": false}
         ]"#).unwrap();
         assert_eq!(entries.len(), 3);
-        assert_eq!(entries[0], ConsumerEntry::Postgresql { name: "pg1".into() });
+        assert!(matches!(&entries[0], ConsumerEntry::Postgresql(p) if p.name == "pg1"));
         let ConsumerEntry::Kafka(k5) = &entries[1] else { panic!() };
         assert_eq!(k5.fetch_max_wait_ms, 250);
         assert_eq!(k5.tls.as_ref().unwrap().root_ca, Some(Pem::File("/ca.pem".into())));
@@ -645,12 +595,13 @@ mod tests {
 
     #[test]
     fn consumers_json_errors_are_clear() {
+        use crate::consumers::parse_consumers;
         for (json, needle) in [
             ("{", "not valid JSON"),
             ("{}", "array"),
             (r#"[{"name": "a", "type": "kafka"}]"#, "^[a-zA-Z0-9_]{2,}$"),
             (r#"[{"name": "aa", "type": "kafka", "kafka": {}}, {"name": "aa", "type": "kafka"}]"#, "brokers are required"),
-            (r#"[{"name": "aa", "type": "postgresql"}, {"name": "aa", "type": "postgresql"}]"#, "used twice"),
+            (r#"[{"name": "aa", "type": "postgresql", "postgresql": {"outbox_table_name": "t"}}, {"name": "aa", "type": "postgresql"}]"#, "used twice"),
             (r#"[{"name": "aa", "type": "nats_jetstream"}]"#, "not supported"),
             (r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "sasl_mechanism": "aws-msk-iam"}}]"#, "aws-msk-iam"),
         ] {

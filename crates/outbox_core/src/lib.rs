@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod command;
+pub mod consumers;
 pub mod dispatch;
 pub mod kafka;
 pub mod error;

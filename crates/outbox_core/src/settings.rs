@@ -10,6 +10,16 @@ pub const DEFAULT_MAX_COMMAND_SIZE: i32 = 1024 * 1024;
 /// Turns `table` or `schema.table` (each part optionally double-quoted) into a safely quoted SQL
 /// name, so the outbox table name setting can never inject SQL.
 pub fn quoted_table_name(name: &str) -> Result<String, String> {
+    Ok(table_name_parts(name)?
+        .iter()
+        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
+        .collect::<Vec<_>>()
+        .join("."))
+}
+
+/// The parts of `table` or `schema.table` as PostgreSQL resolves them (unquoted parts folded
+/// to lower case).
+pub fn table_name_parts(name: &str) -> Result<Vec<String>, String> {
     let mut parts = Vec::new();
     let mut rest = name.trim();
     while !rest.is_empty() {
@@ -55,11 +65,7 @@ pub fn quoted_table_name(name: &str) -> Result<String, String> {
         };
     }
     match parts.len() {
-        1 | 2 => Ok(parts
-            .iter()
-            .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-            .collect::<Vec<_>>()
-            .join(".")),
+        1 | 2 => Ok(parts),
         0 => Err("the outbox table name is empty".into()),
         _ => Err(format!("\"{name}\" has too many dots: use table or schema.table")),
     }

@@ -1,0 +1,153 @@
+//! Centrifugo's `consumers` JSON array, pasted verbatim into `centrifugo.consumers`: entries of
+//! type `kafka` (run by the Kafka bridge) and `postgresql` (an outbox drained by its own partition
+//! workers), v5 (`disabled`) and v6 (`enabled`) shapes, names checked as Centrifugo checks them.
+
+use serde_json::{Map, Value};
+
+use crate::kafka::{duration_ms, KafkaConsumer};
+use crate::partition::MAX_PARTITIONS;
+use crate::settings::{quoted_table_name, valid_consumer_name};
+
+/// A PostgreSQL outbox consumer: which database and table, how many partitions, how to drain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxConsumer {
+    pub name: String,
+    /// The database named by the entry's DSN (the workers run inside PostgreSQL, so host, port,
+    /// user and password of the DSN are not used); None: `centrifugo.database`.
+    pub database: Option<String>,
+    pub table: String,
+    pub num_partitions: i32,
+    pub select_limit: i32,
+    pub poll_interval_ms: u64,
+    pub notification_channel: String,
+}
+
+/// The database name of a PostgreSQL DSN: URL form (`postgresql://u:p@h:5432/db?x=y`) or
+/// key/value form (`host=h dbname=db`).
+pub fn dsn_database(dsn: &str) -> Option<String> {
+    let dsn = dsn.trim();
+    if let Some(rest) = dsn.strip_prefix("postgresql://").or_else(|| dsn.strip_prefix("postgres://")) {
+        let path = rest.split_once('/').map(|(_, p)| p)?;
+        let db = path.split(['?', '#']).next().unwrap_or("");
+        return (!db.is_empty()).then(|| db.to_owned());
+    }
+    dsn.split_whitespace()
+        .find_map(|kv| kv.strip_prefix("dbname="))
+        .map(|v| v.trim_matches('\'').to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsumer, String> {
+    let who = format!("postgresql consumer \"{name}\"");
+    let table = cfg.get("outbox_table_name").and_then(Value::as_str).unwrap_or("").to_owned();
+    if table.is_empty() {
+        return Err(format!("{who}: outbox_table_name is required"));
+    }
+    quoted_table_name(&table).map_err(|e| format!("{who}: {e}"))?;
+    let num_partitions = cfg.get("num_partitions").and_then(Value::as_i64).unwrap_or(1);
+    if !(1..=i64::from(MAX_PARTITIONS)).contains(&num_partitions) {
+        return Err(format!("{who}: num_partitions must be between 1 and {MAX_PARTITIONS}"));
+    }
+    let select_limit = cfg.get("partition_select_limit").and_then(Value::as_i64).unwrap_or(100);
+    if !(1..=10_000).contains(&select_limit) {
+        return Err(format!("{who}: partition_select_limit must be between 1 and 10000"));
+    }
+    let poll = match cfg.get("partition_poll_interval") {
+        None | Some(Value::Null) => 300,
+        v => duration_ms(v).map_err(|e| format!("{who}: partition_poll_interval: {e}"))?.max(1),
+    };
+    Ok(OutboxConsumer {
+        name: name.to_owned(),
+        database: cfg.get("dsn").and_then(Value::as_str).and_then(dsn_database),
+        table,
+        num_partitions: num_partitions as i32,
+        select_limit: select_limit as i32,
+        poll_interval_ms: poll,
+        notification_channel: cfg.get("partition_notification_channel").and_then(Value::as_str).unwrap_or("").to_owned(),
+    })
+}
+
+/// An entry of Centrifugo's `consumers` array that the bridge runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerEntry {
+    Kafka(KafkaConsumer),
+    /// A PostgreSQL outbox consumer: drained by its own partition workers.
+    Postgresql(OutboxConsumer),
+}
+
+/// Parses Centrifugo's `consumers` JSON array (v5 `disabled` or v6 `enabled`, v5 flat `tls_*`
+/// options or the v6 `tls` object), skipping disabled entries and checking names.
+pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
+    if json.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let value: Value = serde_json::from_str(json).map_err(|e| format!("centrifugo.consumers is not valid JSON: {e}"))?;
+    let items = value.as_array().ok_or("centrifugo.consumers must be a JSON array")?;
+    let mut names = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let obj = item.as_object().ok_or_else(|| format!("centrifugo.consumers[{i}] must be an object"))?;
+        let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
+        if !valid_consumer_name(name) {
+            return Err(format!("centrifugo.consumers[{i}]: name \"{name}\" must match ^[a-zA-Z0-9_]{{2,}}$"));
+        }
+        if !names.insert(name.to_owned()) {
+            return Err(format!("centrifugo.consumers: name \"{name}\" is used twice"));
+        }
+        let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
+            || obj.get("enabled").and_then(Value::as_bool) == Some(false);
+        if disabled {
+            continue;
+        }
+        match obj.get("type").and_then(Value::as_str).unwrap_or("") {
+            "kafka" => {
+                let cfg = obj.get("kafka").and_then(Value::as_object).cloned().unwrap_or_default();
+                let consumer = crate::kafka::kafka_from_json(name, &cfg)?;
+                consumer.validate()?;
+                out.push(ConsumerEntry::Kafka(consumer));
+            }
+            "postgresql" => {
+                let cfg = obj.get("postgresql").and_then(Value::as_object).cloned().unwrap_or_default();
+                out.push(ConsumerEntry::Postgresql(outbox_from_json(name, &cfg)?));
+            }
+            other => {
+                return Err(format!(
+                    "centrifugo.consumers[{i}] (\"{name}\"): type \"{other}\" is not supported here (kafka, postgresql)"
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgresql_entries() {
+        let entries = parse_consumers(r#"[{"name": "chat_pg", "type": "postgresql", "postgresql": {
+            "dsn": "postgresql://u:secret@db:5432/chat?sslmode=disable", "outbox_table_name": "chat_outbox",
+            "num_partitions": 4, "partition_select_limit": 50, "partition_poll_interval": "1s"}}]"#).unwrap();
+        assert_eq!(entries, vec![ConsumerEntry::Postgresql(OutboxConsumer {
+            name: "chat_pg".into(), database: Some("chat".into()), table: "chat_outbox".into(), num_partitions: 4,
+            select_limit: 50, poll_interval_ms: 1000, notification_channel: String::new() })]);
+        for (cfg, needle) in [
+            (r#"{}"#, "outbox_table_name is required"),
+            (r#"{"outbox_table_name": "a;b"}"#, "not a valid table name"),
+            (r#"{"outbox_table_name": "t", "num_partitions": 0}"#, "num_partitions"),
+        ] {
+            let json = format!(r#"[{{"name": "pg", "type": "postgresql", "postgresql": {cfg}}}]"#);
+            let e = parse_consumers(&json).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn dsn_forms() {
+        assert_eq!(dsn_database("postgres://h/app").as_deref(), Some("app"));
+        assert_eq!(dsn_database("host=h dbname=app user=u").as_deref(), Some("app"));
+        assert_eq!(dsn_database("postgresql://h:5432"), None);
+    }
+}
