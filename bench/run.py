@@ -146,6 +146,49 @@ def centrifugo_consumer_latency(samples):
         pg.destroy()
 
 
+def kafka_throughput(centrifugo, rows, partitions=4, max_poll_records=100):
+    """Kafka → Centrifugo through the bridge: from the first produced record to the last committed offset."""
+    from confluent_kafka import Consumer, TopicPartition
+    from harness.kafka import KafkaBroker
+    broker = KafkaBroker().start()
+    pg = None
+    try:
+        topic = "bench"
+        broker.create_topic(topic, partitions=partitions)
+        pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key,
+                        "centrifugo.kafka_brokers": broker.bootstrap, "centrifugo.kafka_topics": topic,
+                        "centrifugo.kafka_consumer_group": "bench",
+                        "centrifugo.kafka_max_poll_records": max_poll_records}, name="benchk").init()
+        pg.start()
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+        producer = broker.producer()
+        # A canary per partition: the bridge has joined the group once they are committed.
+        for p in range(partitions):
+            producer.produce(topic, json.dumps({"method": "publish", "payload": {"channel": "chat:canary", "data": 1}}).encode(), partition=p)
+        producer.flush(30)
+        watcher = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench", "enable.auto.commit": False})
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = lambda: sum(max(tp.offset, 0) for tp in watcher.committed(tps, timeout=10))
+        wait_until(lambda: committed() == partitions, 60, interval=0.2)
+        start = time.monotonic()
+        for i in range(rows):
+            producer.produce(topic, json.dumps({"method": "publish", "payload": {
+                "channel": f"chat:kbench{i % partitions}", "data": {"i": i, "text": "benchmark message"}}}).encode(),
+                partition=i % partitions)
+            if i % 10000 == 0:
+                producer.poll(0)
+        producer.flush(60)
+        wait_until(lambda: committed() == rows + partitions, 600, interval=0.05)
+        elapsed = time.monotonic() - start
+        watcher.close()
+        return {"rows": rows, "kafka_partitions": partitions, "max_poll_records": max_poll_records,
+                "seconds": round(elapsed, 3), "per_second": round(rows / elapsed)}
+    finally:
+        if pg:
+            pg.destroy()
+        broker.destroy()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100000)
@@ -164,6 +207,9 @@ def main():
                 print(f"throughput, {p} partition(s), select limit {limit}: ours {ours['per_second']}/s "
                       f"({ours['seconds']} s, {ours['batches']} batches) | Centrifugo's consumer "
                       f"{theirs['per_second']}/s ({theirs['seconds']} s)", flush=True)
+        results["kafka"] = kafka_throughput(centrifugo, min(args.rows, 50000))
+        print(f"kafka -> centrifugo through the bridge: {results['kafka']['per_second']}/s "
+              f"({results['kafka']['rows']} records, {results['kafka']['seconds']} s, 4 Kafka partitions)", flush=True)
         results["latency"]["centrifugo_outbox"] = ours_latency(centrifugo, args.samples)
         results["latency"]["centrifugo_builtin_consumer_with_notify"] = centrifugo_consumer_latency(args.samples)
         print("latency commit -> subscriber:", json.dumps(results["latency"]), flush=True)
