@@ -30,6 +30,8 @@ run_pgrx() {
 run_e2e() {
   echo "==> installing the extension into PostgreSQL 15"
   cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+  # Earlier versions' install script and the upgrade scripts, for ALTER EXTENSION ... UPDATE.
+  cp "$repo"/sql/upgrade/*.sql "$("$PG_CONFIG" --sharedir)/extension/"
   echo "==> end-to-end tests (real PostgreSQL, Centrifugo, Kafka)"
   python3 -m pytest "$repo/tests" -p no:cacheprovider "$@"
 }

@@ -19,8 +19,20 @@ GRANT EXECUTE ON FUNCTION
     centrifugo_history_remove, centrifugo_command, centrifugo_partition_for
 TO centrifugo_publisher;
 
--- Dead letters are for operators: superusers, or roles they grant.
-REVOKE ALL ON FUNCTION centrifugo_replay_dead_letters FROM PUBLIC;
+-- API: Public
+-- Operators' views. One row per partition worker / per Kafka partition; counters since server start.
+CREATE VIEW centrifugo_outbox_status AS SELECT * FROM centrifugo_outbox_status_rows();
+CREATE VIEW centrifugo_kafka_status AS SELECT * FROM centrifugo_kafka_status_rows();
+CREATE VIEW centrifugo_dead_letter_counts AS
+    SELECT source, consumer, method, error_kind, error_code, count(*) AS dead_letters,
+           min(failed_at) AS first_failed_at, max(failed_at) AS last_failed_at
+    FROM centrifugo_dead_letters
+    GROUP BY source, consumer, method, error_kind, error_code;
+
+-- Status, dead letters and worker control are for operators: superusers, or roles they grant.
+REVOKE ALL ON FUNCTION centrifugo_replay_dead_letters, centrifugo_purge_dead_letters, centrifugo_restart_workers,
+    centrifugo_outbox_status_rows, centrifugo_kafka_status_rows, centrifugo_wait_until_running FROM PUBLIC;
+REVOKE ALL ON centrifugo_outbox_status, centrifugo_kafka_status, centrifugo_dead_letter_counts FROM PUBLIC;
 
 -- API: Private
 -- Workers waiting for the extension start draining as soon as CREATE EXTENSION commits.

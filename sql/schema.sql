@@ -83,3 +83,10 @@ CREATE TABLE centrifugo_dead_letters (
 COMMENT ON TABLE centrifugo_dead_letters IS
     'Centrifugo commands that failed for good: error_kind/error_code/error_message say why.';
 CREATE INDEX centrifugo_dead_letters_failed_at_idx ON centrifugo_dead_letters (failed_at);
+
+-- pg_dump leaves out the rows of an extension's tables unless they are marked: pending commands
+-- and dead letters must survive a dump and restore.
+SELECT pg_catalog.pg_extension_config_dump('centrifugo_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('centrifugo_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('centrifugo_dead_letters', '');
+SELECT pg_catalog.pg_extension_config_dump('centrifugo_dead_letters_id_seq', '');

@@ -71,3 +71,35 @@ fn extension_schema() -> String {
     .flatten();
     schema.unwrap_or_else(|| error!("centrifugo_outbox: the extension is not installed in this database"))
 }
+
+/// Deletes dead letters for good and returns how many. Filters combine with AND; at least one is
+/// required, so a mistaken call cannot empty the table (use `older_than => '0'` for all).
+#[pg_extern(volatile, parallel_unsafe)]
+fn centrifugo_purge_dead_letters(
+    older_than: default!(Option<pgrx::datum::Interval>, "NULL"),
+    ids: default!(Option<Vec<i64>>, "NULL"),
+    error_code: default!(Option<i32>, "NULL"),
+    source: default!(Option<&str>, "NULL"),
+) -> i64 {
+    if older_than.is_none() && ids.is_none() && error_code.is_none() && source.is_none() {
+        crate::errors::raise(outbox_core::CommandError::invalid(
+            "centrifugo_purge_dead_letters needs a filter: older_than, ids, error_code or source",
+        ));
+    }
+    let schema = extension_schema();
+    Spi::get_one_with_args::<i64>(
+        &format!(
+            "WITH gone AS (
+                 DELETE FROM {schema}.centrifugo_dead_letters d
+                 WHERE ($1::interval IS NULL OR d.failed_at < now() - $1)
+                   AND ($2::bigint[] IS NULL OR d.id = ANY($2))
+                   AND ($3::int IS NULL OR d.error_code = $3)
+                   AND ($4::text IS NULL OR d.source = $4)
+                 RETURNING 1)
+             SELECT count(*) FROM gone"
+        ),
+        &[older_than.into(), ids.into(), error_code.into(), source.into()],
+    )
+    .unwrap_or_else(|e| error!("centrifugo_outbox: purge failed: {e}"))
+    .unwrap_or(0)
+}

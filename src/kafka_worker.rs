@@ -30,6 +30,7 @@ use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, Reco
 use outbox_core::retry::{Backoff, Jitter};
 
 use crate::gucs;
+use crate::shmem::{self, WorkerState};
 
 /// The Kafka consumers to run: the flat `centrifugo.kafka_*` settings (consumer "kafka") and the
 /// kafka entries of `centrifugo.consumers`. Computed the same way in the postmaster and workers.
@@ -168,6 +169,8 @@ impl ConsumerContext for BridgeContext {
 
 struct Record {
     offset: i64,
+    /// The record's timestamp (producer create time), for the latency histogram.
+    timestamp_ms: Option<i64>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
 }
@@ -200,7 +203,7 @@ pub extern "C-unwind" fn centrifugo_kafka_worker_main(arg: pg_sys::Datum) {
     };
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
     let name = consumer_spec.name.clone();
-    match run(consumer_spec) {
+    match run(index as usize, consumer_spec) {
         Ok(()) => log!("centrifugo_outbox: kafka consumer {name} stopped"),
         Err(e) => {
             warning!("centrifugo_outbox: kafka consumer {name} stopped: {e}");
@@ -231,7 +234,10 @@ fn client_config() -> ClientConfig {
     }
 }
 
-fn run(spec: KafkaConsumer) -> Result<(), String> {
+fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
+    // SAFETY: MyProcPid is set for every backend.
+    let pid = unsafe { pg_sys::MyProcPid };
+    shmem::unassign_kafka(index, 0);
     let mut secrets = spec.secrets();
     secrets.push(gucs::api_key());
     let secret_refs = secrets.clone();
@@ -264,7 +270,8 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
 
     let mut client: Option<CentrifugoClient> = None;
     let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
-    let mut jitter = Jitter::new(u64::from(unsafe { pg_sys::MyProcPid } as u32));
+    let mut jitter = Jitter::new(u64::from(pid as u32));
+    let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_log: HashMap<&'static str, Instant> = HashMap::new();
     let mut warn = |kind: &'static str, message: String| {
         let now = Instant::now();
@@ -295,6 +302,11 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
         for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
             queues.remove(&key);
             consumer.context().done.lock().unwrap().remove(&key);
+            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+        }
+        if last_status.elapsed() >= Duration::from_secs(1) {
+            last_status = Instant::now();
+            publish_assignment(&consumer, index, pid);
         }
 
         // Poll: wait only when nothing is ready to dispatch.
@@ -314,7 +326,12 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
                         .headers()
                         .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
                         .unwrap_or_default();
-                    let record = Record { offset: msg.offset(), value: msg.payload().map(<[u8]>::to_vec), headers };
+                    let record = Record {
+                        offset: msg.offset(),
+                        timestamp_ms: msg.timestamp().to_millis(),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                        headers,
+                    };
                     let queue = queues.entry(key.clone()).or_default();
                     queue.records.push_back(record);
                     if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
@@ -339,7 +356,23 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
         for key in keys {
             let queue = queues.get_mut(&key).expect("key from the map");
             match dispatch(&spec, client, &key, queue) {
-                Ok((done, retry)) => {
+                Ok((done, retry, stats)) => {
+                    shmem::update_kafka(index, &key.0, key.1, |s| {
+                        s.pid = pid;
+                        s.assigned = true;
+                        s.stats.batches += stats.batches;
+                        s.stats.dead_lettered += stats.dead;
+                        if stats.delivered > 0 {
+                            s.stats.record_success(stats.delivered, stats.latencies_ms.iter().copied());
+                        }
+                        if let Some(f) = &stats.last_dead {
+                            s.stats.record_error(f.code.map(|c| c as i32).unwrap_or(0), &scrubbed(&f.message));
+                        }
+                        if let Some(last) = done {
+                            s.committed = last + 1;
+                        }
+                        s.set_state(if retry.is_some() { WorkerState::BackingOff } else { WorkerState::Idle });
+                    });
                     if let Some(last) = done {
                         consumer.context().done.lock().unwrap().insert(key.clone(), last + 1);
                         let mut tpl = TopicPartitionList::new();
@@ -362,6 +395,11 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
                             let delay = backoff.delay(queue.attempts, jitter.next());
                             queue.retry_at = Some(Instant::now() + delay);
                             let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
+                            shmem::update_kafka(index, &key.0, key.1, |s| {
+                                s.stats.retries += 1;
+                                s.stats.backoff_ms = delay.as_millis() as u32;
+                                s.stats.record_error(failure.code.map(|c| c as i32).unwrap_or(-1), &scrubbed(&failure.to_string()));
+                            });
                             warn(
                                 "retry",
                                 scrubbed(&format!(
@@ -404,14 +442,25 @@ fn run(spec: KafkaConsumer) -> Result<(), String> {
     Ok(())
 }
 
+/// What one dispatch did, for the shared-memory counters.
+#[derive(Default)]
+struct DispatchStats {
+    delivered: u64,
+    dead: u64,
+    batches: u64,
+    latencies_ms: Vec<f64>,
+    last_dead: Option<Failure>,
+}
+
 /// Dispatches the head of one partition's queue. Returns the last offset that is done (delivered
-/// or dead-lettered in a committed transaction) and the temporary failure that stopped it, if any.
+/// or dead-lettered in a committed transaction), the temporary failure that stopped it, if any,
+/// and what it did.
 fn dispatch(
     spec: &KafkaConsumer,
     client: &CentrifugoClient,
     key: &(String, i32),
     queue: &mut PartitionQueue,
-) -> Result<(Option<i64>, Option<Failure>), String> {
+) -> Result<(Option<i64>, Option<Failure>, DispatchStats), String> {
     let take = queue.records.len().min(spec.max_poll_records);
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(take);
     let mut methods: Vec<String> = Vec::with_capacity(take);
@@ -445,19 +494,28 @@ fn dispatch(
             }
         }
     }
-    let mut batches = 0;
+    let mut stats = DispatchStats::default();
     if !commands.is_empty() {
-        for (i, outcome) in sendable.iter().zip(client.send(&commands, &mut batches)) {
+        for (i, outcome) in sendable.iter().zip(client.send(&commands, &mut stats.batches)) {
             outcomes[*i] = Some(outcome);
         }
     }
+    let acked_ms = shmem::unix_micros() / 1000;
     let mut done = 0usize;
     let mut dead: Vec<(usize, Failure, Option<serde_json::Map<String, serde_json::Value>>)> = Vec::new();
     let mut retry = None;
     for (i, outcome) in outcomes.into_iter().enumerate() {
         match outcome.expect("every record has an outcome") {
-            Outcome::Delivered => done = i + 1,
+            Outcome::Delivered => {
+                done = i + 1;
+                stats.delivered += 1;
+                if let Some(ts) = queue.records[i].timestamp_ms {
+                    stats.latencies_ms.push((acked_ms - ts).max(0) as f64);
+                }
+            }
             Outcome::DeadLetter { failure, payload } => {
+                stats.dead += 1;
+                stats.last_dead = Some(failure.clone());
                 dead.push((i, failure, payload));
                 done = i + 1;
             }
@@ -487,7 +545,43 @@ fn dispatch(
     }
     let last = (done > 0).then(|| queue.records[done - 1].offset);
     queue.records.drain(..done);
-    Ok((last, retry))
+    Ok((last, retry, stats))
+}
+
+/// The high watermark librdkafka last saw in a fetch response (no network round trip; -1 when
+/// unknown). rdkafka has no safe wrapper for this call.
+fn cached_high_watermark(consumer: &BaseConsumer<BridgeContext>, topic: &str, partition: i32) -> i64 {
+    let Ok(topic) = std::ffi::CString::new(topic) else { return -1 };
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; the out-pointers are locals.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR { high } else { -1 }
+}
+
+/// Publishes this worker's current assignment and the client's cached high watermarks.
+fn publish_assignment(consumer: &BaseConsumer<BridgeContext>, index: usize, pid: i32) {
+    let Ok(assignment) = consumer.assignment() else { return };
+    for e in assignment.elements() {
+        let high = cached_high_watermark(consumer, e.topic(), e.partition());
+        shmem::update_kafka(index, e.topic(), e.partition(), |s| {
+            s.pid = pid;
+            s.assigned = true;
+            if high >= 0 {
+                s.high_watermark = high;
+            }
+            if s.state() == WorkerState::Stopped {
+                s.set_state(WorkerState::Idle);
+            }
+        });
+    }
 }
 
 /// A record value as JSON for the dead letters: itself when it is JSON, else a JSON string.

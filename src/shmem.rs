@@ -12,6 +12,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
+use outbox_core::histogram;
 use outbox_core::partition::MAX_PARTITIONS;
 
 /// What a partition worker is doing; shown by the status views (one byte in shared memory).
@@ -49,7 +50,79 @@ impl WorkerState {
     }
 }
 
-/// One partition worker's slot. Counters survive worker restarts until the server restarts.
+const ERROR_TEXT: usize = 200;
+
+/// Delivery counters of one partition worker or one Kafka partition. They survive worker
+/// restarts until the server restarts.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct Stats {
+    pub delivered: u64,
+    pub batches: u64,
+    pub retries: u64,
+    pub dead_lettered: u64,
+    /// Unix time in microseconds; 0: never.
+    pub last_success_at: i64,
+    pub last_error_at: i64,
+    /// Centrifugo error code or HTTP status; -1 for a transport error; 0: none yet.
+    pub last_error_code: i32,
+    last_error: [u8; ERROR_TEXT],
+    /// The current back-off delay, 0 when not backing off.
+    pub backoff_ms: u32,
+    /// Commit → Centrifugo acknowledgement, counts per bucket (see outbox_core::histogram).
+    pub latency: [u64; histogram::BUCKETS],
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            delivered: 0,
+            batches: 0,
+            retries: 0,
+            dead_lettered: 0,
+            last_success_at: 0,
+            last_error_at: 0,
+            last_error_code: 0,
+            last_error: [0; ERROR_TEXT],
+            backoff_ms: 0,
+            latency: [0; histogram::BUCKETS],
+        }
+    }
+}
+
+pub fn unix_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+impl Stats {
+    /// Records a failure; `message` must already be scrubbed of secrets.
+    pub fn record_error(&mut self, code: i32, message: &str) {
+        self.last_error_code = code;
+        self.last_error_at = unix_micros();
+        self.last_error = [0; ERROR_TEXT];
+        let mut end = message.len().min(ERROR_TEXT);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.last_error[..end].copy_from_slice(&message.as_bytes()[..end]);
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        let end = self.last_error.iter().position(|b| *b == 0).unwrap_or(ERROR_TEXT);
+        (end > 0).then(|| String::from_utf8_lossy(&self.last_error[..end]).into_owned())
+    }
+
+    pub fn record_success(&mut self, delivered: u64, latencies_ms: impl IntoIterator<Item = f64>) {
+        self.delivered += delivered;
+        self.last_success_at = unix_micros();
+        self.backoff_ms = 0;
+        for ms in latencies_ms {
+            self.latency[histogram::bucket(ms)] += 1;
+        }
+    }
+}
+
+/// One partition worker's slot.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C)]
 pub struct Slot {
@@ -60,17 +133,121 @@ pub struct Slot {
     /// Address of the worker's latch (in shared memory), 0 when no worker runs.
     pub latch: usize,
     state: u8,
-    pub delivered: u64,
-    pub batches: u64,
-    pub retries: u64,
-    pub dead_lettered: u64,
-    pub last_error_code: i32,
+    pub stats: Stats,
 }
 
 impl Slot {
     pub fn state(&self) -> WorkerState {
         WorkerState::from_u8(self.state)
     }
+}
+
+/// One Kafka partition a bridge worker consumes (or consumed).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct KafkaSlot {
+    pub used: bool,
+    pub pid: i32,
+    pub consumer: u16,
+    topic: [u8; 128],
+    pub partition: i32,
+    /// Next offset to read, as committed by the bridge (-1: nothing committed yet).
+    pub committed: i64,
+    /// The partition's high watermark as last seen by the client (-1: unknown).
+    pub high_watermark: i64,
+    /// Currently assigned to this worker.
+    pub assigned: bool,
+    state: u8,
+    pub stats: Stats,
+}
+
+impl Default for KafkaSlot {
+    fn default() -> Self {
+        KafkaSlot {
+            used: false,
+            pid: 0,
+            consumer: 0,
+            topic: [0; 128],
+            partition: 0,
+            committed: -1,
+            high_watermark: -1,
+            assigned: false,
+            state: 0,
+            stats: Stats::default(),
+        }
+    }
+}
+
+impl KafkaSlot {
+    pub fn topic(&self) -> String {
+        let end = self.topic.iter().position(|b| *b == 0).unwrap_or(self.topic.len());
+        String::from_utf8_lossy(&self.topic[..end]).into_owned()
+    }
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state)
+    }
+    pub fn set_state(&mut self, state: WorkerState) {
+        self.state = state as u8;
+    }
+}
+
+pub const MAX_KAFKA_PARTITIONS: usize = 512;
+
+#[derive(Clone, Copy)]
+pub struct KafkaSlots {
+    pub slots: [KafkaSlot; MAX_KAFKA_PARTITIONS],
+}
+
+impl Default for KafkaSlots {
+    fn default() -> Self {
+        KafkaSlots { slots: [KafkaSlot::default(); MAX_KAFKA_PARTITIONS] }
+    }
+}
+
+// SAFETY: plain old data.
+unsafe impl PGRXSharedMemory for KafkaSlots {}
+
+// SAFETY: the name is unique to this extension.
+pub static KAFKA_SLOTS: PgLwLock<KafkaSlots> = unsafe { PgLwLock::new(c"centrifugo_outbox_kafka_slots") };
+
+/// Applies `update` to the slot of (consumer, topic, partition), taking a free slot for a
+/// partition not seen before (when all are taken, the partition is not reported).
+pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl FnOnce(&mut KafkaSlot)) {
+    let mut slots = KAFKA_SLOTS.exclusive();
+    let found = slots
+        .slots
+        .iter()
+        .position(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic() == topic);
+    let index = match found.or_else(|| slots.slots.iter().position(|s| !s.used)) {
+        Some(i) => i,
+        None => return,
+    };
+    let slot = &mut slots.slots[index];
+    if !slot.used {
+        *slot = KafkaSlot::default();
+        slot.used = true;
+        slot.consumer = consumer as u16;
+        slot.partition = partition;
+        let bytes = topic.as_bytes();
+        let n = bytes.len().min(slot.topic.len());
+        slot.topic[..n].copy_from_slice(&bytes[..n]);
+    }
+    update(slot);
+}
+
+/// Marks every partition of a bridge worker as unassigned (at start and after revocation).
+pub fn unassign_kafka(consumer: usize, pid: i32) {
+    let mut slots = KAFKA_SLOTS.exclusive();
+    for slot in slots.slots.iter_mut().filter(|s| s.used && s.consumer as usize == consumer) {
+        if pid == 0 || slot.pid == pid {
+            slot.assigned = false;
+            slot.state = WorkerState::Stopped as u8;
+        }
+    }
+}
+
+pub fn kafka_snapshot() -> Vec<KafkaSlot> {
+    KAFKA_SLOTS.share().slots.iter().filter(|s| s.used).copied().collect()
 }
 
 #[derive(Clone, Copy)]
@@ -92,6 +269,7 @@ pub static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"centrifugo_outbox_s
 
 pub fn init() {
     pgrx::pg_shmem_init!(SLOTS);
+    pgrx::pg_shmem_init!(KAFKA_SLOTS);
 }
 
 /// Registers the calling worker in its slot.

@@ -282,8 +282,9 @@ impl Worker {
                 };
                 let delay = backoff.delay(self.attempts, self.jitter.next());
                 shmem::update(self.slot, |s| {
-                    s.retries += 1;
-                    s.last_error_code = failure.code.map(|c| c as i32).unwrap_or(-1);
+                    s.stats.retries += 1;
+                    s.stats.backoff_ms = delay.as_millis() as u32;
+                    s.stats.record_error(failure.code.map(|c| c as i32).unwrap_or(-1), &scrub(&failure.to_string(), &[&gucs::api_key()]));
                 });
                 shmem::set_state(self.slot, WorkerState::BackingOff);
                 self.log.warn(
@@ -345,7 +346,7 @@ impl Worker {
         // Attempts already made for the row that has been failing, if it fails for good now.
         let (failing_row, attempts) = (self.failing_row, self.attempts);
         let result = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || {
-            Spi::connect_mut(|spi| -> Result<(Round, u64, u64, u64), pgrx::spi::Error> {
+            Spi::connect_mut(|spi| -> Result<(Round, RoundStats), pgrx::spi::Error> {
                 // One statement per round for the bookkeeping: where the extension lives, the
                 // outbox table's oid, the partition lock (the key Centrifugo's consumer uses), and
                 // a plan fix: the (partition, id) index is always right for "the next rows of this
@@ -364,27 +365,39 @@ impl Worker {
                 let head = head.first();
                 let (schema, table_oid, locked) = (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?);
                 let Some(schema) = schema else {
-                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{database}\"")), 0, 0, 0));
+                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{database}\"")), RoundStats::default()));
                 };
                 let dead_letters = format!("{schema}.centrifugo_dead_letters");
                 let Some(table_oid) = table_oid else {
-                    return Ok((Round::NotReady(format!("outbox table {table_text} does not exist")), 0, 0, 0));
+                    return Ok((Round::NotReady(format!("outbox table {table_text} does not exist")), RoundStats::default()));
                 };
                 if locked != Some(true) {
-                    return Ok((Round::Locked, 0, 0, 0));
+                    return Ok((Round::Locked, RoundStats::default()));
                 }
-                let rows: Vec<(i64, String, String)> = spi
+                // The commit time of each row, for the latency histogram: exact with
+                // track_commit_timestamp = on, else created_at (the inserting transaction's start).
+                let rows: Vec<(i64, String, String, i64)> = spi
                     .select(
-                        &format!("SELECT id, method, payload::text FROM {table} WHERE partition = $1 ORDER BY id LIMIT $2"),
+                        &format!(
+                            "SELECT id, method, payload::text,
+                                    (extract(epoch FROM coalesce(CASE WHEN current_setting('track_commit_timestamp')::bool
+                                                                      THEN pg_xact_commit_timestamp(xmin) END, created_at)) * 1e6)::bigint
+                             FROM {table} WHERE partition = $1 ORDER BY id LIMIT $2"
+                        ),
                         None,
                         &[partition.into(), i64::from(limit).into()],
                     )?
                     .map(|row| -> Result<_, pgrx::spi::Error> {
-                        Ok((row.get::<i64>(1)?.unwrap_or(0), row.get::<String>(2)?.unwrap_or_default(), row.get::<String>(3)?.unwrap_or_default()))
+                        Ok((
+                            row.get::<i64>(1)?.unwrap_or(0),
+                            row.get::<String>(2)?.unwrap_or_default(),
+                            row.get::<String>(3)?.unwrap_or_default(),
+                            row.get::<i64>(4)?.unwrap_or(0),
+                        ))
                     })
                     .collect::<Result<_, _>>()?;
                 if rows.is_empty() {
-                    return Ok((Round::Drained, 0, 0, 0));
+                    return Ok((Round::Drained, RoundStats::default()));
                 }
                 let full = rows.len() as i64 >= i64::from(limit);
 
@@ -392,7 +405,7 @@ impl Worker {
                 let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
                 let mut sendable_rows: Vec<usize> = Vec::with_capacity(rows.len());
                 let mut commands: Vec<Prepared> = Vec::with_capacity(rows.len());
-                for (i, (id, method, payload)) in rows.iter().enumerate() {
+                for (i, (id, method, payload, _)) in rows.iter().enumerate() {
                     let parsed = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")));
                     match parsed.and_then(|p| prepare(method, p, || outbox_idempotency_key(system_id, table_oid as u32, *id))) {
                         Ok(p) => {
@@ -413,13 +426,14 @@ impl Worker {
 
                 // Apply outcomes in order, up to the first temporary failure.
                 let mut done_ids = Vec::new();
-                let mut delivered = 0u64;
-                let mut dead = 0u64;
+                let mut stats = RoundStats { batches, ..Default::default() };
+                let acked_at = shmem::unix_micros();
                 let mut retry = None;
-                for ((id, method, payload), outcome) in rows.iter().zip(outcomes) {
+                for ((id, method, payload, committed_at), outcome) in rows.iter().zip(outcomes) {
                     match outcome.expect("every row has an outcome") {
                         Outcome::Delivered => {
-                            delivered += 1;
+                            stats.delivered += 1;
+                            stats.latencies_ms.push((acked_at - committed_at).max(0) as f64 / 1000.0);
                             done_ids.push(*id);
                         }
                         Outcome::DeadLetter { failure, payload: replacement } => {
@@ -427,7 +441,8 @@ impl Worker {
                             let tries = if failing_row == Some(*id) { attempts + 1 } else { 1 };
                             let row = DeadRow { outbox_id: *id, method, payload: &payload, partition, failure: &failure, attempts: tries };
                             insert_dead_letter(spi, &dead_letters, &table, &consumer_name, &row)?;
-                            dead += 1;
+                            stats.dead += 1;
+                            stats.last_dead = Some(failure);
                             done_ids.push(*id);
                         }
                         Outcome::Retry(failure) => {
@@ -440,26 +455,46 @@ impl Worker {
                     spi.update(&format!("DELETE FROM {table} WHERE id = ANY($1)"), None, &[done_ids.into()])?;
                 }
                 let round = retry.unwrap_or(if full { Round::Full } else { Round::Drained });
-                Ok((round, delivered, dead, batches))
+                Ok((round, stats))
             })
         }));
         match result {
-            Ok((round, delivered, dead, batches)) => {
-                if delivered + dead + batches > 0 {
+            Ok((round, stats)) => {
+                if stats.batches > 0 {
                     shmem::update(self.slot, |s| {
-                        s.delivered += delivered;
-                        s.dead_lettered += dead;
-                        s.batches += batches;
+                        s.stats.batches += stats.batches;
+                        s.stats.dead_lettered += stats.dead;
+                        if stats.delivered > 0 {
+                            s.stats.record_success(stats.delivered, stats.latencies_ms.iter().copied());
+                        }
+                        if let Some(f) = &stats.last_dead {
+                            s.stats.record_error(f.code.map(|c| c as i32).unwrap_or(0), &scrub(&f.message, &[&gucs::api_key()]));
+                        }
                     });
                 }
-                if dead > 0 {
-                    self.log.warn(&self.spec.name(), self.partition, "dead letter", &format!("moved {dead} command(s) to centrifugo_dead_letters"));
+                if let Some(f) = &stats.last_dead {
+                    self.log.warn(
+                        &self.spec.name(),
+                        self.partition,
+                        "dead letter",
+                        &format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead),
+                    );
                 }
                 round
             }
             Err(e) => Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()])),
         }
     }
+}
+
+/// What one round did, for the shared-memory counters.
+#[derive(Default)]
+struct RoundStats {
+    delivered: u64,
+    dead: u64,
+    batches: u64,
+    latencies_ms: Vec<f64>,
+    last_dead: Option<Failure>,
 }
 
 /// One outbox row on its way to the dead letters.

@@ -66,5 +66,5 @@ def wait_for_workers(pg, timeout=20):
     """Waits until every partition worker runs and sees the extension."""
     from harness.common import wait_until
     wait_until(lambda: all(row[0] is not None and row[1] in ("idle", "sending", "backing off")
-                           for row in pg.sql("SELECT pid, state FROM centrifugo_worker_status()")),
+                           for row in pg.sql("SELECT pid, state FROM centrifugo_outbox_status")),
                timeout, interval=0.1, what="the partition workers")

@@ -8,6 +8,7 @@ pub mod consumers;
 pub mod dispatch;
 pub mod kafka;
 pub mod error;
+pub mod histogram;
 pub mod partition;
 pub mod retry;
 pub mod settings;
