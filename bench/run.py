@@ -29,6 +29,11 @@ FILL = ("INSERT INTO centrifugo_outbox (method, payload, partition) "
         "FROM generate_series(1, %(n)s) g")
 
 
+CENTRIFUGO_TABLE = """CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
+    payload JSONB NOT NULL, partition INTEGER NOT NULL default 0,
+    created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL)"""
+
+
 def wait_empty(pg, timeout=600):
     """Polls the outbox over one connection (a new connection per poll would load the 2 cores)."""
     with pg.connect() as conn:
@@ -71,10 +76,7 @@ def centrifugo_consumer_throughput(rows, partitions, limit=100):
     pg.start()
     server = None
     try:
-        pg.sql("""CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
-                  payload JSONB NOT NULL, partition INTEGER NOT NULL default 0,
-                  created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL);
-                  CREATE INDEX ON centrifugo_outbox (partition, id)""")
+        pg.sql(CENTRIFUGO_TABLE + "; CREATE INDEX ON centrifugo_outbox (partition, id)")
         pg.sql(FILL, {"p": partitions, "n": rows})
         consumer = {"name": "bench", "type": "postgresql", "enabled": True, "postgresql": {
             "dsn": f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", "outbox_table_name": "centrifugo_outbox",
@@ -126,9 +128,7 @@ def centrifugo_consumer_latency(samples):
     pg.start()
     server = None
     try:
-        pg.sql("""CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
-                  payload JSONB NOT NULL, partition INTEGER NOT NULL default 0,
-                  created_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL);
+        pg.sql(CENTRIFUGO_TABLE + """;
                   CREATE OR REPLACE FUNCTION centrifugo_notify_partition_change() RETURNS TRIGGER AS $$
                   BEGIN PERFORM pg_notify('centrifugo_partition_change', NEW.partition::text); RETURN NEW; END;
                   $$ LANGUAGE plpgsql;

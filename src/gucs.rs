@@ -255,6 +255,21 @@ pub fn outbox_table() -> String {
     settings::quoted_table_name(&text(&OUTBOX_TABLE_NAME)).unwrap_or_else(|_| "\"centrifugo_outbox\"".into())
 }
 
+/// The settings of the HTTP client towards Centrifugo, as they are now.
+pub fn client_config() -> outbox_core::client::ClientConfig {
+    use std::time::Duration;
+    outbox_core::client::ClientConfig {
+        api_url: api_url(),
+        api_key: api_key(),
+        connect_timeout: Duration::from_millis(http_connect_timeout_ms() as u64),
+        timeout: Duration::from_millis(http_timeout_ms() as u64),
+        tls_root_ca: http_tls_root_ca(),
+        tls_cert: http_tls_cert(),
+        tls_key: http_tls_key(),
+        tls_insecure_skip_verify: http_tls_insecure_skip_verify(),
+    }
+}
+
 /// Kafka settings, read by the bridge when it starts.
 pub mod kafka {
     use super::*;

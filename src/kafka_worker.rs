@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use outbox_core::client::{CentrifugoClient, ClientConfig};
+use outbox_core::client::CentrifugoClient;
 use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
@@ -221,19 +221,6 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-fn client_config() -> ClientConfig {
-    ClientConfig {
-        api_url: gucs::api_url(),
-        api_key: gucs::api_key(),
-        connect_timeout: Duration::from_millis(gucs::http_connect_timeout_ms() as u64),
-        timeout: Duration::from_millis(gucs::http_timeout_ms() as u64),
-        tls_root_ca: gucs::http_tls_root_ca(),
-        tls_cert: gucs::http_tls_cert(),
-        tls_key: gucs::http_tls_key(),
-        tls_insecure_skip_verify: gucs::http_tls_insecure_skip_verify(),
-    }
-}
-
 fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     // SAFETY: MyProcPid is set for every backend.
     let pid = unsafe { pg_sys::MyProcPid };
@@ -286,7 +273,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             // SAFETY: reloading the configuration file in a backend, as PostgreSQL's own workers do.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let wanted = client_config();
+        let wanted = gucs::client_config();
         if client.as_ref().is_none_or(|c| *c.config() != wanted) {
             client = match CentrifugoClient::new(wanted) {
                 Ok(c) => Some(c),
@@ -392,7 +379,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                                 base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
                                 max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
                             };
-                            let delay = backoff.delay(queue.attempts, jitter.next());
+                            let delay = backoff.delay(queue.attempts, jitter.next_fraction());
                             queue.retry_at = Some(Instant::now() + delay);
                             let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
                             shmem::update_kafka(index, &key.0, key.1, |s| {

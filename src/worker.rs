@@ -16,7 +16,7 @@ use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTi
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use outbox_core::client::{CentrifugoClient, ClientConfig};
+use outbox_core::client::CentrifugoClient;
 use outbox_core::dispatch::{outbox_idempotency_key, prepare, scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
 use outbox_core::partition::MAX_PARTITIONS;
@@ -280,7 +280,7 @@ impl Worker {
                     base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
                     max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
                 };
-                let delay = backoff.delay(self.attempts, self.jitter.next());
+                let delay = backoff.delay(self.attempts, self.jitter.next_fraction());
                 shmem::update(self.slot, |s| {
                     s.stats.retries += 1;
                     s.stats.backoff_ms = delay.as_millis() as u32;
@@ -308,16 +308,7 @@ impl Worker {
 
     /// Rebuilds the HTTP client when its settings changed (after a reload).
     fn refresh_client(&mut self) {
-        let config = ClientConfig {
-            api_url: gucs::api_url(),
-            api_key: gucs::api_key(),
-            connect_timeout: Duration::from_millis(gucs::http_connect_timeout_ms() as u64),
-            timeout: Duration::from_millis(gucs::http_timeout_ms() as u64),
-            tls_root_ca: gucs::http_tls_root_ca(),
-            tls_cert: gucs::http_tls_cert(),
-            tls_key: gucs::http_tls_key(),
-            tls_insecure_skip_verify: gucs::http_tls_insecure_skip_verify(),
-        };
+        let config = gucs::client_config();
         if self.client.as_ref().is_some_and(|c| *c.config() == config) {
             return;
         }

@@ -215,7 +215,7 @@ def test_two_clusters_share_a_group_and_take_over(make_cluster, centrifugo, kafk
     doubles = [FaultDouble(centrifugo.api_url).start() for _ in range(2)]
     try:
         a = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[0].api_url)
-        b = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[1].api_url)
+        bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[1].api_url)
         time.sleep(8)  # both join the group
         produce(kafka, topic, [(command(channel, {"s": s}), None, s % 4) for s in range(400)])
         wait_until(lambda: len(centrifugo.history(channel)) == 400, 60, what="the first 400")
@@ -262,7 +262,7 @@ def test_tls_listener(make_cluster, centrifugo, kafka):
     topic = f"tls{uid()}"
     kafka.create_topic(topic)
     channel = f"chat:ktls{uid()}"
-    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.ssl_bootstrap,
+    bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_brokers=kafka.ssl_bootstrap,
                         kafka_tls=True, kafka_tls_root_ca=kafka.ca_file, kafka_tls_cert=kafka.client_cert,
                         kafka_tls_key=kafka.client_key)
     sub = Subscriber(centrifugo, channels=[channel]).start()

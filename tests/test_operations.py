@@ -4,7 +4,6 @@ bounded bloat under sustained load; ALTER EXTENSION UPDATE and pg_dump/pg_restor
 
 import json
 import os
-import subprocess
 import time
 import uuid
 
@@ -14,7 +13,7 @@ import pytest
 from conftest import delivery_settings, wait_for_workers
 from harness.common import wait_until
 from harness.fault_double import FaultDouble, ok_replies
-from harness.pg import PG_BIN, PgCluster, _as_postgres
+from harness.pg import PG_BIN, _as_postgres
 from harness.subscriber import Subscriber
 
 

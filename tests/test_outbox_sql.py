@@ -4,8 +4,6 @@ transaction: preload enforcement, NOTIFY at commit, a user's own outbox table, s
 secrets, and drop-in compatibility with Centrifugo's own PostgreSQL consumer."""
 
 import json
-import re
-import select
 import uuid
 
 import psycopg

@@ -7,14 +7,13 @@ import hmac
 import json
 import os
 import secrets
-import signal
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 
-from .common import CACHE, free_port, wait_until
+from .common import CACHE, free_port, kill_process, read_log, stop_process, wait_until
 
 CENTRIFUGO_BIN = os.environ.get("CENTRIFUGO_BIN", os.path.join(CACHE, "bin", "centrifugo"))
 
@@ -72,19 +71,11 @@ class Centrifugo:
         return self
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         self.proc = None
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
         self.proc = None
 
     def call(self, method, payload=None, api_key=None):
@@ -119,8 +110,4 @@ class Centrifugo:
         return f"{header}.{body}.{_b64url(sig)}"
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.logfile)

@@ -34,3 +34,30 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def stop_process(proc, timeout: float):
+    """SIGTERM, then SIGKILL after `timeout` seconds; None-safe."""
+    import signal
+    import subprocess
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def kill_process(proc):
+    if proc and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def read_log(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""

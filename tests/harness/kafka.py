@@ -12,12 +12,11 @@ import base64
 import glob
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import uuid
 
-from .common import CACHE, free_port, port_open, wait_until
+from .common import CACHE, free_port, kill_process, port_open, read_log, stop_process, wait_until
 
 KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.4.0")
 KAFKA_LIBS = os.path.join(CACHE, f"kafka-{KAFKA_VERSION}", "libs")
@@ -167,19 +166,11 @@ class KafkaBroker:
         return len(md.brokers) == 1
 
     def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         self.proc = None
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_process(self.proc)
         self.proc = None
 
     def destroy(self):
@@ -207,8 +198,4 @@ class KafkaBroker:
                          "heartbeat.interval.ms": 500, **conf})
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.logfile)

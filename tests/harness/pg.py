@@ -8,7 +8,7 @@ import tempfile
 
 import psycopg
 
-from .common import free_port, wait_until
+from .common import free_port, read_log, wait_until
 
 PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 
@@ -104,11 +104,7 @@ class PgCluster:
         shutil.rmtree(self.root, ignore_errors=True)
 
     def log(self) -> str:
-        try:
-            with open(self.logfile, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.logfile)
 
     def connect(self, dbname="postgres", user="postgres", autocommit=True, **kw):
         return psycopg.connect(host="127.0.0.1", port=self.port, dbname=dbname, user=user,

@@ -367,10 +367,7 @@ pub fn flat_tls(get: impl Fn(&str) -> String, insecure_skip_verify: bool) -> Tls
         if !text.trim().is_empty() {
             Some(Pem::Text(text))
         } else {
-            Pem::from_path_or_text(&get(file)).map(|p| match p {
-                Pem::Text(t) => Pem::Text(t),
-                Pem::File(f) => Pem::File(f),
-            })
+            Pem::from_path_or_text(&get(file))
         }
     };
     Tls {

@@ -30,7 +30,7 @@ impl Jitter {
     }
 
     /// A number in [0, 1).
-    pub fn next(&mut self) -> f64 {
+    pub fn next_fraction(&mut self) -> f64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -53,7 +53,7 @@ mod tests {
         assert!(b.delay(1000, 0.999) <= Duration::from_secs(5));
         let mut j = Jitter::new(42);
         for _ in 0..1000 {
-            let x = j.next();
+            let x = j.next_fraction();
             assert!((0.0..1.0).contains(&x));
         }
     }
