@@ -382,6 +382,12 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             let delay = backoff.delay(queue.attempts, jitter.next_fraction());
                             queue.retry_at = Some(Instant::now() + delay);
                             let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
+                            let method = queue
+                                .records
+                                .front()
+                                .and_then(|r| parse_record(&spec, r.value.as_deref(), &r.headers, &RecordPosition { topic: &key.0, partition: key.1, offset }).ok())
+                                .map(|p| p.method.as_str())
+                                .unwrap_or("?");
                             shmem::update_kafka(index, &key.0, key.1, |s| {
                                 s.stats.retries += 1;
                                 s.stats.backoff_ms = delay.as_millis() as u32;
@@ -390,7 +396,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             warn(
                                 "retry",
                                 scrubbed(&format!(
-                                    "{}[{}] offset {offset}: {failure}; retrying in {} ms (attempt {})",
+                                    "{}[{}] offset {offset} ({method}): {failure}; retrying in {} ms (attempt {})",
                                     key.0,
                                     key.1,
                                     delay.as_millis(),

@@ -62,6 +62,8 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
 > {
     let specs = worker::outbox_specs();
     let this_db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
+    // SAFETY: a read of the server's recovery state.
+    let standby = unsafe { pg_sys::RecoveryInProgress() };
     let rows: Vec<_> = worker::worker_slots()
         .into_iter()
         .enumerate()
@@ -78,7 +80,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
                 spec.name(),
                 p,
                 (s.pid != 0).then_some(s.pid),
-                s.state().as_str().to_owned(),
+                if standby { "standby".to_owned() } else { s.state().as_str().to_owned() },
                 backlog,
                 oldest,
                 c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9,

@@ -147,7 +147,7 @@ enum Round {
     /// The outbox table or the extension is missing in the database.
     NotReady(String),
     /// A temporary failure at outbox row `id`.
-    Retry { id: i64, failure: Failure },
+    Retry { id: i64, method: String, failure: Failure },
 }
 
 struct Worker {
@@ -271,7 +271,7 @@ impl Worker {
                 shmem::set_state(self.slot, WorkerState::Waiting);
                 Next::Wait
             }
-            Round::Retry { id, failure } => {
+            Round::Retry { id, method, failure } => {
                 if self.failing_row != Some(id) {
                     self.failing_row = Some(id);
                 }
@@ -291,7 +291,7 @@ impl Worker {
                     &self.spec.name(),
                     self.partition,
                     "retry",
-                    &format!("outbox id {id}: {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
+                    &format!("outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
                 );
                 Next::BackOff(delay)
             }
@@ -437,7 +437,7 @@ impl Worker {
                             done_ids.push(*id);
                         }
                         Outcome::Retry(failure) => {
-                            retry = Some(Round::Retry { id: *id, failure });
+                            retry = Some(Round::Retry { id: *id, method: method.clone(), failure });
                             break;
                         }
                     }

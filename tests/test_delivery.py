@@ -201,6 +201,7 @@ def test_hot_standby_does_no_work_until_promoted(make_cluster, centrifugo):
         workers = "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'centrifugo_outbox%%'"
         assert standby.scalar(workers) == 0, "no worker runs on a hot standby"
         assert standby.scalar("SELECT count(*) FROM centrifugo_outbox") == 5
+        assert standby.sql("SELECT DISTINCT state FROM centrifugo_outbox_status") == [("standby",)]
         assert sub.publications(channel) == []
         standby.promote()
         wait_until(lambda: standby.scalar(workers) == 1, 15, what="workers after promotion")
