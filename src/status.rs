@@ -61,7 +61,10 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     ),
 > {
     let specs = worker::outbox_specs();
-    let this_db = Spi::get_one::<String>("SELECT current_database()::text").ok().flatten().unwrap_or_default();
+    let this_db = Spi::connect(|c| c.select("SELECT current_database()::text", None, &[])?.first().get_one::<String>())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
     // SAFETY: a read of the server's recovery state.
     let standby = unsafe { pg_sys::RecoveryInProgress() };
     let rows: Vec<_> = worker::worker_slots()
@@ -90,15 +93,17 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     TableIterator::new(rows)
 }
 
+/// Read-only queries, so the view also works on a hot standby.
 fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Interval>) {
-    let exists = Spi::get_one_with_args::<bool>("SELECT to_regclass($1) IS NOT NULL", &[table.into()]).ok().flatten();
-    if exists != Some(true) {
-        return (None, None);
-    }
-    Spi::get_two_with_args::<i64, pgrx::datum::Interval>(
-        &format!("SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"),
-        &[partition.into()],
-    )
+    Spi::connect(|c| {
+        let exists = c.select("SELECT to_regclass($1) IS NOT NULL", None, &[table.into()])?.first().get_one::<bool>()?;
+        if exists != Some(true) {
+            return Ok((None, None));
+        }
+        c.select(&format!("SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"), None, &[partition.into()])?
+            .first()
+            .get_two::<i64, pgrx::datum::Interval>()
+    })
     .unwrap_or((None, None))
 }
 
