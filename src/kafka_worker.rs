@@ -88,10 +88,7 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
 /// Registers one bridge worker per Kafka consumer; with invalid settings, one worker that logs
 /// why and stays down (PostgreSQL itself keeps running).
 pub fn register() {
-    let count = match consumers() {
-        Ok(list) => list.len() as i32,
-        Err(_) => -1,
-    };
+    let consumers = consumers();
     let register_one = |index: i32, name: &str| {
         let title = format!("centrifugo_outbox kafka {name}");
         BackgroundWorkerBuilder::new(&title)
@@ -104,11 +101,13 @@ pub fn register() {
             .set_restart_time(Some(Duration::from_secs(1)))
             .load();
     };
-    if count < 0 {
-        register_one(-1, "(invalid settings)");
-    }
-    for (i, c) in consumers().unwrap_or_default().iter().enumerate() {
-        register_one(i as i32, &c.name);
+    match consumers {
+        Err(_) => register_one(-1, "(invalid settings)"),
+        Ok(list) => {
+            for (i, c) in list.iter().enumerate() {
+                register_one(i as i32, &c.name);
+            }
+        }
     }
 }
 

@@ -272,9 +272,7 @@ impl Worker {
                 Next::Wait
             }
             Round::Retry { id, method, failure } => {
-                if self.failing_row != Some(id) {
-                    self.failing_row = Some(id);
-                }
+                self.failing_row = Some(id);
                 self.attempts += 1;
                 let backoff = Backoff {
                     base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
