@@ -215,8 +215,10 @@ def test_two_clusters_share_a_group_and_take_over(make_cluster, centrifugo, kafk
     doubles = [FaultDouble(centrifugo.api_url).start() for _ in range(2)]
     try:
         a = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[0].api_url)
-        bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[1].api_url)
-        time.sleep(8)  # both join the group
+        b = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=doubles[1].api_url)
+        assigned = lambda pg: pg.scalar("SELECT count(*) FROM centrifugo_kafka_status WHERE assigned AND topic = %s", (topic,))
+        wait_until(lambda: assigned(a) > 0 and assigned(b) > 0 and assigned(a) + assigned(b) == 4, 30, interval=0.2,
+                   what="both clusters to share the 4 partitions")
         produce(kafka, topic, [(command(channel, {"s": s}), None, s % 4) for s in range(400)])
         wait_until(lambda: len(centrifugo.history(channel)) == 400, 60, what="the first 400")
         sent = [len([c for c in d.commands() if c[1].get("channel") == channel]) for d in doubles]
