@@ -143,7 +143,9 @@ class KafkaBroker:
     def start(self, timeout=90):
         if not self.formatted:
             self._write_config()
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+            cluster_id = "-"
+            while cluster_id.startswith("-"):  # a leading "-" would read as an option
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             scram = []
             for user, password in self.users.items():
                 for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
