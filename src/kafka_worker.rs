@@ -372,7 +372,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             queue.attempts = 0;
                             queue.retry_at = None;
                         }
-                        Some(failure) => {
+                        Some((failure, method)) => {
                             queue.attempts += 1;
                             let backoff = Backoff {
                                 base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
@@ -381,12 +381,6 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             let delay = backoff.delay(queue.attempts, jitter.next_fraction());
                             queue.retry_at = Some(Instant::now() + delay);
                             let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
-                            let method = queue
-                                .records
-                                .front()
-                                .and_then(|r| parse_record(&spec, r.value.as_deref(), &r.headers, &RecordPosition { topic: &key.0, partition: key.1, offset }).ok())
-                                .map(|p| p.method.as_str())
-                                .unwrap_or("?");
                             shmem::update_kafka(index, &key.0, key.1, |s| {
                                 s.stats.retries += 1;
                                 s.stats.backoff_ms = delay.as_millis() as u32;
@@ -445,14 +439,14 @@ struct DispatchStats {
 }
 
 /// Dispatches the head of one partition's queue. Returns the last offset that is done (delivered
-/// or dead-lettered in a committed transaction), the temporary failure that stopped it, if any,
-/// and what it did.
+/// or dead-lettered in a committed transaction), the temporary failure that stopped it (with the
+/// method of that record), if any, and what it did.
 fn dispatch(
     spec: &KafkaConsumer,
     client: &CentrifugoClient,
     key: &(String, i32),
     queue: &mut PartitionQueue,
-) -> Result<(Option<i64>, Option<Failure>, DispatchStats), String> {
+) -> Result<(Option<i64>, Option<(Failure, String)>, DispatchStats), String> {
     let take = queue.records.len().min(spec.max_poll_records);
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(take);
     let mut methods: Vec<String> = Vec::with_capacity(take);
@@ -512,7 +506,7 @@ fn dispatch(
                 done = i + 1;
             }
             Outcome::Retry(failure) => {
-                retry = Some(failure);
+                retry = Some((failure, methods[i].clone()));
                 break;
             }
         }

@@ -62,8 +62,16 @@ impl OutboxSpec {
 /// The default consumer first, then the `postgresql` entries of `centrifugo.consumers` (an
 /// invalid array is reported by the Kafka bridge and leaves just the default consumer).
 pub fn outbox_specs() -> Vec<OutboxSpec> {
+    std::iter::once(OutboxSpec { entry: None })
+        .chain(outbox_entries().iter().filter(|e| e.name != gucs::consumer_name()).map(|e| OutboxSpec { entry: Some(e.clone()) }))
+        .collect()
+}
+
+/// The `postgresql` entries of `centrifugo.consumers` (a setting fixed at server start), parsed
+/// once per process.
+fn outbox_entries() -> &'static [OutboxConsumer] {
     static ENTRIES: std::sync::OnceLock<Vec<OutboxConsumer>> = std::sync::OnceLock::new();
-    let entries = ENTRIES.get_or_init(|| {
+    ENTRIES.get_or_init(|| {
         parse_consumers(&gucs::kafka::consumers())
             .unwrap_or_default()
             .into_iter()
@@ -72,10 +80,7 @@ pub fn outbox_specs() -> Vec<OutboxSpec> {
                 ConsumerEntry::Kafka(_) => None,
             })
             .collect()
-    });
-    std::iter::once(OutboxSpec { entry: None })
-        .chain(entries.iter().filter(|e| e.name != gucs::consumer_name()).map(|e| OutboxSpec { entry: Some(e.clone()) }))
-        .collect()
+    })
 }
 
 /// Every partition worker as (index into `outbox_specs()`, partition), at most one per
@@ -91,6 +96,11 @@ pub fn worker_slots() -> Vec<(usize, i32)> {
 
 /// The most partitions any consumer drains from the table `schema.table` (for the outbox trigger).
 pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
+    // This runs for every inserted row: with only the default consumer (the usual case) the
+    // answer is its partition count, whatever the table, so skip building and matching specs.
+    if outbox_entries().is_empty() {
+        return gucs::num_partitions();
+    }
     outbox_specs()
         .iter()
         .filter(|spec| match table_name_parts(&spec.table_setting()) {
