@@ -520,7 +520,7 @@ fn dispatch(
                 let payload = match payload {
                     Some(p) => serde_json::Value::Object(p.clone()).to_string(),
                     None => match commands.iter().zip(&sendable).find(|(_, s)| **s == *i) {
-                        Some((cmd, _)) => serde_json::Value::Object(cmd.payload.clone()).to_string(),
+                        Some((cmd, _)) => cmd.payload.clone(),
                         None => raw_payload(record.value.as_deref()),
                     },
                 };

@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
 use pgrx::prelude::*;
-use pgrx::spi::SpiClient;
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys::PgOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::dispatch::{outbox_idempotency_key, prepare, scrub, Failure, Outcome, Prepared};
+use outbox_core::dispatch::{batch_body, outbox_idempotency_key, prepare_text, scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
@@ -172,6 +174,7 @@ struct Worker {
     attempts: u32,
     failing_row: Option<i64>,
     log: RateLimitedLog,
+    statements: Statements,
 }
 
 #[pg_guard]
@@ -204,6 +207,7 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         attempts: 0,
         failing_row: None,
         log: RateLimitedLog::default(),
+        statements: Statements::default(),
     };
     log!("centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")", worker.spec.name());
 
@@ -332,128 +336,95 @@ impl Worker {
         }
     }
 
-    /// One transaction: lock, read, send, delete what is done.
+    /// One transaction: lock, then batch after batch while the partition has more and the
+    /// transaction is young: send a batch, read and prepare the next one while Centrifugo works
+    /// on it, apply the replies; finally delete every row that is done.
     fn round(&mut self) -> Round {
         let partition = self.partition;
         let limit = self.spec.select_limit();
         let table = self.spec.table();
         let consumer_name = self.spec.name();
         let database = self.spec.database();
-        let table_text = table.clone();
         let client = self.client.as_ref().expect("client checked by the caller");
         let system_id = self.system_id;
+        let statements = &mut self.statements;
         // Attempts already made for the row that has been failing, if it fails for good now.
         let (failing_row, attempts) = (self.failing_row, self.attempts);
         let result = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), pgrx::spi::Error> {
-                // One statement per round for the bookkeeping: where the extension lives, the
-                // outbox table's oid, the partition lock (the key Centrifugo's consumer uses), and
-                // a plan fix: the (partition, id) index is always right for "the next rows of this
-                // partition", even before a freshly filled queue table has statistics.
                 let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
-                let head = spi.select(
-                    "SELECT (SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                             WHERE e.extname = 'centrifugo_outbox'),
-                            to_regclass($1)::oid::bigint,
-                            pg_try_advisory_xact_lock(hashtext($2)),
-                            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-                            set_config('enable_sort', 'off', true)",
-                    None,
-                    &[table_text.clone().into(), lock_key.into()],
-                )?;
+                let head = statements.head(spi)?;
+                let head = spi.select(head, None, &[table.clone().into(), lock_key.into()])?;
                 let head = head.first();
-                let (schema, table_oid, locked) = (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?);
+                let (schema, table_oid, locked, exact_commit_ts) =
+                    (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?, head.get::<bool>(4)?.unwrap_or(false));
                 let Some(schema) = schema else {
                     return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{database}\"")), RoundStats::default()));
                 };
-                let dead_letters = format!("{schema}.centrifugo_dead_letters");
                 let Some(table_oid) = table_oid else {
-                    return Ok((Round::NotReady(format!("outbox table {table_text} does not exist")), RoundStats::default()));
+                    return Ok((Round::NotReady(format!("outbox table {table} does not exist")), RoundStats::default()));
                 };
                 if locked != Some(true) {
                     return Ok((Round::Locked, RoundStats::default()));
                 }
-                // The commit time of each row, for the latency histogram: exact with
-                // track_commit_timestamp = on, else created_at (the inserting transaction's start).
-                let rows: Vec<(i64, String, String, i64)> = spi
-                    .select(
-                        &format!(
-                            "SELECT id, method, payload::text,
-                                    (extract(epoch FROM coalesce(CASE WHEN current_setting('track_commit_timestamp')::bool
-                                                                      THEN pg_xact_commit_timestamp(xmin) END, created_at)) * 1e6)::bigint
-                             FROM {table} WHERE partition = $1 ORDER BY id LIMIT $2"
-                        ),
-                        None,
-                        &[partition.into(), i64::from(limit).into()],
-                    )?
-                    .map(|row| -> Result<_, pgrx::spi::Error> {
-                        Ok((
-                            row.get::<i64>(1)?.unwrap_or(0),
-                            row.get::<String>(2)?.unwrap_or_default(),
-                            row.get::<String>(3)?.unwrap_or_default(),
-                            row.get::<i64>(4)?.unwrap_or(0),
-                        ))
-                    })
-                    .collect::<Result<_, _>>()?;
-                if rows.is_empty() {
-                    return Ok((Round::Drained, RoundStats::default()));
-                }
-                let full = rows.len() as i64 >= i64::from(limit);
+                let table_statements = statements.for_table(spi, &table, table_oid)?;
+                let dead_letters = format!("{schema}.centrifugo_dead_letters");
+                let reader = BatchReader {
+                    statements: table_statements,
+                    partition,
+                    limit,
+                    exact_commit_ts,
+                    idempotency_key: move |id| outbox_idempotency_key(system_id, table_oid as u32, id),
+                };
 
-                // Parse every row; malformed ones are dead letters straight away.
-                let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(rows.len());
-                let mut sendable_rows: Vec<usize> = Vec::with_capacity(rows.len());
-                let mut commands: Vec<Prepared> = Vec::with_capacity(rows.len());
-                for (i, (id, method, payload, _)) in rows.iter().enumerate() {
-                    let parsed = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")));
-                    match parsed.and_then(|p| prepare(method, p, || outbox_idempotency_key(system_id, table_oid as u32, *id))) {
-                        Ok(p) => {
-                            outcomes.push(None);
-                            sendable_rows.push(i);
-                            commands.push(p);
-                        }
-                        Err(failure) => outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
+                let started = Instant::now();
+                let mut stats = RoundStats::default();
+                // Rows done but not deleted yet: deleted while the next request is in flight.
+                let mut done_ids: Vec<i64> = Vec::new();
+                let delete = |spi: &mut SpiClient<'_>, ids: &mut Vec<i64>| -> Result<(), pgrx::spi::Error> {
+                    if !ids.is_empty() {
+                        spi.update(&table_statements.delete, None, &[std::mem::take(ids).into()])?;
                     }
-                }
-                let mut batches = 0u64;
-                if !commands.is_empty() {
-                    let per_command = client.send(&commands, &mut batches);
-                    for (i, outcome) in sendable_rows.iter().zip(per_command) {
-                        outcomes[*i] = Some(outcome);
+                    Ok(())
+                };
+                let mut batch = reader.read(spi, i64::MIN)?;
+                let round = loop {
+                    if batch.rows.is_empty() {
+                        break Round::Drained;
                     }
-                }
-
-                // Apply outcomes in order, up to the first temporary failure.
-                let mut done_ids = Vec::new();
-                let mut stats = RoundStats { batches, ..Default::default() };
-                let acked_at = shmem::unix_micros();
-                let mut retry = None;
-                for ((id, method, payload, committed_at), outcome) in rows.iter().zip(outcomes) {
-                    match outcome.expect("every row has an outcome") {
-                        Outcome::Delivered => {
-                            stats.delivered += 1;
-                            stats.latencies_ms.push((acked_at - committed_at).max(0) as f64 / 1000.0);
-                            done_ids.push(*id);
-                        }
-                        Outcome::DeadLetter { failure, payload: replacement } => {
-                            let payload = replacement.map(|p| serde_json::Value::Object(p).to_string()).unwrap_or_else(|| payload.clone());
-                            let tries = if failing_row == Some(*id) { attempts + 1 } else { 1 };
-                            let row = DeadRow { outbox_id: *id, method, payload: &payload, partition, failure: &failure, attempts: tries };
-                            insert_dead_letter(spi, &dead_letters, &table, &consumer_name, &row)?;
-                            stats.dead += 1;
-                            stats.last_dead = Some(failure);
-                            done_ids.push(*id);
-                        }
-                        Outcome::Retry(failure) => {
-                            retry = Some(Round::Retry { id: *id, method: method.clone(), failure });
-                            break;
+                    let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
+                    let pending = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
+                    // While Centrifugo works on this batch: delete what the previous one finished,
+                    // and read and prepare the next rows (after this batch: not deleted yet).
+                    delete(spi, &mut done_ids)?;
+                    let more = batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested();
+                    let next = if more { Some(reader.read(spi, next_from)?) } else { None };
+                    if let Some(pending) = pending {
+                        let per_command = client.finish(pending, &batch.commands, &mut stats.batches);
+                        for (i, outcome) in batch.sendable.iter().zip(per_command) {
+                            batch.outcomes[*i] = Some(outcome);
                         }
                     }
-                }
-                if !done_ids.is_empty() {
-                    spi.update(&format!("DELETE FROM {table} WHERE id = ANY($1)"), None, &[done_ids.into()])?;
-                }
-                let round = retry.unwrap_or(if full { Round::Full } else { Round::Drained });
+                    let retry = apply_outcomes(spi, &batch, &mut done_ids, &mut stats, |id| {
+                        (if failing_row == Some(id) { attempts + 1 } else { 1 }, DeadLetterTarget {
+                            dead_letters: &dead_letters,
+                            outbox: &table,
+                            consumer: &consumer_name,
+                            partition,
+                        })
+                    })?;
+                    if let Some(retry) = retry {
+                        break retry;
+                    }
+                    if !batch.full {
+                        break Round::Drained;
+                    }
+                    match next {
+                        Some(next) => batch = next,
+                        None => break Round::Full,
+                    }
+                };
+                delete(spi, &mut done_ids)?;
                 Ok((round, stats))
             })
         }));
@@ -481,9 +452,210 @@ impl Worker {
                 }
                 round
             }
-            Err(e) => Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()])),
+            Err(e) => {
+                self.statements = Statements::default();
+                Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()]))
+            }
         }
     }
+}
+
+/// How long one transaction keeps sending batches while the partition has more. Bounds what a
+/// crash makes us resend (the idempotency keys absorb it) and how long the transaction holds its
+/// snapshot; long enough that commits and the first index descent are paid once per many batches.
+const DRAIN_BUDGET: Duration = Duration::from_millis(50);
+
+/// The worker's prepared statements, kept across transactions (PostgreSQL re-plans a kept plan
+/// by itself when the table changes; a new table under the same name gets new statements).
+#[derive(Default)]
+struct Statements {
+    head: Option<OwnedPreparedStatement>,
+    table: Option<TableStatements>,
+}
+
+struct TableStatements {
+    name: String,
+    oid: i64,
+    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
+    select: OwnedPreparedStatement,
+    /// `$1` the ids done.
+    delete: OwnedPreparedStatement,
+}
+
+impl Statements {
+    /// The per-transaction bookkeeping in one statement: where the extension lives, the outbox
+    /// table's oid, the partition lock (the key Centrifugo's consumer uses), whether commit
+    /// timestamps are tracked, and a plan fix: the (partition, id) index is always right for
+    /// "the next rows of this partition", even before a freshly filled queue table has statistics.
+    fn head(&mut self, spi: &SpiClient<'_>) -> Result<&OwnedPreparedStatement, pgrx::spi::Error> {
+        if self.head.is_none() {
+            let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+            self.head = Some(
+                spi.prepare(
+                    "SELECT (SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+                             WHERE e.extname = 'centrifugo_outbox'),
+                            to_regclass($1)::oid::bigint,
+                            pg_try_advisory_xact_lock(hashtext($2)),
+                            current_setting('track_commit_timestamp')::bool,
+                            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+                            set_config('enable_sort', 'off', true)",
+                    &[text, text],
+                )?
+                .keep(),
+            );
+        }
+        Ok(self.head.as_ref().expect("prepared above"))
+    }
+
+    fn for_table(&mut self, spi: &SpiClient<'_>, name: &str, oid: i64) -> Result<&TableStatements, pgrx::spi::Error> {
+        if !self.table.as_ref().is_some_and(|t| t.name == name && t.oid == oid) {
+            self.table = None;
+            let oids = |list: &[PgBuiltInOids]| list.iter().map(|o| PgOid::BuiltIn(*o)).collect::<Vec<_>>();
+            // The commit time of each row, for the latency histogram: exact with
+            // track_commit_timestamp = on, else created_at (the inserting transaction's start).
+            // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
+            // see what a drainer that held the lock before us committed.
+            let select = spi
+                .prepare_mut(
+                    &format!(
+                        "SELECT id, method, payload::text,
+                                coalesce(CASE WHEN $4 THEN pg_xact_commit_timestamp(xmin) END, created_at)
+                         FROM {name} WHERE partition = $1 AND id >= $2 ORDER BY id LIMIT $3"
+                    ),
+                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
+                )?
+                .keep();
+            let delete = spi
+                .prepare_mut(&format!("DELETE FROM {name} WHERE id = ANY($1)"), &oids(&[PgBuiltInOids::INT8ARRAYOID]))?
+                .keep();
+            self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
+        }
+        Ok(self.table.as_ref().expect("prepared above"))
+    }
+}
+
+/// One outbox row as read.
+struct Row {
+    id: i64,
+    method: String,
+    payload: String,
+    /// Unix microseconds.
+    committed_at: i64,
+}
+
+/// Rows read in id order, parsed: the commands to send, and the rows that are dead letters
+/// already (malformed).
+struct Batch {
+    rows: Vec<Row>,
+    /// One per row: known before sending for malformed rows, filled in from the reply otherwise.
+    outcomes: Vec<Option<Outcome>>,
+    /// Which rows `commands` are.
+    sendable: Vec<usize>,
+    commands: Vec<Prepared>,
+    /// The `/api/batch` request body of `commands`, made ahead of sending.
+    body: Vec<u8>,
+    /// The limit was reached: the partition may have more.
+    full: bool,
+}
+
+struct BatchReader<'s, K> {
+    statements: &'s TableStatements,
+    partition: i32,
+    limit: i32,
+    exact_commit_ts: bool,
+    idempotency_key: K,
+}
+
+/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+impl<K: Fn(i64) -> String> BatchReader<'_, K> {
+    /// The next rows of the partition with `id >= from`, at most the limit.
+    fn read(&self, spi: &SpiClient<'_>, from: i64) -> Result<Batch, pgrx::spi::Error> {
+        let rows = spi
+            .select(
+                &self.statements.select,
+                None,
+                &[self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()],
+            )?
+            .map(|row| -> Result<Row, pgrx::spi::Error> {
+                Ok(Row {
+                    id: row.get::<i64>(1)?.unwrap_or(0),
+                    method: row.get::<String>(2)?.unwrap_or_default(),
+                    payload: row.get::<String>(3)?.unwrap_or_default(),
+                    committed_at: row
+                        .get::<TimestampWithTimeZone>(4)?
+                        .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut batch = Batch {
+            full: rows.len() as i64 >= i64::from(self.limit),
+            outcomes: Vec::with_capacity(rows.len()),
+            sendable: Vec::with_capacity(rows.len()),
+            commands: Vec::with_capacity(rows.len()),
+            body: Vec::new(),
+            rows,
+        };
+        for (i, row) in batch.rows.iter().enumerate() {
+            match prepare_text(&row.method, &row.payload, || (self.idempotency_key)(row.id)) {
+                Ok(p) => {
+                    batch.outcomes.push(None);
+                    batch.sendable.push(i);
+                    batch.commands.push(p);
+                }
+                Err(failure) => batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
+            }
+        }
+        batch.body = batch_body(&batch.commands);
+        Ok(batch)
+    }
+}
+
+/// Where dead letters of this consumer go.
+struct DeadLetterTarget<'a> {
+    dead_letters: &'a str,
+    outbox: &'a str,
+    consumer: &'a str,
+    partition: i32,
+}
+
+/// Applies a batch's outcomes in order, up to the first temporary failure: delivered and
+/// dead-lettered rows join `done_ids`; returns the retry, if any. `attempts_and_target` gives a
+/// row's attempt count and where its dead letter goes.
+fn apply_outcomes<'a>(
+    spi: &mut SpiClient<'_>,
+    batch: &Batch,
+    done_ids: &mut Vec<i64>,
+    stats: &mut RoundStats,
+    attempts_and_target: impl Fn(i64) -> (u32, DeadLetterTarget<'a>),
+) -> Result<Option<Round>, pgrx::spi::Error> {
+    let acked_at = shmem::unix_micros();
+    for (row, outcome) in batch.rows.iter().zip(&batch.outcomes) {
+        match outcome.as_ref().expect("every row has an outcome") {
+            Outcome::Delivered => {
+                stats.delivered += 1;
+                stats.latencies_ms.push((acked_at - row.committed_at).max(0) as f64 / 1000.0);
+                done_ids.push(row.id);
+            }
+            Outcome::DeadLetter { failure, payload: replacement } => {
+                let payload = replacement
+                    .as_ref()
+                    .map(|p| serde_json::Value::Object(p.clone()).to_string())
+                    .unwrap_or_else(|| row.payload.clone());
+                let (attempts, target) = attempts_and_target(row.id);
+                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload: &payload, failure, attempts };
+                insert_dead_letter(spi, &target, &dead)?;
+                stats.dead += 1;
+                stats.last_dead = Some(failure.clone());
+                done_ids.push(row.id);
+            }
+            Outcome::Retry(failure) => {
+                return Ok(Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() }));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// What one round did, for the shared-memory counters.
@@ -501,18 +673,12 @@ struct DeadRow<'a> {
     outbox_id: i64,
     method: &'a str,
     payload: &'a str,
-    partition: i32,
     failure: &'a Failure,
     attempts: u32,
 }
 
-fn insert_dead_letter(
-    spi: &mut SpiClient<'_>,
-    dead_letters: &str,
-    outbox: &str,
-    consumer: &str,
-    row: &DeadRow<'_>,
-) -> Result<(), pgrx::spi::Error> {
+fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), pgrx::spi::Error> {
+    let DeadLetterTarget { dead_letters, outbox, consumer, partition } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<serde_json::Value>(row.payload).is_ok() {
         row.payload.to_owned()
@@ -530,7 +696,7 @@ fn insert_dead_letter(
             row.outbox_id.into(),
             row.method.into(),
             payload_json.into(),
-            row.partition.into(),
+            partition.into(),
             row.failure.kind.as_str().into(),
             row.failure.code.map(|c| c as i32).into(),
             scrub(&row.failure.message, &[&gucs::api_key()]).into(),

@@ -2,8 +2,15 @@
 //! timeouts, `X-API-Key`, HTTPS verified by default (custom CA and client certificate optional).
 //! One client per partition worker, and the worker sends one request at a time, so there is
 //! never more than one request in flight per partition.
+//!
+//! The client owns a one-thread runtime: a request is put on the wire by that thread while the
+//! worker's own thread goes on (reading the next rows from PostgreSQL), and the worker collects
+//! the reply later with [`InFlight::wait`].
 
 use std::time::Duration;
+
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
 
 use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
 
@@ -24,15 +31,41 @@ pub struct ClientConfig {
 
 pub struct CentrifugoClient {
     config: ClientConfig,
-    http: reqwest::blocking::Client,
+    http: reqwest::Client,
+    runtime: Runtime,
     batch_url: String,
+}
+
+/// A batch request on the wire. Dropping it without waiting cancels the request.
+pub struct InFlight<'c> {
+    client: &'c CentrifugoClient,
+    task: Option<JoinHandle<Response>>,
+}
+
+impl InFlight<'_> {
+    /// Blocks until Centrifugo answers (or the request times out / fails).
+    pub fn wait(mut self) -> Response {
+        let task = self.task.take().expect("waited once");
+        match self.client.runtime.block_on(task) {
+            Ok(response) => response,
+            Err(e) => Response::Transport(format!("request task failed: {e}")),
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl CentrifugoClient {
     /// Builds a client; errors say which setting is wrong and never contain the API key.
     pub fn new(config: ClientConfig) -> Result<Self, String> {
         crate::settings::validate_api_url(&config.api_url)?;
-        let mut builder = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .pool_max_idle_per_host(1)
@@ -60,42 +93,63 @@ impl CentrifugoClient {
             _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
         }
         let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("centrifugo-http")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the HTTP client's thread: {e}"))?;
         let batch_url = format!("{}/batch", config.api_url.trim_end_matches('/'));
-        Ok(CentrifugoClient { config, http, batch_url })
+        Ok(CentrifugoClient { config, http, runtime, batch_url })
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }
 
-    /// Sends `commands` as one sequential `/api/batch` request.
-    pub fn send_batch(&self, commands: &[Prepared]) -> Response {
-        let body = batch_body(commands);
-        let result = self
+    /// Puts `commands` on the wire as one sequential `/api/batch` request and returns at once.
+    pub fn start_batch(&self, commands: &[Prepared]) -> InFlight<'_> {
+        self.start_body(batch_body(commands))
+    }
+
+    /// [`Self::start_batch`] with the request body already made by [`batch_body`].
+    pub fn start_body(&self, body: Vec<u8>) -> InFlight<'_> {
+        let request = self
             .http
             .post(&self.batch_url)
             .header("X-API-Key", &self.config.api_key)
             .header("Content-Type", "application/json")
-            .body(body)
-            .send()
-            .and_then(|resp| {
+            .body(body);
+        let api_key = self.config.api_key.clone();
+        let task = self.runtime.spawn(async move {
+            let result = async {
+                let resp = request.send().await?;
                 let status = resp.status().as_u16();
-                resp.bytes().map(|b| Response::Http { status, body: b.to_vec() })
-            });
-        match result {
-            Ok(r) => r,
-            Err(e) => Response::Transport(scrub(&describe(&e), &[&self.config.api_key])),
-        }
+                resp.bytes().await.map(|b| Response::Http { status, body: b.to_vec() })
+            }
+            .await;
+            result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
+        });
+        InFlight { client: self, task: Some(task) }
     }
-}
 
-impl CentrifugoClient {
-    /// Sends `commands` as one batch and returns one outcome per command. When Centrifugo refuses
-    /// the request as a whole, resends them one per batch, in order, stopping at the first
-    /// temporary failure (the rest then count as retries too). Adds the requests made to `batches`.
+    /// Sends `commands` as one sequential `/api/batch` request and waits for the answer.
+    pub fn send_batch(&self, commands: &[Prepared]) -> Response {
+        self.start_batch(commands).wait()
+    }
+
+    /// Sends `commands` as one batch and returns one outcome per command (see [`Self::finish`]).
     pub fn send(&self, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
+        self.finish(self.start_batch(commands), commands, batches)
+    }
+
+    /// Waits for the batch `pending` of `commands` and returns one outcome per command. When
+    /// Centrifugo refuses the request as a whole, resends them one per batch, in order, stopping
+    /// at the first temporary failure (the rest then count as retries too). Adds the requests
+    /// made to `batches`.
+    pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
-        match classify_batch(&self.send_batch(commands), commands) {
+        match classify_batch(&pending.wait(), commands) {
             BatchVerdict::PerCommand(outcomes) => outcomes,
             BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
             BatchVerdict::SplitAndResend(_) => {

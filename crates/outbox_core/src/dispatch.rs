@@ -7,6 +7,8 @@
 //! - an *outcome* says what happens to the row: removed (delivered), kept and retried later, or
 //!   moved to the dead-letter table with a reason.
 
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::command::{normalize_payload, Method};
@@ -80,11 +82,20 @@ pub enum Outcome {
     DeadLetter { failure: Failure, payload: Option<Map<String, Value>> },
 }
 
-/// A row ready to send.
+/// A row ready to send: the method and the payload as JSON object text, exactly what goes into
+/// the batch request (kept as text so that a row read from PostgreSQL is not parsed into a tree
+/// and serialized again).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prepared {
     pub method: Method,
-    pub payload: Map<String, Value>,
+    pub payload: String,
+}
+
+impl Prepared {
+    /// The payload as a JSON object (for the rare paths that need its fields).
+    pub fn payload_map(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.payload).unwrap_or_default()
+    }
 }
 
 /// Parses a row as Centrifugo's consumers do (method name, payload object or JSON string holding
@@ -94,13 +105,59 @@ pub struct Prepared {
 pub fn prepare(method: &str, payload: Value, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
     let method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
     let mut payload = normalize_payload(payload).map_err(|e| Failure::malformed(e.message))?;
-    if matches!(method, Method::Publish | Method::Broadcast) {
+    if needs_key(method) {
         let has_key = payload.get("idempotency_key").and_then(Value::as_str).is_some_and(|k| !k.is_empty());
         if !has_key {
             payload.insert("idempotency_key".into(), Value::String(idempotency_key()));
         }
     }
-    Ok(Prepared { method, payload })
+    Ok(Prepared { method, payload: Value::Object(payload).to_string() })
+}
+
+/// [`prepare`] for a payload given as JSON text (an outbox row's `payload::text`). A JSON
+/// object, the usual case, is checked without building a tree and the idempotency key is
+/// written in front of its fields; anything else takes the general path.
+pub fn prepare_text(method: &str, payload: &str, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
+    /// The one field we need to know about; serde skips the others without allocating.
+    #[derive(Deserialize)]
+    struct KeyPeek<'a> {
+        // `present`: a JSON null is a present key too (plain Option would read it as absent).
+        #[serde(borrow, default, deserialize_with = "present")]
+        idempotency_key: Option<&'a RawValue>,
+    }
+    fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+        <&RawValue>::deserialize(d).map(Some)
+    }
+    let parsed_method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
+    let object = payload.trim();
+    if let Some(fields) = object.strip_prefix('{') {
+        if let Ok(peek) = serde_json::from_str::<KeyPeek<'_>>(object) {
+            // A present key must be a non-empty string to count (else the general path replaces it).
+            let key = peek.idempotency_key.map(RawValue::get);
+            let has_key = key.is_some_and(|k| k.starts_with('"') && k.len() > 2);
+            if !needs_key(parsed_method) || has_key {
+                return Ok(Prepared { method: parsed_method, payload: object.to_owned() });
+            }
+            if key.is_none() {
+                let fields = fields.trim_start();
+                let key = Value::String(idempotency_key()).to_string();
+                let mut text = String::with_capacity(object.len() + key.len() + 20);
+                text.push_str("{\"idempotency_key\":");
+                text.push_str(&key);
+                if !fields.starts_with('}') {
+                    text.push(',');
+                }
+                text.push_str(fields);
+                return Ok(Prepared { method: parsed_method, payload: text });
+            }
+        }
+    }
+    let value = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")))?;
+    prepare(method, value, idempotency_key)
+}
+
+fn needs_key(method: Method) -> bool {
+    matches!(method, Method::Publish | Method::Broadcast)
 }
 
 /// The idempotency key of an outbox row: unique per cluster, table and row, stable across resends.
@@ -110,7 +167,7 @@ pub fn outbox_idempotency_key(system_id: u64, table_oid: u32, row_id: i64) -> St
 
 /// The body of one `/api/batch` request running `commands` sequentially, in order.
 pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u8> {
-    // Written by hand to serialize each payload once, without copying it into a new tree.
+    // Payloads are JSON text already: written in as they are.
     let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(b"{\"commands\":[");
     for (i, c) in commands.into_iter().enumerate() {
@@ -120,7 +177,7 @@ pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u
         out.extend_from_slice(b"{\"");
         out.extend_from_slice(c.method.as_str().as_bytes());
         out.extend_from_slice(b"\":");
-        serde_json::to_writer(&mut out, &c.payload).expect("JSON values serialize");
+        out.extend_from_slice(c.payload.as_bytes());
         out.push(b'}');
     }
     out.extend_from_slice(b"],\"parallel\":false}");
@@ -180,19 +237,19 @@ pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdic
         }
         _ => return BatchVerdict::RetryAll(Failure::http(Some(status), format!("HTTP {status}: {}", snippet()))),
     }
-    let parsed: Value = match serde_json::from_slice(body) {
+    let parsed: BatchReply = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return BatchVerdict::RetryAll(Failure::http(Some(status), format!("unreadable reply: {e}"))),
     };
-    if let Some(err) = parsed.get("error") {
-        let failure = reply_error(err);
+    if let Some(err) = parsed.error {
+        let failure = err.failure();
         return match failure.code {
             Some(code) if is_retryable_code(code) => BatchVerdict::RetryAll(failure),
             _ if commands.len() > 1 => BatchVerdict::SplitAndResend(failure),
             _ => BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }]),
         };
     }
-    let replies = match parsed.get("replies").and_then(Value::as_array) {
+    let replies = match parsed.replies {
         Some(r) if r.len() == commands.len() => r,
         Some(r) => {
             return BatchVerdict::RetryAll(Failure::http(
@@ -205,16 +262,48 @@ pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdic
     BatchVerdict::PerCommand(commands.iter().zip(replies).map(|(c, r)| classify_reply(c, r)).collect())
 }
 
-fn reply_error(err: &Value) -> Failure {
-    let code = err.get("code").and_then(Value::as_u64).unwrap_or(0) as u32;
-    let message = err.get("message").and_then(Value::as_str).unwrap_or("").to_owned();
-    Failure::centrifugo(code, message)
+/// Centrifugo's answer to a batch, read only as far as outcomes need (results are skipped).
+#[derive(Deserialize)]
+struct BatchReply {
+    error: Option<ErrorBody>,
+    replies: Option<Vec<Reply>>,
 }
 
 /// One reply of a batch: `{"error": {...}}` or `{"<method>": result}`.
-fn classify_reply(command: &Prepared, reply: &Value) -> Outcome {
-    if let Some(err) = reply.get("error") {
-        let failure = reply_error(err);
+#[derive(Deserialize)]
+struct Reply {
+    error: Option<ErrorBody>,
+    broadcast: Option<BroadcastResult>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastResult {
+    #[serde(default)]
+    responses: Vec<ChannelResponse>,
+}
+
+#[derive(Deserialize)]
+struct ChannelResponse {
+    error: Option<ErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    code: u32,
+    #[serde(default)]
+    message: String,
+}
+
+impl ErrorBody {
+    fn failure(self) -> Failure {
+        Failure::centrifugo(self.code, self.message)
+    }
+}
+
+fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
+    if let Some(err) = reply.error {
+        let failure = err.failure();
         return match failure.code {
             Some(code) if is_retryable_code(code) => Outcome::Retry(failure),
             _ => Outcome::DeadLetter { failure, payload: None },
@@ -226,32 +315,26 @@ fn classify_reply(command: &Prepared, reply: &Value) -> Outcome {
     // A broadcast answers per channel. Any temporary failure retries the whole broadcast (the
     // idempotency key keeps the channels that succeeded from publishing twice); final failures
     // on some channels dead-letter a broadcast to just those channels.
-    let responses = reply
-        .get("broadcast")
-        .and_then(|b| b.get("responses"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let channels: Vec<Value> = command.payload.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();
+    let responses = reply.broadcast.map(|b| b.responses).unwrap_or_default();
+    if responses.iter().all(|r| r.error.is_none()) {
+        return Outcome::Delivered;
+    }
+    let mut payload = command.payload_map();
+    let channels: Vec<Value> = payload.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();
+    let channel_name = |i: usize| channels.get(i).and_then(Value::as_str).unwrap_or("?").to_owned();
     let mut failed_channels = Vec::new();
     let mut failures = Vec::new();
-    for (i, response) in responses.iter().enumerate() {
-        if let Some(err) = response.get("error") {
-            let failure = reply_error(err);
+    for (i, response) in responses.into_iter().enumerate() {
+        if let Some(err) = response.error {
+            let failure = err.failure();
             if failure.code.is_some_and(is_retryable_code) {
-                return Outcome::Retry(Failure {
-                    message: format!("channel {}: {}", channels.get(i).and_then(Value::as_str).unwrap_or("?"), failure.message),
-                    ..failure
-                });
+                return Outcome::Retry(Failure { message: format!("channel {}: {}", channel_name(i), failure.message), ..failure });
             }
             if let Some(ch) = channels.get(i) {
                 failed_channels.push(ch.clone());
             }
-            failures.push((channels.get(i).and_then(Value::as_str).unwrap_or("?").to_owned(), failure));
+            failures.push((channel_name(i), failure));
         }
-    }
-    if failures.is_empty() {
-        return Outcome::Delivered;
     }
     let first = failures[0].1.clone();
     let message = failures
@@ -259,7 +342,6 @@ fn classify_reply(command: &Prepared, reply: &Value) -> Outcome {
         .map(|(ch, f)| format!("{ch}: {} {}", f.code.unwrap_or(0), f.message))
         .collect::<Vec<_>>()
         .join("; ");
-    let mut payload = command.payload.clone();
     payload.insert("channels".into(), Value::Array(failed_channels));
     Outcome::DeadLetter {
         failure: Failure { message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()), ..first },
@@ -292,14 +374,41 @@ mod tests {
     #[test]
     fn prepare_adds_idempotency_keys_only_where_missing() {
         let p = prep("publish", json!({"channel": "a", "data": 1}));
-        assert_eq!(p.payload["idempotency_key"], "k");
+        assert_eq!(p.payload_map()["idempotency_key"], "k");
         let p = prep("publish", json!({"channel": "a", "data": 1, "idempotency_key": "mine"}));
-        assert_eq!(p.payload["idempotency_key"], "mine");
+        assert_eq!(p.payload_map()["idempotency_key"], "mine");
         let p = prep("subscribe", json!({"channel": "a", "user": "u"}));
-        assert!(p.payload.get("idempotency_key").is_none());
+        assert!(p.payload_map().get("idempotency_key").is_none());
         let p = prep("broadcast", json!("{\"channels\": [\"a\"], \"data\": 1}"));
-        assert_eq!(p.payload["idempotency_key"], "k");
+        assert_eq!(p.payload_map()["idempotency_key"], "k");
         assert_eq!(outbox_idempotency_key(255, 16384, 42), "cfo-ff-16384-42");
+    }
+
+    #[test]
+    fn prepare_text_matches_prepare() {
+        let cases = [
+            ("publish", r#"{"channel": "a", "data": {"x": [1, {"idempotency_key": 5}]}}"#),
+            ("publish", r#"{"channel": "a", "data": 1, "idempotency_key": "mine"}"#),
+            ("publish", r#"{"channel": "a", "data": 1, "idempotency_key": ""}"#),
+            ("publish", r#"{"channel": "a", "data": 1, "idempotency_key": null}"#),
+            ("broadcast", r#"  {}  "#),
+            ("broadcast", r#""{\"channels\": [\"a\"], \"data\": 1}""#),
+            ("subscribe", r#"{"channel": "a", "user": "u"}"#),
+            ("history_remove", r#"{"channel": "a"}"#),
+        ];
+        for (method, text) in cases {
+            let fast = prepare_text(method, text, || "cfo-1-2-3".into()).unwrap();
+            let slow = prepare(method, serde_json::from_str(text).unwrap(), || "cfo-1-2-3".into()).unwrap();
+            assert_eq!(fast.method, slow.method);
+            assert_eq!(fast.payload_map(), slow.payload_map(), "{method} {text}");
+            // Always a single JSON object, whatever path made it.
+            assert!(serde_json::from_str::<Map<String, Value>>(&fast.payload).is_ok(), "{}", fast.payload);
+        }
+        let p = prepare_text("publish", r#"{"data": 1, "channel": "a"}"#, || "k".into()).unwrap();
+        assert_eq!(p.payload, r#"{"idempotency_key":"k","data": 1, "channel": "a"}"#);
+        for (m, text) in [("publish", "[1]"), ("publish", "{bad"), ("publish", r#""{bad""#), ("nope", "{}"), ("publish", "")] {
+            assert_eq!(prepare_text(m, text, || "k".into()).unwrap_err().kind, FailureKind::Malformed, "{m} {text}");
+        }
     }
 
     #[test]
@@ -363,6 +472,7 @@ mod tests {
                 assert!(failure.message.contains("1 of 3 channels"), "{}", failure.message);
                 assert_eq!(p["channels"], json!(["b"]));
                 assert_eq!(p["data"], 1);
+                assert_eq!(p["idempotency_key"], "k");
             }
             other => panic!("{other:?}"),
         }

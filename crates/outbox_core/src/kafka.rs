@@ -516,7 +516,7 @@ mod tests {
     fn method_and_payload_value() {
         let p = parse_record(&consumer(), Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#), &[], &POS).unwrap();
         assert_eq!(p.method, Method::Publish);
-        assert_eq!(p.payload["idempotency_key"], "cfk-t-2-9");
+        assert_eq!(p.payload_map()["idempotency_key"], "cfk-t-2-9");
         // payload as a JSON string holding the object
         let p = parse_record(&consumer(), Some(br#"{"method": "broadcast", "payload": "{\"channels\": [\"a\"], \"data\": 2}"}"#), &[], &POS).unwrap();
         assert_eq!(p.method, Method::Broadcast);
@@ -526,11 +526,11 @@ mod tests {
     fn method_header_with_a_bare_payload() {
         let p = parse_record(&consumer(), Some(br#"{"user": "42", "channel": "c"}"#), &h(&[("centrifugo-method", "unsubscribe")]), &POS).unwrap();
         assert_eq!(p.method, Method::Unsubscribe);
-        assert_eq!(p.payload["user"], "42");
+        assert_eq!(p.payload_map()["user"], "42");
         let mut c = consumer();
         c.method_header = "x-method".into();
         let p = parse_record(&c, Some(br#"{"channel": "c", "data": 3}"#), &h(&[("x-method", "publish")]), &POS).unwrap();
-        assert_eq!(p.payload["data"], 3);
+        assert_eq!(p.payload_map()["data"], 3);
     }
 
     #[test]
@@ -541,12 +541,12 @@ mod tests {
                           ("centrifugo-version", "5"), ("centrifugo-version-epoch", "e"), ("centrifugo-tag-kind", "x")]);
         let p = parse_record(&c, Some(br#"{"text": "hi"}"#), &headers, &POS).unwrap();
         assert_eq!(p.method, Method::Publish);
-        assert_eq!(serde_json::Value::Object(p.payload), json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
+        assert_eq!(serde_json::Value::Object(p.payload_map()), json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
             "delta": true, "version": 5, "version_epoch": "e", "tags": {"kind": "x"}}));
         let p = parse_record(&c, Some(b"1"), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
         assert_eq!(p.method, Method::Broadcast);
-        assert_eq!(p.payload["channels"], json!(["a", "b"]));
-        assert_eq!(p.payload["idempotency_key"], "cfk-t-2-9");
+        assert_eq!(p.payload_map()["channels"], json!(["a", "b"]));
+        assert_eq!(p.payload_map()["idempotency_key"], "cfk-t-2-9");
         for bad in [h(&[]), h(&[("centrifugo-channels", "a"), ("centrifugo-version", "x")]), h(&[("centrifugo-channels", "a"), ("centrifugo-delta", "maybe")])] {
             assert_eq!(parse_record(&c, Some(b"1"), &bad, &POS).unwrap_err().kind, FailureKind::Malformed);
         }
