@@ -19,7 +19,7 @@ use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::dispatch::{batch_body, outbox_idempotency_key, prepare_text, scrub, Failure, Outcome, Prepared};
+use outbox_core::dispatch::{batch_body, prepare_text, OutboxKeys, scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
@@ -374,16 +374,16 @@ impl Worker {
                     partition,
                     limit,
                     exact_commit_ts,
-                    idempotency_key: move |id| outbox_idempotency_key(system_id, table_oid as u32, id),
+                    keys: OutboxKeys::new(system_id, table_oid as u32),
                 };
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();
                 // Rows done but not deleted yet: deleted while the next request is in flight.
-                let mut done_ids: Vec<i64> = Vec::new();
-                let delete = |spi: &mut SpiClient<'_>, ids: &mut Vec<i64>| -> Result<(), pgrx::spi::Error> {
-                    if !ids.is_empty() {
-                        spi.update(&table_statements.delete, None, &[std::mem::take(ids).into()])?;
+                let mut done = Done::default();
+                let delete = |spi: &mut SpiClient<'_>, done: &mut Done| -> Result<(), pgrx::spi::Error> {
+                    if !done.ctids.is_empty() {
+                        spi.update(&table_statements.delete, None, &[std::mem::take(&mut done.ctids).into()])?;
                     }
                     Ok(())
                 };
@@ -396,7 +396,7 @@ impl Worker {
                     let pending = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
-                    delete(spi, &mut done_ids)?;
+                    delete(spi, &mut done)?;
                     let more = batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested();
                     let next = if more { Some(reader.read(spi, next_from)?) } else { None };
                     if let Some(pending) = pending {
@@ -405,7 +405,7 @@ impl Worker {
                             batch.outcomes[*i] = Some(outcome);
                         }
                     }
-                    let retry = apply_outcomes(spi, &batch, &mut done_ids, &mut stats, |id| {
+                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, |id| {
                         (if failing_row == Some(id) { attempts + 1 } else { 1 }, DeadLetterTarget {
                             dead_letters: &dead_letters,
                             outbox: &table,
@@ -424,7 +424,7 @@ impl Worker {
                         None => break Round::Full,
                     }
                 };
-                delete(spi, &mut done_ids)?;
+                delete(spi, &mut done)?;
                 Ok((round, stats))
             })
         }));
@@ -478,7 +478,7 @@ struct TableStatements {
     oid: i64,
     /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
     select: OwnedPreparedStatement,
-    /// `$1` the ids done.
+    /// `$1` the ctids of the rows done.
     delete: OwnedPreparedStatement,
 }
 
@@ -519,14 +519,17 @@ impl Statements {
                 .prepare_mut(
                     &format!(
                         "SELECT id, method, payload::text,
-                                coalesce(CASE WHEN $4 THEN pg_xact_commit_timestamp(xmin) END, created_at)
+                                coalesce(CASE WHEN $4 THEN pg_xact_commit_timestamp(xmin) END, created_at), ctid
                          FROM {name} WHERE partition = $1 AND id >= $2 ORDER BY id LIMIT $3"
                     ),
                     &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
                 )?
                 .keep();
+            // By ctid, read in this transaction: no index descent per row. A ctid cannot point
+            // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
+            // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
             let delete = spi
-                .prepare_mut(&format!("DELETE FROM {name} WHERE id = ANY($1)"), &oids(&[PgBuiltInOids::INT8ARRAYOID]))?
+                .prepare_mut(&format!("DELETE FROM {name} WHERE ctid = ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
                 .keep();
             self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
         }
@@ -537,6 +540,7 @@ impl Statements {
 /// One outbox row as read.
 struct Row {
     id: i64,
+    ctid: pg_sys::ItemPointerData,
     method: String,
     payload: String,
     /// Unix microseconds.
@@ -558,18 +562,18 @@ struct Batch {
     full: bool,
 }
 
-struct BatchReader<'s, K> {
+struct BatchReader<'s> {
     statements: &'s TableStatements,
     partition: i32,
     limit: i32,
     exact_commit_ts: bool,
-    idempotency_key: K,
+    keys: OutboxKeys,
 }
 
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
-impl<K: Fn(i64) -> String> BatchReader<'_, K> {
+impl BatchReader<'_> {
     /// The next rows of the partition with `id >= from`, at most the limit.
     fn read(&self, spi: &SpiClient<'_>, from: i64) -> Result<Batch, pgrx::spi::Error> {
         let rows = spi
@@ -581,6 +585,7 @@ impl<K: Fn(i64) -> String> BatchReader<'_, K> {
             .map(|row| -> Result<Row, pgrx::spi::Error> {
                 Ok(Row {
                     id: row.get::<i64>(1)?.unwrap_or(0),
+                    ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
                     method: row.get::<String>(2)?.unwrap_or_default(),
                     payload: row.get::<String>(3)?.unwrap_or_default(),
                     committed_at: row
@@ -598,7 +603,7 @@ impl<K: Fn(i64) -> String> BatchReader<'_, K> {
             rows,
         };
         for (i, row) in batch.rows.iter().enumerate() {
-            match prepare_text(&row.method, &row.payload, || (self.idempotency_key)(row.id)) {
+            match prepare_text(&row.method, &row.payload, || self.keys.key(row.id)) {
                 Ok(p) => {
                     batch.outcomes.push(None);
                     batch.sendable.push(i);
@@ -612,6 +617,18 @@ impl<K: Fn(i64) -> String> BatchReader<'_, K> {
     }
 }
 
+/// Rows done (delivered or dead-lettered) and not deleted yet.
+#[derive(Default)]
+struct Done {
+    ctids: Vec<pg_sys::ItemPointerData>,
+}
+
+impl Done {
+    fn push(&mut self, row: &Row) {
+        self.ctids.push(row.ctid);
+    }
+}
+
 /// Where dead letters of this consumer go.
 struct DeadLetterTarget<'a> {
     dead_letters: &'a str,
@@ -621,12 +638,12 @@ struct DeadLetterTarget<'a> {
 }
 
 /// Applies a batch's outcomes in order, up to the first temporary failure: delivered and
-/// dead-lettered rows join `done_ids`; returns the retry, if any. `attempts_and_target` gives a
+/// dead-lettered rows join `done`; returns the retry, if any. `attempts_and_target` gives a
 /// row's attempt count and where its dead letter goes.
 fn apply_outcomes<'a>(
     spi: &mut SpiClient<'_>,
     batch: &Batch,
-    done_ids: &mut Vec<i64>,
+    done: &mut Done,
     stats: &mut RoundStats,
     attempts_and_target: impl Fn(i64) -> (u32, DeadLetterTarget<'a>),
 ) -> Result<Option<Round>, pgrx::spi::Error> {
@@ -636,7 +653,7 @@ fn apply_outcomes<'a>(
             Outcome::Delivered => {
                 stats.delivered += 1;
                 stats.latencies_ms.push((acked_at - row.committed_at).max(0) as f64 / 1000.0);
-                done_ids.push(row.id);
+                done.push(row);
             }
             Outcome::DeadLetter { failure, payload: replacement } => {
                 let payload = replacement
@@ -648,7 +665,7 @@ fn apply_outcomes<'a>(
                 insert_dead_letter(spi, &target, &dead)?;
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
-                done_ids.push(row.id);
+                done.push(row);
             }
             Outcome::Retry(failure) => {
                 return Ok(Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() }));

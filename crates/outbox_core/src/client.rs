@@ -3,9 +3,10 @@
 //! One client per partition worker, and the worker sends one request at a time, so there is
 //! never more than one request in flight per partition.
 //!
-//! The client owns a one-thread runtime: a request is put on the wire by that thread while the
-//! worker's own thread goes on (reading the next rows from PostgreSQL), and the worker collects
-//! the reply later with [`InFlight::wait`].
+//! The client owns a current-thread runtime, driven only by the worker's own thread (no extra
+//! thread, no cross-thread wake-ups): [`CentrifugoClient::start_body`] runs it just long enough
+//! to put the request on the wire, the worker goes on (reading the next rows from PostgreSQL)
+//! while Centrifugo works, and [`InFlight::wait`] runs it again to read the reply.
 
 use std::time::Duration;
 
@@ -93,12 +94,10 @@ impl CentrifugoClient {
             _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
         }
         let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("centrifugo-http")
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start the HTTP client's thread: {e}"))?;
+            .map_err(|e| format!("cannot start the HTTP client's runtime: {e}"))?;
         let batch_url = format!("{}/batch", config.api_url.trim_end_matches('/'));
         Ok(CentrifugoClient { config, http, runtime, batch_url })
     }
@@ -129,6 +128,14 @@ impl CentrifugoClient {
             }
             .await;
             result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
+        });
+        // Each yield runs every ready task (the request, then the connection writing it) and
+        // polls the socket events once; a new connection may need a few rounds. Whatever is
+        // not written by then is written by `wait`.
+        self.runtime.block_on(async {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
         });
         InFlight { client: self, task: Some(task) }
     }
@@ -226,6 +233,21 @@ mod tests {
         let body: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(body["parallel"], false);
         assert_eq!(body["commands"][0]["publish"]["idempotency_key"], "k1");
+    }
+
+    #[test]
+    fn a_started_batch_is_on_the_wire_before_anyone_waits() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let client = CentrifugoClient::new(config(format!("http://{}/api", server.server_addr().to_ip().unwrap()))).unwrap();
+        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        for round in 0..3 {
+            let pending = client.start_batch(std::slice::from_ref(&cmd));
+            // The server gets the request while this thread is not inside the client at all.
+            let req = server.recv_timeout(Duration::from_secs(5)).unwrap().expect("the request arrived before wait()");
+            req.respond(tiny_http::Response::from_string(r#"{"replies":[{"publish":{}}]}"#)).unwrap();
+            let response = pending.wait();
+            assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}");
+        }
     }
 
     #[test]

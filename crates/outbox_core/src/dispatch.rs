@@ -162,7 +162,26 @@ fn needs_key(method: Method) -> bool {
 
 /// The idempotency key of an outbox row: unique per cluster, table and row, stable across resends.
 pub fn outbox_idempotency_key(system_id: u64, table_oid: u32, row_id: i64) -> String {
-    format!("cfo-{system_id:x}-{table_oid}-{row_id}")
+    OutboxKeys::new(system_id, table_oid).key(row_id)
+}
+
+/// [`outbox_idempotency_key`] for many rows of one table: the common prefix is formatted once.
+pub struct OutboxKeys {
+    prefix: String,
+}
+
+impl OutboxKeys {
+    pub fn new(system_id: u64, table_oid: u32) -> Self {
+        OutboxKeys { prefix: format!("cfo-{system_id:x}-{table_oid}-") }
+    }
+
+    pub fn key(&self, row_id: i64) -> String {
+        use std::fmt::Write;
+        let mut key = String::with_capacity(self.prefix.len() + 20);
+        key.push_str(&self.prefix);
+        write!(key, "{row_id}").expect("writing to a String");
+        key
+    }
 }
 
 /// The body of one `/api/batch` request running `commands` sequentially, in order.
