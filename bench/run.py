@@ -1,12 +1,15 @@
 """Benchmarks: centrifugo_outbox workers against Centrifugo's own PostgreSQL consumer, on this
 machine, with the same real Centrifugo, the same outbox table shape and the same commands.
 
-1. Drain throughput: N publish commands are committed to the outbox while nothing drains it,
-   then draining starts; we time until the outbox is empty (and check Centrifugo's history).
+1. Drain throughput: N publish commands are committed to the outbox in one transaction while
+   the drainer is already running (idle); we time from that COMMIT until the outbox is empty, and
+   count the machine's CPU time spent meanwhile. Both layouts: all processes sharing all cores,
+   and PostgreSQL / Centrifugo pinned to a core each (as on separate hosts).
 2. Commit → delivery latency: one publish per transaction, timed from COMMIT returning to a real
    WebSocket subscriber receiving it (p50/p95/p99 over the samples).
 
-Usage: python3 bench/run.py [--rows 20000] [--samples 200] [--partitions 1,4]
+Usage: python3 bench/run.py [--rows 200000] [--repeat 3] [--samples 200] [--partitions 1,4]
+                            [--limits 100,1000] [--layouts shared,split] [--skip kafka,latency]
 Writes bench/results.json; bench/REPORT.md quotes a run."""
 
 import argparse
@@ -70,7 +73,61 @@ def percentile(values, q):
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def ours_throughput(centrifugo, rows, partitions, limit=100):
+def busy_cpu_seconds():
+    """CPU time spent by the whole machine so far (user + system, not idle/iowait/steal)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, irq, softirq = fields[0], fields[1], fields[2], fields[5], fields[6]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def pin(pid, cpus):
+    """Pins every thread of a process (threads and children made later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+
+
+def pin_cluster(pg, cpus):
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    pin(postmaster, cpus)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if ppid == postmaster:
+                pin(int(pid), cpus)
+
+
+def apply_layout(layout, pg, centrifugo):
+    """shared: everything may run on every core (one small box). split: PostgreSQL (and this
+    script's poller) on core 0, Centrifugo on core 1, as when they run on different hosts."""
+    if layout == "split":
+        pin_cluster(pg, {0})
+        pin(centrifugo.proc.pid, {1})
+        os.sched_setaffinity(0, {0})
+    else:
+        os.sched_setaffinity(0, set(range(os.cpu_count())))
+
+
+def timed_drain(pg, rows):
+    cpu0 = busy_cpu_seconds()
+    start, ids = release_backlog(pg)
+    wait_empty(pg, ids)
+    elapsed = time.monotonic() - start
+    cpu = busy_cpu_seconds() - cpu0
+    return {"seconds": round(elapsed, 3), "per_second": round(rows / elapsed),
+            "cpu_seconds_per_100k": round(cpu * 100000 / rows, 2)}
+
+
+def ours_throughput(rows, partitions, limit=100, layout="shared"):
+    centrifugo = Centrifugo().start()
     pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key,
                     "centrifugo.num_partitions": partitions, "centrifugo.partition_select_limit": limit},
                    name="bench").init()
@@ -79,17 +136,16 @@ def ours_throughput(centrifugo, rows, partitions, limit=100):
         pg.sql("CREATE EXTENSION centrifugo_outbox")
         pg.sql("SELECT centrifugo_wait_until_running('30 seconds')")
         pg.sql(STAGE, {"p": partitions, "n": rows})
-        start, ids = release_backlog(pg)
-        wait_empty(pg, ids)
-        elapsed = time.monotonic() - start
-        batches = pg.scalar("SELECT sum(batches) FROM centrifugo_outbox_status")
-        return {"rows": rows, "partitions": partitions, "select_limit": limit, "seconds": round(elapsed, 3),
-                "per_second": round(rows / elapsed), "batches": int(batches)}
+        apply_layout(layout, pg, centrifugo)
+        result = timed_drain(pg, rows)
+        result["batches"] = int(pg.scalar("SELECT sum(batches) FROM centrifugo_outbox_status"))
+        return result
     finally:
         pg.destroy()
+        centrifugo.stop()
 
 
-def centrifugo_consumer_throughput(rows, partitions, limit=100):
+def centrifugo_consumer_throughput(rows, partitions, limit=100, layout="shared"):
     # The same table, drained by Centrifugo's built-in consumer (the library is not preloaded here).
     # It polls every 10 ms while idle, so it notices the backlog as soon as ours is woken by the commit.
     pg = PgCluster({}, preload=False, name="benchc").init()
@@ -103,11 +159,8 @@ def centrifugo_consumer_throughput(rows, partitions, limit=100):
             "num_partitions": partitions, "partition_select_limit": limit, "partition_poll_interval": "10ms"}}
         server = Centrifugo(extra_config={"consumers": [consumer]}).start()
         time.sleep(1)
-        start, ids = release_backlog(pg)
-        wait_empty(pg, ids)
-        elapsed = time.monotonic() - start
-        return {"rows": rows, "partitions": partitions, "select_limit": limit, "seconds": round(elapsed, 3),
-                "per_second": round(rows / elapsed)}
+        apply_layout(layout, pg, server)
+        return timed_drain(pg, rows)
     finally:
         if server:
             server.stop()
@@ -212,28 +265,47 @@ def kafka_throughput(centrifugo, rows, partitions=4, max_poll_records=100):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=100000)
+    parser.add_argument("--rows", type=int, default=200000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per side and setting (alternating); medians are reported")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--partitions", default="1,4")
     parser.add_argument("--limits", default="100,1000", help="partition_select_limit values")
+    parser.add_argument("--layouts", default="shared,split", help="shared: all cores for all; split: PostgreSQL core 0, Centrifugo core 1")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput,kafka,latency")
     args = parser.parse_args()
-    results = {"machine": f"{os.cpu_count()} cores", "throughput": [], "latency": {}}
+    skip = set(filter(None, args.skip.split(",")))
+    results = {"machine": f"{os.cpu_count()} cores", "rows": args.rows, "repeat": args.repeat, "throughput": [], "latency": {}}
+    if "throughput" not in skip:
+        for layout in args.layouts.split(","):
+            for limit in [int(x) for x in args.limits.split(",")]:
+                for p in [int(x) for x in args.partitions.split(",")]:
+                    ours, theirs = [], []
+                    for _ in range(args.repeat):
+                        ours.append(ours_throughput(args.rows, p, limit, layout))
+                        theirs.append(centrifugo_consumer_throughput(args.rows, p, limit, layout))
+                    entry = {"layout": layout, "partitions": p, "select_limit": limit}
+                    for name, runs in (("centrifugo_outbox", ours), ("centrifugo_builtin_consumer", theirs)):
+                        entry[name] = {"runs_per_second": [r["per_second"] for r in runs],
+                                       "median_per_second": round(statistics.median(r["per_second"] for r in runs)),
+                                       "median_cpu_seconds_per_100k": statistics.median(r["cpu_seconds_per_100k"] for r in runs)}
+                    entry["centrifugo_outbox"]["batches"] = ours[-1]["batches"]
+                    results["throughput"].append(entry)
+                    o, t = entry["centrifugo_outbox"], entry["centrifugo_builtin_consumer"]
+                    print(f"throughput [{layout}] {p} partition(s), select limit {limit}: ours {o['median_per_second']}/s "
+                          f"{o['runs_per_second']} ({o['median_cpu_seconds_per_100k']} cpu-s/100k) | Centrifugo's consumer "
+                          f"{t['median_per_second']}/s {t['runs_per_second']} ({t['median_cpu_seconds_per_100k']} cpu-s/100k)",
+                          flush=True)
+    os.sched_setaffinity(0, set(range(os.cpu_count())))
     centrifugo = Centrifugo().start()
     try:
-        for limit in [int(x) for x in args.limits.split(",")]:
-            for p in [int(x) for x in args.partitions.split(",")]:
-                ours = ours_throughput(centrifugo, args.rows, p, limit)
-                theirs = centrifugo_consumer_throughput(args.rows, p, limit)
-                results["throughput"].append({"centrifugo_outbox": ours, "centrifugo_builtin_consumer": theirs})
-                print(f"throughput, {p} partition(s), select limit {limit}: ours {ours['per_second']}/s "
-                      f"({ours['seconds']} s, {ours['batches']} batches) | Centrifugo's consumer "
-                      f"{theirs['per_second']}/s ({theirs['seconds']} s)", flush=True)
-        results["kafka"] = kafka_throughput(centrifugo, min(args.rows, 50000))
-        print(f"kafka -> centrifugo through the bridge: {results['kafka']['per_second']}/s "
-              f"({results['kafka']['rows']} records, {results['kafka']['seconds']} s, 4 Kafka partitions)", flush=True)
-        results["latency"]["centrifugo_outbox"] = ours_latency(centrifugo, args.samples)
-        results["latency"]["centrifugo_builtin_consumer_with_notify"] = centrifugo_consumer_latency(args.samples)
-        print("latency commit -> subscriber:", json.dumps(results["latency"]), flush=True)
+        if "kafka" not in skip:
+            results["kafka"] = kafka_throughput(centrifugo, min(args.rows, 50000))
+            print(f"kafka -> centrifugo through the bridge: {results['kafka']['per_second']}/s "
+                  f"({results['kafka']['rows']} records, {results['kafka']['seconds']} s, 4 Kafka partitions)", flush=True)
+        if "latency" not in skip:
+            results["latency"]["centrifugo_outbox"] = ours_latency(centrifugo, args.samples)
+            results["latency"]["centrifugo_builtin_consumer_with_notify"] = centrifugo_consumer_latency(args.samples)
+            print("latency commit -> subscriber:", json.dumps(results["latency"]), flush=True)
     finally:
         centrifugo.stop()
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"), "w") as f:

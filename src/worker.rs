@@ -3,9 +3,12 @@
 //! A *round* is one transaction: take the partition's advisory lock (the same key Centrifugo's
 //! own consumer uses, so two drainers never interleave a partition), read the next rows in id
 //! order, send them as one sequential `/api/batch`, and in the same transaction delete the rows
-//! that are done (delivered or moved to the dead letters). A temporary failure keeps the failed
-//! row and every later one, and the worker backs off. A crash between send and commit resends
-//! the rows; their idempotency keys stop Centrifugo from publishing twice.
+//! that are done (delivered or moved to the dead letters). While the partition has a backlog a
+//! round goes on for several batches, overlapping PostgreSQL work with Centrifugo's: while batch
+//! k is in flight, the rows batch k-1 finished are deleted and batch k+1 is read and prepared
+//! (still one request in flight). A temporary failure keeps the failed row and every later one,
+//! and the worker backs off. A crash before the commit resends the round's rows; their
+//! idempotency keys stop Centrifugo from publishing twice.
 //!
 //! Order is id order among committed rows at the time of the read: a row whose transaction
 //! commits after a higher id was already delivered is delivered later, never skipped.
