@@ -33,18 +33,17 @@ STAGE = ("CREATE UNLOGGED TABLE bench_stage AS "
          "SELECT g AS n, 'publish'::text AS method, jsonb_build_object('channel', 'chat:bench' || (g %% %(p)s), "
          "'data', jsonb_build_object('i', g, 'text', 'benchmark message')) AS payload, g %% %(p)s AS partition "
          "FROM generate_series(1, %(n)s) g")
-RELEASE = ("INSERT INTO centrifugo_outbox (method, payload, partition) "
-           "SELECT method, payload, partition FROM bench_stage ORDER BY n RETURNING id, partition")
+RELEASE = ("WITH released AS (INSERT INTO centrifugo_outbox (method, payload, partition) "
+           "SELECT method, payload, partition FROM bench_stage ORDER BY n RETURNING id, partition) "
+           "SELECT max(id) FROM released GROUP BY partition")
 
 
 def release_backlog(pg):
-    """Commits the whole backlog in one transaction; returns the clock start and the last id of
-    each partition (a partition is drained once its last id is gone)."""
+    """Commits the whole backlog in one transaction; returns the clock start (that COMMIT) and the
+    last id of each partition (a partition is drained once its last id is gone)."""
     with pg.connect() as conn:
-        last = {}
-        for row_id, partition in conn.execute(RELEASE).fetchall():
-            last[partition] = max(row_id, last.get(partition, row_id))
-        return time.monotonic(), list(last.values())
+        last_ids = [row[0] for row in conn.execute(RELEASE).fetchall()]
+        return time.monotonic(), last_ids
 
 
 CENTRIFUGO_TABLE = """CREATE TABLE centrifugo_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL,
@@ -117,8 +116,8 @@ def apply_layout(layout, pg, centrifugo):
 
 
 def timed_drain(pg, rows):
-    cpu0 = busy_cpu_seconds()
     start, ids = release_backlog(pg)
+    cpu0 = busy_cpu_seconds()  # after the (CPU-heavy) release; a few ms of draining are not counted
     wait_empty(pg, ids)
     elapsed = time.monotonic() - start
     cpu = busy_cpu_seconds() - cpu0
@@ -266,7 +265,7 @@ def kafka_throughput(centrifugo, rows, partitions=4, max_poll_records=100):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200000)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per side and setting (alternating); medians are reported")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per side and setting (alternating); medians are reported")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--partitions", default="1,4")
     parser.add_argument("--limits", default="100,1000", help="partition_select_limit values")
@@ -289,11 +288,16 @@ def main():
                                        "median_per_second": round(statistics.median(r["per_second"] for r in runs)),
                                        "median_cpu_seconds_per_100k": statistics.median(r["cpu_seconds_per_100k"] for r in runs)}
                     entry["centrifugo_outbox"]["batches"] = ours[-1]["batches"]
+                    # Runs are paired (ours, then theirs, back to back): the ratio within a pair is
+                    # steadier than either rate when the machine's speed drifts.
+                    entry["median_ratio_ours_to_theirs"] = round(statistics.median(
+                        a["per_second"] / b["per_second"] for a, b in zip(ours, theirs)), 2)
                     results["throughput"].append(entry)
                     o, t = entry["centrifugo_outbox"], entry["centrifugo_builtin_consumer"]
                     print(f"throughput [{layout}] {p} partition(s), select limit {limit}: ours {o['median_per_second']}/s "
                           f"{o['runs_per_second']} ({o['median_cpu_seconds_per_100k']} cpu-s/100k) | Centrifugo's consumer "
-                          f"{t['median_per_second']}/s {t['runs_per_second']} ({t['median_cpu_seconds_per_100k']} cpu-s/100k)",
+                          f"{t['median_per_second']}/s {t['runs_per_second']} ({t['median_cpu_seconds_per_100k']} cpu-s/100k)"
+                          f" | ratio {entry['median_ratio_ours_to_theirs']}",
                           flush=True)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
     centrifugo = Centrifugo().start()
