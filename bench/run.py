@@ -82,7 +82,11 @@ def busy_cpu_seconds():
 
 def pin(pid, cpus):
     """Pins every thread of a process (threads and children made later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return  # exited meanwhile
+    for tid in tids:
         try:
             os.sched_setaffinity(int(tid), cpus)
         except (ProcessLookupError, FileNotFoundError):
