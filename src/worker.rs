@@ -433,7 +433,8 @@ impl Worker {
         }));
         match result {
             Ok((round, stats)) => {
-                if stats.batches > 0 {
+                // A round of malformed rows only sends nothing but still dead-letters them.
+                if stats.batches > 0 || stats.dead > 0 {
                     shmem::update(self.slot, |s| {
                         s.stats.batches += stats.batches;
                         s.stats.dead_lettered += stats.dead;
