@@ -114,6 +114,25 @@ def test_commit_wakes_the_worker_without_waiting_for_the_poll(outbox, centrifugo
         sub.stop()
 
 
+def test_a_connection_centrifugo_closed_while_idle_costs_no_retry(outbox, centrifugo):
+    # Centrifugo's HTTP server closes keep-alive connections idle for 30 s; the worker's client
+    # sleeps with the worker, so it must notice (or not reuse) such a connection by itself.
+    pg = outbox()
+    channel = f"idle{uid()}"
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        time.sleep(0.5)
+        pg.sql("SELECT centrifugo_publish(%s, '1')", (channel,))
+        sub.wait_for_publications(1, channel, timeout=10)
+        time.sleep(32)
+        start = time.monotonic()
+        pg.sql("SELECT centrifugo_publish(%s, '2')", (channel,))
+        assert sub.wait_for_publications(2, channel, timeout=10)[1].at - start < 1.0
+        assert pg.scalar("SELECT retries FROM centrifugo_outbox_status WHERE partition = 0") == 0
+    finally:
+        sub.stop()
+
+
 def test_concurrent_writers_keep_partition_order(outbox, centrifugo):
     pg = outbox(num_partitions=4, partition_select_limit=100)
     channels = [f"chat:order{p}-{uid()}" for p in range(4)]

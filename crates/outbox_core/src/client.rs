@@ -70,6 +70,8 @@ impl CentrifugoClient {
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .pool_max_idle_per_host(1)
+            // Below Centrifugo's own 30 s (its HTTP server closes idle keep-alive connections then).
+            .pool_idle_timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .no_proxy()
             .danger_accept_invalid_certs(config.tls_insecure_skip_verify);
@@ -120,6 +122,10 @@ impl CentrifugoClient {
             .header("Content-Type", "application/json")
             .body(body);
         let api_key = self.config.api_key.clone();
+        // The runtime sleeps while the worker does: first let idle connections see what happened
+        // meanwhile (a server closes keep-alive connections after a while; a closed one must
+        // leave the pool before the request picks it).
+        self.drive();
         let task = self.runtime.spawn(async move {
             let result = async {
                 let resp = request.send().await?;
@@ -129,15 +135,20 @@ impl CentrifugoClient {
             .await;
             result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
         });
-        // Each yield runs every ready task (the request, then the connection writing it) and
-        // polls the socket events once; a new connection may need a few rounds. Whatever is
-        // not written by then is written by `wait`.
+        // Put the request on the wire now; whatever is not written yet is written by `wait`.
+        self.drive();
+        InFlight { client: self, task: Some(task) }
+    }
+
+    /// Runs the runtime for a moment without blocking: each yield polls the socket events once
+    /// and then runs every task that became ready (a connection noticing it was closed, the
+    /// request, the connection writing it); a new connection may need a few rounds.
+    fn drive(&self) {
         self.runtime.block_on(async {
             for _ in 0..3 {
                 tokio::task::yield_now().await;
             }
         });
-        InFlight { client: self, task: Some(task) }
     }
 
     /// Sends `commands` as one sequential `/api/batch` request and waits for the answer.
@@ -199,6 +210,7 @@ mod tests {
     use super::*;
     use crate::dispatch::prepare;
     use serde_json::json;
+    use std::io::{Read, Write};
 
     fn config(url: String) -> ClientConfig {
         ClientConfig {
@@ -314,5 +326,53 @@ mod tests {
         c.tls_cert = "/x".into();
         assert!(CentrifugoClient::new(c).err().unwrap().contains("set together"));
         assert!(CentrifugoClient::new(config("localhost:8000".into())).is_err());
+    }
+
+
+    /// A server that answers each connection's first request and closes it 50 ms later, as
+    /// Centrifugo does with keep-alive connections idle for 30 s.
+    fn closing_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", listener.local_addr().unwrap());
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let mut stream = stream.unwrap();
+                let count = count.clone();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let n = stream.read(&mut chunk).unwrap_or(0);
+                        if n == 0 { return; }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+                            if buf.len() >= end + 4 + len { break; }
+                        }
+                    }
+                    let body = r#"{"replies":[{"publish":{}}]}"#;
+                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(50));
+                });
+            }
+        });
+        (url, served)
+    }
+
+    #[test]
+    fn a_connection_the_server_closed_while_idle_is_not_used() {
+        let (url, served) = closing_server();
+        let client = CentrifugoClient::new(ClientConfig { api_url: url, api_key: "k".into(), connect_timeout: Duration::from_secs(1), timeout: Duration::from_secs(2), ..Default::default() }).unwrap();
+        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        for round in 0..5 {
+            let response = client.send_batch(std::slice::from_ref(&cmd));
+            assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}: {response:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);
     }
 }
