@@ -382,14 +382,16 @@ impl Worker {
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();
-                // Rows done but not deleted yet: deleted while the next request is in flight.
-                let mut done = Done::default();
-                let delete = |spi: &mut SpiClient<'_>, done: &mut Done| -> Result<(), pgrx::spi::Error> {
-                    if !done.ctids.is_empty() {
-                        spi.update(&table_statements.delete, None, &[std::mem::take(&mut done.ctids).into()])?;
+                // The ctids of rows done but not deleted yet: deleted while the next request is in flight.
+                let mut done: Vec<pg_sys::ItemPointerData> = Vec::new();
+                let delete = |spi: &mut SpiClient<'_>, done: &mut Vec<pg_sys::ItemPointerData>| -> Result<(), pgrx::spi::Error> {
+                    if !done.is_empty() {
+                        spi.update(&table_statements.delete, None, &[std::mem::take(done).into()])?;
                     }
                     Ok(())
                 };
+                let dead_letter_target =
+                    DeadLetterTarget { dead_letters: &dead_letters, outbox: &table, consumer: &consumer_name, partition };
                 let mut batch = reader.read(spi, i64::MIN)?;
                 let round = loop {
                     if batch.rows.is_empty() {
@@ -408,14 +410,8 @@ impl Worker {
                             batch.outcomes[*i] = Some(outcome);
                         }
                     }
-                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, |id| {
-                        (if failing_row == Some(id) { attempts + 1 } else { 1 }, DeadLetterTarget {
-                            dead_letters: &dead_letters,
-                            outbox: &table,
-                            consumer: &consumer_name,
-                            partition,
-                        })
-                    })?;
+                    let attempts_of = |id| if failing_row == Some(id) { attempts + 1 } else { 1 };
+                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, &dead_letter_target, attempts_of)?;
                     if let Some(retry) = retry {
                         break retry;
                     }
@@ -621,18 +617,6 @@ impl BatchReader<'_> {
     }
 }
 
-/// Rows done (delivered or dead-lettered) and not deleted yet.
-#[derive(Default)]
-struct Done {
-    ctids: Vec<pg_sys::ItemPointerData>,
-}
-
-impl Done {
-    fn push(&mut self, row: &Row) {
-        self.ctids.push(row.ctid);
-    }
-}
-
 /// Where dead letters of this consumer go.
 struct DeadLetterTarget<'a> {
     dead_letters: &'a str,
@@ -641,15 +625,16 @@ struct DeadLetterTarget<'a> {
     partition: i32,
 }
 
-/// Applies a batch's outcomes in order, up to the first temporary failure: delivered and
-/// dead-lettered rows join `done`; returns the retry, if any. `attempts_and_target` gives a
-/// row's attempt count and where its dead letter goes.
-fn apply_outcomes<'a>(
+/// Applies a batch's outcomes in order, up to the first temporary failure: the ctids of
+/// delivered and dead-lettered rows join `done`; returns the retry, if any. `attempts_of` gives
+/// a row's attempt count for its dead letter.
+fn apply_outcomes(
     spi: &mut SpiClient<'_>,
     batch: &Batch,
-    done: &mut Done,
+    done: &mut Vec<pg_sys::ItemPointerData>,
     stats: &mut RoundStats,
-    attempts_and_target: impl Fn(i64) -> (u32, DeadLetterTarget<'a>),
+    target: &DeadLetterTarget<'_>,
+    attempts_of: impl Fn(i64) -> u32,
 ) -> Result<Option<Round>, pgrx::spi::Error> {
     let acked_at = shmem::unix_micros();
     for (row, outcome) in batch.rows.iter().zip(&batch.outcomes) {
@@ -657,19 +642,18 @@ fn apply_outcomes<'a>(
             Outcome::Delivered => {
                 stats.delivered += 1;
                 stats.latencies_ms.push((acked_at - row.committed_at).max(0) as f64 / 1000.0);
-                done.push(row);
+                done.push(row.ctid);
             }
             Outcome::DeadLetter { failure, payload: replacement } => {
                 let payload = replacement
                     .as_ref()
                     .map(|p| serde_json::Value::Object(p.clone()).to_string())
                     .unwrap_or_else(|| row.payload.clone());
-                let (attempts, target) = attempts_and_target(row.id);
-                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload: &payload, failure, attempts };
-                insert_dead_letter(spi, &target, &dead)?;
+                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload: &payload, failure, attempts: attempts_of(row.id) };
+                insert_dead_letter(spi, target, &dead)?;
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
-                done.push(row);
+                done.push(row.ctid);
             }
             Outcome::Retry(failure) => {
                 return Ok(Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() }));

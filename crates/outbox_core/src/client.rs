@@ -151,11 +151,6 @@ impl CentrifugoClient {
         });
     }
 
-    /// Sends `commands` as one sequential `/api/batch` request and waits for the answer.
-    pub fn send_batch(&self, commands: &[Prepared]) -> Response {
-        self.start_batch(commands).wait()
-    }
-
     /// Sends `commands` as one batch and returns one outcome per command (see [`Self::finish`]).
     pub fn send(&self, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         self.finish(self.start_batch(commands), commands, batches)
@@ -237,7 +232,7 @@ mod tests {
         });
         let client = CentrifugoClient::new(config(url)).unwrap();
         let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k1".into()).unwrap();
-        let response = client.send_batch(std::slice::from_ref(&cmd));
+        let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
         assert_eq!(classify_batch(&response, &[cmd]), BatchVerdict::PerCommand(vec![Outcome::Delivered]));
         let (path, key, body) = handle.join().unwrap();
         assert_eq!(path, "/api/batch");
@@ -267,14 +262,14 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{port}/api"))).unwrap();
         let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
-        match client.send_batch(std::slice::from_ref(&cmd)) {
+        match client.start_batch(std::slice::from_ref(&cmd)).wait() {
             Response::Transport(msg) => assert!(msg.contains("connect") && !msg.contains("secret-key-123"), "{msg}"),
             other => panic!("{other:?}"),
         }
         // Accepts the connection but never answers: the request timeout fires.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let client = CentrifugoClient::new(config(format!("http://{}/api", silent.local_addr().unwrap()))).unwrap();
-        match client.send_batch(&[cmd]) {
+        match client.start_batch(&[cmd]).wait() {
             Response::Transport(msg) => assert!(msg.contains("timeout"), "{msg}"),
             other => panic!("{other:?}"),
         }
@@ -369,7 +364,7 @@ mod tests {
         let client = CentrifugoClient::new(ClientConfig { api_url: url, api_key: "k".into(), connect_timeout: Duration::from_secs(1), timeout: Duration::from_secs(2), ..Default::default() }).unwrap();
         let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
         for round in 0..5 {
-            let response = client.send_batch(std::slice::from_ref(&cmd));
+            let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
             assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}: {response:?}");
             std::thread::sleep(Duration::from_millis(200));
         }

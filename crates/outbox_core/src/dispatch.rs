@@ -160,12 +160,8 @@ fn needs_key(method: Method) -> bool {
     matches!(method, Method::Publish | Method::Broadcast)
 }
 
-/// The idempotency key of an outbox row: unique per cluster, table and row, stable across resends.
-pub fn outbox_idempotency_key(system_id: u64, table_oid: u32, row_id: i64) -> String {
-    OutboxKeys::new(system_id, table_oid).key(row_id)
-}
-
-/// [`outbox_idempotency_key`] for many rows of one table: the common prefix is formatted once.
+/// The idempotency keys of one table's outbox rows: `cfo-<system id hex>-<table oid>-<row id>`,
+/// unique per cluster, table and row and stable across resends (the prefix is formatted once).
 pub struct OutboxKeys {
     prefix: String,
 }
@@ -400,7 +396,7 @@ mod tests {
         assert!(p.payload_map().get("idempotency_key").is_none());
         let p = prep("broadcast", json!("{\"channels\": [\"a\"], \"data\": 1}"));
         assert_eq!(p.payload_map()["idempotency_key"], "k");
-        assert_eq!(outbox_idempotency_key(255, 16384, 42), "cfo-ff-16384-42");
+        assert_eq!(OutboxKeys::new(255, 16384).key(42), "cfo-ff-16384-42");
     }
 
     #[test]
