@@ -98,6 +98,32 @@ def test_worker_killed_mid_batch_loses_nothing_and_duplicates_are_suppressed(dou
     assert [d["i"] for d in centrifugo.history(channel)] == list(range(40)), "no duplicates, no gaps, in order"
 
 
+def test_worker_killed_in_the_middle_of_a_multi_batch_round_loses_nothing(double_cluster, centrifugo):
+    # Batches of 10: the first three are delivered, the fourth is held in flight (the next one
+    # already read, nothing committed yet), and then the worker dies.
+    pg, double = double_cluster(upstream=centrifugo, http_timeout=10000, partition_select_limit=10)
+    channel = f"chat:killround{uid()}"
+    seen = {"batches": 0}
+
+    def script(request):
+        if request["body"] and any(c.get("publish", {}).get("channel") == channel for c in request["body"]["commands"]):
+            seen["batches"] += 1
+            if seen["batches"] == 4:
+                return ("hold", 5)
+        return ("forward",)
+
+    double.script = script
+    publish_many(pg, channel, 100)
+    wait_until(lambda: len(centrifugo.history(channel)) == 40, 10, what="Centrifugo to run four batches")
+    pid = pg.scalar("SELECT pid FROM centrifugo_worker_status() WHERE partition = 0")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: outbox_count(pg) == 0, 30, interval=0.2, what="the resend after the crash")
+    sent = [p["idempotency_key"] for m, p in double.commands() if p.get("channel") == channel]
+    assert len(set(sent)) == 100
+    assert len(sent) >= 110, "at least the batch in flight was sent again"
+    assert [d["i"] for d in centrifugo.history(channel)] == list(range(100)), "no duplicates, no gaps, in order"
+
+
 def test_postgres_restart_keeps_the_backlog(double_cluster):
     pg, double = double_cluster()
     double.script = lambda r: ("reply", 503, b"unavailable")
