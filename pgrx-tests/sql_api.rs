@@ -274,3 +274,31 @@ fn secrets_are_masked_and_settings_are_registered() {
         .unwrap();
     assert!(msg.contains("centrifugo.api_ur"), "{msg}");
 }
+
+/// Numbers of any size and precision and deep nesting reach the outbox exactly as given: the
+/// SQL API never turns data into a float or a JSON tree.
+#[pg_test]
+fn every_function_keeps_data_exact() {
+    let deep = format!("{}1{}", "[".repeat(2000), "]".repeat(2000));
+    let data = format!(
+        r#"{{"big": 123456789012345678901234567890, "dec": -0.12345678901234567890123456789, "exp": 1e40, "deep": {deep}}}"#
+    );
+    let calls = [
+        "SELECT centrifugo_publish('c', $1::jsonb)",
+        "SELECT centrifugo_broadcast(ARRAY['a', 'b'], $1::jsonb)",
+        "SELECT centrifugo_subscribe('u', 'c', data => $1::jsonb, info => $1::jsonb)",
+        "SELECT centrifugo_refresh('u', info => $1::jsonb)",
+        "SELECT centrifugo_command('publish', jsonb_build_object('channel', 'c', 'data', $1::jsonb))",
+    ];
+    for call in calls {
+        let id = Spi::get_one_with_args::<i64>(call, &[data.as_str().into()]).expect(call).expect("an id");
+        let exact = Spi::get_one_with_args::<bool>(
+            "SELECT coalesce(payload->'data', payload->'info') = $2::jsonb
+                    AND (payload->'info' IS NULL OR payload->'info' = $2::jsonb)
+             FROM centrifugo_outbox WHERE id = $1",
+            &[id.into(), data.as_str().into()],
+        )
+        .expect("read back");
+        assert_eq!(exact, Some(true), "{call}");
+    }
+}

@@ -31,7 +31,8 @@ CREATE VIEW centrifugo_dead_letter_counts AS
 
 -- Status, dead letters and worker control are for operators: superusers, or roles they grant.
 REVOKE ALL ON FUNCTION centrifugo_replay_dead_letters, centrifugo_purge_dead_letters, centrifugo_restart_workers,
-    centrifugo_outbox_status_rows, centrifugo_kafka_status_rows, centrifugo_wait_until_running FROM PUBLIC;
+    centrifugo_outbox_status_rows, centrifugo_kafka_status_rows, centrifugo_wait_until_running,
+    centrifugo_worker_status FROM PUBLIC;
 REVOKE ALL ON centrifugo_outbox_status, centrifugo_kafka_status, centrifugo_dead_letter_counts FROM PUBLIC;
 
 -- API: Private

@@ -32,11 +32,12 @@ ALTER TABLE centrifugo_outbox SET (
 -- centrifugo.partition_notification_channel; an empty channel sends nothing.
 CREATE FUNCTION centrifugo_notify_partition_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
+-- Every name is qualified: this runs with the inserting session's search_path.
 DECLARE
-    channel text := coalesce(TG_ARGV[0], current_setting('centrifugo.partition_notification_channel', true), '');
+    channel pg_catalog.text := coalesce(TG_ARGV[0], pg_catalog.current_setting('centrifugo.partition_notification_channel', true), '');
 BEGIN
-    IF channel <> '' THEN
-        PERFORM pg_notify(channel, NEW.partition::text);
+    IF channel OPERATOR(pg_catalog.<>) '' THEN
+        PERFORM pg_catalog.pg_notify(channel, NEW.partition::pg_catalog.text);
     END IF;
     RETURN NEW;
 END;
@@ -48,10 +49,35 @@ CREATE TRIGGER centrifugo_notify_partition_trigger
 
 -- API: Public
 -- Applications get the SQL API through this role instead of PUBLIC.
+-- The role is cluster-wide: a second database's CREATE EXTENSION finds the one the first made.
+-- One made by somebody else (anyone with CREATEROLE can) is refused while it could hand the SQL
+-- API to others: it may log in, has role attributes, belongs to other roles, or a role that is
+-- not a superuser may administer it.
 DO $$
+DECLARE
+    publisher pg_catalog.oid;
+    why pg_catalog.text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'centrifugo_publisher') THEN
+    SELECT r.oid,
+           CASE WHEN r.rolcanlogin THEN 'it can log in'
+                WHEN r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+                    THEN 'it has SUPERUSER, CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS'
+                WHEN EXISTS (SELECT FROM pg_catalog.pg_auth_members m WHERE m.member OPERATOR(pg_catalog.=) r.oid)
+                    THEN 'it is a member of other roles'
+                ELSE (SELECT 'role ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(a.rolname)
+                             OPERATOR(pg_catalog.||) ' can administer it (ADMIN OPTION) without being a superuser'
+                      FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) m.member
+                      WHERE m.roleid OPERATOR(pg_catalog.=) r.oid AND m.admin_option AND NOT a.rolsuper
+                      LIMIT 1)
+           END
+      INTO publisher, why
+      FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'centrifugo_publisher';
+    IF publisher IS NULL THEN
         CREATE ROLE centrifugo_publisher NOLOGIN;
+    ELSIF why IS NOT NULL THEN
+        RAISE EXCEPTION 'centrifugo_outbox: role "centrifugo_publisher" already exists and %', why
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'The extension grants its SQL API to this role. Drop the role (or remove what is listed) and run CREATE EXTENSION again.';
     END IF;
 END;
 $$;

@@ -3,8 +3,12 @@
 //! picks the partition and inserts one outbox row in the caller's transaction, returning its id.
 //! Nothing is inserted when validation fails; the error carries a documented SQLSTATE.
 
+use std::ffi::CStr;
+
+use pgrx::callconv::{Arg, ArgAbi};
+use pgrx::nullable::Nullable;
+use pgrx::pgrx_sql_entity_graph::metadata::{ArgumentError, ReturnsError, ReturnsRef, SqlMappingRef, SqlTranslatable};
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 use outbox_core::partition::{choose_partition, partition_for_key};
 use outbox_core::settings::check_command_size;
@@ -13,6 +17,49 @@ use outbox_core::{Command, CommandError, ErrorClass, Method, PayloadBuilder};
 use crate::errors::raise;
 use crate::gucs;
 
+/// A `jsonb` argument as PostgreSQL prints it, never parsed into a tree: numbers keep every
+/// digit, and nesting is as deep as PostgreSQL allows (pgrx's `JsonB` goes through serde_json).
+pub struct JsonbText(pub String);
+
+impl FromDatum for JsonbText {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: the datum is a jsonb (the SQL signature says so); jsonb_out detoasts it and
+        // returns a palloc'd C string, freed once copied.
+        unsafe {
+            let text = pgrx::direct_function_call::<&CStr>(pg_sys::jsonb_out, &[Some(datum)])?;
+            let owned = text.to_string_lossy().into_owned();
+            pg_sys::pfree(text.as_ptr() as *mut std::ffi::c_void);
+            Some(JsonbText(owned))
+        }
+    }
+}
+
+// SAFETY: unboxed through FromDatum above, like pgrx's own JsonB.
+unsafe impl<'fcx> ArgAbi<'fcx> for JsonbText {
+    unsafe fn unbox_arg_unchecked(arg: Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null")) }
+    }
+
+    unsafe fn unbox_nullable_arg(arg: Arg<'_, 'fcx>) -> Nullable<Self> {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { arg.unbox_arg_using_from_datum().into() }
+    }
+}
+
+// SAFETY: the SQL type is jsonb, which the FromDatum above reads.
+unsafe impl SqlTranslatable for JsonbText {
+    const TYPE_IDENT: &'static str = concat!(module_path!(), "::JsonbText");
+    const TYPE_ORIGIN: pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin =
+        pgrx::pgrx_sql_entity_graph::metadata::TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("jsonb"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("jsonb")));
+}
+
 /// Inserts a validated command into the outbox and returns its id.
 fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, partition_key: Option<&str>) -> i64 {
     let command = command.unwrap_or_else(|e| raise(e));
@@ -20,8 +67,8 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     let payload = command.payload_json();
     check_command_size(payload.len(), gucs::max_command_size()).unwrap_or_else(|e| raise(e));
     let sql = format!(
-        "INSERT INTO {} (method, payload, partition) VALUES ($1, $2::jsonb, $3) RETURNING id",
-        gucs::outbox_table()
+        "INSERT INTO {} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id",
+        crate::session::qualified_outbox(&gucs::outbox_table_name())
     );
     Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()])
         .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
@@ -41,15 +88,15 @@ fn channel_list(method: Method, channels: Option<Vec<Option<String>>>) -> Result
         .collect()
 }
 
-fn json(value: Option<JsonB>) -> Option<serde_json::Value> {
-    value.map(|j| j.0)
+fn json(value: &Option<JsonbText>) -> Option<&str> {
+    value.as_ref().map(|j| j.0.as_str())
 }
 
 /// The fields shared by publish and broadcast.
 fn publication(
     b: PayloadBuilder,
     idempotency_key: Option<&str>,
-    tags: Option<JsonB>,
+    tags: Option<JsonbText>,
     skip_history: Option<bool>,
     delta: Option<bool>,
     version: Option<i64>,
@@ -61,7 +108,7 @@ fn publication(
         }
     }
     Ok(b.field("idempotency_key", idempotency_key)
-        .field("tags", json(tags))
+        .raw("tags", json(&tags))
         .field("skip_history", skip_history)
         .field("delta", delta)
         .field("version", version)
@@ -71,11 +118,12 @@ fn publication(
 /// Publishes `data` (any JSON) into `channel`. Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_publish(
     channel: Option<&str>,
-    data: Option<JsonB>,
+    data: Option<JsonbText>,
     idempotency_key: default!(Option<&str>, "NULL"),
-    tags: default!(Option<JsonB>, "NULL"),
+    tags: default!(Option<JsonbText>, "NULL"),
     skip_history: default!(Option<bool>, "NULL"),
     delta: default!(Option<bool>, "NULL"),
     version: default!(Option<i64>, "NULL"),
@@ -85,7 +133,7 @@ fn centrifugo_publish(
 ) -> i64 {
     let m = Method::Publish;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).field("data", Some(require(json(data), m, "data")?));
+        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).raw("data", Some(require(json(&data), m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -94,11 +142,12 @@ fn centrifugo_publish(
 /// Publishes binary `data` into `channel` (sent as `b64data`). Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_publish_binary(
     channel: Option<&str>,
     data: Option<&[u8]>,
     idempotency_key: default!(Option<&str>, "NULL"),
-    tags: default!(Option<JsonB>, "NULL"),
+    tags: default!(Option<JsonbText>, "NULL"),
     skip_history: default!(Option<bool>, "NULL"),
     delta: default!(Option<bool>, "NULL"),
     version: default!(Option<i64>, "NULL"),
@@ -117,11 +166,12 @@ fn centrifugo_publish_binary(
 /// Publishes the same `data` into every channel of `channels`. Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_broadcast(
     channels: Option<Vec<Option<String>>>,
-    data: Option<JsonB>,
+    data: Option<JsonbText>,
     idempotency_key: default!(Option<&str>, "NULL"),
-    tags: default!(Option<JsonB>, "NULL"),
+    tags: default!(Option<JsonbText>, "NULL"),
     skip_history: default!(Option<bool>, "NULL"),
     delta: default!(Option<bool>, "NULL"),
     version: default!(Option<i64>, "NULL"),
@@ -131,7 +181,7 @@ fn centrifugo_broadcast(
 ) -> i64 {
     let m = Method::Broadcast;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).field("data", Some(require(json(data), m, "data")?));
+        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).raw("data", Some(require(json(&data), m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -140,11 +190,12 @@ fn centrifugo_broadcast(
 /// Broadcasts binary `data` (sent as `b64data`). Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_broadcast_binary(
     channels: Option<Vec<Option<String>>>,
     data: Option<&[u8]>,
     idempotency_key: default!(Option<&str>, "NULL"),
-    tags: default!(Option<JsonB>, "NULL"),
+    tags: default!(Option<JsonbText>, "NULL"),
     skip_history: default!(Option<bool>, "NULL"),
     delta: default!(Option<bool>, "NULL"),
     version: default!(Option<i64>, "NULL"),
@@ -163,14 +214,15 @@ fn centrifugo_broadcast_binary(
 /// Subscribes `user`'s connections to `channel` (server-side subscription). Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_subscribe(
     user: Option<&str>,
     channel: Option<&str>,
-    info: default!(Option<JsonB>, "NULL"),
+    info: default!(Option<JsonbText>, "NULL"),
     client: default!(Option<&str>, "NULL"),
     session: default!(Option<&str>, "NULL"),
-    data: default!(Option<JsonB>, "NULL"),
-    recover_since: default!(Option<JsonB>, "NULL"),
+    data: default!(Option<JsonbText>, "NULL"),
+    recover_since: default!(Option<JsonbText>, "NULL"),
     expire_at: default!(Option<i64>, "NULL"),
     override_presence: default!(Option<bool>, "NULL"),
     override_join_leave: default!(Option<bool>, "NULL"),
@@ -183,11 +235,11 @@ fn centrifugo_subscribe(
     let cmd = PayloadBuilder::new()
         .field("user", user)
         .field("channel", channel)
-        .field("info", json(info))
+        .raw("info", json(&info))
         .field("client", client)
         .field("session", session)
-        .field("data", json(data))
-        .field("recover_since", json(recover_since))
+        .raw("data", json(&data))
+        .raw("recover_since", json(&recover_since))
         .field("expire_at", expire_at)
         .override_flag("presence", override_presence)
         .override_flag("join_leave", override_join_leave)
@@ -200,6 +252,7 @@ fn centrifugo_subscribe(
 
 /// Unsubscribes `user` (optionally one client or session) from `channel`. Returns the outbox id.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_unsubscribe(
     user: Option<&str>,
     channel: Option<&str>,
@@ -220,6 +273,7 @@ fn centrifugo_unsubscribe(
 /// Disconnects `user`'s connections (optionally one client or session). Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_disconnect(
     user: Option<&str>,
     client: default!(Option<&str>, "NULL"),
@@ -253,13 +307,14 @@ fn centrifugo_disconnect(
 /// Refreshes `user`'s connections (prolong or expire them). Returns the outbox id.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_refresh(
     user: Option<&str>,
     client: default!(Option<&str>, "NULL"),
     session: default!(Option<&str>, "NULL"),
     expired: default!(Option<bool>, "NULL"),
     expire_at: default!(Option<i64>, "NULL"),
-    info: default!(Option<JsonB>, "NULL"),
+    info: default!(Option<JsonbText>, "NULL"),
     partition_key: default!(Option<&str>, "NULL"),
     partition: default!(Option<i32>, "NULL"),
 ) -> i64 {
@@ -269,13 +324,14 @@ fn centrifugo_refresh(
         .field("session", session)
         .field("expired", expired)
         .field("expire_at", expire_at)
-        .field("info", json(info))
+        .raw("info", json(&info))
         .build(Method::Refresh);
     enqueue(cmd, partition, partition_key)
 }
 
 /// Removes the history of `channel`. Returns the outbox id.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_history_remove(
     channel: Option<&str>,
     partition_key: default!(Option<&str>, "NULL"),
@@ -287,9 +343,10 @@ fn centrifugo_history_remove(
 
 /// Enqueues any state-changing command as Centrifugo's outbox row would hold it. Returns the outbox id.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_command(
     method: Option<&str>,
-    payload: Option<JsonB>,
+    payload: Option<JsonbText>,
     partition_key: default!(Option<&str>, "NULL"),
     partition: default!(Option<i32>, "NULL"),
 ) -> i64 {
@@ -297,13 +354,14 @@ fn centrifugo_command(
         let method = method.ok_or_else(|| CommandError::new(ErrorClass::NullValue, "method must not be NULL"))?;
         let method = Method::parse(method)?;
         let payload = payload.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires a payload")))?;
-        Command::new(method, payload.0)
+        Command::from_text(method, &payload.0)
     })();
     enqueue(cmd, partition, partition_key)
 }
 
 /// The partition `key` maps to under the current `centrifugo.num_partitions` (see README, "Partitions").
 #[pg_extern(stable, parallel_safe, strict)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_partition_for(key: &str) -> i32 {
     partition_for_key(key, gucs::num_partitions())
 }

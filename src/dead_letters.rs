@@ -2,12 +2,14 @@
 
 use pgrx::prelude::*;
 
+use crate::session;
 use crate::worker::outbox_specs;
 
 /// Moves dead letters back into the outbox they came from (Kafka ones into the default outbox),
 /// in their original order and partition, and returns how many. Filters combine with AND; no
 /// filter replays them all.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_replay_dead_letters(
     ids: default!(Option<Vec<i64>>, "NULL"),
     method: default!(Option<&str>, "NULL"),
@@ -15,7 +17,7 @@ fn centrifugo_replay_dead_letters(
     error_kind: default!(Option<&str>, "NULL"),
     failed_after: default!(Option<pgrx::datum::TimestampWithTimeZone>, "NULL"),
 ) -> i64 {
-    let schema = extension_schema();
+    let dead_letters = session::dead_letters_table();
     let specs = outbox_specs();
     let others: Vec<String> = specs.iter().skip(1).map(|s| s.name()).collect();
     let mut replayed = 0;
@@ -28,7 +30,7 @@ fn centrifugo_replay_dead_letters(
         };
         let sql = format!(
             "WITH moved AS (
-                 DELETE FROM {schema}.centrifugo_dead_letters d
+                 DELETE FROM {dead_letters} d
                  WHERE {mine}
                    AND ($1::bigint[] IS NULL OR d.id = ANY($1))
                    AND ($2::text IS NULL OR d.method = $2)
@@ -42,7 +44,7 @@ fn centrifugo_replay_dead_letters(
                  FROM moved ORDER BY id
                  RETURNING 1)
              SELECT count(*) FROM inserted",
-            outbox = spec.table()
+            outbox = spec.qualified_table()
         );
         replayed += Spi::get_one_with_args::<i64>(
             &sql,
@@ -57,24 +59,16 @@ fn centrifugo_replay_dead_letters(
                 spec.name().into(),
             ],
         )
-        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.table()))
+        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.qualified_table()))
         .unwrap_or(0);
     }
     replayed
 }
 
-fn extension_schema() -> String {
-    let schema = Spi::get_one::<String>(
-        "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
-    )
-    .ok()
-    .flatten();
-    schema.unwrap_or_else(|| error!("centrifugo_outbox: the extension is not installed in this database"))
-}
-
 /// Deletes dead letters for good and returns how many. Filters combine with AND; at least one is
 /// required, so a mistaken call cannot empty the table (use `older_than => '0'` for all).
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_purge_dead_letters(
     older_than: default!(Option<pgrx::datum::Interval>, "NULL"),
     ids: default!(Option<Vec<i64>>, "NULL"),
@@ -86,11 +80,11 @@ fn centrifugo_purge_dead_letters(
             "centrifugo_purge_dead_letters needs a filter: older_than, ids, error_code or source",
         ));
     }
-    let schema = extension_schema();
+    let dead_letters = session::dead_letters_table();
     Spi::get_one_with_args::<i64>(
         &format!(
             "WITH gone AS (
-                 DELETE FROM {schema}.centrifugo_dead_letters d
+                 DELETE FROM {dead_letters} d
                  WHERE ($1::interval IS NULL OR d.failed_at < now() - $1)
                    AND ($2::bigint[] IS NULL OR d.id = ANY($2))
                    AND ($3::int IS NULL OR d.error_code = $3)

@@ -18,6 +18,10 @@ static API_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// The database whose outbox the workers drain (fixed at start, like pg_cron's `cron.database_name`).
 static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+/// The role the workers connect as (empty: the bootstrap superuser), like pg_net's `pg_net.username`.
+static WORKER_ROLE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+/// One command per request and partition, so a failed command holds back every later one (Centrifugo's consumer order).
+static STRICT_ORDER: GucSetting<bool> = GucSetting::<bool>::new(false);
 /// Table the SQL API writes to and the workers drain (`table` or `schema.table`); Centrifugo's `outbox_table_name`.
 static OUTBOX_TABLE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"centrifugo_outbox"));
 /// Consumer name in logs and in the partition lock key, as Centrifugo's consumer `name`: give a Centrifugo consumer the same name and the two never drain a partition at once.
@@ -116,6 +120,8 @@ pub fn init() {
     string_checked(c"centrifugo.api_url", c"Base URL of Centrifugo's HTTP server API.", &API_URL, Sighup, check_api_url);
     secret(c"centrifugo.api_key", c"Centrifugo HTTP API key (superuser-only, never shown).", &API_KEY);
     string(c"centrifugo.database", c"Database whose outbox the workers drain.", &DATABASE, Postmaster, none);
+    string(c"centrifugo.worker_role", c"Role the workers connect as (empty: the bootstrap superuser).", &WORKER_ROLE, Postmaster, none);
+    boolean(c"centrifugo.strict_order", c"Send one command per request and partition: a failed command holds back every later one.", &STRICT_ORDER, Sighup);
     string_checked(c"centrifugo.outbox_table_name", c"Outbox table (table or schema.table).", &OUTBOX_TABLE_NAME, Sighup, check_table_name);
     string(c"centrifugo.consumer_name", c"Consumer name for logs and the partition lock key (as Centrifugo's consumer name).", &CONSUMER_NAME, Sighup, none);
     int(c"centrifugo.num_partitions", c"Number of outbox partitions, one ordered worker each.", &NUM_PARTITIONS, 1, outbox_core::partition::MAX_PARTITIONS, Postmaster, none);
@@ -232,6 +238,8 @@ fn text(s: &GucSetting<Option<CString>>) -> String {
 pub fn api_url() -> String { text(&API_URL) }
 pub fn api_key() -> String { text(&API_KEY) }
 pub fn database() -> String { text(&DATABASE) }
+pub fn worker_role() -> String { text(&WORKER_ROLE) }
+pub fn strict_order() -> bool { STRICT_ORDER.get() }
 pub fn consumer_name() -> String { text(&CONSUMER_NAME) }
 pub fn num_partitions() -> i32 { NUM_PARTITIONS.get() }
 pub fn partition_select_limit() -> i32 { PARTITION_SELECT_LIMIT.get() }

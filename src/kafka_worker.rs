@@ -172,6 +172,9 @@ struct Record {
     timestamp_ms: Option<i64>,
     value: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
+    /// Delivered or dead-lettered while an earlier record still waits for a retry: never sent
+    /// again, and its offset is committed once every record before it is done too.
+    done: bool,
 }
 
 #[derive(Default)]
@@ -200,7 +203,7 @@ pub extern "C-unwind" fn centrifugo_kafka_worker_main(arg: pg_sys::Datum) {
             return;
         }
     };
-    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    crate::session::connect_worker(&gucs::database(), crate::session::ConnectSlot::Kafka(index as usize));
     let name = consumer_spec.name.clone();
     match run(index as usize, consumer_spec) {
         Ok(()) => log!("centrifugo_outbox: kafka consumer {name} stopped"),
@@ -317,6 +320,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                         timestamp_ms: msg.timestamp().to_millis(),
                         value: msg.payload().map(<[u8]>::to_vec),
                         headers,
+                        done: false,
                     };
                     let queue = queues.entry(key.clone()).or_default();
                     queue.records.push_back(record);
@@ -438,44 +442,37 @@ struct DispatchStats {
     last_dead: Option<Failure>,
 }
 
-/// Dispatches the head of one partition's queue. Returns the last offset that is done (delivered
-/// or dead-lettered in a committed transaction), the temporary failure that stopped it (with the
-/// method of that record), if any, and what it did.
+/// Dispatches the head of one partition's queue (the records not done yet among the first
+/// `max_poll_records`, or just the first one in strict order). Every outcome is applied:
+/// Centrifugo ran every command of the batch, so a record that succeeded after a failed one is
+/// done and never sent again. Returns the offset of the last record of the done prefix (removed
+/// from the queue; its offset can be committed), the first temporary failure (with the method of
+/// that record), if any, and what it did.
 fn dispatch(
     spec: &KafkaConsumer,
     client: &CentrifugoClient,
     key: &(String, i32),
     queue: &mut PartitionQueue,
 ) -> Result<(Option<i64>, Option<(Failure, String)>, DispatchStats), String> {
-    let take = queue.records.len().min(spec.max_poll_records);
+    let take = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+    // Indexes into the queue of the records to dispatch now, with what each became.
+    let mut pending: Vec<usize> = Vec::with_capacity(take);
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(take);
     let mut methods: Vec<String> = Vec::with_capacity(take);
     let mut sendable = Vec::with_capacity(take);
     let mut commands: Vec<Prepared> = Vec::with_capacity(take);
-    for (i, record) in queue.records.iter().take(take).enumerate() {
-        let pos = RecordPosition { topic: &key.0, partition: key.1, offset: record.offset };
+    for (i, record) in queue.records.iter().enumerate().filter(|(_, r)| !r.done).take(take) {
+        let pos = RecordPosition { topic: &key.0, partition: key.1, offset: record.offset, timestamp_ms: record.timestamp_ms };
+        pending.push(i);
         match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
             Ok(p) => {
                 methods.push(p.method.as_str().to_owned());
                 outcomes.push(None);
-                sendable.push(i);
+                sendable.push(outcomes.len() - 1);
                 commands.push(p);
             }
             Err(failure) => {
-                let method = record
-                    .headers
-                    .iter()
-                    .find(|(k, _)| *k == spec.method_header)
-                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                    .or_else(|| {
-                        record
-                            .value
-                            .as_deref()
-                            .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
-                            .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_owned))
-                    })
-                    .unwrap_or_else(|| "unknown".into());
-                methods.push(method);
+                methods.push(record_method(spec, record));
                 outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
             }
         }
@@ -487,51 +484,64 @@ fn dispatch(
         }
     }
     let acked_ms = shmem::unix_micros() / 1000;
-    let mut done = 0usize;
-    let mut dead: Vec<(usize, Failure, Option<serde_json::Map<String, serde_json::Value>>)> = Vec::new();
+    let mut dead: Vec<(i64, String, String, Failure)> = Vec::new();
+    let mut retried = vec![false; pending.len()];
     let mut retry = None;
-    for (i, outcome) in outcomes.into_iter().enumerate() {
+    for (n, outcome) in outcomes.into_iter().enumerate() {
+        let record = &queue.records[pending[n]];
         match outcome.expect("every record has an outcome") {
             Outcome::Delivered => {
-                done = i + 1;
                 stats.delivered += 1;
-                if let Some(ts) = queue.records[i].timestamp_ms {
+                if let Some(ts) = record.timestamp_ms {
                     stats.latencies_ms.push((acked_ms - ts).max(0) as f64);
                 }
             }
             Outcome::DeadLetter { failure, payload } => {
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
-                dead.push((i, failure, payload));
-                done = i + 1;
+                let payload = match payload {
+                    Some(p) => p,
+                    None => match sendable.iter().position(|s| *s == n) {
+                        Some(c) => commands[c].payload.clone(),
+                        None => raw_payload(record.value.as_deref()),
+                    },
+                };
+                dead.push((record.offset, methods[n].clone(), payload, failure));
             }
             Outcome::Retry(failure) => {
-                retry = Some((failure, methods[i].clone()));
-                break;
+                retried[n] = true;
+                retry.get_or_insert((failure, methods[n].clone()));
             }
         }
     }
     if !dead.is_empty() {
-        let attempts = queue.attempts + 1;
-        let rows: Vec<_> = dead
-            .iter()
-            .map(|(i, failure, payload)| {
-                let record = &queue.records[*i];
-                let payload = match payload {
-                    Some(p) => serde_json::Value::Object(p.clone()).to_string(),
-                    None => match commands.iter().zip(&sendable).find(|(_, s)| **s == *i) {
-                        Some((cmd, _)) => cmd.payload.clone(),
-                        None => raw_payload(record.value.as_deref()),
-                    },
-                };
-                (record.offset, methods[*i].clone(), payload, failure.clone())
-            })
-            .collect();
-        insert_dead_letters(&spec.name, key, &rows, attempts)?;
+        insert_dead_letters(&spec.name, key, &dead, queue.attempts + 1)?;
     }
-    let last = (done > 0).then(|| queue.records[done - 1].offset);
-    queue.records.drain(..done);
+    // Only now, with the dead letters committed, are these records done.
+    for (n, &i) in pending.iter().enumerate() {
+        queue.records[i].done = !retried[n];
+    }
+    let prefix = queue.records.iter().take_while(|r| r.done).count();
+    let last = (prefix > 0).then(|| queue.records[prefix - 1].offset);
+    queue.records.drain(..prefix);
     Ok((last, retry, stats))
+}
+
+/// The method a record that does not parse names, for its dead letter (header, then value).
+fn record_method(spec: &KafkaConsumer, record: &Record) -> String {
+    record
+        .headers
+        .iter()
+        .find(|(k, _)| *k == spec.method_header)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        .or_else(|| {
+            record
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
+                .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_owned))
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The high watermark librdkafka last saw in a fetch response (no network round trip; -1 when
@@ -570,12 +580,13 @@ fn publish_assignment(consumer: &BaseConsumer<BridgeContext>, index: usize, pid:
     }
 }
 
-/// A record value as JSON for the dead letters: itself when it is JSON, else a JSON string.
+/// A record value as JSON for the dead letters: itself, verbatim, when it is JSON, else a JSON
+/// string of its text.
 fn raw_payload(value: Option<&[u8]>) -> String {
     let bytes = value.unwrap_or_default();
-    match serde_json::from_slice::<serde_json::Value>(bytes) {
-        Ok(v) => v.to_string(),
-        Err(_) => serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()).to_string(),
+    match std::str::from_utf8(bytes) {
+        Ok(text) if serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok() => text.to_owned(),
+        _ => serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()).to_string(),
     }
 }
 
@@ -587,23 +598,16 @@ fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[(i64, String
     let api_key = gucs::api_key();
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|spi| -> Result<(), String> {
-            let schema = spi
-                .select(
-                    "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'centrifugo_outbox'",
-                    None,
-                    &[],
-                )
-                .map_err(|e| e.to_string())?;
-            if schema.is_empty() {
+            let Some(schema) = crate::session::extension_schema() else {
                 return Err(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database()));
-            }
-            let schema: String = schema.first().get_one().map_err(|e| e.to_string())?.unwrap_or_default();
+            };
+            let dead_letters = format!("{}.centrifugo_dead_letters", crate::session::quote_ident(&schema));
             for (offset, method, payload, failure) in &rows {
                 spi.update(
                     &format!(
-                        "INSERT INTO {schema}.centrifugo_dead_letters
+                        "INSERT INTO {dead_letters}
                              (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts)
-                         VALUES ('kafka', $10, $1, $2::jsonb, $3, $4, $5, $6, $7, $8, $9)"
+                         VALUES ('kafka', $10, $1, $2::pg_catalog.jsonb, $3, $4, $5, $6, $7, $8, $9)"
                     ),
                     None,
                     &[

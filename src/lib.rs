@@ -14,6 +14,7 @@ mod errors;
 pub mod gucs;
 #[cfg(feature = "kafka")]
 mod kafka_worker;
+mod session;
 mod shmem;
 mod status;
 mod worker;

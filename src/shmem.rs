@@ -133,6 +133,8 @@ pub struct Slot {
     /// Address of the worker's latch (in shared memory), 0 when no worker runs.
     pub latch: usize,
     state: u8,
+    /// Connection attempts in a row that never got through (wrong role or database).
+    pub connect_attempts: u32,
     pub stats: Stats,
 }
 
@@ -196,11 +198,31 @@ pub const MAX_KAFKA_PARTITIONS: usize = 512;
 #[derive(Clone, Copy)]
 pub struct KafkaSlots {
     pub slots: [KafkaSlot; MAX_KAFKA_PARTITIONS],
+    /// Per bridge worker: connection attempts in a row that never got through.
+    connect_attempts: [u32; MAX_KAFKA_CONSUMERS],
 }
+
+/// Bridge workers beyond this count connect without the back-off of failed attempts.
+const MAX_KAFKA_CONSUMERS: usize = 64;
 
 impl Default for KafkaSlots {
     fn default() -> Self {
-        KafkaSlots { slots: [KafkaSlot::default(); MAX_KAFKA_PARTITIONS] }
+        KafkaSlots { slots: [KafkaSlot::default(); MAX_KAFKA_PARTITIONS], connect_attempts: [0; MAX_KAFKA_CONSUMERS] }
+    }
+}
+
+/// Counts a connection attempt of bridge worker `consumer`; returns the failed ones before it.
+pub fn kafka_connect_attempt(consumer: usize) -> u32 {
+    let mut slots = KAFKA_SLOTS.exclusive();
+    slots.connect_attempts.get_mut(consumer).map_or(0, |n| {
+        *n += 1;
+        *n - 1
+    })
+}
+
+pub fn kafka_connected(consumer: usize) {
+    if let Some(n) = KAFKA_SLOTS.exclusive().connect_attempts.get_mut(consumer) {
+        *n = 0;
     }
 }
 
@@ -383,6 +405,7 @@ fn centrifugo_wake_at_commit<'a>(
 /// Wakes every partition worker when the calling transaction commits (run by CREATE EXTENSION,
 /// so workers waiting for the extension start draining at once).
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn _centrifugo_wake_workers_at_commit() {
     for (_, partition) in crate::worker::worker_slots() {
         wake_at_commit(partition);

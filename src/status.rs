@@ -39,6 +39,7 @@ fn stat_columns(s: &Stats) -> StatColumns {
 /// One row per partition worker: consumer, pid, state and counters since server start, and the
 /// outbox backlog of its partition (when its table is in this database).
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_outbox_status_rows() -> TableIterator<
     'static,
     (
@@ -74,7 +75,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
             let spec = &specs[consumer];
             let s = shmem::snapshot(slot);
             let (backlog, oldest) = if spec.database() == this_db {
-                backlog(&spec.table(), p)
+                backlog(&spec.qualified_table(), p)
             } else {
                 (None, None)
             };
@@ -109,6 +110,7 @@ fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Int
 
 /// One row per Kafka partition the bridge consumes or consumed since server start.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_kafka_status_rows() -> TableIterator<
     'static,
     (
@@ -164,6 +166,7 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
 /// Waits until every partition worker runs (and sees the extension), at most `timeout`;
 /// returns whether they do. For tests and deployment scripts.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_wait_until_running(timeout: default!(pgrx::datum::Interval, "'10 seconds'")) -> bool {
     let micros = timeout.as_micros().max(0) as u64;
     let deadline = Instant::now() + Duration::from_micros(micros);
@@ -191,6 +194,7 @@ fn centrifugo_wait_until_running(timeout: default!(pgrx::datum::Interval, "'10 s
 /// terminated and started again by the postmaster after its 1 s restart interval. Returns how
 /// many were signalled.
 #[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_restart_workers() -> i64 {
     Spi::get_one::<i64>(
         "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
@@ -203,6 +207,7 @@ fn centrifugo_restart_workers() -> i64 {
 /// The 0.1.0 status function, kept for scripts written against it; `centrifugo_outbox_status`
 /// has everything it had and more.
 #[pg_extern(volatile, parallel_safe)]
+#[search_path(pg_catalog, pg_temp)]
 fn centrifugo_worker_status() -> TableIterator<
     'static,
     (

@@ -26,9 +26,10 @@ use outbox_core::dispatch::{batch_body, prepare_text, OutboxKeys, scrub, Failure
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
-use outbox_core::settings::{quoted_table_name, table_name_parts};
+use outbox_core::settings::table_name_parts;
 
 use crate::gucs;
+use crate::session::{self, quote_ident, ConnectSlot};
 use crate::shmem::{self, WorkerState};
 
 /// An outbox consumer: the default one, defined by the flat `centrifugo.*` settings (reloadable),
@@ -49,9 +50,18 @@ impl OutboxSpec {
     pub fn table_setting(&self) -> String {
         self.entry.as_ref().map_or_else(gucs::outbox_table_name, |e| e.table.clone())
     }
-    /// The outbox table as a quoted SQL name (validated when the settings were read).
-    pub fn table(&self) -> String {
-        quoted_table_name(&self.table_setting()).unwrap_or_else(|_| "\"centrifugo_outbox\"".into())
+    /// The outbox table as a schema-qualified quoted SQL name; unqualified means the extension's
+    /// schema (ERROR when the extension is missing). For SQL run in a backend.
+    pub fn qualified_table(&self) -> String {
+        crate::session::qualified_outbox(&self.table_setting())
+    }
+    /// The outbox table as (schema, table), the schema None when the setting has none.
+    fn table_parts(&self) -> (Option<String>, String) {
+        match table_name_parts(&self.table_setting()).unwrap_or_default().as_slice() {
+            [schema, table] => (Some(schema.clone()), table.clone()),
+            [table] => (None, table.clone()),
+            _ => (None, "centrifugo_outbox".to_owned()),
+        }
     }
     pub fn num_partitions(&self) -> i32 {
         self.entry.as_ref().map_or_else(gucs::num_partitions, |e| e.num_partitions)
@@ -110,7 +120,8 @@ pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
         .iter()
         .filter(|spec| match table_name_parts(&spec.table_setting()) {
             Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
-            Ok(parts) => parts.len() == 1 && parts[0] == table,
+            // Unqualified means the table in the extension's schema.
+            Ok(parts) => parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema),
             Err(_) => false,
         })
         .map(OutboxSpec::num_partitions)
@@ -188,15 +199,11 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     let (consumer, partition) = worker_slots()[slot];
     let spec = outbox_specs()[consumer].clone();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    BackgroundWorker::connect_worker_to_spi(Some(&spec.database()), None);
     shmem::attach_worker(slot, consumer, partition);
+    session::connect_worker(&spec.database(), ConnectSlot::Partition(slot));
 
-    let system_id = BackgroundWorker::transaction(|| {
-        Spi::get_one::<i64>("SELECT system_identifier FROM pg_control_system()")
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(0) as u64;
+    // SAFETY: a read of the cluster's identifier from the control file data in shared memory.
+    let system_id = unsafe { pg_sys::GetSystemIdentifier() };
     let database = spec.database();
     let mut worker = Worker {
         slot,
@@ -284,7 +291,9 @@ impl Worker {
                 Next::DrainNow
             }
             Round::NotReady(reason) => {
+                let reason = scrub(&reason, &[&gucs::api_key()]);
                 self.log.warn(&self.spec.name(), self.partition, "not ready", &format!("not draining: {reason}"));
+                shmem::update(self.slot, |s| s.stats.record_error(0, &reason));
                 shmem::set_state(self.slot, WorkerState::Waiting);
                 Next::Wait
             }
@@ -306,7 +315,10 @@ impl Worker {
                     &self.spec.name(),
                     self.partition,
                     "retry",
-                    &format!("outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
+                    &scrub(
+                        &format!("outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
+                        &[&gucs::api_key()],
+                    ),
                 );
                 Next::BackOff(delay)
             }
@@ -344,8 +356,9 @@ impl Worker {
     /// on it, apply the replies; finally delete every row that is done.
     fn round(&mut self) -> Round {
         let partition = self.partition;
-        let limit = self.spec.select_limit();
-        let table = self.spec.table();
+        // Strict order: one command per request, so a failed command holds back every later one.
+        let limit = if gucs::strict_order() { 1 } else { self.spec.select_limit() };
+        let (table_schema, table_name) = self.spec.table_parts();
         let consumer_name = self.spec.name();
         let database = self.spec.database();
         let client = self.client.as_ref().expect("client checked by the caller");
@@ -357,21 +370,34 @@ impl Worker {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), pgrx::spi::Error> {
                 let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
                 let head = statements.head(spi)?;
-                let head = spi.select(head, None, &[table.clone().into(), lock_key.into()])?;
+                let head = spi.select(head, None, &[table_schema.clone().into(), table_name.clone().into(), lock_key.into()])?;
                 let head = head.first();
-                let (schema, table_oid, locked, exact_commit_ts) =
-                    (head.get::<String>(1)?, head.get::<i64>(2)?, head.get::<bool>(3)?, head.get::<bool>(4)?.unwrap_or(false));
-                let Some(schema) = schema else {
-                    return Ok((Round::NotReady(format!("extension centrifugo_outbox is not installed in database \"{database}\"")), RoundStats::default()));
+                let not_ready = |reason: String| Ok((Round::NotReady(reason), RoundStats::default()));
+                let Some(schema) = head.get::<String>(1)? else {
+                    return not_ready(format!("extension centrifugo_outbox is not installed in database \"{database}\""));
                 };
-                let Some(table_oid) = table_oid else {
-                    return Ok((Round::NotReady(format!("outbox table {table} does not exist")), RoundStats::default()));
+                let table = format!("{}.{}", quote_ident(table_schema.as_deref().unwrap_or(&schema)), quote_ident(&table_name));
+                let Some(table_oid) = head.get::<i64>(2)? else {
+                    return not_ready(format!("outbox table {table} does not exist"));
                 };
-                if locked != Some(true) {
+                if !matches!(head.get::<String>(3)?.as_deref(), Some("r" | "p")) {
+                    return not_ready(format!("outbox {table} is not a table"));
+                }
+                let owner = head.get::<String>(4)?.unwrap_or_default();
+                let (owner_is_superuser, worker_is_superuser) = (head.get::<bool>(5)? == Some(true), head.get::<bool>(6)? == Some(true));
+                if worker_is_superuser && !owner_is_superuser {
+                    // Its owner's triggers, rules and functions would run with the worker's rights.
+                    return not_ready(format!(
+                        "outbox table {table} is owned by role \"{owner}\", which is not a superuser, and the workers run as a superuser: \
+                         set centrifugo.worker_role to a role without superuser rights (see README, \"Security\"), or make a superuser own the table"
+                    ));
+                }
+                if head.get::<bool>(7)? != Some(true) {
                     return Ok((Round::Locked, RoundStats::default()));
                 }
+                let exact_commit_ts = head.get::<bool>(8)?.unwrap_or(false);
                 let table_statements = statements.for_table(spi, &table, table_oid)?;
-                let dead_letters = format!("{schema}.centrifugo_dead_letters");
+                let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
                 let reader = BatchReader {
                     statements: table_statements,
                     partition,
@@ -447,7 +473,7 @@ impl Worker {
                         &self.spec.name(),
                         self.partition,
                         "dead letter",
-                        &format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead),
+                        &scrub(&format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead), &[&gucs::api_key()]),
                     );
                 }
                 round
@@ -484,22 +510,32 @@ struct TableStatements {
 
 impl Statements {
     /// The per-transaction bookkeeping in one statement: where the extension lives, the outbox
-    /// table's oid, the partition lock (the key Centrifugo's consumer uses), whether commit
+    /// table's oid, kind and owner (a superuser worker only touches tables superusers own), whether
+    /// the worker is a superuser, the partition lock (the key Centrifugo's consumer uses), whether commit
     /// timestamps are tracked, and a plan fix: the (partition, id) index is always right for
     /// "the next rows of this partition", even before a freshly filled queue table has statistics.
     fn head(&mut self, spi: &SpiClient<'_>) -> Result<&OwnedPreparedStatement, pgrx::spi::Error> {
         if self.head.is_none() {
             let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+            // $1 the table's schema (NULL: the extension's), $2 the table, $3 the lock key.
             self.head = Some(
                 spi.prepare(
-                    "SELECT (SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
-                             WHERE e.extname = 'centrifugo_outbox'),
-                            to_regclass($1)::oid::bigint,
-                            pg_try_advisory_xact_lock(hashtext($2)),
-                            current_setting('track_commit_timestamp')::bool,
-                            set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-                            set_config('enable_sort', 'off', true)",
-                    &[text, text],
+                    "SELECT ext.nspname::pg_catalog.text, t.oid::pg_catalog.int8, t.relkind::pg_catalog.text,
+                            owner.rolname::pg_catalog.text, owner.rolsuper,
+                            pg_catalog.current_setting('is_superuser')::pg_catalog.bool,
+                            pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext($3)),
+                            pg_catalog.current_setting('track_commit_timestamp')::pg_catalog.bool,
+                            pg_catalog.set_config('enable_seqscan', 'off', true),
+                            pg_catalog.set_config('enable_bitmapscan', 'off', true),
+                            pg_catalog.set_config('enable_sort', 'off', true)
+                     FROM (SELECT 1) AS one
+                     LEFT JOIN (SELECT n.nspname FROM pg_catalog.pg_extension e
+                                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+                                WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox') AS ext ON true
+                     LEFT JOIN (pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace)
+                            ON tn.nspname OPERATOR(pg_catalog.=) coalesce($1, ext.nspname) AND t.relname OPERATOR(pg_catalog.=) $2
+                     LEFT JOIN pg_catalog.pg_roles owner ON owner.oid OPERATOR(pg_catalog.=) t.relowner",
+                    &[text, text, text],
                 )?
                 .keep(),
             );
@@ -518,9 +554,9 @@ impl Statements {
             let select = spi
                 .prepare_mut(
                     &format!(
-                        "SELECT id, method, payload::text,
-                                coalesce(CASE WHEN $4 THEN pg_xact_commit_timestamp(xmin) END, created_at), ctid
-                         FROM {name} WHERE partition = $1 AND id >= $2 ORDER BY id LIMIT $3"
+                        "SELECT id, method, payload::pg_catalog.text,
+                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at
+                         FROM {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
                     ),
                     &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
                 )?
@@ -529,7 +565,7 @@ impl Statements {
             // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
             // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
             let delete = spi
-                .prepare_mut(&format!("DELETE FROM {name} WHERE ctid = ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
+                .prepare_mut(&format!("DELETE FROM {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
                 .keep();
             self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
         }
@@ -545,6 +581,8 @@ struct Row {
     payload: String,
     /// Unix microseconds.
     committed_at: i64,
+    /// Unix microseconds; with the id, what makes the row's idempotency key unique.
+    created_at: i64,
 }
 
 /// Rows read in id order, parsed: the commands to send, and the rows that are dead letters
@@ -591,6 +629,9 @@ impl BatchReader<'_> {
                     committed_at: row
                         .get::<TimestampWithTimeZone>(4)?
                         .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+                    created_at: row
+                        .get::<TimestampWithTimeZone>(6)?
+                        .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -603,7 +644,7 @@ impl BatchReader<'_> {
             rows,
         };
         for (i, row) in batch.rows.iter().enumerate() {
-            match prepare_text(&row.method, &row.payload, || self.keys.key(row.id)) {
+            match prepare_text(&row.method, &row.payload, || self.keys.key(row.id, row.created_at)) {
                 Ok(p) => {
                     batch.outcomes.push(None);
                     batch.sendable.push(i);
@@ -625,9 +666,11 @@ struct DeadLetterTarget<'a> {
     partition: i32,
 }
 
-/// Applies a batch's outcomes in order, up to the first temporary failure: the ctids of
-/// delivered and dead-lettered rows join `done`; returns the retry, if any. `attempts_of` gives
-/// a row's attempt count for its dead letter.
+/// Applies every outcome of a batch: the ctids of delivered and dead-lettered rows join `done`,
+/// rows that failed temporarily stay for a resend. Centrifugo ran every command of the batch, so
+/// a command that succeeded after a failed one is done too: resending it would run it twice.
+/// Returns the first temporary failure, if any. `attempts_of` gives a row's attempt count for
+/// its dead letter.
 fn apply_outcomes(
     spi: &mut SpiClient<'_>,
     batch: &Batch,
@@ -637,6 +680,7 @@ fn apply_outcomes(
     attempts_of: impl Fn(i64) -> u32,
 ) -> Result<Option<Round>, pgrx::spi::Error> {
     let acked_at = shmem::unix_micros();
+    let mut retry = None;
     for (row, outcome) in batch.rows.iter().zip(&batch.outcomes) {
         match outcome.as_ref().expect("every row has an outcome") {
             Outcome::Delivered => {
@@ -645,22 +689,21 @@ fn apply_outcomes(
                 done.push(row.ctid);
             }
             Outcome::DeadLetter { failure, payload: replacement } => {
-                let payload = replacement
-                    .as_ref()
-                    .map(|p| serde_json::Value::Object(p.clone()).to_string())
-                    .unwrap_or_else(|| row.payload.clone());
-                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload: &payload, failure, attempts: attempts_of(row.id) };
+                let payload = replacement.as_deref().unwrap_or(&row.payload);
+                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload, failure, attempts: attempts_of(row.id) };
                 insert_dead_letter(spi, target, &dead)?;
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
                 done.push(row.ctid);
             }
             Outcome::Retry(failure) => {
-                return Ok(Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() }));
+                if retry.is_none() {
+                    retry = Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() });
+                }
             }
         }
     }
-    Ok(None)
+    Ok(retry)
 }
 
 /// What one round did, for the shared-memory counters.
@@ -685,7 +728,7 @@ struct DeadRow<'a> {
 fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), pgrx::spi::Error> {
     let DeadLetterTarget { dead_letters, outbox, consumer, partition } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
-    let payload_json = if serde_json::from_str::<serde_json::Value>(row.payload).is_ok() {
+    let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
         row.payload.to_owned()
     } else {
         serde_json::Value::String(row.payload.to_owned()).to_string()
@@ -693,8 +736,8 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
     spi.update(
         &format!(
             "INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
-             SELECT 'outbox', $9, $1, $2, $3::jsonb, $4, $5, $6, $7, $8,
-                    (SELECT created_at FROM {outbox} WHERE id = $1)"
+             SELECT 'outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8,
+                    (SELECT created_at FROM {outbox} WHERE id OPERATOR(pg_catalog.=) $1)"
         ),
         None,
         &[

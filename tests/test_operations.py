@@ -178,7 +178,7 @@ def test_dead_tuples_stay_bounded_under_sustained_load(make_cluster, centrifugo)
     assert peak < rows / 2, f"dead tuples should stay bounded, peak {peak} of {rows}"
 
 
-def test_alter_extension_update_from_0_1_0_with_data(make_cluster, centrifugo):
+def test_alter_extension_update_from_0_1_0_through_0_2_0_with_data(make_cluster, centrifugo):
     pg = make_cluster(delivery_settings("http://127.0.0.1:9/api", "k", retry_backoff_max=200), create_extension=False)
     pg.sql("CREATE EXTENSION centrifugo_outbox VERSION '0.1.0'")
     channel = f"chat:upgrade{uid()}"
@@ -186,7 +186,7 @@ def test_alter_extension_update_from_0_1_0_with_data(make_cluster, centrifugo):
     wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 1, 10, what="a 0.1.0 dead letter")
     pg.sql("SELECT centrifugo_publish(%s, to_jsonb(g)) FROM generate_series(1, 3) g", (channel,))
     pg.sql("ALTER EXTENSION centrifugo_outbox UPDATE")
-    assert pg.scalar("SELECT extversion FROM pg_extension WHERE extname = 'centrifugo_outbox'") == "0.2.0"
+    assert pg.scalar("SELECT extversion FROM pg_extension WHERE extname = 'centrifugo_outbox'") == "0.3.0"
     assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 3
     assert pg.scalar("SELECT backlog FROM centrifugo_outbox_status") == 3
     assert pg.scalar("SELECT dead_letters FROM centrifugo_dead_letter_counts") == 1
@@ -203,6 +203,11 @@ def test_alter_extension_update_from_0_1_0_with_data(make_cluster, centrifugo):
     objects = ("SELECT pg_describe_object(classid, objid, 0) FROM pg_depend "
                "WHERE refobjid = (SELECT oid FROM pg_extension WHERE extname = 'centrifugo_outbox') AND deptype = 'e' ORDER BY 1")
     assert [r[0] for r in pg.sql(objects)] == [r[0] for r in fresh.sql(objects)]
+    # Down to each function's pinned settings, privileges and body.
+    functions = ("SELECT p.oid::regprocedure::text, p.proconfig, p.proacl::text[], p.prosrc FROM pg_proc p "
+                 "JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' "
+                 "WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'centrifugo_outbox') ORDER BY 1")
+    assert pg.sql(functions) == fresh.sql(functions)
 
 
 def test_pg_dump_and_restore_keep_a_working_setup(make_cluster, centrifugo):

@@ -33,6 +33,7 @@ class Subscriber:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.client = None
         self.subscribed = set()
+        self.raw_frames = []
 
     def _record(self, event):
         with self.lock:
@@ -72,6 +73,8 @@ class Subscriber:
 
         self.client = Client(self.centrifugo.ws_url, events=ClientEvents(), token=self.centrifugo.token(self.user),
                              proxy=None, use_protobuf=self.binary)
+        if not self.binary:
+            self._record_raw_frames()
         for channel in self.channels:
             self._new_subscription(channel)
         await self.client.connect()
@@ -94,6 +97,23 @@ class Subscriber:
                 outer._record(Event("publication", channel, pub.data, pub.offset, pub.tags, info=pub.info))
 
         return self.client.new_subscription(channel, events=SubEvents())
+
+    def _record_raw_frames(self):
+        """Keeps every JSON frame as Centrifugo sent it (the client decodes data into Python
+        objects, which would hide how each number and string was written)."""
+        codec = self.client._codec
+        decode = codec.decode_replies
+
+        def recording(data):
+            with self.lock:
+                self.raw_frames.extend(line for line in data.strip().split("\n") if line)
+            return decode(data)
+
+        codec.decode_replies = recording
+
+    def raw_publication_frames(self):
+        with self.lock:
+            return [f for f in self.raw_frames if '"pub":' in f]
 
     def publications(self, channel=None):
         with self.lock:

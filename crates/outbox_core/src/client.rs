@@ -231,7 +231,7 @@ mod tests {
             (path, key, body)
         });
         let client = CentrifugoClient::new(config(url)).unwrap();
-        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k1".into()).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k1".into()).unwrap();
         let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
         assert_eq!(classify_batch(&response, &[cmd]), BatchVerdict::PerCommand(vec![Outcome::Delivered]));
         let (path, key, body) = handle.join().unwrap();
@@ -246,7 +246,7 @@ mod tests {
     fn a_started_batch_is_on_the_wire_before_anyone_waits() {
         let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
         let client = CentrifugoClient::new(config(format!("http://{}/api", server.server_addr().to_ip().unwrap()))).unwrap();
-        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         for round in 0..3 {
             let pending = client.start_batch(std::slice::from_ref(&cmd));
             // The server gets the request while this thread is not inside the client at all.
@@ -261,7 +261,7 @@ mod tests {
     fn refused_and_slow_servers_are_transport_failures_without_the_key() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{port}/api"))).unwrap();
-        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         match client.start_batch(std::slice::from_ref(&cmd)).wait() {
             Response::Transport(msg) => assert!(msg.contains("connect") && !msg.contains("secret-key-123"), "{msg}"),
             other => panic!("{other:?}"),
@@ -301,7 +301,7 @@ mod tests {
         let client = CentrifugoClient::new(config(url)).unwrap();
         let cmds: Vec<_> = ["a", "bad", "c"]
             .iter()
-            .map(|ch| prepare("publish", json!({"channel": ch, "data": 1}), || "k".into()).unwrap())
+            .map(|ch| prepare("publish", &json!({"channel": ch, "data": 1}).to_string(), || "k".into()).unwrap())
             .collect();
         let mut batches = 0;
         let outcomes = client.send(&cmds, &mut batches);
@@ -362,7 +362,7 @@ mod tests {
     fn a_connection_the_server_closed_while_idle_is_not_used() {
         let (url, served) = closing_server();
         let client = CentrifugoClient::new(ClientConfig { api_url: url, api_key: "k".into(), connect_timeout: Duration::from_secs(1), timeout: Duration::from_secs(2), ..Default::default() }).unwrap();
-        let cmd = prepare("publish", json!({"channel": "a", "data": 1}), || "k".into()).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         for round in 0..5 {
             let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
             assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}: {response:?}");

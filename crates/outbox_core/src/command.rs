@@ -5,6 +5,9 @@
 //! accept can be enqueued. Validation here mirrors what Centrifugo's API would reject as a bad
 //! request, so mistakes surface in the caller's transaction instead of as a dead letter later.
 
+use std::collections::BTreeMap;
+
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::error::{CommandError, ErrorClass};
@@ -93,51 +96,119 @@ impl std::fmt::Display for Method {
     }
 }
 
-/// A validated command, ready for the outbox.
+/// A validated command, ready for the outbox: the payload is JSON object text whose field
+/// values are exactly as given (never parsed into a tree: numbers keep every digit).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Command {
     pub method: Method,
-    pub payload: Map<String, Value>,
+    pub payload: String,
 }
 
 impl Command {
-    /// Validates `payload` for `method`. The payload may be a JSON object or a JSON string holding
-    /// one (Debezium sends JSONB columns as strings), as Centrifugo's consumers accept.
-    pub fn new(method: Method, payload: Value) -> Result<Command, CommandError> {
-        let payload = normalize_payload(payload)?;
-        validate(method, &payload)?;
-        Ok(Command { method, payload })
+    /// Validates `payload` (JSON text) for `method`. The payload may be a JSON object or a JSON
+    /// string holding one (Debezium sends JSONB columns as strings), as Centrifugo's consumers accept.
+    pub fn from_text(method: Method, payload: &str) -> Result<Command, CommandError> {
+        let object = raw_object(payload)?;
+        validate(method, &validation_view(method, &object)?)?;
+        Ok(Command { method, payload: write_object(&object) })
     }
 
-    /// Parses and validates a raw `method`/`payload` pair (generic SQL function, outbox rows).
+    /// [`Command::from_text`] for a payload built as a JSON value (tests, small payloads).
+    pub fn new(method: Method, payload: Value) -> Result<Command, CommandError> {
+        Command::from_text(method, &payload.to_string())
+    }
+
+    /// Parses and validates a raw `method`/`payload` pair.
     pub fn parse(method: &str, payload: Value) -> Result<Command, CommandError> {
         Command::new(Method::parse(method)?, payload)
     }
 
-    pub fn payload_json(&self) -> String {
-        Value::Object(self.payload.clone()).to_string()
+    pub fn payload_json(&self) -> &str {
+        &self.payload
     }
 }
 
-/// Accepts a JSON object, or a JSON string whose content is a JSON object.
-pub fn normalize_payload(payload: Value) -> Result<Map<String, Value>, CommandError> {
-    match payload {
-        Value::Object(map) => Ok(map),
-        Value::String(text) => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(CommandError::invalid(
-                "payload is a JSON string that does not hold a JSON object",
-            )),
-            Err(e) => Err(CommandError::new(
-                ErrorClass::InvalidJson,
-                format!("payload is a JSON string that is not valid JSON: {e}"),
-            )),
-        },
-        other => Err(CommandError::invalid(format!(
-            "payload must be a JSON object, got {}",
-            json_type(&other)
-        ))),
+/// A payload object read one level deep: each field's value kept as the text it was written in.
+/// A repeated field keeps its last value, as Go's decoder (and so Centrifugo) does.
+pub type RawObject = BTreeMap<String, Box<RawValue>>;
+
+/// Reads a JSON object, or a JSON string whose content is a JSON object, one level deep. Nested
+/// values are skipped without recursion, so any depth PostgreSQL accepts passes.
+pub fn raw_object(payload: &str) -> Result<RawObject, CommandError> {
+    let text = payload.trim();
+    let object_text;
+    let text = match text.as_bytes().first() {
+        Some(b'{') => text,
+        Some(b'"') => {
+            object_text = serde_json::from_str::<String>(text).map_err(|e| {
+                CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}"))
+            })?;
+            if !object_text.trim_start().starts_with('{') {
+                return Err(match serde_json::from_str::<&RawValue>(&object_text) {
+                    Ok(_) => CommandError::invalid("payload is a JSON string that does not hold a JSON object"),
+                    Err(e) => CommandError::new(
+                        ErrorClass::InvalidJson,
+                        format!("payload is a JSON string that is not valid JSON: {e}"),
+                    ),
+                });
+            }
+            object_text.as_str()
+        }
+        _ => {
+            let kind = serde_json::from_str::<&RawValue>(text).map(|v| raw_type(v.get())).unwrap_or("not JSON");
+            return Err(CommandError::invalid(format!("payload must be a JSON object, got {kind}")));
+        }
+    };
+    serde_json::from_str::<RawObject>(text)
+        .map_err(|e| CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}")))
+}
+
+/// Writes a raw object back as compact JSON object text, each value as it was.
+pub fn write_object(object: &RawObject) -> String {
+    let mut out = String::with_capacity(object.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 2);
+    out.push('{');
+    for (i, (key, value)) in object.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&Value::String(key.clone()).to_string());
+        out.push(':');
+        out.push_str(value.get());
     }
+    out.push('}');
+    out
+}
+
+/// The JSON type of a value given as text.
+pub fn raw_type(text: &str) -> &'static str {
+    match text.trim_start().as_bytes().first() {
+        Some(b'{') => "object",
+        Some(b'[') => "array",
+        Some(b'"') => "string",
+        Some(b't' | b'f') => "boolean",
+        Some(b'n') => "null",
+        _ => "number",
+    }
+}
+
+/// What [`validate`] looks at: the typed fields parsed (they are small), and for fields of any
+/// shape (data, info) or an object Centrifugo checks itself (label_filter) only a stand-in of the
+/// same kind, so user data is never parsed into a tree.
+fn validation_view(method: Method, object: &RawObject) -> Result<Map<String, Value>, CommandError> {
+    let shapes = fields(method);
+    let mut view = Map::new();
+    for (key, raw) in object {
+        let text = raw.get();
+        let value = match shapes.iter().find(|f| f.name == key).map(|f| f.shape) {
+            _ if text == "null" => Value::Null,
+            None | Some(Shape::Any) => Value::Bool(true),
+            Some(Shape::Object) if text.starts_with('{') => Value::Object(Map::new()),
+            Some(_) => serde_json::from_str(text)
+                .map_err(|e| CommandError::invalid(format!("{method}: \"{key}\" cannot be read: {e}")))?,
+        };
+        view.insert(key.clone(), value);
+    }
+    Ok(view)
 }
 
 pub fn json_type(v: &Value) -> &'static str {
@@ -427,7 +498,7 @@ mod tests {
         let c = Command::parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}}))
             .unwrap();
         assert_eq!(c.method, Method::Publish);
-        assert_eq!(c.payload["channel"], "updates");
+        assert_eq!(serde_json::from_str::<Value>(&c.payload).unwrap()["channel"], "updates");
     }
 
     #[test]
@@ -447,7 +518,7 @@ mod tests {
     #[test]
     fn payload_may_be_a_json_string_holding_an_object() {
         let c = Command::parse("publish", json!("{\"channel\":\"a\",\"data\":1}")).unwrap();
-        assert_eq!(c.payload["data"], 1);
+        assert_eq!(serde_json::from_str::<Value>(&c.payload).unwrap()["data"], 1);
         assert_eq!(err("publish", json!("not json")).class, ErrorClass::InvalidJson);
         assert_eq!(err("publish", json!("[1]")).class, ErrorClass::InvalidParameter);
         assert_eq!(err("publish", json!(42)).class, ErrorClass::InvalidParameter);
@@ -518,7 +589,11 @@ mod tests {
 
 /// Builds a payload from optional SQL arguments: a field is set only when its argument is not NULL.
 #[derive(Debug, Default)]
-pub struct PayloadBuilder(Map<String, Value>);
+pub struct PayloadBuilder {
+    object: RawObject,
+    /// The first argument that was not JSON, reported by `build`.
+    error: Option<CommandError>,
+}
 
 impl PayloadBuilder {
     pub fn new() -> Self {
@@ -527,7 +602,24 @@ impl PayloadBuilder {
 
     pub fn field<V: Into<Value>>(mut self, key: &str, value: Option<V>) -> Self {
         if let Some(v) = value {
-            self.0.insert(key.to_owned(), v.into());
+            let raw = RawValue::from_string(v.into().to_string()).expect("a serialized Value is JSON");
+            self.object.insert(key.to_owned(), raw);
+        }
+        self
+    }
+
+    /// Sets `key` to a JSON value given as text (a jsonb argument as PostgreSQL prints it),
+    /// inserted as it is.
+    pub fn raw(mut self, key: &str, json: Option<&str>) -> Self {
+        if let Some(text) = json {
+            match RawValue::from_string(text.trim().to_owned()) {
+                Ok(raw) => {
+                    self.object.insert(key.to_owned(), raw);
+                }
+                Err(e) => {
+                    self.error.get_or_insert(CommandError::new(ErrorClass::InvalidJson, format!("\"{key}\" is not valid JSON: {e}")));
+                }
+            }
         }
         self
     }
@@ -540,25 +632,74 @@ impl PayloadBuilder {
     }
 
     /// Sets `key` to `{"value": v}` inside the `override` object (subscribe option overrides).
-    pub fn override_flag(mut self, key: &str, value: Option<bool>) -> Self {
-        if let Some(v) = value {
-            let obj = self.0.entry("override").or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(o) = obj {
-                o.insert(key.to_owned(), serde_json::json!({ "value": v }));
-            }
-        }
-        self
+    pub fn override_flag(self, key: &str, value: Option<bool>) -> Self {
+        let Some(v) = value else { return self };
+        let mut overrides: Map<String, Value> =
+            self.object.get("override").and_then(|o| serde_json::from_str(o.get()).ok()).unwrap_or_default();
+        overrides.insert(key.to_owned(), serde_json::json!({ "value": v }));
+        self.field("override", Some(Value::Object(overrides)))
     }
 
     pub fn build(self, method: Method) -> Result<Command, CommandError> {
-        Command::new(method, Value::Object(self.0))
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        Command::from_text(method, &write_object(&self.object))
     }
 }
 
 #[cfg(test)]
-mod builder_tests {
+pub(crate) mod builder_tests {
     use super::*;
     use serde_json::json;
+
+    /// Values JSON allows that a float or a JSON tree would change, and nesting past serde_json's
+    /// recursion limit of 128.
+    pub(crate) fn tricky_values() -> Vec<String> {
+        let mut values: Vec<String> = [
+            "123456789012345678901234567890",
+            "-0.12345678901234567890123456789",
+            "1e400",
+            "-2.5E-300",
+            "1E+2",
+            r#""\u00e9\ud83d\ude00\u0001\"\\/""#,
+            r#"{"b": 1, "a": [1.10, 2.500]}"#,
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        values.push(format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)));
+        values.push(format!("{}{}", r#"{"a":"#.repeat(10_000), format!("0{}", "}".repeat(10_000))));
+        values
+    }
+
+    #[test]
+    fn raw_fields_keep_their_exact_text() {
+        for value in tricky_values() {
+            let c = PayloadBuilder::new().field("channel", Some("c")).raw("data", Some(&value)).build(Method::Publish).unwrap();
+            assert!(c.payload.contains(&format!("\"data\":{value}")), "{}", &value[..value.len().min(60)]);
+            let c = PayloadBuilder::new()
+                .field("user", Some("u"))
+                .field("channel", Some("c"))
+                .raw("info", Some(&value))
+                .raw("data", Some(&value))
+                .build(Method::Subscribe)
+                .unwrap();
+            assert!(c.payload.contains(&format!("\"info\":{value}")));
+            // Command::from_text, directly and as a JSON string holding the object (Debezium).
+            let text = format!(r#"{{"channel": "c", "data": {value}}}"#);
+            for payload in [text.clone(), Value::String(text.clone()).to_string()] {
+                let c = Command::from_text(Method::Publish, &payload).unwrap();
+                assert!(c.payload.contains(&format!("\"data\":{value}")));
+            }
+        }
+        assert_eq!(PayloadBuilder::new().raw("data", Some("{bad")).build(Method::Publish).unwrap_err().class, ErrorClass::InvalidJson);
+    }
+
+    #[test]
+    fn repeated_fields_keep_the_last_value() {
+        let c = Command::from_text(Method::Publish, r#"{"channel": "a", "data": 1, "channel": "b"}"#).unwrap();
+        assert_eq!(c.payload, r#"{"channel":"b","data":1}"#);
+    }
 
     #[test]
     fn null_arguments_are_left_out_and_binary_is_base64() {
@@ -570,7 +711,7 @@ mod builder_tests {
             .build(Method::Publish)
             .unwrap();
         assert_eq!(
-            Value::Object(c.payload),
+            serde_json::from_str::<Value>(&c.payload).unwrap(),
             json!({"channel": "c", "b64data": "aGk=", "override": {"presence": {"value": true}}})
         );
     }

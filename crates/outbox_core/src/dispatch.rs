@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::command::{normalize_payload, Method};
+use crate::command::{raw_object, write_object, Method};
 
 /// Centrifugo error codes that mean "try again later" (internal, too many requests, concurrent
 /// pagination). Every other code is final.
@@ -77,9 +77,9 @@ pub enum Outcome {
     Delivered,
     /// Temporary failure: keep this row and every later one of the partition, back off, resend.
     Retry(Failure),
-    /// Final failure: move the row to the dead letters (with `payload` instead of the row's own
-    /// payload when given: a broadcast keeps only the channels that failed) and go on.
-    DeadLetter { failure: Failure, payload: Option<Map<String, Value>> },
+    /// Final failure: move the row to the dead letters (with `payload`, JSON object text, instead
+    /// of the row's own payload when given: a broadcast keeps only the channels that failed) and go on.
+    DeadLetter { failure: Failure, payload: Option<String> },
 }
 
 /// A row ready to send: the method and the payload as JSON object text, exactly what goes into
@@ -101,17 +101,22 @@ impl Prepared {
 /// Parses a row as Centrifugo's consumers do (method name, payload object or JSON string holding
 /// one) and adds `idempotency_key` to publish/broadcast rows that lack one, so a resend after a
 /// crash or timeout does not publish twice. Anything Centrifugo may accept is passed on as is:
-/// the server, not us, judges the fields of raw rows.
-pub fn prepare(method: &str, payload: Value, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
+/// the server, not us, judges the fields of raw rows. `payload` is JSON text; every field value
+/// keeps its exact text.
+pub fn prepare(method: &str, payload: &str, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
     let method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
-    let mut payload = normalize_payload(payload).map_err(|e| Failure::malformed(e.message))?;
+    let mut payload = raw_object(payload).map_err(|e| Failure::malformed(e.message))?;
     if needs_key(method) {
-        let has_key = payload.get("idempotency_key").and_then(Value::as_str).is_some_and(|k| !k.is_empty());
+        let has_key = payload
+            .get("idempotency_key")
+            .and_then(|k| serde_json::from_str::<String>(k.get()).ok())
+            .is_some_and(|k| !k.is_empty());
         if !has_key {
-            payload.insert("idempotency_key".into(), Value::String(idempotency_key()));
+            let key = RawValue::from_string(Value::String(idempotency_key()).to_string()).expect("a JSON string");
+            payload.insert("idempotency_key".into(), key);
         }
     }
-    Ok(Prepared { method, payload: Value::Object(payload).to_string() })
+    Ok(Prepared { method, payload: write_object(&payload) })
 }
 
 /// [`prepare`] for a payload given as JSON text (an outbox row's `payload::text`). A JSON
@@ -152,16 +157,17 @@ pub fn prepare_text(method: &str, payload: &str, idempotency_key: impl FnOnce() 
             }
         }
     }
-    let value = serde_json::from_str(payload).map_err(|e| Failure::malformed(format!("payload is not JSON: {e}")))?;
-    prepare(method, value, idempotency_key)
+    prepare(method, payload, idempotency_key)
 }
 
 fn needs_key(method: Method) -> bool {
     matches!(method, Method::Publish | Method::Broadcast)
 }
 
-/// The idempotency keys of one table's outbox rows: `cfo-<system id hex>-<table oid>-<row id>`,
-/// unique per cluster, table and row and stable across resends (the prefix is formatted once).
+/// The idempotency keys of one table's outbox rows:
+/// `cfo-<system id hex>-<table oid>-<row id>-<created_at in Unix microseconds>`, unique per
+/// cluster, table and row (even when ids are reused) and stable across resends (the prefix is
+/// formatted once).
 pub struct OutboxKeys {
     prefix: String,
 }
@@ -171,11 +177,13 @@ impl OutboxKeys {
         OutboxKeys { prefix: format!("cfo-{system_id:x}-{table_oid}-") }
     }
 
-    pub fn key(&self, row_id: i64) -> String {
+    /// The key of the row `row_id` created at `created_at_unix_micros`: the creation time keeps
+    /// the key unique when ids are reused (a sequence set back, a restore, a failover).
+    pub fn key(&self, row_id: i64, created_at_unix_micros: i64) -> String {
         use std::fmt::Write;
-        let mut key = String::with_capacity(self.prefix.len() + 20);
+        let mut key = String::with_capacity(self.prefix.len() + 40);
         key.push_str(&self.prefix);
-        write!(key, "{row_id}").expect("writing to a String");
+        write!(key, "{row_id}-{created_at_unix_micros}").expect("writing to a String");
         key
     }
 }
@@ -334,8 +342,9 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
     if responses.iter().all(|r| r.error.is_none()) {
         return Outcome::Delivered;
     }
-    let mut payload = command.payload_map();
-    let channels: Vec<Value> = payload.get("channels").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut payload = raw_object(&command.payload).unwrap_or_default();
+    let channels: Vec<Value> =
+        payload.get("channels").and_then(|c| serde_json::from_str::<Vec<Value>>(c.get()).ok()).unwrap_or_default();
     let channel_name = |i: usize| channels.get(i).and_then(Value::as_str).unwrap_or("?").to_owned();
     let mut failed_channels = Vec::new();
     let mut failures = Vec::new();
@@ -357,10 +366,11 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
         .map(|(ch, f)| format!("{ch}: {} {}", f.code.unwrap_or(0), f.message))
         .collect::<Vec<_>>()
         .join("; ");
-    payload.insert("channels".into(), Value::Array(failed_channels));
+    let failed_channels = RawValue::from_string(Value::Array(failed_channels).to_string()).expect("a JSON array");
+    payload.insert("channels".into(), failed_channels);
     Outcome::DeadLetter {
         failure: Failure { message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()), ..first },
-        payload: Some(payload),
+        payload: Some(write_object(&payload)),
     }
 }
 
@@ -379,7 +389,7 @@ mod tests {
     use serde_json::json;
 
     fn prep(method: &str, payload: Value) -> Prepared {
-        prepare(method, payload, || "k".into()).unwrap()
+        prepare(method, &payload.to_string(), || "k".into()).unwrap()
     }
 
     fn http(status: u16, body: Value) -> Response {
@@ -396,7 +406,7 @@ mod tests {
         assert!(p.payload_map().get("idempotency_key").is_none());
         let p = prep("broadcast", json!("{\"channels\": [\"a\"], \"data\": 1}"));
         assert_eq!(p.payload_map()["idempotency_key"], "k");
-        assert_eq!(OutboxKeys::new(255, 16384).key(42), "cfo-ff-16384-42");
+        assert_eq!(OutboxKeys::new(255, 16384).key(42, 1_700_000_000_123_456), "cfo-ff-16384-42-1700000000123456");
     }
 
     #[test]
@@ -413,7 +423,7 @@ mod tests {
         ];
         for (method, text) in cases {
             let fast = prepare_text(method, text, || "cfo-1-2-3".into()).unwrap();
-            let slow = prepare(method, serde_json::from_str(text).unwrap(), || "cfo-1-2-3".into()).unwrap();
+            let slow = prepare(method, text, || "cfo-1-2-3".into()).unwrap();
             assert_eq!(fast.method, slow.method);
             assert_eq!(fast.payload_map(), slow.payload_map(), "{method} {text}");
             // Always a single JSON object, whatever path made it.
@@ -429,7 +439,7 @@ mod tests {
     #[test]
     fn malformed_rows_are_dead_letters_not_errors() {
         for (m, p) in [("nope", json!({})), ("publish", json!([1])), ("publish", json!("{bad")), ("batch", json!({}))] {
-            let f = prepare(m, p, || "k".into()).unwrap_err();
+            let f = prepare(m, &p.to_string(), || "k".into()).unwrap_err();
             assert_eq!(f.kind, FailureKind::Malformed);
         }
     }
@@ -483,6 +493,7 @@ mod tests {
         let BatchVerdict::PerCommand(o) = classify_batch(&http(200, partial), &cmd) else { panic!() };
         match &o[0] {
             Outcome::DeadLetter { failure, payload: Some(p) } => {
+                let p: Value = serde_json::from_str(p).unwrap();
                 assert_eq!(failure.code, Some(102));
                 assert!(failure.message.contains("1 of 3 channels"), "{}", failure.message);
                 assert_eq!(p["channels"], json!(["b"]));
@@ -511,6 +522,31 @@ mod tests {
         assert!(matches!(classify_batch(&http(200, short), &two), BatchVerdict::RetryAll(_)));
         let top = json!({"error": {"code": 100, "message": "internal"}});
         assert!(matches!(classify_batch(&http(200, top), &two), BatchVerdict::RetryAll(_)));
+    }
+
+    #[test]
+    fn every_path_keeps_values_exact() {
+        for value in crate::command::builder_tests::tricky_values() {
+            let object = format!(r#"{{"channel": "c", "data": {value}}}"#);
+            let payloads = [
+                object.clone(),                                                           // fast path, key added
+                format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": null}}"#), // general path
+                format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": ""}}"#),
+                Value::String(object.clone()).to_string(),                               // Debezium string
+            ];
+            for payload in &payloads {
+                let p = prepare_text("publish", payload, || "k".into()).unwrap();
+                assert!(p.payload.contains(&format!("\"data\":{value}")) || p.payload.contains(&format!("\"data\": {value}")),
+                        "{}", &payload[..payload.len().min(80)]);
+            }
+            // A broadcast dead-lettered for some channels keeps its data as it was.
+            let cmd = vec![prepare("broadcast", &format!(r#"{{"channels": ["a", "b"], "data": {value}}}"#), || "k".into()).unwrap()];
+            let reply = json!({"replies": [{"broadcast": {"responses": [
+                {"result": {}}, {"error": {"code": 102, "message": "unknown channel"}}]}}]});
+            let BatchVerdict::PerCommand(o) = classify_batch(&http(200, reply), &cmd) else { panic!() };
+            let Outcome::DeadLetter { payload: Some(p), .. } = &o[0] else { panic!("{o:?}") };
+            assert!(p.contains(&format!("\"data\":{value}")) && p.contains(r#""channels":["b"]"#));
+        }
     }
 
     #[test]

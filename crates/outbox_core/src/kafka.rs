@@ -9,6 +9,7 @@
 //!   (comma-separated; one → publish, several → broadcast), idempotency key, delta, version,
 //!   version epoch and tags (`centrifugo-tag-<name>`).
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::dispatch::{prepare, Failure, Prepared};
@@ -386,11 +387,17 @@ pub struct RecordPosition<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp, when the broker has one.
+    pub timestamp_ms: Option<i64>,
 }
 
-/// The idempotency key of a Kafka record: stable across redeliveries of the same record.
+/// The idempotency key of a Kafka record: stable across redeliveries of the same record; its
+/// timestamp keeps it unique when offsets are reused (a topic deleted and made again).
 pub fn kafka_idempotency_key(pos: &RecordPosition<'_>) -> String {
-    format!("cfk-{}-{}-{}", pos.topic, pos.partition, pos.offset)
+    match pos.timestamp_ms {
+        Some(ts) => format!("cfk-{}-{}-{}-{ts}", pos.topic, pos.partition, pos.offset),
+        None => format!("cfk-{}-{}-{}", pos.topic, pos.partition, pos.offset),
+    }
 }
 
 fn header<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h [u8]> {
@@ -422,18 +429,24 @@ pub fn parse_record(
     if let Some(mode) = &consumer.publication_data_mode {
         return publication_record(mode, value, headers, key);
     }
-    let json = |bytes: &[u8]| -> Result<Value, Failure> {
-        serde_json::from_slice(bytes).map_err(|e| Failure::malformed(format!("record value is not JSON: {e}")))
-    };
+    /// The value's envelope, read one level deep: the payload stays as its bytes.
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        method: Option<String>,
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
+    }
+    let text = std::str::from_utf8(value).map_err(|e| Failure::malformed(format!("record value is not JSON: {e}")))?;
     match header_text(headers, &consumer.method_header)? {
-        Some(method) => prepare(&method, json(value)?, key),
+        Some(method) => prepare(&method, text, key),
         None => {
-            let v = json(value)?;
-            let method = v.get("method").and_then(Value::as_str).ok_or_else(|| {
-                Failure::malformed("record has no \"method\" (and no method header)")
-            })?;
-            let payload = v.get("payload").cloned().ok_or_else(|| Failure::malformed("record has no \"payload\""))?;
-            prepare(method, payload, key)
+            let envelope: Envelope<'_> =
+                serde_json::from_str(text).map_err(|e| Failure::malformed(format!("record value is not JSON: {e}")))?;
+            let method = envelope
+                .method
+                .ok_or_else(|| Failure::malformed("record has no \"method\" (and no method header)"))?;
+            let payload = envelope.payload.ok_or_else(|| Failure::malformed("record has no \"payload\""))?;
+            prepare(&method, payload.get(), key)
         }
     }
 }
@@ -450,7 +463,10 @@ fn publication_record(
     if channels.is_empty() {
         return Err(Failure::malformed(format!("no channels in header {}", mode.channels_header)));
     }
-    let data: Value = serde_json::from_slice(value)
+    // The data goes on as the record's own bytes.
+    let data = std::str::from_utf8(value)
+        .map_err(|e| e.to_string())
+        .and_then(|text| RawValue::from_string(text.trim().to_owned()).map_err(|e| e.to_string()))
         .map_err(|e| Failure::malformed(format!("publication data is not JSON: {e}")))?;
     let mut payload = Map::new();
     let method = if channels.len() == 1 {
@@ -460,7 +476,6 @@ fn publication_record(
         payload.insert("channels".into(), Value::Array(channels.into_iter().map(Value::String).collect()));
         "broadcast"
     };
-    payload.insert("data".into(), data);
     if let Some(k) = header_text(headers, &mode.idempotency_key_header)? {
         payload.insert("idempotency_key".into(), Value::String(k));
     }
@@ -483,7 +498,12 @@ fn publication_record(
     if !tags.is_empty() {
         payload.insert("tags".into(), Value::Object(tags));
     }
-    prepare(method, Value::Object(payload), key)
+    let mut object: crate::command::RawObject = payload
+        .into_iter()
+        .map(|(k, v)| (k, RawValue::from_string(v.to_string()).expect("a serialized Value is JSON")))
+        .collect();
+    object.insert("data".into(), data);
+    prepare(method, &crate::command::write_object(&object), key)
 }
 
 /// Go's strconv.ParseBool, which Centrifugo uses for the delta header.
@@ -502,7 +522,7 @@ mod tests {
     use crate::dispatch::FailureKind;
     use serde_json::json;
 
-    const POS: RecordPosition<'static> = RecordPosition { topic: "t", partition: 2, offset: 9 };
+    const POS: RecordPosition<'static> = RecordPosition { topic: "t", partition: 2, offset: 9, timestamp_ms: None };
 
     fn consumer() -> KafkaConsumer {
         KafkaConsumer::new("kc", vec!["127.0.0.1:9092".into()], vec!["t".into()], "g")
@@ -549,6 +569,24 @@ mod tests {
         assert_eq!(p.payload_map()["idempotency_key"], "cfk-t-2-9");
         for bad in [h(&[]), h(&[("centrifugo-channels", "a"), ("centrifugo-version", "x")]), h(&[("centrifugo-channels", "a"), ("centrifugo-delta", "maybe")])] {
             assert_eq!(parse_record(&c, Some(b"1"), &bad, &POS).unwrap_err().kind, FailureKind::Malformed);
+        }
+    }
+
+    #[test]
+    fn every_record_format_keeps_the_record_bytes() {
+        let key = RecordPosition { topic: "t", partition: 2, offset: 9, timestamp_ms: Some(1_700_000_000_000) };
+        assert_eq!(kafka_idempotency_key(&key), "cfk-t-2-9-1700000000000");
+        for value in crate::command::builder_tests::tricky_values() {
+            let envelope = format!(r#"{{"method": "publish", "payload": {{"channel": "a", "data": {value}}}}}"#);
+            let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
+            assert!(p.payload.contains(&format!("\"data\": {value}")) || p.payload.contains(&format!("\"data\":{value}")));
+            let bare = format!(r#"{{"channel": "a", "data": {value}}}"#);
+            let p = parse_record(&consumer(), Some(bare.as_bytes()), &h(&[("centrifugo-method", "publish")]), &POS).unwrap();
+            assert!(p.payload.contains(&format!("\"data\": {value}")) || p.payload.contains(&format!("\"data\":{value}")));
+            let mut c = consumer();
+            c.publication_data_mode = Some(Default::default());
+            let p = parse_record(&c, Some(value.as_bytes()), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
+            assert!(p.payload.contains(&format!("\"data\":{value}")));
         }
     }
 

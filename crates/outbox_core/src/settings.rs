@@ -17,6 +17,18 @@ pub fn quoted_table_name(name: &str) -> Result<String, String> {
         .join("."))
 }
 
+/// The outbox table as a schema-qualified, quoted SQL name. An unqualified name means the table
+/// in `default_schema` (the extension's schema), never whatever a `search_path` finds first: a
+/// database owner could otherwise shadow the outbox with a table of their own.
+pub fn qualified_table_name(name: &str, default_schema: &str) -> Result<String, String> {
+    let quote = |p: &str| format!("\"{}\"", p.replace('"', "\"\""));
+    let parts = table_name_parts(name)?;
+    Ok(match parts.as_slice() {
+        [table] => format!("{}.{}", quote(default_schema), quote(table)),
+        parts => parts.iter().map(|p| quote(p)).collect::<Vec<_>>().join("."),
+    })
+}
+
 /// The parts of `table` or `schema.table` as PostgreSQL resolves them (unquoted parts folded
 /// to lower case).
 pub fn table_name_parts(name: &str) -> Result<Vec<String>, String> {
@@ -113,6 +125,14 @@ mod tests {
         for bad in ["", "a;drop table x", "a.b.c", "1abc", "a.", "\"open", "a b"] {
             assert!(quoted_table_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_unqualified_outbox_is_the_one_in_the_extension_schema() {
+        assert_eq!(qualified_table_name("centrifugo_outbox", "public").unwrap(), "\"public\".\"centrifugo_outbox\"");
+        assert_eq!(qualified_table_name("App.Box", "ext").unwrap(), "\"app\".\"box\"");
+        assert_eq!(qualified_table_name("t", "we\"ird").unwrap(), "\"we\"\"ird\".\"t\"");
+        assert!(qualified_table_name("a;b", "public").is_err());
     }
 
     #[test]

@@ -1,0 +1,144 @@
+//! What a worker's session and the SQL API resolve names against, made immune to what a database
+//! owner can create: the workers pin their session settings (as PostgreSQL's autovacuum does)
+//! and every table is named by schema, an unqualified outbox name meaning the extension's schema.
+
+use std::ffi::CStr;
+use std::time::Duration;
+
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::prelude::*;
+
+use crate::gucs;
+use crate::shmem::{self, WorkerState};
+
+/// Session settings every worker pins over the database's and the role's defaults
+/// (`ALTER DATABASE/ROLE ... SET`). The override source also ignores a later `SET` by any code
+/// the worker runs. `search_path` holds nothing an unprivileged role can create in.
+const PINNED: &[(&CStr, &CStr)] = &[
+    (c"search_path", c"pg_catalog, pg_temp"),
+    (c"role", c"none"),
+    (c"default_transaction_isolation", c"read committed"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_deferrable", c"off"),
+    (c"session_replication_role", c"origin"),
+    (c"statement_timeout", c"60s"),
+    (c"lock_timeout", c"10s"),
+    (c"idle_in_transaction_session_timeout", c"0"),
+];
+
+/// Pins [`PINNED`]; called once, right after the worker connected, outside any transaction.
+pub fn pin_worker_session() {
+    for (name, value) in PINNED {
+        // SAFETY: outside a transaction, as AutoVacWorkerMain does for search_path; both strings
+        // are static and NUL-terminated.
+        unsafe {
+            pg_sys::SetConfigOption(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_SUSET,
+                pg_sys::GucSource::PGC_S_OVERRIDE,
+            )
+        };
+    }
+}
+
+/// Connects the calling worker to `database` as `centrifugo.worker_role` (the bootstrap
+/// superuser when empty), then pins its session. A wrong role or database makes PostgreSQL
+/// end the process with FATAL before we can say anything, so `slot` counts attempts that never
+/// got through: the next attempt first waits (up to 8 s) and says why in the status view,
+/// instead of a restart and a log line every second.
+pub fn connect_worker(database: &str, slot: ConnectSlot) {
+    let role = gucs::worker_role();
+    let failed_before = slot.begin_attempt();
+    if failed_before > 0 {
+        let wait = Duration::from_secs(1 << failed_before.min(3));
+        slot.report(&format!(
+            "cannot connect to database \"{database}\" as {}: see the server log (retrying every {} s)",
+            if role.is_empty() { "the bootstrap superuser".to_owned() } else { format!("role \"{role}\"") },
+            wait.as_secs()
+        ));
+        // Commits set the latch too (the worker is attached for wake-ups): sleep the whole time.
+        let deadline = std::time::Instant::now() + wait;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            if !BackgroundWorker::wait_latch(Some(left.max(Duration::from_millis(1)))) {
+                // SAFETY: the postmaster is gone or asked us to stop: leave the way workers do.
+                unsafe { pg_sys::proc_exit(0) };
+            }
+        }
+    }
+    BackgroundWorker::connect_worker_to_spi(Some(database), (!role.is_empty()).then_some(role.as_str()));
+    slot.connected();
+    pin_worker_session();
+}
+
+/// Where a worker keeps its count of failed connection attempts (shared memory survives the
+/// process).
+#[derive(Clone, Copy)]
+pub enum ConnectSlot {
+    Partition(usize),
+    Kafka(usize),
+}
+
+impl ConnectSlot {
+    fn begin_attempt(self) -> u32 {
+        match self {
+            ConnectSlot::Partition(i) => {
+                let mut before = 0;
+                shmem::update(i, |s| {
+                    before = s.connect_attempts;
+                    s.connect_attempts += 1;
+                });
+                before
+            }
+            ConnectSlot::Kafka(i) => shmem::kafka_connect_attempt(i),
+        }
+    }
+
+    fn connected(self) {
+        match self {
+            ConnectSlot::Partition(i) => shmem::update(i, |s| s.connect_attempts = 0),
+            ConnectSlot::Kafka(i) => shmem::kafka_connected(i),
+        }
+    }
+
+    fn report(self, message: &str) {
+        if let ConnectSlot::Partition(i) = self {
+            shmem::update(i, |s| {
+                s.stats.record_error(0, message);
+            });
+            shmem::set_state(i, WorkerState::Waiting);
+        }
+    }
+}
+
+/// The extension's schema in the current database (unquoted); None when it is not installed.
+pub fn extension_schema() -> Option<String> {
+    Spi::get_one::<String>(
+        "SELECT n.nspname::text
+         FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+         WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'",
+    )
+    .ok()
+    .flatten()
+}
+
+fn require_extension_schema() -> String {
+    extension_schema().unwrap_or_else(|| error!("centrifugo_outbox: the extension is not installed in this database"))
+}
+
+/// An identifier quoted for SQL, always (even when PostgreSQL would not need it).
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The dead-letter table, schema-qualified and quoted.
+pub fn dead_letters_table() -> String {
+    format!("{}.centrifugo_dead_letters", quote_ident(&require_extension_schema()))
+}
+
+/// The outbox table setting `setting` as a schema-qualified quoted name (the extension's schema
+/// when unqualified).
+pub fn qualified_outbox(setting: &str) -> String {
+    outbox_core::settings::qualified_table_name(setting, &require_extension_schema())
+        .unwrap_or_else(|e| error!("centrifugo_outbox: centrifugo.outbox_table_name: {e}"))
+}

@@ -1,0 +1,447 @@
+"""Trust (issue 9): what a database owner can create never runs with the workers' rights, the SQL
+API writes only into the extension's tables, the workers can run as a role without superuser
+rights, payloads arrive byte for byte, a command Centrifugo already ran is not sent again, row ids
+reused after a sequence went back are still delivered, and hostile database defaults change
+nothing. Each attack is run as a real database owner would run it, then checked for what it
+gained (nothing) and whether the real outbox still drained."""
+
+import json
+import time
+import uuid
+
+import psycopg
+import pytest
+
+from conftest import delivery_settings, wait_for_workers
+from harness.common import wait_until
+from harness.fault_double import FaultDouble, ok_replies
+from harness.subscriber import Subscriber
+
+FAST_RETRY = {"retry_backoff_base": 10, "retry_backoff_max": 200, "http_timeout": 2000, "http_connect_timeout": 500}
+
+# What README "Security" documents as the worker role's privileges (extension in schema public).
+WORKER_ROLE_GRANTS = """
+CREATE ROLE cfo_worker LOGIN;
+GRANT USAGE ON SCHEMA public TO cfo_worker;
+GRANT SELECT, DELETE ON centrifugo_outbox TO cfo_worker;
+GRANT INSERT ON centrifugo_dead_letters TO cfo_worker;
+GRANT USAGE ON SEQUENCE centrifugo_dead_letters_id_seq TO cfo_worker;
+"""
+
+# A trigger that records who ran it and tries to make the database owner a superuser.
+ESCALATE = """
+CREATE TABLE {schema}.fired (who text, superuser bool);
+GRANT INSERT ON {schema}.fired TO PUBLIC;
+CREATE FUNCTION {schema}.escalate() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {schema}.fired VALUES (current_user, current_setting('is_superuser')::bool);
+    IF current_setting('is_superuser')::bool THEN
+        EXECUTE 'ALTER ROLE app_owner SUPERUSER';
+    END IF;
+    RETURN OLD;
+END $$;
+"""
+
+OUTBOX_COLUMNS = """(id bigserial PRIMARY KEY, method text NOT NULL, payload jsonb NOT NULL,
+                     partition integer NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now())"""
+
+
+def uid():
+    return uuid.uuid4().hex[:8]
+
+
+def owned_app_database(make_cluster, settings):
+    """A cluster whose drained database `app` belongs to `app_owner`, a role without superuser
+    rights, with the extension created in it by a superuser, and a plain application role."""
+    pg = make_cluster({**settings, "centrifugo.database": "app"}, create_extension=False)
+    pg.sql("CREATE ROLE app_owner LOGIN")
+    pg.sql("CREATE ROLE app_user LOGIN")
+    pg.sql("CREATE DATABASE app OWNER app_owner")
+    pg.sql("CREATE EXTENSION centrifugo_outbox", dbname="app")
+    pg.sql("GRANT centrifugo_publisher TO app_user")
+    return pg
+
+
+def as_role(pg, role, statements, dbname="app"):
+    with psycopg.connect(host="127.0.0.1", port=pg.port, dbname=dbname, user=role, autocommit=True) as conn:
+        for statement in statements if isinstance(statements, list) else [statements]:
+            conn.execute(statement)
+
+
+def is_superuser(pg, role):
+    return pg.scalar("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (role,))
+
+
+def test_a_schema_named_after_the_worker_role_cannot_hijack_the_worker(make_cluster, centrifugo):
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key))
+    # The owner's trap: a schema named after the workers' role ("$user" comes first in the
+    # default search_path) with an outbox whose delete trigger makes the owner a superuser.
+    as_role(pg, "app_owner", [
+        "CREATE SCHEMA postgres",
+        ESCALATE.format(schema="postgres"),
+        f"CREATE TABLE postgres.centrifugo_outbox {OUTBOX_COLUMNS}",
+        "GRANT ALL ON postgres.centrifugo_outbox, postgres.centrifugo_outbox_id_seq TO PUBLIC",
+        "CREATE TRIGGER t BEFORE DELETE ON postgres.centrifugo_outbox FOR EACH ROW EXECUTE FUNCTION postgres.escalate()",
+        """INSERT INTO postgres.centrifugo_outbox (method, payload) VALUES ('publish', '{"channel": "trap", "data": 1}')""",
+    ])
+    pg.sql("SELECT centrifugo_restart_workers()", dbname="app")
+    channel = f"chat:real{uid()}"
+    as_role(pg, "app_user", f"SELECT centrifugo_publish('{channel}', '{{\"n\": 1}}')")
+    wait_until(lambda: centrifugo.history(channel) == [{"n": 1}], 15, what="the real outbox to drain")
+    time.sleep(1)
+    assert is_superuser(pg, "app_owner") is False
+    assert pg.scalar("SELECT count(*) FROM postgres.fired", dbname="app") == 0, "the trap never ran"
+    assert pg.scalar("SELECT count(*) FROM postgres.centrifugo_outbox", dbname="app") == 1, "the worker never read it"
+    assert pg.scalar("SELECT count(*) FROM public.centrifugo_outbox", dbname="app") == 0
+
+
+def test_a_database_search_path_redirects_neither_the_workers_nor_the_sql_api(make_cluster, centrifugo):
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key, **FAST_RETRY))
+    # The owner shadows the outbox, the dead letters and the catalog functions the worker calls,
+    # ahead of pg_catalog, for every session of the database.
+    as_role(pg, "app_owner", [
+        "CREATE SCHEMA evil",
+        ESCALATE.format(schema="evil"),
+        f"CREATE TABLE evil.centrifugo_outbox {OUTBOX_COLUMNS}",
+        "CREATE TABLE evil.centrifugo_dead_letters (LIKE evil.centrifugo_outbox)",
+        "GRANT ALL ON ALL TABLES IN SCHEMA evil TO PUBLIC",
+        "GRANT ALL ON ALL SEQUENCES IN SCHEMA evil TO PUBLIC",
+        "GRANT USAGE ON SCHEMA evil TO PUBLIC",
+        "CREATE TRIGGER t BEFORE DELETE ON evil.centrifugo_outbox FOR EACH ROW EXECUTE FUNCTION evil.escalate()",
+        """CREATE FUNCTION evil.hashtext(text) RETURNS integer LANGUAGE plpgsql AS $$
+           BEGIN IF current_setting('is_superuser')::bool THEN EXECUTE 'ALTER ROLE app_owner SUPERUSER'; END IF;
+                 INSERT INTO evil.fired VALUES (current_user, current_setting('is_superuser')::bool); RETURN 0; END $$""",
+        """CREATE FUNCTION evil.to_regclass(text) RETURNS regclass LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO evil.fired VALUES (current_user, current_setting('is_superuser')::bool);
+                 RETURN 'evil.centrifugo_outbox'::regclass; END $$""",
+        "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA evil TO PUBLIC",
+        "ALTER DATABASE app SET search_path = evil, pg_catalog, public",
+    ])
+    pg.sql("SELECT public.centrifugo_restart_workers()", dbname="app")
+    time.sleep(1.5)
+    channel = f"chat:sp{uid()}"
+    # The application calls the SQL API as it always does (unqualified), under the owner's path.
+    as_role(pg, "app_user", [f"SELECT centrifugo_publish('{channel}', '{{\"n\": {i}}}')" for i in range(3)])
+    wait_until(lambda: centrifugo.history(channel) == [{"n": 0}, {"n": 1}, {"n": 2}], 15, what="delivery")
+    # A malformed command becomes a dead letter in the extension's table, and replay, purge and
+    # the status view work on the extension's tables too, whatever the caller's search_path.
+    pg.sql("""INSERT INTO public.centrifugo_outbox (method, payload) VALUES ('nope', '{"channel": "x"}')""", dbname="app")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM public.centrifugo_dead_letters", dbname="app") == 1, 10,
+               what="the dead letter")
+    assert pg.scalar("SELECT sum(delivered) FROM public.centrifugo_outbox_status", dbname="app") == 3
+    assert pg.scalar("SELECT public.centrifugo_purge_dead_letters(older_than => '0')", dbname="app") == 1
+    pg.sql(f"""INSERT INTO public.centrifugo_dead_letters (source, method, payload, error_kind, error_message)
+               VALUES ('outbox', 'publish', '{{"channel": "{channel}", "data": {{"n": 3}}}}', 'http', 'x')""", dbname="app")
+    assert pg.scalar("SELECT public.centrifugo_replay_dead_letters()", dbname="app") == 1
+    wait_until(lambda: len(centrifugo.history(channel)) == 4, 15, what="the replayed command")
+    time.sleep(1)
+    assert is_superuser(pg, "app_owner") is False
+    assert pg.scalar("SELECT count(*) FROM evil.fired", dbname="app") == 0, "no shadowing function or trigger ran"
+    assert pg.scalar("SELECT count(*) FROM evil.centrifugo_outbox", dbname="app") == 0, "the SQL API wrote elsewhere"
+    assert pg.scalar("SELECT count(*) FROM evil.centrifugo_dead_letters", dbname="app") == 0
+
+
+def test_superuser_workers_refuse_an_outbox_owned_by_a_role_without_superuser(make_cluster, centrifugo):
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            outbox_table_name="box.outbox"))
+    channel = f"chat:own{uid()}"
+    as_role(pg, "app_owner", [
+        "CREATE SCHEMA box",
+        ESCALATE.format(schema="box"),
+        f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}",
+        "CREATE TRIGGER t BEFORE DELETE ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.escalate()",
+        f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": 1}}')""",
+    ])
+    wait_until(lambda: "not a superuser" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status", dbname="app") or ""),
+               15, what="the status to say why the table is refused")
+    assert pg.scalar("SELECT state FROM centrifugo_outbox_status", dbname="app") == "waiting"
+    assert "centrifugo.worker_role" in pg.log()
+    assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 1
+    assert pg.scalar("SELECT count(*) FROM box.fired", dbname="app") == 0
+    assert is_superuser(pg, "app_owner") is False
+    assert centrifugo.history(channel) == []
+
+
+def test_workers_run_as_the_worker_role_with_the_documented_privileges(make_cluster, centrifugo):
+    # The role does not exist yet when the server starts: the workers wait and say so, without a
+    # restart and a FATAL line every second.
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            worker_role="cfo_worker", outbox_table_name="box.outbox",
+                                                            retry_backoff_max=200))
+    wait_until(lambda: "cannot connect" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status", dbname="app") or ""),
+               15, what="the status to say the workers cannot connect")
+    time.sleep(6)
+    fatal = pg.log().count('role "cfo_worker" does not exist')
+    assert 2 <= fatal <= 5, f"connection attempts back off ({fatal} in ~8 s)"
+    pg.sql(WORKER_ROLE_GRANTS, dbname="app")
+    # The table a role without superuser rights owns is drained: its trigger runs as cfo_worker.
+    as_role(pg, "app_owner", [
+        "CREATE SCHEMA box",
+        ESCALATE.format(schema="box"),
+        f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}",
+        "CREATE TRIGGER t BEFORE DELETE ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.escalate()",
+        "CREATE TRIGGER wake AFTER INSERT ON box.outbox FOR EACH ROW EXECUTE FUNCTION public.centrifugo_wake_at_commit()",
+        "GRANT USAGE ON SCHEMA box TO cfo_worker",
+        "GRANT SELECT, DELETE ON box.outbox TO cfo_worker",
+    ])
+    wait_until(lambda: pg.scalar("SELECT bool_and(state = 'idle') FROM centrifugo_outbox_status", dbname="app"), 20,
+               what="the workers to connect as cfo_worker")
+    assert pg.scalar("SELECT array_agg(DISTINCT usename::text) FROM pg_stat_activity WHERE backend_type LIKE 'centrifugo_outbox %'",
+                     dbname="app") == ["cfo_worker"]
+    channel = f"chat:role{uid()}"
+    as_role(pg, "app_owner", [
+        f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": {i}}}')"""
+        for i in range(3)] + ["""INSERT INTO box.outbox (method, payload) VALUES ('nope', '{}')"""])
+    wait_until(lambda: centrifugo.history(channel) == [0, 1, 2], 15, what="delivery under the worker role")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters", dbname="app") == 1, 10, what="a dead letter")
+    assert pg.sql("SELECT DISTINCT who, superuser FROM box.fired", dbname="app") == [("cfo_worker", False)]
+    assert is_superuser(pg, "app_owner") is False
+    assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 0
+
+
+def test_the_kafka_bridge_runs_as_the_worker_role(make_cluster, centrifugo, kafka):
+    topic = f"t{uid()}"
+    kafka.create_topic(topic)
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, worker_role="cfo_worker",
+                                        kafka_brokers=kafka.bootstrap, kafka_topics=topic, kafka_consumer_group=f"g{uid()}"),
+                      create_extension=False)
+    pg.sql("CREATE EXTENSION centrifugo_outbox")
+    pg.sql(WORKER_ROLE_GRANTS)
+    channel = f"chat:kr{uid()}"
+    producer = kafka.producer()
+    producer.produce(topic, value=json.dumps({"method": "publish", "payload": {"channel": channel, "data": 1}}).encode())
+    producer.produce(topic, value=b"not json")
+    assert producer.flush(30) == 0
+    wait_until(lambda: centrifugo.history(channel) == [1], 40, what="the record to reach Centrifugo")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters WHERE source = 'kafka'") == 1, 20,
+               what="the garbage record's dead letter")
+    assert pg.scalar("SELECT usename::text FROM pg_stat_activity WHERE backend_type = 'centrifugo_outbox kafka kafka'") == "cfo_worker"
+
+
+def test_preexisting_publisher_role_is_refused_unless_it_is_harmless(make_cluster):
+    pg = make_cluster(create_extension=False)
+    pg.sql("CREATE ROLE mallory LOGIN CREATEROLE")
+    as_role(pg, "mallory", "CREATE ROLE centrifugo_publisher LOGIN", dbname="postgres")
+    with pytest.raises(psycopg.errors.DuplicateObject) as err:
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+    assert 'role "centrifugo_publisher" already exists and it can log in' in str(err.value)
+    pg.sql("DROP ROLE centrifugo_publisher")
+    # Made by the extension in one database, found again by a second one.
+    pg.sql("CREATE EXTENSION centrifugo_outbox")
+    pg.sql("CREATE DATABASE second")
+    pg.sql("CREATE EXTENSION centrifugo_outbox", dbname="second")
+    # Administered by a role without superuser rights: it could hand the SQL API to anyone.
+    pg.sql("GRANT centrifugo_publisher TO mallory WITH ADMIN OPTION")
+    pg.sql("CREATE DATABASE third")
+    with pytest.raises(psycopg.errors.DuplicateObject) as err:
+        pg.sql("CREATE EXTENSION centrifugo_outbox", dbname="third")
+    assert "role mallory can administer it" in str(err.value)
+
+
+def test_operator_functions_are_not_executable_by_public(make_cluster):
+    pg = make_cluster()
+    pg.sql("CREATE ROLE nobody LOGIN")
+    for call in ["SELECT * FROM centrifugo_worker_status()", "SELECT * FROM centrifugo_outbox_status",
+                 "SELECT centrifugo_restart_workers()", "SELECT centrifugo_replay_dead_letters()"]:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(pg, "nobody", call, dbname="postgres")
+    unpinned = pg.sql("""SELECT p.proname FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+                         JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'centrifugo_outbox'
+                         WHERE p.prolang = (SELECT oid FROM pg_language WHERE lanname = 'c')
+                           AND p.prorettype <> 'trigger'::regtype
+                           AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false)""")
+    assert unpinned == [], "every function pins its search_path"
+
+
+def test_hostile_database_defaults_change_nothing(make_cluster, centrifugo):
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key))
+    for setting in ["default_transaction_isolation = 'serializable'", "statement_timeout = '1ms'", "lock_timeout = '1ms'",
+                    "idle_in_transaction_session_timeout = '1ms'", "session_replication_role = 'replica'",
+                    "default_transaction_read_only = on"]:
+        pg.sql(f"ALTER DATABASE postgres SET {setting}")
+    safe = ("-c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 -c session_replication_role=origin"
+            " -c default_transaction_isolation=read\\ committed")
+    with pg.connect(options=safe) as conn:
+        conn.execute("SELECT centrifugo_restart_workers()")
+    time.sleep(1.5)
+    channel = f"chat:hostile{uid()}"
+    with pg.connect(options=safe) as conn:
+        for i in range(20):
+            conn.execute("SELECT centrifugo_publish(%s, %s::jsonb)", (channel, json.dumps(i)))
+        conn.execute("INSERT INTO centrifugo_outbox (method, payload) VALUES ('nope', '{}')")
+    wait_until(lambda: centrifugo.history(channel) == list(range(20)), 15, what="delivery under hostile defaults")
+    with pg.connect(options=safe) as conn:
+        wait_until(lambda: conn.execute("SELECT count(*) FROM centrifugo_dead_letters").fetchone()[0] == 1, 10,
+                   what="the dead letter")
+        assert conn.execute("SELECT count(*) FROM centrifugo_outbox").fetchone()[0] == 0
+    assert "could not serialize" not in pg.log() and "read-only transaction" not in pg.log()
+
+
+# -- Exact data --------------------------------------------------------------------------------
+
+# Every number and string form JSON allows, as a producer writes it; PostgreSQL's jsonb text of it
+# is what must arrive.
+TRICKY = ('{"big": 123456789012345678901234567890, "dec": -0.12345678901234567890123456789, "exp": 1e40,'
+          ' "tiny": -2.5E-30, "e2": 1E+2, "s": "\\u00e9\\ud83d\\ude00 \\u0001 \\"q\\" \\\\ /", "deep": '
+          + "[" * 300 + "1" + "]" * 300 + "}")
+
+
+def test_every_path_delivers_data_byte_for_byte(make_cluster, centrifugo, kafka):
+    topic = f"t{uid()}"
+    kafka.create_topic(topic)
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, kafka_brokers=kafka.bootstrap,
+                                        kafka_topics=topic, kafka_consumer_group=f"g{uid()}"))
+    wait_for_workers(pg)
+    exact = pg.scalar("SELECT %s::jsonb::text", (TRICKY,))
+    assert "123456789012345678901234567890" in exact and "1" + "0" * 40 in exact
+    paths = ["publish", "broadcast", "command", "insert", "replay", "kafka"]
+    channels = {p: f"chat:exact{p}{uid()}" for p in paths}
+    sub = Subscriber(centrifugo, channels=list(channels.values())).start()
+    try:
+        pg.sql("SELECT centrifugo_publish(%s, %s::jsonb)", (channels["publish"], TRICKY))
+        pg.sql("SELECT centrifugo_broadcast(ARRAY[%s, 'nope:x'], %s::jsonb)", (channels["broadcast"], TRICKY))
+        pg.sql("SELECT centrifugo_command('publish', jsonb_build_object('channel', %s::text, 'data', %s::jsonb))",
+               (channels["command"], TRICKY))
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('publish', jsonb_build_object('channel', %s::text, 'data', %s::jsonb))",
+               (channels["insert"], TRICKY))
+        pg.sql("""INSERT INTO centrifugo_dead_letters (source, method, payload, error_kind, error_message)
+                  VALUES ('outbox', 'publish', jsonb_build_object('channel', %s::text, 'data', %s::jsonb), 'http', 'x')""",
+               (channels["replay"], TRICKY))
+        pg.sql("SELECT centrifugo_replay_dead_letters(method => 'publish', error_kind => 'http')")
+        # Kafka: the record's own bytes, not PostgreSQL's spelling of them.
+        record = '{"method": "publish", "payload": {"channel": "%s", "data": %s}}' % (channels["kafka"], TRICKY)
+        producer = kafka.producer()
+        producer.produce(topic, value=record.encode())
+        assert producer.flush(30) == 0
+        sub.wait_for_publications(len(paths), timeout=40)
+        frames = sub.raw_publication_frames()
+        for path, channel in channels.items():
+            frame = next(f for f in frames if f'"channel":"{channel}"' in f)
+            expected = TRICKY if path == "kafka" else exact
+            assert '"data":' + expected in frame, f"{path}: {frame[:300]}"
+        # The broadcast's failed channel is a dead letter holding the same data.
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters WHERE error_kind = 'centrifugo'") == 1,
+                   10, what="the broadcast's dead letter")
+        assert pg.scalar("SELECT payload->'data' = %s::jsonb FROM centrifugo_dead_letters WHERE error_kind = 'centrifugo'",
+                         (TRICKY,))
+        assert pg.scalar("SELECT payload->'channels' FROM centrifugo_dead_letters WHERE error_kind = 'centrifugo'") == ["nope:x"]
+    finally:
+        sub.stop()
+
+
+# -- A command Centrifugo ran is not sent again ------------------------------------------------
+
+def executing_double(fail_first, times):
+    """A double that executes commands in arrival order (records them) and fails the command
+    `fail_first(method, payload)` picks with code 100 `times` times."""
+    double = FaultDouble().start()
+    double.executed = []
+    left = {"n": times}
+
+    def script(request):
+        replies = ok_replies(request)
+        for k, c in enumerate(request["body"]["commands"]):
+            (method, payload), = c.items()
+            if left["n"] > 0 and fail_first(method, payload):
+                left["n"] -= 1
+                replies[k] = {"error": {"code": 100, "message": "internal server error"}}
+            else:
+                double.executed.append((method, json.dumps(payload, sort_keys=True)))
+        return ("reply", 200, json.dumps({"replies": replies}).encode())
+
+    double.script = script
+    return double
+
+
+def enqueue_non_idempotent(pg, channel):
+    pg.sql(f"""SELECT centrifugo_subscribe('u1', '{channel}');
+               SELECT centrifugo_publish('{channel}', '1');
+               SELECT centrifugo_unsubscribe('u1', '{channel}');
+               SELECT centrifugo_disconnect('u2');
+               SELECT centrifugo_refresh('u3', expired => true);
+               SELECT centrifugo_history_remove('{channel}');
+               SELECT centrifugo_subscribe('u4', '{channel}');
+               SELECT centrifugo_publish('{channel}', '2');""")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_commands_that_succeeded_are_never_run_again(make_cluster, strict):
+    double = executing_double(lambda m, p: m == "disconnect", times=2)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=10, strict_order=strict, **FAST_RETRY))
+        wait_for_workers(pg)
+        enqueue_non_idempotent(pg, "c")
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the outbox to drain")
+        methods = [m for m, _ in double.executed]
+        assert len(double.executed) == 8 and len(set(double.executed)) == 8, f"each command ran once: {double.executed}"
+        assert sorted(methods) == sorted(["subscribe", "publish", "unsubscribe", "disconnect", "refresh",
+                                          "history_remove", "subscribe", "publish"])
+        sent = [m for m, _ in double.commands()]
+        assert sent.count("disconnect") == 3, "the failed command was retried until it succeeded"
+        if strict:
+            # One command per request: nothing after the failed one ran before it.
+            assert all(len(r["body"]["commands"]) == 1 for r in double.requests)
+            assert methods == ["subscribe", "publish", "unsubscribe", "disconnect", "refresh",
+                               "history_remove", "subscribe", "publish"]
+        else:
+            # Batched: what came after the failed command ran once, in the first batch.
+            assert methods[-1] == "disconnect"
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    finally:
+        double.stop()
+
+
+def test_a_user_is_not_disconnected_again_when_an_earlier_command_is_retried(make_cluster, centrifugo):
+    double = FaultDouble(centrifugo.api_url).start()
+    failed = {"done": False}
+
+    def script(request):
+        datas = [c.get("publish", {}).get("data") for c in request["body"]["commands"]]
+        if not failed["done"] and 2 in datas:
+            failed["done"] = True
+            k = datas.index(2)
+
+            def fail_one(reply):
+                reply["replies"][k] = {"error": {"code": 100, "message": "internal server error"}}
+                return reply
+            return ("rewrite", fail_one)
+        return ("forward",)
+
+    double.script = script
+    victim = f"victim{uid()}"
+    channel = f"chat:victim{uid()}"
+    sub = Subscriber(centrifugo, user=victim, channels=[channel]).start()
+    try:
+        # The resend comes after the victim has reconnected: a resent disconnect would hit it again.
+        pg = make_cluster(delivery_settings(double.api_url, centrifugo.api_key, retry_backoff_base=3000,
+                                            retry_backoff_max=3000))
+        wait_for_workers(pg)
+        pg.sql(f"""BEGIN;
+                   SELECT centrifugo_publish('{channel}', '1');
+                   SELECT centrifugo_publish('{channel}', '2');
+                   SELECT centrifugo_disconnect('{victim}', code => 4001, reason => 'moved');
+                   SELECT centrifugo_publish('{channel}', '3');
+                   COMMIT;""")
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 20, what="the outbox to drain")
+        time.sleep(1)
+        disconnects = [e for e in sub.of_kind("connecting") if (e.data or {}).get("code") == 4001]
+        assert len(disconnects) == 1, sub.events
+        assert [d for d in centrifugo.history(channel)] == [1, 2, 3], "the retried publish was not published twice"
+        assert sum(1 for m, _ in double.commands() if m == "disconnect") == 1
+    finally:
+        sub.stop()
+        double.stop()
+
+
+# -- Idempotency keys ---------------------------------------------------------------------------
+
+def test_a_reused_row_id_is_delivered_not_swallowed_by_the_idempotency_cache(outbox, centrifugo):
+    pg = outbox()
+    channel = f"chat:reuse{uid()}"
+    first = pg.scalar("SELECT centrifugo_publish(%s, '\"before\"')", (channel,))
+    wait_until(lambda: centrifugo.history(channel) == ["before"], 10, what="the first command")
+    # The sequence goes back (a restore, a failover that lost its end, setval): the id is reused.
+    pg.sql("SELECT setval('centrifugo_outbox_id_seq', %s, false)", (first,))
+    again = pg.scalar("SELECT centrifugo_publish(%s, '\"after\"')", (channel,))
+    assert again == first
+    wait_until(lambda: centrifugo.history(channel) == ["before", "after"], 10, what="the command with the reused id")
