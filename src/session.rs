@@ -113,11 +113,18 @@ impl ConnectSlot {
 
 /// The extension's schema in the current database (unquoted); None when it is not installed.
 pub fn extension_schema() -> Option<String> {
-    Spi::get_one::<String>(
-        "SELECT n.nspname::text
-         FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
-         WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'",
-    )
+    // A read-only query: it also runs on a hot standby (status views).
+    Spi::connect(|c| {
+        c.select(
+            "SELECT n.nspname::text
+             FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
+             WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'",
+            None,
+            &[],
+        )?
+        .first()
+        .get_one::<String>()
+    })
     .ok()
     .flatten()
 }

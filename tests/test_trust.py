@@ -46,6 +46,17 @@ OUTBOX_COLUMNS = """(id bigserial PRIMARY KEY, method text NOT NULL, payload jso
                      partition integer NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now())"""
 
 
+def trapped_outbox(schema, table):
+    """The owner's statements for an outbox-shaped table whose delete trigger is the trap."""
+    return [ESCALATE.format(schema=schema), f"CREATE TABLE {schema}.{table} {OUTBOX_COLUMNS}",
+            f"CREATE TRIGGER t BEFORE DELETE ON {schema}.{table} FOR EACH ROW EXECUTE FUNCTION {schema}.escalate()"]
+
+
+def assert_nothing_gained(pg, schema):
+    assert is_superuser(pg, "app_owner") is False
+    assert pg.scalar(f"SELECT count(*) FROM {schema}.fired WHERE superuser", dbname="app") == 0, "no trap ran as superuser"
+
+
 def uid():
     return uuid.uuid4().hex[:8]
 
@@ -78,10 +89,8 @@ def test_a_schema_named_after_the_worker_role_cannot_hijack_the_worker(make_clus
     # default search_path) with an outbox whose delete trigger makes the owner a superuser.
     as_role(pg, "app_owner", [
         "CREATE SCHEMA postgres",
-        ESCALATE.format(schema="postgres"),
-        f"CREATE TABLE postgres.centrifugo_outbox {OUTBOX_COLUMNS}",
+        *trapped_outbox("postgres", "centrifugo_outbox"),
         "GRANT ALL ON postgres.centrifugo_outbox, postgres.centrifugo_outbox_id_seq TO PUBLIC",
-        "CREATE TRIGGER t BEFORE DELETE ON postgres.centrifugo_outbox FOR EACH ROW EXECUTE FUNCTION postgres.escalate()",
         """INSERT INTO postgres.centrifugo_outbox (method, payload) VALUES ('publish', '{"channel": "trap", "data": 1}')""",
     ])
     pg.sql("SELECT centrifugo_restart_workers()", dbname="app")
@@ -89,7 +98,7 @@ def test_a_schema_named_after_the_worker_role_cannot_hijack_the_worker(make_clus
     as_role(pg, "app_user", f"SELECT centrifugo_publish('{channel}', '{{\"n\": 1}}')")
     wait_until(lambda: centrifugo.history(channel) == [{"n": 1}], 15, what="the real outbox to drain")
     time.sleep(1)
-    assert is_superuser(pg, "app_owner") is False
+    assert_nothing_gained(pg, "postgres")
     assert pg.scalar("SELECT count(*) FROM postgres.fired", dbname="app") == 0, "the trap never ran"
     assert pg.scalar("SELECT count(*) FROM postgres.centrifugo_outbox", dbname="app") == 1, "the worker never read it"
     assert pg.scalar("SELECT count(*) FROM public.centrifugo_outbox", dbname="app") == 0
@@ -101,13 +110,11 @@ def test_a_database_search_path_redirects_neither_the_workers_nor_the_sql_api(ma
     # ahead of pg_catalog, for every session of the database.
     as_role(pg, "app_owner", [
         "CREATE SCHEMA evil",
-        ESCALATE.format(schema="evil"),
-        f"CREATE TABLE evil.centrifugo_outbox {OUTBOX_COLUMNS}",
+        *trapped_outbox("evil", "centrifugo_outbox"),
         "CREATE TABLE evil.centrifugo_dead_letters (LIKE evil.centrifugo_outbox)",
         "GRANT ALL ON ALL TABLES IN SCHEMA evil TO PUBLIC",
         "GRANT ALL ON ALL SEQUENCES IN SCHEMA evil TO PUBLIC",
         "GRANT USAGE ON SCHEMA evil TO PUBLIC",
-        "CREATE TRIGGER t BEFORE DELETE ON evil.centrifugo_outbox FOR EACH ROW EXECUTE FUNCTION evil.escalate()",
         """CREATE FUNCTION evil.hashtext(text) RETURNS integer LANGUAGE plpgsql AS $$
            BEGIN IF current_setting('is_superuser')::bool THEN EXECUTE 'ALTER ROLE app_owner SUPERUSER'; END IF;
                  INSERT INTO evil.fired VALUES (current_user, current_setting('is_superuser')::bool); RETURN 0; END $$""",
@@ -135,7 +142,7 @@ def test_a_database_search_path_redirects_neither_the_workers_nor_the_sql_api(ma
     assert pg.scalar("SELECT public.centrifugo_replay_dead_letters()", dbname="app") == 1
     wait_until(lambda: len(centrifugo.history(channel)) == 4, 15, what="the replayed command")
     time.sleep(1)
-    assert is_superuser(pg, "app_owner") is False
+    assert_nothing_gained(pg, "evil")
     assert pg.scalar("SELECT count(*) FROM evil.fired", dbname="app") == 0, "no shadowing function or trigger ran"
     assert pg.scalar("SELECT count(*) FROM evil.centrifugo_outbox", dbname="app") == 0, "the SQL API wrote elsewhere"
     assert pg.scalar("SELECT count(*) FROM evil.centrifugo_dead_letters", dbname="app") == 0
@@ -147,9 +154,7 @@ def test_superuser_workers_refuse_an_outbox_owned_by_a_role_without_superuser(ma
     channel = f"chat:own{uid()}"
     as_role(pg, "app_owner", [
         "CREATE SCHEMA box",
-        ESCALATE.format(schema="box"),
-        f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}",
-        "CREATE TRIGGER t BEFORE DELETE ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.escalate()",
+        *trapped_outbox("box", "outbox"),
         f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": 1}}')""",
     ])
     wait_until(lambda: "not a superuser" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status", dbname="app") or ""),
@@ -158,7 +163,7 @@ def test_superuser_workers_refuse_an_outbox_owned_by_a_role_without_superuser(ma
     assert "centrifugo.worker_role" in pg.log()
     assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 1
     assert pg.scalar("SELECT count(*) FROM box.fired", dbname="app") == 0
-    assert is_superuser(pg, "app_owner") is False
+    assert_nothing_gained(pg, "box")
     assert centrifugo.history(channel) == []
 
 
@@ -177,9 +182,7 @@ def test_workers_run_as_the_worker_role_with_the_documented_privileges(make_clus
     # The table a role without superuser rights owns is drained: its trigger runs as cfo_worker.
     as_role(pg, "app_owner", [
         "CREATE SCHEMA box",
-        ESCALATE.format(schema="box"),
-        f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}",
-        "CREATE TRIGGER t BEFORE DELETE ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.escalate()",
+        *trapped_outbox("box", "outbox"),
         "CREATE TRIGGER wake AFTER INSERT ON box.outbox FOR EACH ROW EXECUTE FUNCTION public.centrifugo_wake_at_commit()",
         "GRANT USAGE ON SCHEMA box TO cfo_worker",
         "GRANT SELECT, DELETE ON box.outbox TO cfo_worker",
@@ -195,7 +198,7 @@ def test_workers_run_as_the_worker_role_with_the_documented_privileges(make_clus
     wait_until(lambda: centrifugo.history(channel) == [0, 1, 2], 15, what="delivery under the worker role")
     wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters", dbname="app") == 1, 10, what="a dead letter")
     assert pg.sql("SELECT DISTINCT who, superuser FROM box.fired", dbname="app") == [("cfo_worker", False)]
-    assert is_superuser(pg, "app_owner") is False
+    assert_nothing_gained(pg, "box")
     assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 0
 
 
