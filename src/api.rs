@@ -354,7 +354,7 @@ fn centrifugo_command(
         let method = method.ok_or_else(|| CommandError::new(ErrorClass::NullValue, "method must not be NULL"))?;
         let method = Method::parse(method)?;
         let payload = payload.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires a payload")))?;
-        Command::from_text(method, &payload.0)
+        Command::new(method, &payload.0)
     })();
     enqueue(cmd, partition, partition_key)
 }

@@ -106,20 +106,16 @@ pub struct Command {
 
 impl Command {
     /// Validates `payload` (JSON text) for `method`. The payload may be a JSON object or a JSON
-    /// string holding one (Debezium sends JSONB columns as strings), as Centrifugo's consumers accept.
-    pub fn from_text(method: Method, payload: &str) -> Result<Command, CommandError> {
+    /// string holding one (Debezium sends JSONB columns as strings), as Centrifugo's consumers
+    /// accept. Field values are copied as written; a repeated field keeps its last value.
+    pub fn new(method: Method, payload: &str) -> Result<Command, CommandError> {
         let object = raw_object(payload)?;
         validate(method, &validation_view(method, &object)?)?;
         Ok(Command { method, payload: write_object(&object) })
     }
 
-    /// [`Command::from_text`] for a payload built as a JSON value (tests, small payloads).
-    pub fn new(method: Method, payload: Value) -> Result<Command, CommandError> {
-        Command::from_text(method, &payload.to_string())
-    }
-
     /// Parses and validates a raw `method`/`payload` pair.
-    pub fn parse(method: &str, payload: Value) -> Result<Command, CommandError> {
+    pub fn parse(method: &str, payload: &str) -> Result<Command, CommandError> {
         Command::new(Method::parse(method)?, payload)
     }
 
@@ -135,7 +131,7 @@ pub type RawObject = BTreeMap<String, Box<RawValue>>;
 /// Reads a JSON object, or a JSON string whose content is a JSON object, one level deep. Nested
 /// values are skipped without recursion, so any depth PostgreSQL accepts passes.
 pub fn raw_object(payload: &str) -> Result<RawObject, CommandError> {
-    let text = payload.trim();
+    let text = trim_json(payload);
     let object_text;
     let text = match text.as_bytes().first() {
         Some(b'{') => text,
@@ -143,7 +139,7 @@ pub fn raw_object(payload: &str) -> Result<RawObject, CommandError> {
             object_text = serde_json::from_str::<String>(text).map_err(|e| {
                 CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}"))
             })?;
-            if !object_text.trim_start().starts_with('{') {
+            if !trim_json(&object_text).starts_with('{') {
                 return Err(match serde_json::from_str::<&RawValue>(&object_text) {
                     Ok(_) => CommandError::invalid("payload is a JSON string that does not hold a JSON object"),
                     Err(e) => CommandError::new(
@@ -163,6 +159,11 @@ pub fn raw_object(payload: &str) -> Result<RawObject, CommandError> {
         .map_err(|e| CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}")))
 }
 
+/// `text` without the whitespace JSON allows around a value (and no other).
+pub fn trim_json(text: &str) -> &str {
+    text.trim_matches([' ', '\t', '\n', '\r'])
+}
+
 /// Writes a raw object back as compact JSON object text, each value as it was.
 pub fn write_object(object: &RawObject) -> String {
     let mut out = String::with_capacity(object.iter().map(|(k, v)| k.len() + v.get().len() + 4).sum::<usize>() + 2);
@@ -171,7 +172,7 @@ pub fn write_object(object: &RawObject) -> String {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&Value::String(key.clone()).to_string());
+        out.push_str(&serde_json::to_string(key).expect("a string serializes"));
         out.push(':');
         out.push_str(value.get());
     }
@@ -181,7 +182,7 @@ pub fn write_object(object: &RawObject) -> String {
 
 /// The JSON type of a value given as text.
 pub fn raw_type(text: &str) -> &'static str {
-    match text.trim_start().as_bytes().first() {
+    match trim_json(text).as_bytes().first() {
         Some(b'{') => "object",
         Some(b'[') => "array",
         Some(b'"') => "string",
@@ -192,23 +193,33 @@ pub fn raw_type(text: &str) -> &'static str {
 }
 
 /// What [`validate`] looks at: the typed fields parsed (they are small), and for fields of any
-/// shape (data, info) or an object Centrifugo checks itself (label_filter) only a stand-in of the
-/// same kind, so user data is never parsed into a tree.
+/// shape (data, info), objects Centrifugo checks itself (label_filter) and unknown fields only a
+/// stand-in of the same JSON type, so user data is never parsed into a tree.
 fn validation_view(method: Method, object: &RawObject) -> Result<Map<String, Value>, CommandError> {
     let shapes = fields(method);
     let mut view = Map::new();
     for (key, raw) in object {
         let text = raw.get();
         let value = match shapes.iter().find(|f| f.name == key).map(|f| f.shape) {
-            _ if text == "null" => Value::Null,
-            None | Some(Shape::Any) => Value::Bool(true),
-            Some(Shape::Object) if text.starts_with('{') => Value::Object(Map::new()),
+            None | Some(Shape::Any | Shape::Object) => stand_in(text),
             Some(_) => serde_json::from_str(text)
                 .map_err(|e| CommandError::invalid(format!("{method}: \"{key}\" cannot be read: {e}")))?,
         };
         view.insert(key.clone(), value);
     }
     Ok(view)
+}
+
+/// An empty value of the JSON type of `text` (valid JSON), for checks that look only at the type.
+fn stand_in(text: &str) -> Value {
+    match raw_type(text) {
+        "object" => Value::Object(Map::new()),
+        "array" => Value::Array(Vec::new()),
+        "string" => Value::String(String::new()),
+        "boolean" => Value::Bool(true),
+        "null" => Value::Null,
+        _ => Value::from(0),
+    }
 }
 
 pub fn json_type(v: &Value) -> &'static str {
@@ -482,8 +493,12 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn parse(method: &str, payload: Value) -> Result<Command, CommandError> {
+        Command::parse(method, &payload.to_string())
+    }
+
     fn err(method: &str, payload: Value) -> CommandError {
-        Command::parse(method, payload).expect_err("should be rejected")
+        parse(method, payload).expect_err("should be rejected")
     }
 
     #[test]
@@ -495,7 +510,7 @@ mod tests {
 
     #[test]
     fn seed_insert_payload_is_valid() {
-        let c = Command::parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}}))
+        let c = parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}}))
             .unwrap();
         assert_eq!(c.method, Method::Publish);
         assert_eq!(serde_json::from_str::<Value>(&c.payload).unwrap()["channel"], "updates");
@@ -517,7 +532,7 @@ mod tests {
 
     #[test]
     fn payload_may_be_a_json_string_holding_an_object() {
-        let c = Command::parse("publish", json!("{\"channel\":\"a\",\"data\":1}")).unwrap();
+        let c = parse("publish", json!("{\"channel\":\"a\",\"data\":1}")).unwrap();
         assert_eq!(serde_json::from_str::<Value>(&c.payload).unwrap()["data"], 1);
         assert_eq!(err("publish", json!("not json")).class, ErrorClass::InvalidJson);
         assert_eq!(err("publish", json!("[1]")).class, ErrorClass::InvalidParameter);
@@ -539,8 +554,8 @@ mod tests {
         assert_eq!(err("disconnect", json!({})).class, ErrorClass::NullValue);
         assert_eq!(err("history_remove", json!({})).class, ErrorClass::NullValue);
         // Anonymous users and all-user targeting are legitimate.
-        Command::parse("disconnect", json!({"user": ""})).unwrap();
-        Command::parse("unsubscribe", json!({"channel": "a", "all_users": true})).unwrap();
+        parse("disconnect", json!({"user": ""})).unwrap();
+        parse("unsubscribe", json!({"channel": "a", "all_users": true})).unwrap();
     }
 
     #[test]
@@ -566,24 +581,24 @@ mod tests {
 
     #[test]
     fn full_commands_pass() {
-        Command::parse(
+        parse(
             "publish",
             json!({"channel": "a", "data": {"x": [1]}, "skip_history": true, "tags": {"k": "v"},
                    "idempotency_key": "k1", "delta": false, "version": 3, "version_epoch": "e"}),
         )
         .unwrap();
-        Command::parse("broadcast", json!({"channels": ["a", "b"], "b64data": "aGk="})).unwrap();
-        Command::parse(
+        parse("broadcast", json!({"channels": ["a", "b"], "b64data": "aGk="})).unwrap();
+        parse(
             "subscribe",
             json!({"user": "1", "channel": "c", "info": {"n": 1}, "client": "cl", "session": "s",
                    "recover_since": {"offset": 1, "epoch": "e"}, "expire_at": 0,
                    "override": {"presence": {"value": true}}}),
         )
         .unwrap();
-        Command::parse("disconnect", json!({"user": "1", "whitelist": ["c1"], "disconnect": {"code": 4000, "reason": "bye"}})).unwrap();
-        Command::parse("refresh", json!({"user": "1", "expired": true})).unwrap();
+        parse("disconnect", json!({"user": "1", "whitelist": ["c1"], "disconnect": {"code": 4000, "reason": "bye"}})).unwrap();
+        parse("refresh", json!({"user": "1", "expired": true})).unwrap();
         // Unknown fields pass through for newer servers.
-        Command::parse("publish", json!({"channel": "a", "data": 1, "future_field": 1})).unwrap();
+        parse("publish", json!({"channel": "a", "data": 1, "future_field": 1})).unwrap();
     }
 }
 
@@ -612,7 +627,7 @@ impl PayloadBuilder {
     /// inserted as it is.
     pub fn raw(mut self, key: &str, json: Option<&str>) -> Self {
         if let Some(text) = json {
-            match RawValue::from_string(text.trim().to_owned()) {
+            match RawValue::from_string(text.to_owned()) {
                 Ok(raw) => {
                     self.object.insert(key.to_owned(), raw);
                 }
@@ -644,7 +659,7 @@ impl PayloadBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        Command::from_text(method, &write_object(&self.object))
+        Command::new(method, &write_object(&self.object))
     }
 }
 
@@ -668,7 +683,7 @@ pub(crate) mod builder_tests {
         .map(str::to_owned)
         .to_vec();
         values.push(format!("{}1{}", "[".repeat(10_000), "]".repeat(10_000)));
-        values.push(format!("{}{}", r#"{"a":"#.repeat(10_000), format!("0{}", "}".repeat(10_000))));
+        values.push(format!("{}0{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000)));
         values
     }
 
@@ -685,19 +700,66 @@ pub(crate) mod builder_tests {
                 .build(Method::Subscribe)
                 .unwrap();
             assert!(c.payload.contains(&format!("\"info\":{value}")));
-            // Command::from_text, directly and as a JSON string holding the object (Debezium).
+            // Command::new and ::parse, given the object and a JSON string holding it (Debezium).
             let text = format!(r#"{{"channel": "c", "data": {value}}}"#);
             for payload in [text.clone(), Value::String(text.clone()).to_string()] {
-                let c = Command::from_text(Method::Publish, &payload).unwrap();
+                let c = Command::new(Method::Publish, &payload).unwrap();
                 assert!(c.payload.contains(&format!("\"data\":{value}")));
+                let c = Command::parse("publish", &payload).unwrap();
+                assert!(c.payload_json().contains(&format!("\"data\":{value}")));
             }
         }
         assert_eq!(PayloadBuilder::new().raw("data", Some("{bad")).build(Method::Publish).unwrap_err().class, ErrorClass::InvalidJson);
     }
 
+    /// serde_json skips a raw value with a loop and a stack on the heap (`ignore_value`), so a
+    /// raw value has no recursion limit and needs no call stack however deep it is.
+    #[test]
+    fn raw_values_of_any_depth_need_no_stack() {
+        let depth = 100_000;
+        let arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        let objects = format!("{}0{}", r#"{"a":"#.repeat(depth), "}".repeat(depth));
+        // 256 KiB of stack: a recursive parser would need megabytes at this depth.
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                for value in [&arrays, &objects] {
+                    assert_eq!(serde_json::from_str::<&RawValue>(value).unwrap().get(), value.as_str());
+                    assert_eq!(serde_json::from_str::<Box<RawValue>>(value).unwrap().get(), value.as_str());
+                    let payload = format!(r#"{{"channel":"c","data":{value}}}"#);
+                    assert_eq!(Command::new(Method::Publish, &payload).unwrap().payload, payload);
+                    let c = PayloadBuilder::new().field("channel", Some("c")).raw("data", Some(value)).build(Method::Publish).unwrap();
+                    assert_eq!(c.payload, payload);
+                    let label_filter = format!(r#"{{"channel":"c","all_users":true,"label_filter":{value}}}"#);
+                    let e = Command::new(Method::Unsubscribe, &label_filter);
+                    // Arrays are refused by type; objects pass unread (Centrifugo checks the grammar).
+                    assert_eq!(e.is_ok(), value.starts_with('{'), "{e:?}");
+                }
+                // Unbalanced or truncated nesting is a clean error.
+                let unbalanced = "[".repeat(depth);
+                assert!(serde_json::from_str::<&RawValue>(&unbalanced).is_err());
+                let e = Command::new(Method::Publish, &format!(r#"{{"channel":"c","data":{unbalanced}}}"#)).unwrap_err();
+                assert_eq!(e.class, ErrorClass::InvalidJson);
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow, no panic");
+    }
+
+    #[test]
+    fn typed_fields_nested_too_deep_are_clean_errors() {
+        // The small fields validation parses hit serde_json's recursion limit: an error, not a crash.
+        let deep = format!("{}0{}", r#"{"a":"#.repeat(10_000), "}".repeat(10_000));
+        let e = Command::new(Method::Publish, &format!(r#"{{"channel":"c","data":1,"tags":{deep}}}"#)).unwrap_err();
+        assert_eq!(e.class, ErrorClass::InvalidParameter);
+        assert!(e.message.contains("\"tags\" cannot be read"), "{e}");
+        let e = Command::new(Method::Unsubscribe, r#"{"channel":"c","all_users":true,"label_filter":[1]}"#).unwrap_err();
+        assert!(e.message.contains("\"label_filter\" must be an object, got array"), "{e}");
+    }
+
     #[test]
     fn repeated_fields_keep_the_last_value() {
-        let c = Command::from_text(Method::Publish, r#"{"channel": "a", "data": 1, "channel": "b"}"#).unwrap();
+        let c = Command::new(Method::Publish, r#"{"channel": "a", "data": 1, "channel": "b"}"#).unwrap();
         assert_eq!(c.payload, r#"{"channel":"b","data":1}"#);
     }
 

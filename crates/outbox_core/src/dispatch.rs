@@ -9,9 +9,9 @@
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::command::{raw_object, write_object, Method};
+use crate::command::{raw_object, trim_json, write_object, Method};
 
 /// Centrifugo error codes that mean "try again later" (internal, too many requests, concurrent
 /// pagination). Every other code is final.
@@ -91,13 +91,6 @@ pub struct Prepared {
     pub payload: String,
 }
 
-impl Prepared {
-    /// The payload as a JSON object (for the rare paths that need its fields).
-    pub fn payload_map(&self) -> Map<String, Value> {
-        serde_json::from_str(&self.payload).unwrap_or_default()
-    }
-}
-
 /// Parses a row as Centrifugo's consumers do (method name, payload object or JSON string holding
 /// one) and adds `idempotency_key` to publish/broadcast rows that lack one, so a resend after a
 /// crash or timeout does not publish twice. Anything Centrifugo may accept is passed on as is:
@@ -134,7 +127,7 @@ pub fn prepare_text(method: &str, payload: &str, idempotency_key: impl FnOnce() 
         <&RawValue>::deserialize(d).map(Some)
     }
     let parsed_method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
-    let object = payload.trim();
+    let object = trim_json(payload);
     if let Some(fields) = object.strip_prefix('{') {
         if let Ok(peek) = serde_json::from_str::<KeyPeek<'_>>(object) {
             // A present key must be a non-empty string to count (else the general path replaces it).
@@ -144,7 +137,7 @@ pub fn prepare_text(method: &str, payload: &str, idempotency_key: impl FnOnce() 
                 return Ok(Prepared { method: parsed_method, payload: object.to_owned() });
             }
             if key.is_none() {
-                let fields = fields.trim_start();
+                let fields = fields.trim_start_matches([' ', '\t', '\n', '\r']);
                 let key = Value::String(idempotency_key()).to_string();
                 let mut text = String::with_capacity(object.len() + key.len() + 20);
                 text.push_str("{\"idempotency_key\":");
@@ -343,9 +336,13 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
         return Outcome::Delivered;
     }
     let mut payload = raw_object(&command.payload).unwrap_or_default();
-    let channels: Vec<Value> =
-        payload.get("channels").and_then(|c| serde_json::from_str::<Vec<Value>>(c.get()).ok()).unwrap_or_default();
-    let channel_name = |i: usize| channels.get(i).and_then(Value::as_str).unwrap_or("?").to_owned();
+    // Channel names are moved into the dead letter as written.
+    let all_channels = payload.remove("channels");
+    let channels: Vec<&RawValue> =
+        all_channels.as_deref().and_then(|c| serde_json::from_str(c.get()).ok()).unwrap_or_default();
+    let channel_name = |i: usize| {
+        channels.get(i).and_then(|c| serde_json::from_str::<String>(c.get()).ok()).unwrap_or_else(|| "?".into())
+    };
     let mut failed_channels = Vec::new();
     let mut failures = Vec::new();
     for (i, response) in responses.into_iter().enumerate() {
@@ -355,7 +352,7 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
                 return Outcome::Retry(Failure { message: format!("channel {}: {}", channel_name(i), failure.message), ..failure });
             }
             if let Some(ch) = channels.get(i) {
-                failed_channels.push(ch.clone());
+                failed_channels.push(ch.get());
             }
             failures.push((channel_name(i), failure));
         }
@@ -366,7 +363,7 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
         .map(|(ch, f)| format!("{ch}: {} {}", f.code.unwrap_or(0), f.message))
         .collect::<Vec<_>>()
         .join("; ");
-    let failed_channels = RawValue::from_string(Value::Array(failed_channels).to_string()).expect("a JSON array");
+    let failed_channels = RawValue::from_string(format!("[{}]", failed_channels.join(","))).expect("an array of JSON values");
     payload.insert("channels".into(), failed_channels);
     Outcome::DeadLetter {
         failure: Failure { message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()), ..first },
@@ -386,10 +383,15 @@ pub fn scrub(text: &str, secrets: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     fn prep(method: &str, payload: Value) -> Prepared {
         prepare(method, &payload.to_string(), || "k".into()).unwrap()
+    }
+
+    /// The payload's fields, for assertions on their values.
+    fn fields(p: &Prepared) -> Map<String, Value> {
+        serde_json::from_str(&p.payload).expect("a JSON object")
     }
 
     fn http(status: u16, body: Value) -> Response {
@@ -399,14 +401,22 @@ mod tests {
     #[test]
     fn prepare_adds_idempotency_keys_only_where_missing() {
         let p = prep("publish", json!({"channel": "a", "data": 1}));
-        assert_eq!(p.payload_map()["idempotency_key"], "k");
+        assert_eq!(fields(&p)["idempotency_key"], "k");
         let p = prep("publish", json!({"channel": "a", "data": 1, "idempotency_key": "mine"}));
-        assert_eq!(p.payload_map()["idempotency_key"], "mine");
+        assert_eq!(fields(&p)["idempotency_key"], "mine");
         let p = prep("subscribe", json!({"channel": "a", "user": "u"}));
-        assert!(p.payload_map().get("idempotency_key").is_none());
+        assert!(fields(&p).get("idempotency_key").is_none());
         let p = prep("broadcast", json!("{\"channels\": [\"a\"], \"data\": 1}"));
-        assert_eq!(p.payload_map()["idempotency_key"], "k");
-        assert_eq!(OutboxKeys::new(255, 16384).key(42, 1_700_000_000_123_456), "cfo-ff-16384-42-1700000000123456");
+        assert_eq!(fields(&p)["idempotency_key"], "k");
+    }
+
+    #[test]
+    fn outbox_keys_tell_reused_row_ids_apart() {
+        let keys = OutboxKeys::new(0x6f2b_9c41_0a5e_d3c7, 16384);
+        assert_eq!(keys.key(42, 1_700_000_000_123_456), "cfo-6f2b9c410a5ed3c7-16384-42-1700000000123456");
+        // The same id after a restore or a sequence set back: another row, another key.
+        assert_ne!(keys.key(42, 1_700_000_000_123_456), keys.key(42, 1_700_000_100_000_000));
+        assert_eq!(OutboxKeys::new(255, 1).key(-1, -5), "cfo-ff-1--1--5");
     }
 
     #[test]
@@ -425,7 +435,7 @@ mod tests {
             let fast = prepare_text(method, text, || "cfo-1-2-3".into()).unwrap();
             let slow = prepare(method, text, || "cfo-1-2-3".into()).unwrap();
             assert_eq!(fast.method, slow.method);
-            assert_eq!(fast.payload_map(), slow.payload_map(), "{method} {text}");
+            assert_eq!(fields(&fast), fields(&slow), "{method} {text}");
             // Always a single JSON object, whatever path made it.
             assert!(serde_json::from_str::<Map<String, Value>>(&fast.payload).is_ok(), "{}", fast.payload);
         }
@@ -527,25 +537,35 @@ mod tests {
     #[test]
     fn every_path_keeps_values_exact() {
         for value in crate::command::builder_tests::tricky_values() {
+            let shown = &value[..value.len().min(60)];
             let object = format!(r#"{{"channel": "c", "data": {value}}}"#);
-            let payloads = [
-                object.clone(),                                                           // fast path, key added
-                format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": null}}"#), // general path
+            // The fast path passes the object on as it is, the key written in front.
+            let p = prepare_text("publish", &object, || "k".into()).unwrap();
+            assert_eq!(p.payload, format!(r#"{{"idempotency_key":"k","channel": "c", "data": {value}}}"#), "{shown}");
+            let with_key = format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": "mine"}}"#);
+            assert_eq!(prepare_text("publish", &with_key, || "k".into()).unwrap().payload, with_key);
+            // The general path rewrites the object, every value as written.
+            let general = [
+                format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": null}}"#),
                 format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": ""}}"#),
-                Value::String(object.clone()).to_string(),                               // Debezium string
+                format!(r#"{{"channel": "c", "data": {value}, "idempotency_key": 5}}"#),
+                Value::String(object.clone()).to_string(), // Debezium: a string holding the object
             ];
-            for payload in &payloads {
-                let p = prepare_text("publish", payload, || "k".into()).unwrap();
-                assert!(p.payload.contains(&format!("\"data\":{value}")) || p.payload.contains(&format!("\"data\": {value}")),
-                        "{}", &payload[..payload.len().min(80)]);
+            let expected = format!(r#"{{"channel":"c","data":{value},"idempotency_key":"k"}}"#);
+            for payload in &general {
+                for p in [prepare_text("publish", payload, || "k".into()).unwrap(), prepare("publish", payload, || "k".into()).unwrap()] {
+                    assert_eq!(p.payload, expected, "{shown}");
+                }
             }
+            assert_eq!(prepare("publish", &object, || "k".into()).unwrap().payload, expected, "{shown}");
             // A broadcast dead-lettered for some channels keeps its data as it was.
-            let cmd = vec![prepare("broadcast", &format!(r#"{{"channels": ["a", "b"], "data": {value}}}"#), || "k".into()).unwrap()];
+            let cmd = vec![prepare("broadcast", &format!(r#"{{"channels": ["a", "\u0062"], "data": {value}}}"#), || "k".into()).unwrap()];
             let reply = json!({"replies": [{"broadcast": {"responses": [
                 {"result": {}}, {"error": {"code": 102, "message": "unknown channel"}}]}}]});
             let BatchVerdict::PerCommand(o) = classify_batch(&http(200, reply), &cmd) else { panic!() };
-            let Outcome::DeadLetter { payload: Some(p), .. } = &o[0] else { panic!("{o:?}") };
-            assert!(p.contains(&format!("\"data\":{value}")) && p.contains(r#""channels":["b"]"#));
+            let Outcome::DeadLetter { failure, payload: Some(p) } = &o[0] else { panic!("{o:?}") };
+            assert_eq!(p, &format!(r#"{{"channels":["\u0062"],"data":{value},"idempotency_key":"k"}}"#), "{shown}");
+            assert!(failure.message.contains("b: 102 unknown channel"), "{}", failure.message);
         }
     }
 

@@ -12,7 +12,10 @@
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::dispatch::{prepare, Failure, Prepared};
+use std::collections::BTreeMap;
+
+use crate::command::{write_object, RawObject};
+use crate::dispatch::{prepare_text, Failure, Prepared};
 use crate::settings::valid_consumer_name;
 
 /// Header names of publication data mode (Centrifugo's defaults).
@@ -429,24 +432,21 @@ pub fn parse_record(
     if let Some(mode) = &consumer.publication_data_mode {
         return publication_record(mode, value, headers, key);
     }
-    /// The value's envelope, read one level deep: the payload stays as its bytes.
-    #[derive(serde::Deserialize)]
-    struct Envelope<'a> {
-        method: Option<String>,
-        #[serde(borrow)]
-        payload: Option<&'a RawValue>,
-    }
     let text = std::str::from_utf8(value).map_err(|e| Failure::malformed(format!("record value is not JSON: {e}")))?;
     match header_text(headers, &consumer.method_header)? {
-        Some(method) => prepare(&method, text, key),
+        Some(method) => prepare_text(&method, text, key),
         None => {
-            let envelope: Envelope<'_> =
+            // The envelope read one level deep (a repeated field keeps its last value, as in Go):
+            // the payload stays as its bytes.
+            let envelope: BTreeMap<String, &RawValue> =
                 serde_json::from_str(text).map_err(|e| Failure::malformed(format!("record value is not JSON: {e}")))?;
-            let method = envelope
-                .method
-                .ok_or_else(|| Failure::malformed("record has no \"method\" (and no method header)"))?;
-            let payload = envelope.payload.ok_or_else(|| Failure::malformed("record has no \"payload\""))?;
-            prepare(&method, payload.get(), key)
+            let method: String = envelope
+                .get("method")
+                .and_then(|m| serde_json::from_str::<Option<String>>(m.get()).transpose())
+                .ok_or_else(|| Failure::malformed("record has no \"method\" (and no method header)"))?
+                .map_err(|e| Failure::malformed(format!("record \"method\" is not a string: {e}")))?;
+            let payload = envelope.get("payload").ok_or_else(|| Failure::malformed("record has no \"payload\""))?;
+            prepare_text(&method, payload.get(), key)
         }
     }
 }
@@ -466,44 +466,43 @@ fn publication_record(
     // The data goes on as the record's own bytes.
     let data = std::str::from_utf8(value)
         .map_err(|e| e.to_string())
-        .and_then(|text| RawValue::from_string(text.trim().to_owned()).map_err(|e| e.to_string()))
+        .and_then(|text| RawValue::from_string(text.to_owned()).map_err(|e| e.to_string()))
         .map_err(|e| Failure::malformed(format!("publication data is not JSON: {e}")))?;
-    let mut payload = Map::new();
+    fn json(value: impl serde::Serialize) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).expect("strings, numbers and maps of strings serialize")
+    }
+    let mut payload = RawObject::new();
+    payload.insert("data".into(), data);
     let method = if channels.len() == 1 {
-        payload.insert("channel".into(), Value::String(channels[0].clone()));
+        payload.insert("channel".into(), json(&channels[0]));
         "publish"
     } else {
-        payload.insert("channels".into(), Value::Array(channels.into_iter().map(Value::String).collect()));
+        payload.insert("channels".into(), json(&channels));
         "broadcast"
     };
     if let Some(k) = header_text(headers, &mode.idempotency_key_header)? {
-        payload.insert("idempotency_key".into(), Value::String(k));
+        payload.insert("idempotency_key".into(), json(k));
     }
     if let Some(d) = header_text(headers, &mode.delta_header)? {
         let delta = parse_bool(&d).ok_or_else(|| Failure::malformed(format!("header {}: \"{d}\" is not a boolean", mode.delta_header)))?;
-        payload.insert("delta".into(), Value::Bool(delta));
+        payload.insert("delta".into(), json(delta));
     }
     if let Some(v) = header_text(headers, &mode.version_header)? {
         let version: u64 = v.parse().map_err(|_| Failure::malformed(format!("header {}: \"{v}\" is not a version number", mode.version_header)))?;
-        payload.insert("version".into(), Value::from(version));
+        payload.insert("version".into(), json(version));
     }
     if let Some(e) = header_text(headers, &mode.version_epoch_header)? {
-        payload.insert("version_epoch".into(), Value::String(e));
+        payload.insert("version_epoch".into(), json(e));
     }
-    let tags: Map<String, Value> = headers
+    let tags: BTreeMap<&str, String> = headers
         .iter()
         .filter(|(k, _)| !mode.tags_header_prefix.is_empty() && k.starts_with(&mode.tags_header_prefix))
-        .map(|(k, v)| (k[mode.tags_header_prefix.len()..].to_owned(), Value::String(String::from_utf8_lossy(v).into_owned())))
+        .map(|(k, v)| (&k[mode.tags_header_prefix.len()..], String::from_utf8_lossy(v).into_owned()))
         .collect();
     if !tags.is_empty() {
-        payload.insert("tags".into(), Value::Object(tags));
+        payload.insert("tags".into(), json(tags));
     }
-    let mut object: crate::command::RawObject = payload
-        .into_iter()
-        .map(|(k, v)| (k, RawValue::from_string(v.to_string()).expect("a serialized Value is JSON")))
-        .collect();
-    object.insert("data".into(), data);
-    prepare(method, &crate::command::write_object(&object), key)
+    prepare_text(method, &write_object(&payload), key)
 }
 
 /// Go's strconv.ParseBool, which Centrifugo uses for the delta header.
@@ -528,6 +527,11 @@ mod tests {
         KafkaConsumer::new("kc", vec!["127.0.0.1:9092".into()], vec!["t".into()], "g")
     }
 
+    /// The payload's fields, for assertions on their values.
+    fn fields(p: &Prepared) -> serde_json::Map<String, serde_json::Value> {
+        serde_json::from_str(&p.payload).expect("a JSON object")
+    }
+
     fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect()
     }
@@ -536,7 +540,7 @@ mod tests {
     fn method_and_payload_value() {
         let p = parse_record(&consumer(), Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#), &[], &POS).unwrap();
         assert_eq!(p.method, Method::Publish);
-        assert_eq!(p.payload_map()["idempotency_key"], "cfk-t-2-9");
+        assert_eq!(fields(&p)["idempotency_key"], "cfk-t-2-9");
         // payload as a JSON string holding the object
         let p = parse_record(&consumer(), Some(br#"{"method": "broadcast", "payload": "{\"channels\": [\"a\"], \"data\": 2}"}"#), &[], &POS).unwrap();
         assert_eq!(p.method, Method::Broadcast);
@@ -546,11 +550,11 @@ mod tests {
     fn method_header_with_a_bare_payload() {
         let p = parse_record(&consumer(), Some(br#"{"user": "42", "channel": "c"}"#), &h(&[("centrifugo-method", "unsubscribe")]), &POS).unwrap();
         assert_eq!(p.method, Method::Unsubscribe);
-        assert_eq!(p.payload_map()["user"], "42");
+        assert_eq!(fields(&p)["user"], "42");
         let mut c = consumer();
         c.method_header = "x-method".into();
         let p = parse_record(&c, Some(br#"{"channel": "c", "data": 3}"#), &h(&[("x-method", "publish")]), &POS).unwrap();
-        assert_eq!(p.payload_map()["data"], 3);
+        assert_eq!(fields(&p)["data"], 3);
     }
 
     #[test]
@@ -561,33 +565,60 @@ mod tests {
                           ("centrifugo-version", "5"), ("centrifugo-version-epoch", "e"), ("centrifugo-tag-kind", "x")]);
         let p = parse_record(&c, Some(br#"{"text": "hi"}"#), &headers, &POS).unwrap();
         assert_eq!(p.method, Method::Publish);
-        assert_eq!(serde_json::Value::Object(p.payload_map()), json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
+        assert_eq!(serde_json::Value::Object(fields(&p)), json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
             "delta": true, "version": 5, "version_epoch": "e", "tags": {"kind": "x"}}));
         let p = parse_record(&c, Some(b"1"), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
         assert_eq!(p.method, Method::Broadcast);
-        assert_eq!(p.payload_map()["channels"], json!(["a", "b"]));
-        assert_eq!(p.payload_map()["idempotency_key"], "cfk-t-2-9");
+        assert_eq!(fields(&p)["channels"], json!(["a", "b"]));
+        assert_eq!(fields(&p)["idempotency_key"], "cfk-t-2-9");
         for bad in [h(&[]), h(&[("centrifugo-channels", "a"), ("centrifugo-version", "x")]), h(&[("centrifugo-channels", "a"), ("centrifugo-delta", "maybe")])] {
             assert_eq!(parse_record(&c, Some(b"1"), &bad, &POS).unwrap_err().kind, FailureKind::Malformed);
         }
     }
 
     #[test]
+    fn record_keys_are_unique_per_record() {
+        assert_eq!(kafka_idempotency_key(&POS), "cfk-t-2-9");
+        let pos = RecordPosition { topic: "orders.v1", partition: 2, offset: 9, timestamp_ms: Some(1_700_000_000_000) };
+        assert_eq!(kafka_idempotency_key(&pos), "cfk-orders.v1-2-9-1700000000000");
+        let p = parse_record(&consumer(), Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#), &[], &pos).unwrap();
+        assert_eq!(fields(&p)["idempotency_key"], "cfk-orders.v1-2-9-1700000000000");
+    }
+
+    #[test]
     fn every_record_format_keeps_the_record_bytes() {
-        let key = RecordPosition { topic: "t", partition: 2, offset: 9, timestamp_ms: Some(1_700_000_000_000) };
-        assert_eq!(kafka_idempotency_key(&key), "cfk-t-2-9-1700000000000");
+        let mut data_mode = consumer();
+        data_mode.publication_data_mode = Some(Default::default());
         for value in crate::command::builder_tests::tricky_values() {
-            let envelope = format!(r#"{{"method": "publish", "payload": {{"channel": "a", "data": {value}}}}}"#);
-            let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
-            assert!(p.payload.contains(&format!("\"data\": {value}")) || p.payload.contains(&format!("\"data\":{value}")));
+            let shown = &value[..value.len().min(60)];
             let bare = format!(r#"{{"channel": "a", "data": {value}}}"#);
+            let as_it_was = format!(r#"{{"idempotency_key":"cfk-t-2-9","channel": "a", "data": {value}}}"#);
+            // {"method": ..., "payload": <object>} and {"method": ..., "payload": "<object as a string>"}
+            let envelope = format!(r#"{{"method": "publish", "payload": {bare}}}"#);
+            let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
+            assert_eq!(p.payload, as_it_was, "{shown}");
+            let envelope = format!(r#"{{"method": "publish", "payload": {}}}"#, serde_json::Value::String(bare.clone()));
+            let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
+            assert_eq!(p.payload, format!(r#"{{"channel":"a","data":{value},"idempotency_key":"cfk-t-2-9"}}"#), "{shown}");
+            // The method header with the bare payload as the value.
             let p = parse_record(&consumer(), Some(bare.as_bytes()), &h(&[("centrifugo-method", "publish")]), &POS).unwrap();
-            assert!(p.payload.contains(&format!("\"data\": {value}")) || p.payload.contains(&format!("\"data\":{value}")));
-            let mut c = consumer();
-            c.publication_data_mode = Some(Default::default());
-            let p = parse_record(&c, Some(value.as_bytes()), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
-            assert!(p.payload.contains(&format!("\"data\":{value}")));
+            assert_eq!(p.payload, as_it_was, "{shown}");
+            // Publication data mode: the value is the data.
+            let p = parse_record(&data_mode, Some(value.as_bytes()), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
+            assert_eq!(p.payload, format!(r#"{{"idempotency_key":"cfk-t-2-9","channels":["a","b"],"data":{value}}}"#), "{shown}");
         }
+        // Not JSON, or cut short, is a dead letter, however deep.
+        let unbalanced = "[".repeat(10_000);
+        assert_eq!(parse_record(&data_mode, Some(unbalanced.as_bytes()), &h(&[("centrifugo-channels", "a")]), &POS).unwrap_err().kind, FailureKind::Malformed);
+        let envelope = format!(r#"{{"method": "publish", "payload": {{"channel": "a", "data": {unbalanced}}}}}"#);
+        assert_eq!(parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap_err().kind, FailureKind::Malformed);
+    }
+
+    #[test]
+    fn a_repeated_envelope_field_keeps_its_last_value() {
+        let value = br#"{"method": "nope", "payload": 1, "method": "publish", "payload": {"channel": "c", "data": 1}}"#;
+        let p = parse_record(&consumer(), Some(value), &[], &POS).unwrap();
+        assert_eq!(p.method, Method::Publish);
     }
 
     #[test]
