@@ -514,12 +514,17 @@ fn dispatch(
             }
         }
     }
+    // Delivered records are done whatever happens to the dead letters: never sent again.
+    let dead_indexes: Vec<bool> = (0..pending.len()).map(|n| dead.iter().any(|d| d.0 == queue.records[pending[n]].offset)).collect();
+    for (n, &i) in pending.iter().enumerate() {
+        queue.records[i].done = !retried[n] && !dead_indexes[n];
+    }
     if !dead.is_empty() {
         insert_dead_letters(&spec.name, key, &dead, queue.attempts + 1)?;
     }
-    // Only now, with the dead letters committed, are these records done.
+    // Only now, with the dead letters committed, are those records done.
     for (n, &i) in pending.iter().enumerate() {
-        queue.records[i].done = !retried[n];
+        queue.records[i].done |= dead_indexes[n];
     }
     let prefix = queue.records.iter().take_while(|r| r.done).count();
     let last = (prefix > 0).then(|| queue.records[prefix - 1].offset);

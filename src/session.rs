@@ -24,6 +24,10 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"statement_timeout", c"60s"),
     (c"lock_timeout", c"10s"),
     (c"idle_in_transaction_session_timeout", c"0"),
+    // Armed in every backend with a transaction, workers included: a database default would end
+    // each round after its request was sent, and the round would be resent forever.
+    #[cfg(any(feature = "pg17", feature = "pg18"))]
+    (c"transaction_timeout", c"0"),
 ];
 
 /// Pins [`PINNED`]; called once, right after the worker connected, outside any transaction.
@@ -116,7 +120,7 @@ pub fn extension_schema() -> Option<String> {
     // A read-only query: it also runs on a hot standby (status views).
     Spi::connect(|c| {
         c.select(
-            "SELECT n.nspname::text
+            "SELECT n.nspname::pg_catalog.text
              FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
              WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'",
             None,

@@ -395,6 +395,19 @@ impl Worker {
                 if head.get::<bool>(7)? != Some(true) {
                     return Ok((Round::Locked, RoundStats::default()));
                 }
+                // The checks above were about the table that had this name then. Lock it by oid
+                // so nobody can drop it and put a table of their own under the name while our
+                // statements run (a schema's owner may drop any table in it), then make sure the
+                // name still means it.
+                // SAFETY: a lock taken in the current transaction, released at its end.
+                unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(table_oid as u32), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
+                let now_named = spi
+                    .select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[table.as_str().into()])?
+                    .first()
+                    .get_one::<i64>()?;
+                if now_named != Some(table_oid) {
+                    return not_ready(format!("outbox table {table} was replaced while the worker checked it; checking again"));
+                }
                 let exact_commit_ts = head.get::<bool>(8)?.unwrap_or(false);
                 let table_statements = statements.for_table(spi, &table, table_oid)?;
                 let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
@@ -417,7 +430,7 @@ impl Worker {
                     Ok(())
                 };
                 let dead_letter_target =
-                    DeadLetterTarget { dead_letters: &dead_letters, outbox: &table, consumer: &consumer_name, partition };
+                    DeadLetterTarget { dead_letters: &dead_letters, consumer: &consumer_name, partition };
                 let mut batch = reader.read(spi, i64::MIN)?;
                 let round = loop {
                     if batch.rows.is_empty() {
@@ -661,7 +674,6 @@ impl BatchReader<'_> {
 /// Where dead letters of this consumer go.
 struct DeadLetterTarget<'a> {
     dead_letters: &'a str,
-    outbox: &'a str,
     consumer: &'a str,
     partition: i32,
 }
@@ -690,7 +702,14 @@ fn apply_outcomes(
             }
             Outcome::DeadLetter { failure, payload: replacement } => {
                 let payload = replacement.as_deref().unwrap_or(&row.payload);
-                let dead = DeadRow { outbox_id: row.id, method: &row.method, payload, failure, attempts: attempts_of(row.id) };
+                let dead = DeadRow {
+                    outbox_id: row.id,
+                    method: &row.method,
+                    payload,
+                    failure,
+                    attempts: attempts_of(row.id),
+                    created_at: row.created_at,
+                };
                 insert_dead_letter(spi, target, &dead)?;
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
@@ -723,10 +742,12 @@ struct DeadRow<'a> {
     payload: &'a str,
     failure: &'a Failure,
     attempts: u32,
+    /// The row's created_at (Unix µs), already read: a lookup by id alone could find several rows.
+    created_at: i64,
 }
 
 fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), pgrx::spi::Error> {
-    let DeadLetterTarget { dead_letters, outbox, consumer, partition } = *target;
+    let DeadLetterTarget { dead_letters, consumer, partition } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
         row.payload.to_owned()
@@ -736,8 +757,7 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
     spi.update(
         &format!(
             "INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
-             SELECT 'outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8,
-                    (SELECT created_at FROM {outbox} WHERE id OPERATOR(pg_catalog.=) $1)"
+             VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10)"
         ),
         None,
         &[
@@ -750,6 +770,7 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
             scrub(&row.failure.message, &[&gucs::api_key()]).into(),
             (row.attempts as i32).into(),
             consumer.into(),
+            TimestampWithTimeZone::try_from(row.created_at - PG_EPOCH_UNIX_MICROS).ok().into(),
         ],
     )?;
     Ok(())

@@ -448,3 +448,42 @@ def test_a_reused_row_id_is_delivered_not_swallowed_by_the_idempotency_cache(out
     again = pg.scalar("SELECT centrifugo_publish(%s, '\"after\"')", (channel,))
     assert again == first
     wait_until(lambda: centrifugo.history(channel) == ["before", "after"], 10, what="the command with the reused id")
+
+
+# -- Found by the review of this change --------------------------------------------------------
+
+def test_a_table_swapped_under_the_outbox_name_mid_round_is_not_drained_as_superuser(make_cluster, centrifugo):
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            outbox_table_name="box.outbox", partition_poll_interval=50))
+    # A superuser's table in a schema the owner owns: the owner may drop it and make its own.
+    as_role(pg, "app_owner", "CREATE SCHEMA box")
+    pg.sql(f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}", dbname="app")
+    channel = f"chat:swap{uid()}"
+    pg.sql(f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": 0}}')""", dbname="app")
+    wait_until(lambda: centrifugo.history(channel) == [0], 10, what="the superuser's table to drain")
+    # The swap stays uncommitted while the worker polls: its checks see the old table, and its
+    # statements wait for the lock the DROP holds.
+    as_role(pg, "app_owner", ["BEGIN", "DROP TABLE box.outbox", *trapped_outbox("box", "outbox"),
+                              f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": 1}}')""",
+                              "SELECT pg_sleep(2)", "COMMIT"])
+    time.sleep(3)
+    assert_nothing_gained(pg, "box")
+    assert pg.scalar("SELECT count(*) FROM box.fired", dbname="app") == 0
+    assert centrifugo.history(channel) == [0]
+    assert "was replaced while the worker checked it" in pg.log(), "the race was run"
+    assert "not a superuser" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status", dbname="app") or "")
+
+
+def test_a_dead_letter_from_an_outbox_whose_ids_repeat(make_cluster, centrifugo):
+    # A user's outbox keyed by (id, partition) after its sequence went back: two rows share an id.
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, outbox_table_name="shared_ids",
+                                        num_partitions=2), create_extension=False)
+    pg.sql("CREATE EXTENSION centrifugo_outbox")
+    pg.sql("""CREATE TABLE shared_ids (id bigint NOT NULL, method text NOT NULL, payload jsonb NOT NULL,
+                                        partition integer NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now(),
+                                        PRIMARY KEY (id, partition))""")
+    pg.sql("""INSERT INTO shared_ids (id, method, payload, partition) VALUES (7, 'nope', '{}', 0), (7, 'nope', '{}', 1)""")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 2, 15, what="both dead letters")
+    assert pg.scalar("SELECT count(*) FROM shared_ids") == 0
+    assert pg.scalar("SELECT count(DISTINCT enqueued_at) FROM centrifugo_dead_letters") >= 1
+    assert "more than one row returned" not in pg.log()
