@@ -15,6 +15,7 @@ use outbox_core::settings::check_command_size;
 use outbox_core::{Command, CommandError, ErrorClass, Method, PayloadBuilder};
 
 use crate::errors::raise;
+use crate::session::refuse;
 use crate::gucs;
 
 /// A `jsonb` argument as PostgreSQL prints it, never parsed into a tree: numbers keep every
@@ -66,10 +67,11 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     let partition = choose_partition(partition, partition_key, gucs::num_partitions()).unwrap_or_else(|e| raise(e));
     let payload = command.payload_json();
     check_command_size(payload.len(), gucs::max_command_size()).unwrap_or_else(|e| raise(e));
-    let sql = format!(
-        "INSERT INTO {} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id",
-        crate::session::qualified_outbox(&gucs::outbox_table_name())
-    );
+    let outbox = crate::session::qualified_outbox(&gucs::outbox_table_name());
+    if let Err(reason) = crate::session::check_outbox_owner(&outbox, pg_sys::RowExclusiveLock) {
+        refuse(&format!("centrifugo_outbox: not enqueueing into {reason}"));
+    }
+    let sql = format!("INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
     Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()])
         .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
         .unwrap_or_else(|| error!("centrifugo_outbox: the outbox insert returned no id"))

@@ -46,6 +46,9 @@ fn centrifugo_replay_dead_letters(
              SELECT count(*) FROM inserted",
             outbox = spec.qualified_table()
         );
+        if let Err(reason) = crate::session::check_outbox_owner(&spec.qualified_table(), pgrx::pg_sys::RowExclusiveLock) {
+            crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}"));
+        }
         replayed += Spi::get_one_with_args::<i64>(
             &sql,
             &[

@@ -96,6 +96,10 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
 
 /// Read-only queries, so the view also works on a hot standby.
 fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Interval>) {
+    // Counting rows of a table another role owns could run that role's code as the caller.
+    if crate::session::check_outbox_owner(table, pg_sys::AccessShareLock).is_err() {
+        return (None, None);
+    }
     Spi::connect(|c| {
         let exists = c.select("SELECT to_regclass($1) IS NOT NULL", None, &[table.into()])?.first().get_one::<bool>()?;
         if exists != Some(true) {

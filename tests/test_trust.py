@@ -487,3 +487,29 @@ def test_a_dead_letter_from_an_outbox_whose_ids_repeat(make_cluster, centrifugo)
     assert pg.scalar("SELECT count(*) FROM shared_ids") == 0
     assert pg.scalar("SELECT count(DISTINCT enqueued_at) FROM centrifugo_dead_letters") >= 1
     assert "more than one row returned" not in pg.log()
+
+
+def test_superuser_sessions_do_not_touch_an_outbox_a_role_without_superuser_owns(make_cluster, centrifugo):
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            outbox_table_name="box.outbox"))
+    as_role(pg, "app_owner", ["CREATE SCHEMA box", *trapped_outbox("box", "outbox"),
+                              """CREATE FUNCTION box.on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+                                 BEGIN INSERT INTO box.fired VALUES (current_user, current_setting('is_superuser')::bool);
+                                       RETURN NEW; END $$""",
+                              "CREATE TRIGGER i BEFORE INSERT ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.on_insert()"])
+    # A superuser publishing, replaying or reading the status would run the owner's code as superuser.
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not a superuser"):
+        pg.sql("SELECT centrifugo_publish('c', '1')", dbname="app")
+    pg.sql("""INSERT INTO centrifugo_dead_letters (source, method, payload, error_kind, error_message)
+              VALUES ('outbox', 'publish', '{"channel": "c", "data": 1}', 'http', 'x')""", dbname="app")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not a superuser"):
+        pg.sql("SELECT centrifugo_replay_dead_letters()", dbname="app")
+    assert pg.scalar("SELECT backlog FROM centrifugo_outbox_status", dbname="app") is None
+    assert_nothing_gained(pg, "box")
+    assert pg.scalar("SELECT count(*) FROM box.fired", dbname="app") == 0
+    # The application itself (no superuser rights) publishes into its own table as before.
+    pg.sql("GRANT USAGE ON SCHEMA box TO app_user; GRANT INSERT, SELECT ON box.outbox TO app_user;"
+           "GRANT USAGE ON SEQUENCE box.outbox_id_seq TO app_user;"
+           "GRANT INSERT ON box.fired TO app_user", dbname="app")
+    as_role(pg, "app_user", "SELECT centrifugo_publish('c', '1')")
+    assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 1
