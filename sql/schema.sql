@@ -2,6 +2,18 @@
 -- API: Public  objects are for applications and operators; their shape is a compatibility promise.
 -- API: Private objects start with "_" and may change between versions.
 
+-- Payloads travel to Centrifugo as UTF-8 JSON text exactly as jsonb prints them: the database
+-- must be UTF-8 for that text to be the bytes sent.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'centrifugo_outbox needs a UTF8 database, and this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (Centrifugo speaks UTF-8 JSON).';
+    END IF;
+END;
+$$;
+
 -- API: Public
 -- Exactly the columns and defaults of Centrifugo's outbox table, so the seed INSERT works and
 -- Centrifugo's own PostgreSQL consumer can drain this table too (drop-in both ways).
@@ -104,10 +116,13 @@ CREATE TABLE centrifugo_dead_letters (
     error_message   text        NOT NULL,
     attempts        integer     NOT NULL DEFAULT 1,
     enqueued_at     timestamptz,
-    failed_at       timestamptz NOT NULL DEFAULT now()
+    failed_at       timestamptz NOT NULL DEFAULT now(),
+    raw_value       bytea
 );
 COMMENT ON TABLE centrifugo_dead_letters IS
     'Centrifugo commands that failed for good: error_kind/error_code/error_message say why.';
+COMMENT ON COLUMN centrifugo_dead_letters.raw_value IS
+    'Kafka dead letters: the record value byte for byte (payload holds it as jsonb when jsonb can, else JSON null).';
 CREATE INDEX centrifugo_dead_letters_failed_at_idx ON centrifugo_dead_letters (failed_at);
 
 -- pg_dump leaves out the rows of an extension's tables unless they are marked: pending commands

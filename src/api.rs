@@ -68,11 +68,16 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     let payload = command.payload_json();
     check_command_size(payload.len(), gucs::max_command_size()).unwrap_or_else(|e| raise(e));
     let outbox = crate::session::qualified_outbox(&gucs::outbox_table_name());
-    if let Err(reason) = crate::session::check_outbox_owner(&outbox, pg_sys::RowExclusiveLock) {
-        refuse(&format!("centrifugo_outbox: not enqueueing into {reason}"));
-    }
-    let sql = format!("INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
-    Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()])
+    let checked = crate::session::check_outbox_owner(&outbox, pg_sys::RowExclusiveLock)
+        .unwrap_or_else(|reason| refuse(&format!("centrifugo_outbox: not enqueueing into {reason}")));
+    let marker = crate::pinned::MARKER;
+    let sql = format!("{marker}INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
+    let insert = || Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()]);
+    let inserted = match checked {
+        Some(oid) => crate::pinned::pinned(&[oid], insert),
+        None => insert(),
+    };
+    inserted
         .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
         .unwrap_or_else(|| error!("centrifugo_outbox: the outbox insert returned no id"))
 }

@@ -28,8 +28,9 @@ fn centrifugo_replay_dead_letters(
         } else {
             "(d.source = 'outbox' AND d.consumer = $8)"
         };
+        let marker = crate::pinned::MARKER;
         let sql = format!(
-            "WITH moved AS (
+            "{marker}WITH moved AS (
                  DELETE FROM {dead_letters} d
                  WHERE {mine}
                    AND ($1::bigint[] IS NULL OR d.id = ANY($1))
@@ -46,10 +47,14 @@ fn centrifugo_replay_dead_letters(
              SELECT count(*) FROM inserted",
             outbox = spec.qualified_table()
         );
-        if let Err(reason) = crate::session::check_outbox_owner(&spec.qualified_table(), pgrx::pg_sys::RowExclusiveLock) {
-            crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}"));
-        }
-        replayed += Spi::get_one_with_args::<i64>(
+        let checked = crate::session::check_outbox_owner(&spec.qualified_table(), pgrx::pg_sys::RowExclusiveLock)
+            .unwrap_or_else(|reason| crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}")));
+        // A superuser's statement stays on the tables checked: the outbox and the dead letters.
+        let pinned: Vec<pgrx::pg_sys::Oid> = match checked {
+            Some(outbox) => vec![outbox, session::table_oid(&dead_letters).unwrap_or(pgrx::pg_sys::Oid::INVALID)],
+            None => Vec::new(),
+        };
+        replayed += crate::pinned::pinned(&pinned, || Spi::get_one_with_args::<i64>(
             &sql,
             &[
                 ids.clone().into(),
@@ -62,7 +67,7 @@ fn centrifugo_replay_dead_letters(
                 spec.name().into(),
             ],
         )
-        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.qualified_table()))
+        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.qualified_table())))
         .unwrap_or(0);
     }
     replayed

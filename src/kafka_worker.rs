@@ -20,7 +20,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig as KafkaConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_core::client::CentrifugoClient;
@@ -218,6 +218,39 @@ pub extern "C-unwind" fn centrifugo_kafka_worker_main(arg: pg_sys::Datum) {
     unsafe { pg_sys::proc_exit(1) };
 }
 
+/// Whether the postmaster still runs. Its death is otherwise only seen by processes that wait on
+/// a latch, and this one waits in librdkafka's poll; an orphan is adopted by another process.
+fn postmaster_alive() -> bool {
+    // SAFETY: a plain read of a global set at process start.
+    std::os::unix::process::parent_id() as i32 == unsafe { pg_sys::PostmasterPid }
+}
+
+/// A record's headers, keys as text (bytes that are not UTF-8 replaced: such a key never names
+/// the method header), values as bytes. rdkafka's own iterator panics on a key that is not UTF-8.
+fn record_headers(msg: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, Vec<u8>)> {
+    let mut headers = Vec::new();
+    let mut list: *mut rdkafka::bindings::rd_kafka_headers_t = std::ptr::null_mut();
+    // SAFETY: the message pointer is valid while `msg` lives; the headers list belongs to it.
+    if unsafe { rdkafka::bindings::rd_kafka_message_headers(msg.ptr(), &mut list) }
+        != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    {
+        return headers;
+    }
+    for idx in 0.. {
+        let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0usize);
+        // SAFETY: out-pointers are locals; name and value point into the message until it is freed.
+        let err = unsafe { rdkafka::bindings::rd_kafka_header_get_all(list, idx, &mut name, &mut value, &mut size) };
+        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+            break;
+        }
+        // SAFETY: a NUL-terminated name and `size` bytes of value (or NULL) owned by the message.
+        let key = String::from_utf8_lossy(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes()).into_owned();
+        let value = if value.is_null() { Vec::new() } else { unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec() };
+        headers.push((key, value));
+    }
+    headers
+}
+
 fn shutdown_requested() -> bool {
     // SAFETY: a flag set by the SIGTERM handler.
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
@@ -288,11 +321,6 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         for line in std::mem::take(&mut *consumer.context().events.lock().unwrap()) {
             warn("librdkafka", line);
         }
-        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
-            queues.remove(&key);
-            consumer.context().done.lock().unwrap().remove(&key);
-            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
-        }
         if last_status.elapsed() >= Duration::from_secs(1) {
             last_status = Instant::now();
             publish_assignment(&consumer, index, pid);
@@ -311,10 +339,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                 }
                 Some(Ok(msg)) => {
                     let key = (msg.topic().to_owned(), msg.partition());
-                    let headers = msg
-                        .headers()
-                        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
-                        .unwrap_or_default();
+                    let headers = record_headers(&msg);
                     let record = Record {
                         offset: msg.offset(),
                         timestamp_ms: msg.timestamp().to_millis(),
@@ -336,6 +361,19 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             timeout = Duration::ZERO;
         }
 
+        // Revoked during this poll: nothing of those partitions is sent or committed any more.
+        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
+            queues.remove(&key);
+            consumer.context().done.lock().unwrap().remove(&key);
+            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+        }
+        if !postmaster_alive() {
+            // An orphan would go on consuming and committing offsets, and PostgreSQL cannot start
+            // again while it lives.
+            // SAFETY: ends the process without touching shared state, as PostgreSQL's own
+            // processes do when the postmaster is gone.
+            unsafe { pg_sys::proc_exit(1) };
+        }
         let Some(client) = client.as_ref() else { continue };
         let now = Instant::now();
         let keys: Vec<(String, i32)> = queues
@@ -484,7 +522,7 @@ fn dispatch(
         }
     }
     let acked_ms = shmem::unix_micros() / 1000;
-    let mut dead: Vec<(i64, String, String, Failure)> = Vec::new();
+    let mut dead: Vec<KafkaDeadLetter> = Vec::new();
     let mut retried = vec![false; pending.len()];
     let mut retry = None;
     for (n, outcome) in outcomes.into_iter().enumerate() {
@@ -506,7 +544,7 @@ fn dispatch(
                         None => raw_payload(record.value.as_deref()),
                     },
                 };
-                dead.push((record.offset, methods[n].clone(), payload, failure));
+                dead.push(KafkaDeadLetter { offset: record.offset, method: methods[n].clone(), payload, raw: record.value.clone(), failure });
             }
             Outcome::Retry(failure) => {
                 retried[n] = true;
@@ -515,7 +553,7 @@ fn dispatch(
         }
     }
     // Delivered records are done whatever happens to the dead letters: never sent again.
-    let dead_indexes: Vec<bool> = (0..pending.len()).map(|n| dead.iter().any(|d| d.0 == queue.records[pending[n]].offset)).collect();
+    let dead_indexes: Vec<bool> = (0..pending.len()).map(|n| dead.iter().any(|d| d.offset == queue.records[pending[n]].offset)).collect();
     for (n, &i) in pending.iter().enumerate() {
         queue.records[i].done = !retried[n] && !dead_indexes[n];
     }
@@ -595,42 +633,66 @@ fn raw_payload(value: Option<&[u8]>) -> String {
     }
 }
 
-fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[(i64, String, String, Failure)], attempts: u32) -> Result<(), String> {
-    let consumer = consumer.to_owned();
-    let topic = key.0.clone();
-    let partition = key.1;
-    let rows = rows.to_vec();
+/// A record on its way to the dead letters.
+struct KafkaDeadLetter {
+    offset: i64,
+    method: String,
+    /// JSON text for the payload column.
+    payload: String,
+    /// The record's value as it came, for raw_value.
+    raw: Option<Vec<u8>>,
+    failure: Failure,
+}
+
+/// Writes a partition's dead letters in one transaction. A payload jsonb refuses (a `\u0000`
+/// escape, a lone surrogate, a number beyond numeric's range, nesting too deep) is stored as JSON
+/// null: raw_value keeps the bytes either way. Any other ERROR rolls back and comes back as Err
+/// (the partition backs off and tries again) instead of ending the worker.
+fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLetter], attempts: u32) -> Result<(), String> {
+    let (topic, partition) = (key.0.as_str(), key.1);
     let api_key = gucs::api_key();
-    BackgroundWorker::transaction(move || {
-        Spi::connect_mut(|spi| -> Result<(), String> {
+    crate::xact::transaction(|| {
+        Spi::connect_mut(|spi| -> Result<(), crate::xact::DbError> {
             let Some(schema) = crate::session::extension_schema() else {
-                return Err(format!("extension centrifugo_outbox is not installed in database \"{}\"", gucs::database()));
+                return Err(crate::xact::DbError::new(format!(
+                    "extension centrifugo_outbox is not installed in database \"{}\"",
+                    gucs::database()
+                )));
             };
             let dead_letters = format!("{}.centrifugo_dead_letters", crate::session::quote_ident(&schema));
-            for (offset, method, payload, failure) in &rows {
-                spi.update(
-                    &format!(
-                        "INSERT INTO {dead_letters}
-                             (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts)
-                         VALUES ('kafka', $10, $1, $2::pg_catalog.jsonb, $3, $4, $5, $6, $7, $8, $9)"
-                    ),
-                    None,
-                    &[
-                        method.clone().into(),
-                        payload.clone().into(),
-                        topic.clone().into(),
+            let oid = crate::session::table_oid(&dead_letters).unwrap_or(pg_sys::Oid::INVALID);
+            let insert = format!(
+                "{}INSERT INTO {dead_letters}
+                     (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts, raw_value)
+                 VALUES ('kafka', $10, $1, $2::pg_catalog.jsonb, $3, $4, $5, $6, $7, $8, $9, $11)",
+                crate::pinned::MARKER
+            );
+            for row in rows {
+                let args = |payload: &str| -> Vec<pgrx::datum::DatumWithOid<'_>> {
+                    vec![
+                        row.method.as_str().into(),
+                        payload.to_owned().into(),
+                        topic.into(),
                         partition.into(),
-                        (*offset).into(),
-                        failure.kind.as_str().into(),
-                        failure.code.map(|c| c as i32).into(),
-                        scrub(&failure.message, &[&api_key]).into(),
+                        row.offset.into(),
+                        row.failure.kind.as_str().into(),
+                        row.failure.code.map(|c| c as i32).into(),
+                        scrub(&row.failure.message, &[&api_key]).into(),
                         (attempts as i32).into(),
-                        consumer.clone().into(),
-                    ],
-                )
-                .map_err(|e| e.to_string())?;
+                        consumer.into(),
+                        row.raw.clone().into(),
+                    ]
+                };
+                let exact = crate::xact::subtransaction(|| crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(&row.payload)).map(|_| ())));
+                match exact {
+                    Ok(result) => result?,
+                    Err(_) => {
+                        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args("null")))?;
+                    }
+                }
             }
             Ok(())
         })
     })
+    .map_err(|e| e.to_string())
 }

@@ -14,9 +14,11 @@ mod errors;
 pub mod gucs;
 #[cfg(feature = "kafka")]
 mod kafka_worker;
+mod pinned;
 mod session;
 mod shmem;
 mod status;
+mod xact;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -35,6 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
     }
     gucs::init();
     shmem::init();
+    pinned::init();
     worker::register();
     #[cfg(feature = "kafka")]
     kafka_worker::register();

@@ -157,20 +157,22 @@ pub fn qualified_outbox(setting: &str) -> String {
 /// Makes sure the outbox `qualified` may be touched by a calling superuser: it is a table (not
 /// a view or anything that runs code on read), and a superuser owns it (else its owner's triggers, rules and functions would run as superuser). Locks it by
 /// oid in `lock_mode` first and checks its name again, so it cannot be swapped meanwhile.
-/// Ok when the table does not exist (the statement that follows says so).
-pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<(), String> {
+/// Ok(None) when the caller is no superuser or the table does not exist (the statement that
+/// follows says so); Ok(Some(oid)) for a table checked, to run the statement
+/// [`pinned`](crate::pinned::pinned) to it.
+pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_sys::Oid>, String> {
     // Only a superuser's session gains rights by running another role's code; an application's
     // role (the usual caller, on the publish path) pays nothing.
     // SAFETY: a plain catalog-cached check of the current user.
     if !unsafe { pg_sys::superuser() } {
-        return Ok(());
+        return Ok(None);
     }
     let lookup = |c: &pgrx::spi::SpiClient<'_>| {
         c.select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[qualified.into()])?
             .first()
             .get_one::<i64>()
     };
-    let Some(oid) = Spi::connect(lookup).ok().flatten() else { return Ok(()) };
+    let Some(oid) = Spi::connect(lookup).ok().flatten() else { return Ok(None) };
     // SAFETY: a lock taken in the current transaction, released at its end.
     unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), lock_mode as pg_sys::LOCKMODE) };
     if Spi::connect(lookup).ok().flatten() != Some(oid) {
@@ -198,7 +200,19 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<(), String>
             owner.unwrap_or_default()
         ));
     }
-    Ok(())
+    Ok(Some(pg_sys::Oid::from(oid as u32)))
+}
+
+/// The oid `qualified` names now, if any.
+pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
+    Spi::connect(|c| {
+        c.select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[qualified.into()])?
+            .first()
+            .get_one::<i64>()
+    })
+    .ok()
+    .flatten()
+    .map(|oid| pg_sys::Oid::from(oid as u32))
 }
 
 /// Raises ERROR 42501 (insufficient_privilege) with `message`.

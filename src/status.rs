@@ -97,18 +97,20 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
 /// Read-only queries, so the view also works on a hot standby.
 fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Interval>) {
     // Counting rows of a table another role owns could run that role's code as the caller.
-    if crate::session::check_outbox_owner(table, pg_sys::AccessShareLock).is_err() {
+    let Ok(checked) = crate::session::check_outbox_owner(table, pg_sys::AccessShareLock) else {
         return (None, None);
-    }
-    Spi::connect(|c| {
+    };
+    let pinned: Vec<pg_sys::Oid> = checked.into_iter().collect();
+    let marker = crate::pinned::MARKER;
+    crate::pinned::pinned(&pinned, || Spi::connect(|c| {
         let exists = c.select("SELECT to_regclass($1) IS NOT NULL", None, &[table.into()])?.first().get_one::<bool>()?;
         if exists != Some(true) {
             return Ok((None, None));
         }
-        c.select(&format!("SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"), None, &[partition.into()])?
+        c.select(&format!("{marker}SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"), None, &[partition.into()])?
             .first()
             .get_two::<i64, pgrx::datum::Interval>()
-    })
+    }))
     .unwrap_or((None, None))
 }
 

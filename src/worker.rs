@@ -6,13 +6,20 @@
 //! that are done (delivered or moved to the dead letters). While the partition has a backlog a
 //! round goes on for several batches, overlapping PostgreSQL work with Centrifugo's: while batch
 //! k is in flight, the rows batch k-1 finished are deleted and batch k+1 is read and prepared
-//! (still one request in flight). A temporary failure keeps the failed row and every later one,
-//! and the worker backs off. A crash before the commit resends the round's rows; their
-//! idempotency keys stop Centrifugo from publishing twice.
+//! (still one request in flight). A temporary failure keeps the failed row (the rows after it
+//! that Centrifugo ran are done), and the worker backs off. The outbox is read and deleted from
+//! as the table's owner in a security-restricted operation, so the owner's triggers never run
+//! with the worker's rights.
+//!
+//! An ERROR inside a round (a lock timeout, a trigger that raises, a full disk) rolls the round
+//! back; the worker stays up, shows the error, backs off and tries again, and remembers what
+//! Centrifugo already ran so the next round does not send it again. Only a crash before the
+//! commit resends a round's rows; their idempotency keys stop Centrifugo from publishing twice.
 //!
 //! Order is id order among committed rows at the time of the read: a row whose transaction
 //! commits after a higher id was already delivered is delivered later, never skipped.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -20,6 +27,7 @@ use pgrx::prelude::*;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::PgOid;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgTryBuilder;
 
 use outbox_core::client::CentrifugoClient;
 use outbox_core::dispatch::{batch_body, prepare_text, OutboxKeys, scrub, Failure, Outcome, Prepared};
@@ -31,6 +39,7 @@ use outbox_core::settings::table_name_parts;
 use crate::gucs;
 use crate::session::{self, quote_ident, ConnectSlot};
 use crate::shmem::{self, WorkerState};
+use crate::xact::{self, DbError};
 
 /// An outbox consumer: the default one, defined by the flat `centrifugo.*` settings (reloadable),
 /// or a `postgresql` entry of `centrifugo.consumers` (fixed at server start).
@@ -174,6 +183,19 @@ enum Round {
     NotReady(String),
     /// A temporary failure at outbox row `id`.
     Retry { id: i64, method: String, failure: Failure },
+    /// An ERROR rolled the round back; `ran` commands had already run at Centrifugo.
+    Failed { error: DbError, ran: usize },
+}
+
+/// An outbox row's identity across rounds: its id and created_at (Unix µs).
+type RowKey = (i64, i64);
+
+/// Outcomes of commands Centrifugo ran in a round that an ERROR rolled back afterwards: the next
+/// rounds apply them without sending the commands again.
+#[derive(Default)]
+struct Settled {
+    table_oid: i64,
+    outcomes: HashMap<RowKey, Outcome>,
 }
 
 struct Worker {
@@ -187,8 +209,13 @@ struct Worker {
     /// Consecutive temporary failures, and the row they are about.
     attempts: u32,
     failing_row: Option<i64>,
+    /// Consecutive rounds rolled back by an ERROR.
+    db_errors: u32,
     log: RateLimitedLog,
     statements: Statements,
+    settled: Settled,
+    /// Delivered and dead-lettered rows of the current round, with their outcomes.
+    applied: Vec<(RowKey, Outcome)>,
 }
 
 #[pg_guard]
@@ -216,8 +243,11 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         jitter: Jitter::new(u64::from(unsafe { pg_sys::MyProcPid } as u32) << 20 ^ partition as u64),
         attempts: 0,
         failing_row: None,
+        db_errors: 0,
         log: RateLimitedLog::default(),
         statements: Statements::default(),
+        settled: Settled::default(),
+        applied: Vec::new(),
     };
     log!("centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")", worker.spec.name());
 
@@ -292,7 +322,7 @@ impl Worker {
             }
             Round::NotReady(reason) => {
                 let reason = scrub(&reason, &[&gucs::api_key()]);
-                self.log.warn(&self.spec.name(), self.partition, "not ready", &format!("not draining: {reason}"));
+                self.log.warn(&self.spec.name(), self.partition, &reason, &format!("not draining: {reason}"));
                 shmem::update(self.slot, |s| s.stats.record_error(0, &reason));
                 shmem::set_state(self.slot, WorkerState::Waiting);
                 Next::Wait
@@ -322,6 +352,28 @@ impl Worker {
                 );
                 Next::BackOff(delay)
             }
+            Round::Failed { error, ran } => {
+                self.db_errors += 1;
+                let backoff = Backoff {
+                    base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
+                    max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
+                };
+                let delay = backoff.delay(self.db_errors, self.jitter.next_fraction());
+                let error = scrub(&error.to_string(), &[&gucs::api_key()]);
+                shmem::update(self.slot, |s| {
+                    s.stats.backoff_ms = delay.as_millis() as u32;
+                    s.stats.record_error(0, &format!("database error, round rolled back: {error}"));
+                });
+                shmem::set_state(self.slot, WorkerState::BackingOff);
+                let ran = if ran > 0 { format!(" ({ran} command(s) Centrifugo already ran are not sent again)") } else { String::new() };
+                self.log.warn(
+                    &self.spec.name(),
+                    self.partition,
+                    "database error",
+                    &format!("round rolled back by an error: {error}{ran}; retrying in {} ms (attempt {})", delay.as_millis(), self.db_errors),
+                );
+                Next::BackOff(delay)
+            }
         }
     }
 
@@ -329,7 +381,11 @@ impl Worker {
         if self.attempts > 0 {
             log!("centrifugo_outbox: consumer {} partition {} delivering again after {} retries", self.spec.name(), self.partition, self.attempts);
         }
+        if self.db_errors > 0 {
+            log!("centrifugo_outbox: consumer {} partition {} working again after {} failed rounds", self.spec.name(), self.partition, self.db_errors);
+        }
         self.attempts = 0;
+        self.db_errors = 0;
         self.failing_row = None;
     }
 
@@ -353,7 +409,8 @@ impl Worker {
 
     /// One transaction: lock, then batch after batch while the partition has more and the
     /// transaction is young: send a batch, read and prepare the next one while Centrifugo works
-    /// on it, apply the replies; finally delete every row that is done.
+    /// on it, apply the replies; finally delete every row that is done. The outbox is read and
+    /// deleted from as its owner (see `xact::as_owner`).
     fn round(&mut self) -> Round {
         let partition = self.partition;
         // Strict order: one command per request, so a failed command holds back every later one.
@@ -364,10 +421,13 @@ impl Worker {
         let client = self.client.as_ref().expect("client checked by the caller");
         let system_id = self.system_id;
         let statements = &mut self.statements;
+        let settled = &mut self.settled;
+        let applied = &mut self.applied;
+        applied.clear();
         // Attempts already made for the row that has been failing, if it fails for good now.
         let (failing_row, attempts) = (self.failing_row, self.attempts);
-        let result = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(move || {
-            Spi::connect_mut(|spi| -> Result<(Round, RoundStats), pgrx::spi::Error> {
+        let result = xact::transaction(|| {
+            Spi::connect_mut(|spi| -> Result<(Round, RoundStats), DbError> {
                 let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
                 let head = statements.head(spi)?;
                 let head = spi.select(head, None, &[table_schema.clone().into(), table_name.clone().into(), lock_key.into()])?;
@@ -383,16 +443,8 @@ impl Worker {
                 if !matches!(head.get::<String>(3)?.as_deref(), Some("r" | "p")) {
                     return not_ready(format!("outbox {table} is not a table"));
                 }
-                let owner = head.get::<String>(4)?.unwrap_or_default();
-                let (owner_is_superuser, worker_is_superuser) = (head.get::<bool>(5)? == Some(true), head.get::<bool>(6)? == Some(true));
-                if worker_is_superuser && !owner_is_superuser {
-                    // Its owner's triggers, rules and functions would run with the worker's rights.
-                    return not_ready(format!(
-                        "outbox table {table} is owned by role \"{owner}\", which is not a superuser, and the workers run as a superuser: \
-                         set centrifugo.worker_role to a role without superuser rights (see README, \"Security\"), or make a superuser own the table"
-                    ));
-                }
-                if head.get::<bool>(7)? != Some(true) {
+                let owner = pg_sys::Oid::from(head.get::<i64>(4)?.unwrap_or(0) as u32);
+                if head.get::<bool>(5)? != Some(true) {
                     return Ok((Round::Locked, RoundStats::default()));
                 }
                 // The checks above were about the table that had this name then. Lock it by oid
@@ -401,56 +453,85 @@ impl Worker {
                 // name still means it.
                 // SAFETY: a lock taken in the current transaction, released at its end.
                 unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(table_oid as u32), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-                let now_named = spi
-                    .select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[table.as_str().into()])?
-                    .first()
-                    .get_one::<i64>()?;
+                // By the catalog caches, which the lock just brought up to date (an SQL query
+                // would see the transaction's first snapshot), and without to_regclass(), which
+                // needs USAGE on the schema.
+                let now_named = relation_named(table_schema.as_deref().unwrap_or(&schema), &table_name);
                 if now_named != Some(table_oid) {
                     return not_ready(format!("outbox table {table} was replaced while the worker checked it; checking again"));
                 }
-                let exact_commit_ts = head.get::<bool>(8)?.unwrap_or(false);
-                let table_statements = statements.for_table(spi, &table, table_oid)?;
+                let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
+                // Parsed as the owner too: the worker needs no rights on the table or its schema.
+                let table_statements = as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid))?;
+                if settled.table_oid != table_oid {
+                    settled.outcomes.clear();
+                    settled.table_oid = table_oid;
+                }
                 let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
+                let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
                 let reader = BatchReader {
                     statements: table_statements,
                     partition,
                     limit,
                     exact_commit_ts,
                     keys: OutboxKeys::new(system_id, table_oid as u32),
+                    owner,
+                    table_oid,
+                    settled: &settled.outcomes,
                 };
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();
                 // The ctids of rows done but not deleted yet: deleted while the next request is in flight.
                 let mut done: Vec<pg_sys::ItemPointerData> = Vec::new();
-                let delete = |spi: &mut SpiClient<'_>, done: &mut Vec<pg_sys::ItemPointerData>| -> Result<(), pgrx::spi::Error> {
+                let delete = |spi: &mut SpiClient<'_>, done: &mut Vec<pg_sys::ItemPointerData>| -> Result<(), DbError> {
                     if !done.is_empty() {
-                        spi.update(&table_statements.delete, None, &[std::mem::take(done).into()])?;
+                        let ctids = std::mem::take(done);
+                        as_owner_of(owner, table_oid, || spi.update(&table_statements.delete, None, &[ctids.into()]))?;
                     }
                     Ok(())
                 };
                 let dead_letter_target =
-                    DeadLetterTarget { dead_letters: &dead_letters, consumer: &consumer_name, partition };
+                    DeadLetterTarget { dead_letters: &dead_letters, oid: dead_letters_oid, consumer: &consumer_name, partition };
                 let mut batch = reader.read(spi, i64::MIN)?;
                 let round = loop {
                     if batch.rows.is_empty() {
                         break Round::Drained;
                     }
                     let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
-                    let pending = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
+                    let mut in_flight = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
-                    delete(spi, &mut done)?;
                     let more = batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested();
-                    let next = if more { Some(reader.read(spi, next_from)?) } else { None };
-                    if let Some(pending) = pending {
-                        let per_command = client.finish(pending, &batch.commands, &mut stats.batches);
-                        for (i, outcome) in batch.sendable.iter().zip(per_command) {
-                            batch.outcomes[*i] = Some(outcome);
+                    let mut on_error = std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
+                    let overlap = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
+                        delete(spi, &mut done)?;
+                        Ok(if more { Some(reader.read(spi, next_from)?) } else { None })
+                    }))
+                    .catch_others(move |error| {
+                        // The batch is on its way and will run: learn what became of each command
+                        // before the ERROR rolls the round back, so that none is sent again.
+                        let (client, in_flight, batch, stats, applied) = &mut *on_error;
+                        if let Some(in_flight) = in_flight.take() {
+                            let outcomes = client.finish(in_flight, &batch.commands, &mut stats.batches);
+                            batch.record(outcomes);
+                            batch.remember_outcomes(applied);
                         }
+                        error.rethrow()
+                    })
+                    .execute();
+                    if let Some(in_flight) = in_flight.take() {
+                        batch.record(client.finish(in_flight, &batch.commands, &mut stats.batches));
                     }
+                    let next = match overlap {
+                        Ok(next) => next,
+                        Err(e) => {
+                            batch.remember_outcomes(applied);
+                            return Err(e);
+                        }
+                    };
                     let attempts_of = |id| if failing_row == Some(id) { attempts + 1 } else { 1 };
-                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, &dead_letter_target, attempts_of)?;
+                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, &dead_letter_target, attempts_of, &mut *applied)?;
                     if let Some(retry) = retry {
                         break retry;
                     }
@@ -465,11 +546,19 @@ impl Worker {
                 delete(spi, &mut done)?;
                 Ok((round, stats))
             })
-        }));
+        });
         match result {
             Ok((round, stats)) => {
+                // Rows done in this round are gone: nothing to remember about them. A drained
+                // partition has nothing left that an earlier failed round could have sent.
+                for (key, _) in self.applied.drain(..) {
+                    self.settled.outcomes.remove(&key);
+                }
+                if matches!(round, Round::Drained) {
+                    self.settled.outcomes.clear();
+                }
                 // A round of malformed rows only sends nothing but still dead-letters them.
-                if stats.batches > 0 || stats.dead > 0 {
+                if stats.batches > 0 || stats.dead > 0 || stats.delivered > 0 {
                     shmem::update(self.slot, |s| {
                         s.stats.batches += stats.batches;
                         s.stats.dead_lettered += stats.dead;
@@ -491,9 +580,13 @@ impl Worker {
                 }
                 round
             }
-            Err(e) => {
+            Err(error) => {
+                // Rolled back: the rows stay. What Centrifugo ran is remembered (bounded by one
+                // round's rows) and applied by the next round without sending it again.
+                let ran = self.applied.len();
+                self.settled.outcomes.extend(self.applied.drain(..));
                 self.statements = Statements::default();
-                Round::NotReady(scrub(&e.to_string(), &[&gucs::api_key()]))
+                Round::Failed { error, ran }
             }
         }
     }
@@ -523,8 +616,7 @@ struct TableStatements {
 
 impl Statements {
     /// The per-transaction bookkeeping in one statement: where the extension lives, the outbox
-    /// table's oid, kind and owner (a superuser worker only touches tables superusers own), whether
-    /// the worker is a superuser, the partition lock (the key Centrifugo's consumer uses), whether commit
+    /// table's oid, kind and owner (whose rights its rows are read and deleted with), the partition lock (the key Centrifugo's consumer uses), whether commit
     /// timestamps are tracked, and a plan fix: the (partition, id) index is always right for
     /// "the next rows of this partition", even before a freshly filled queue table has statistics.
     fn head(&mut self, spi: &SpiClient<'_>) -> Result<&OwnedPreparedStatement, pgrx::spi::Error> {
@@ -534,20 +626,20 @@ impl Statements {
             self.head = Some(
                 spi.prepare(
                     "SELECT ext.nspname::pg_catalog.text, t.oid::pg_catalog.int8, t.relkind::pg_catalog.text,
-                            owner.rolname::pg_catalog.text, owner.rolsuper,
-                            pg_catalog.current_setting('is_superuser')::pg_catalog.bool,
+                            t.relowner::pg_catalog.int8,
                             pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext($3)),
                             pg_catalog.current_setting('track_commit_timestamp')::pg_catalog.bool,
                             pg_catalog.set_config('enable_seqscan', 'off', true),
                             pg_catalog.set_config('enable_bitmapscan', 'off', true),
-                            pg_catalog.set_config('enable_sort', 'off', true)
+                            pg_catalog.set_config('enable_sort', 'off', true),
+                            (SELECT d.oid::pg_catalog.int8 FROM pg_catalog.pg_class d
+                             WHERE d.relnamespace OPERATOR(pg_catalog.=) ext.oid AND d.relname OPERATOR(pg_catalog.=) 'centrifugo_dead_letters')
                      FROM (SELECT 1) AS one
-                     LEFT JOIN (SELECT n.nspname FROM pg_catalog.pg_extension e
+                     LEFT JOIN (SELECT n.oid, n.nspname FROM pg_catalog.pg_extension e
                                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
                                 WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox') AS ext ON true
                      LEFT JOIN (pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace)
-                            ON tn.nspname OPERATOR(pg_catalog.=) coalesce($1, ext.nspname) AND t.relname OPERATOR(pg_catalog.=) $2
-                     LEFT JOIN pg_catalog.pg_roles owner ON owner.oid OPERATOR(pg_catalog.=) t.relowner",
+                            ON tn.nspname OPERATOR(pg_catalog.=) coalesce($1, ext.nspname) AND t.relname OPERATOR(pg_catalog.=) $2",
                     &[text, text, text],
                 )?
                 .keep(),
@@ -560,6 +652,7 @@ impl Statements {
         if !self.table.as_ref().is_some_and(|t| t.name == name && t.oid == oid) {
             self.table = None;
             let oids = |list: &[PgBuiltInOids]| list.iter().map(|o| PgOid::BuiltIn(*o)).collect::<Vec<_>>();
+            let marker = crate::pinned::MARKER;
             // The commit time of each row, for the latency histogram: exact with
             // track_commit_timestamp = on, else created_at (the inserting transaction's start).
             // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
@@ -567,7 +660,7 @@ impl Statements {
             let select = spi
                 .prepare_mut(
                     &format!(
-                        "SELECT id, method, payload::pg_catalog.text,
+                        "{marker}SELECT id, method, payload::pg_catalog.text,
                                 coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at
                          FROM {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
                     ),
@@ -578,7 +671,7 @@ impl Statements {
             // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
             // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
             let delete = spi
-                .prepare_mut(&format!("DELETE FROM {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
+                .prepare_mut(&format!("{marker}DELETE FROM {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
                 .keep();
             self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
         }
@@ -613,12 +706,35 @@ struct Batch {
     full: bool,
 }
 
+impl Batch {
+    /// Takes Centrifugo's per-command outcomes of `commands`.
+    fn record(&mut self, per_command: Vec<Outcome>) {
+        for (i, outcome) in self.sendable.iter().zip(per_command) {
+            self.outcomes[*i] = Some(outcome);
+        }
+    }
+
+    /// Adds the rows that are done (delivered or dead letters) to `applied`.
+    fn remember_outcomes(&self, applied: &mut Vec<(RowKey, Outcome)>) {
+        for (row, outcome) in self.rows.iter().zip(&self.outcomes) {
+            if let Some(outcome @ (Outcome::Delivered | Outcome::DeadLetter { .. })) = outcome {
+                applied.push(((row.id, row.created_at), outcome.clone()));
+            }
+        }
+    }
+}
+
 struct BatchReader<'s> {
     statements: &'s TableStatements,
     partition: i32,
     limit: i32,
     exact_commit_ts: bool,
     keys: OutboxKeys,
+    /// The table's owner, as whom rows are read, and the table.
+    owner: pg_sys::Oid,
+    table_oid: i64,
+    /// Outcomes already known from a round that was rolled back: not sent again.
+    settled: &'s HashMap<RowKey, Outcome>,
 }
 
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
@@ -627,12 +743,8 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 impl BatchReader<'_> {
     /// The next rows of the partition with `id >= from`, at most the limit.
     fn read(&self, spi: &SpiClient<'_>, from: i64) -> Result<Batch, pgrx::spi::Error> {
-        let rows = spi
-            .select(
-                &self.statements.select,
-                None,
-                &[self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()],
-            )?
+        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
+        let rows = as_owner_of(self.owner, self.table_oid, || spi.select(&self.statements.select, None, &args))?
             .map(|row| -> Result<Row, pgrx::spi::Error> {
                 Ok(Row {
                     id: row.get::<i64>(1)?.unwrap_or(0),
@@ -657,6 +769,10 @@ impl BatchReader<'_> {
             rows,
         };
         for (i, row) in batch.rows.iter().enumerate() {
+            if let Some(outcome) = self.settled.get(&(row.id, row.created_at)) {
+                batch.outcomes.push(Some(outcome.clone()));
+                continue;
+            }
             match prepare_text(&row.method, &row.payload, || self.keys.key(row.id, row.created_at)) {
                 Ok(p) => {
                     batch.outcomes.push(None);
@@ -674,12 +790,13 @@ impl BatchReader<'_> {
 /// Where dead letters of this consumer go.
 struct DeadLetterTarget<'a> {
     dead_letters: &'a str,
+    oid: pg_sys::Oid,
     consumer: &'a str,
     partition: i32,
 }
 
-/// Applies every outcome of a batch: the ctids of delivered and dead-lettered rows join `done`,
-/// rows that failed temporarily stay for a resend. Centrifugo ran every command of the batch, so
+/// Applies every outcome of a batch: the ctids of delivered and dead-lettered rows join `done`
+/// (and `applied`), rows that failed temporarily stay for a resend. Centrifugo ran every command of the batch, so
 /// a command that succeeded after a failed one is done too: resending it would run it twice.
 /// Returns the first temporary failure, if any. `attempts_of` gives a row's attempt count for
 /// its dead letter.
@@ -690,7 +807,10 @@ fn apply_outcomes(
     stats: &mut RoundStats,
     target: &DeadLetterTarget<'_>,
     attempts_of: impl Fn(i64) -> u32,
-) -> Result<Option<Round>, pgrx::spi::Error> {
+    applied: &mut Vec<(RowKey, Outcome)>,
+) -> Result<Option<Round>, DbError> {
+    // First, in case a dead-letter insert fails: the round will be rolled back, and these ran.
+    batch.remember_outcomes(applied);
     let acked_at = shmem::unix_micros();
     let mut retry = None;
     for (row, outcome) in batch.rows.iter().zip(&batch.outcomes) {
@@ -725,6 +845,26 @@ fn apply_outcomes(
     Ok(retry)
 }
 
+/// The oid of table `name` in schema `schema` as the catalog caches see it now.
+fn relation_named(schema: &str, name: &str) -> Option<i64> {
+    let (schema, name) = (std::ffi::CString::new(schema).ok()?, std::ffi::CString::new(name).ok()?);
+    // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
+    let oid = unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if namespace == pg_sys::Oid::INVALID {
+            return None;
+        }
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
+    };
+    (oid != pg_sys::Oid::INVALID).then(|| u32::from(oid) as i64)
+}
+
+/// Runs `body` as the outbox's owner (see `xact::as_owner`), its statements held to the table
+/// checked (see `pinned`).
+fn as_owner_of<R>(owner: pg_sys::Oid, table_oid: i64, body: impl FnOnce() -> R) -> R {
+    crate::pinned::pinned(&[pg_sys::Oid::from(table_oid as u32)], || xact::as_owner(owner, body))
+}
+
 /// What one round did, for the shared-memory counters.
 #[derive(Default)]
 struct RoundStats {
@@ -747,16 +887,17 @@ struct DeadRow<'a> {
 }
 
 fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), pgrx::spi::Error> {
-    let DeadLetterTarget { dead_letters, consumer, partition } = *target;
+    let DeadLetterTarget { dead_letters, oid, consumer, partition } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
         row.payload.to_owned()
     } else {
         serde_json::Value::String(row.payload.to_owned()).to_string()
     };
-    spi.update(
+    let marker = crate::pinned::MARKER;
+    crate::pinned::pinned(&[oid], || spi.update(
         &format!(
-            "INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
+            "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
              VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10)"
         ),
         None,
@@ -772,28 +913,30 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
             consumer.into(),
             TimestampWithTimeZone::try_from(row.created_at - PG_EPOCH_UNIX_MICROS).ok().into(),
         ],
-    )?;
+    ))?;
     Ok(())
 }
 
 /// At most one warning of a kind per 10 seconds per worker, with a count of the ones held back,
-/// so a dead Centrifugo does not flood the log; a new kind of problem is logged at once.
+/// so a dead Centrifugo does not flood the log; a new kind of problem is logged at once. The
+/// kind is what tells problems apart (a not-ready reason is its own kind; a retry's attempt
+/// count is not).
 #[derive(Default)]
 struct RateLimitedLog {
-    last: Option<(Instant, &'static str)>,
+    last: Option<(Instant, String)>,
     suppressed: u64,
 }
 
 impl RateLimitedLog {
-    fn warn(&mut self, consumer: &str, partition: i32, kind: &'static str, message: &str) {
+    fn warn(&mut self, consumer: &str, partition: i32, kind: &str, message: &str) {
         let now = Instant::now();
-        if self.last.is_some_and(|(t, k)| k == kind && now.duration_since(t) < Duration::from_secs(10)) {
+        if self.last.as_ref().is_some_and(|(t, k)| k == kind && now.duration_since(*t) < Duration::from_secs(10)) {
             self.suppressed += 1;
             return;
         }
         let held = std::mem::take(&mut self.suppressed);
         let tail = if held > 0 { format!(" ({held} similar messages suppressed)") } else { String::new() };
         warning!("centrifugo_outbox: consumer {consumer} partition {partition}: {message}{tail}");
-        self.last = Some((now, kind));
+        self.last = Some((now, kind.to_owned()));
     }
 }

@@ -208,6 +208,32 @@ def test_alter_extension_update_from_0_1_0_through_0_2_0_with_data(make_cluster,
                  "JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e' "
                  "WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'centrifugo_outbox') ORDER BY 1")
     assert pg.sql(functions) == fresh.sql(functions)
+    # And each table's columns (0.3.0 adds the dead letters' raw_value).
+    columns = ("SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull "
+               "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+               "WHERE c.relname IN ('centrifugo_outbox', 'centrifugo_dead_letters') AND a.attnum > 0 AND NOT a.attisdropped "
+               "ORDER BY 1, a.attnum")
+    assert pg.sql(columns) == fresh.sql(columns)
+
+
+def test_an_update_refuses_a_publisher_role_somebody_else_made(make_cluster):
+    # 0.1.0 and 0.2.0 reused whatever centrifugo_publisher they found; 0.3.0 refuses it on update too.
+    pg = make_cluster(create_extension=False)
+    pg.sql("CREATE ROLE centrifugo_publisher LOGIN")
+    pg.sql("CREATE EXTENSION centrifugo_outbox VERSION '0.2.0'")
+    with pytest.raises(psycopg.errors.DuplicateObject, match="it can log in"):
+        pg.sql("ALTER EXTENSION centrifugo_outbox UPDATE")
+    assert pg.scalar("SELECT extversion FROM pg_extension WHERE extname = 'centrifugo_outbox'") == "0.2.0"
+    pg.sql("ALTER ROLE centrifugo_publisher NOLOGIN")
+    pg.sql("ALTER EXTENSION centrifugo_outbox UPDATE")
+    assert pg.scalar("SELECT extversion FROM pg_extension WHERE extname = 'centrifugo_outbox'") == "0.3.0"
+
+
+def test_create_extension_refuses_a_database_that_is_not_utf8(make_cluster):
+    pg = make_cluster(create_extension=False)
+    pg.sql("CREATE DATABASE latin ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="needs a UTF8 database"):
+        pg.sql("CREATE EXTENSION centrifugo_outbox", dbname="latin")
 
 
 def test_pg_dump_and_restore_keep_a_working_setup(make_cluster, centrifugo):

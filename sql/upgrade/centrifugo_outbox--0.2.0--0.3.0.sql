@@ -1,6 +1,7 @@
 -- centrifugo_outbox 0.2.0 → 0.3.0: every function pins its search_path and names objects by
--- schema, the old status function is no longer executable by PUBLIC. (Delivery changes, exact
--- payloads and the new idempotency keys are in the library; nothing to migrate in the tables.)
+-- schema, the old status function is no longer executable by PUBLIC, Kafka dead letters keep the
+-- record's bytes. (Delivery changes, exact payloads and the new idempotency keys are in the
+-- library; nothing to migrate in the rows.)
 
 -- Every function written in Rust runs with search_path pinned, as a fresh 0.3.0 install has it.
 DO $$
@@ -36,3 +37,36 @@ END;
 $$;
 
 REVOKE ALL ON FUNCTION centrifugo_worker_status FROM PUBLIC;
+
+ALTER TABLE centrifugo_dead_letters ADD COLUMN raw_value bytea;
+COMMENT ON COLUMN centrifugo_dead_letters.raw_value IS
+    'Kafka dead letters: the record value byte for byte (payload holds it as jsonb when jsonb can, else JSON null).';
+
+-- 0.3.0 refuses a centrifugo_publisher it did not make (see schema.sql); a role that 0.2.0 took
+-- over from somebody else is refused here too, before the upgrade completes.
+DO $$
+DECLARE
+    publisher pg_catalog.oid;
+    why pg_catalog.text;
+BEGIN
+    SELECT r.oid,
+           CASE WHEN r.rolcanlogin THEN 'it can log in'
+                WHEN r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolreplication OR r.rolbypassrls
+                    THEN 'it has SUPERUSER, CREATEROLE, CREATEDB, REPLICATION or BYPASSRLS'
+                WHEN EXISTS (SELECT FROM pg_catalog.pg_auth_members m WHERE m.member OPERATOR(pg_catalog.=) r.oid)
+                    THEN 'it is a member of other roles'
+                ELSE (SELECT 'role ' OPERATOR(pg_catalog.||) pg_catalog.quote_ident(a.rolname)
+                             OPERATOR(pg_catalog.||) ' can administer it (ADMIN OPTION) without being a superuser'
+                      FROM pg_catalog.pg_auth_members m JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) m.member
+                      WHERE m.roleid OPERATOR(pg_catalog.=) r.oid AND m.admin_option AND NOT a.rolsuper
+                      LIMIT 1)
+           END
+      INTO publisher, why
+      FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'centrifugo_publisher';
+    IF why IS NOT NULL THEN
+        RAISE EXCEPTION 'centrifugo_outbox: role "centrifugo_publisher" already exists and %', why
+            USING ERRCODE = 'duplicate_object',
+                  HINT = 'The extension grants its SQL API to this role. Remove what is listed (or drop and re-create the role as NOLOGIN and grant it again) and run ALTER EXTENSION centrifugo_outbox UPDATE again.';
+    END IF;
+END;
+$$;
