@@ -305,7 +305,19 @@ pub fn attach_worker(index: usize, consumer: usize, partition: i32) {
         slot.pid = pg_sys::MyProcPid;
         slot.latch = pg_sys::MyLatch as usize;
     }
-    slot.state = WorkerState::Idle as u8;
+    // Not draining until it is connected and has run a round.
+    slot.state = WorkerState::Waiting as u8;
+    drop(slots);
+    // A FATAL (a database that does not exist yet, a terminated connection attempt) ends the
+    // process without reaching the worker's own exit path: clear the slot then too, so the
+    // status view never shows a dead process as idle or sending.
+    // SAFETY: registers a callback PostgreSQL runs while the process still has shared memory.
+    unsafe { pg_sys::before_shmem_exit(Some(detach_at_exit), pg_sys::Datum::from(index)) };
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn detach_at_exit(_code: std::ffi::c_int, index: pg_sys::Datum) {
+    detach_worker(index.value());
 }
 
 /// Clears the slot when the worker exits, so nobody sets a stale latch.

@@ -21,6 +21,15 @@ def uid():
     return uuid.uuid4().hex[:8]
 
 
+def process_alive(pid):
+    """Whether `pid` runs (a zombie waiting for its parent does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return not f.read().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return False
+
+
 def partition_worker_pid(pg):
     return pg.scalar("SELECT pid FROM pg_stat_activity WHERE backend_type = 'centrifugo_outbox partition 0'")
 
@@ -109,15 +118,22 @@ def test_the_kafka_bridge_leaves_when_the_postmaster_dies(make_cluster, centrifu
         postmaster = int(f.readline())
     os.kill(postmaster, signal.SIGKILL)
 
-    def gone(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(") ", 1)[1].startswith("Z")
-        except FileNotFoundError:
-            return True
-    wait_until(lambda: gone(bridge), 3, interval=0.1, what="the orphaned bridge to exit")
+    wait_until(lambda: not process_alive(bridge), 3, interval=0.1, what="the orphaned bridge to exit")
     # Nothing of the old cluster holds its shared memory: it starts again, bridge included.
     wait_until(lambda: pg.start(check=False).returncode == 0, 30, interval=1, what="PostgreSQL to start again")
     channel = f"chat:pm{uid()}"
     produce(kafka, topic, [(command(channel, 1), None, None)])
     wait_until(lambda: centrifugo.history(channel) == [1], 40, what="the bridge to deliver after the restart")
+
+
+def test_a_worker_that_cannot_connect_is_never_shown_with_a_dead_pid(make_cluster, centrifugo):
+    # The database does not exist: each attempt ends in FATAL, not in the worker's own exit path.
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, database="not_yet"))
+    wait_until(lambda: "cannot connect" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status") or ""), 20,
+               what="the status to say the worker cannot connect")
+    for _ in range(20):
+        pid, state = pg.sql("SELECT pid, state FROM centrifugo_outbox_status")[0]
+        if pid is not None:
+            assert process_alive(pid), f"a dead process shown as {state}: {pid}"
+        assert state not in ("idle", "sending"), state
+        time.sleep(0.25)
