@@ -51,7 +51,7 @@ fn centrifugo_replay_dead_letters(
             .unwrap_or_else(|reason| crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}")));
         // A superuser's statement stays on the tables checked: the outbox and the dead letters.
         let pinned: Vec<pgrx::pg_sys::Oid> = match checked {
-            Some(outbox) => vec![outbox, session::table_oid(&dead_letters).unwrap_or(pgrx::pg_sys::Oid::INVALID)],
+            Some(outbox) => vec![outbox, session::dead_letters_oid()],
             None => Vec::new(),
         };
         replayed += crate::pinned::pinned(&pinned, || Spi::get_one_with_args::<i64>(
@@ -89,9 +89,10 @@ fn centrifugo_purge_dead_letters(
         ));
     }
     let dead_letters = session::dead_letters_table();
-    Spi::get_one_with_args::<i64>(
+    let marker = crate::pinned::MARKER;
+    crate::pinned::pinned(&[session::dead_letters_oid()], || Spi::get_one_with_args::<i64>(
         &format!(
-            "WITH gone AS (
+            "{marker}WITH gone AS (
                  DELETE FROM {dead_letters} d
                  WHERE ($1::interval IS NULL OR d.failed_at < now() - $1)
                    AND ($2::bigint[] IS NULL OR d.id = ANY($2))
@@ -101,7 +102,7 @@ fn centrifugo_purge_dead_letters(
              SELECT count(*) FROM gone"
         ),
         &[older_than.into(), ids.into(), error_code.into(), source.into()],
-    )
+    ))
     .unwrap_or_else(|e| error!("centrifugo_outbox: purge failed: {e}"))
     .unwrap_or(0)
 }

@@ -34,7 +34,9 @@ static PARTITION_SELECT_LIMIT: GucSetting<i32> = GucSetting::<i32>::new(100);
 static PARTITION_POLL_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(300);
 /// LISTEN/NOTIFY channel the outbox trigger notifies with the partition number (empty: none); Centrifugo's `partition_notification_channel`.
 static PARTITION_NOTIFICATION_CHANNEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// Largest serialized command payload the SQL API accepts (0: no limit).
+/// Most payload bytes one batch request holds (the batch read ahead meanwhile included); a larger single command still goes alone.
+static BATCH_MAX_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4 * 1024 * 1024);
+/// Largest serialized command payload the SQL API accepts and the workers send (0: no limit).
 static MAX_COMMAND_SIZE: GucSetting<i32> = GucSetting::<i32>::new(settings::DEFAULT_MAX_COMMAND_SIZE);
 /// TCP/TLS connect timeout towards Centrifugo.
 static HTTP_CONNECT_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -128,7 +130,8 @@ pub fn init() {
     int(c"centrifugo.partition_select_limit", c"Most rows sent per partition round (one batch request).", &PARTITION_SELECT_LIMIT, 1, 10_000, Sighup, none);
     int(c"centrifugo.partition_poll_interval", c"Safety-net poll interval of each partition worker.", &PARTITION_POLL_INTERVAL, 1, 3_600_000, Sighup, MS);
     string(c"centrifugo.partition_notification_channel", c"NOTIFY channel the outbox trigger notifies (empty: none).", &PARTITION_NOTIFICATION_CHANNEL, Sighup, none);
-    int(c"centrifugo.max_command_size", c"Largest command payload the SQL API accepts (0: no limit).", &MAX_COMMAND_SIZE, 0, i32::MAX, Suset, GucFlags::UNIT_BYTE);
+    int(c"centrifugo.max_command_size", c"Largest command payload the SQL API accepts and the workers send (0: no limit).", &MAX_COMMAND_SIZE, 0, i32::MAX, Suset, GucFlags::UNIT_BYTE);
+    int(c"centrifugo.batch_max_bytes", c"Most payload bytes in one batch request, the batch read ahead included.", &BATCH_MAX_BYTES, 1024, i32::MAX, Sighup, GucFlags::UNIT_BYTE);
     int(c"centrifugo.http_connect_timeout", c"Connect timeout towards Centrifugo.", &HTTP_CONNECT_TIMEOUT, 1, 600_000, Sighup, MS);
     int(c"centrifugo.http_timeout", c"Request timeout towards Centrifugo.", &HTTP_TIMEOUT, 1, 3_600_000, Sighup, MS);
     string(c"centrifugo.http_tls_root_ca", c"PEM file of the CA of Centrifugo's certificate (empty: system roots).", &HTTP_TLS_ROOT_CA, Sighup, none);
@@ -245,6 +248,7 @@ pub fn num_partitions() -> i32 { NUM_PARTITIONS.get() }
 pub fn partition_select_limit() -> i32 { PARTITION_SELECT_LIMIT.get() }
 pub fn partition_poll_interval_ms() -> i32 { PARTITION_POLL_INTERVAL.get() }
 pub fn max_command_size() -> i32 { MAX_COMMAND_SIZE.get() }
+pub fn batch_max_bytes() -> i64 { i64::from(BATCH_MAX_BYTES.get()) }
 pub fn http_connect_timeout_ms() -> i32 { HTTP_CONNECT_TIMEOUT.get() }
 pub fn http_timeout_ms() -> i32 { HTTP_TIMEOUT.get() }
 pub fn http_tls_root_ca() -> String { text(&HTTP_TLS_ROOT_CA) }

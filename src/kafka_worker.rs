@@ -144,6 +144,17 @@ impl ClientContext for BridgeContext {
 }
 
 impl ConsumerContext for BridgeContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // A partition paused for a full queue and revoked comes back still paused (librdkafka
+        // keeps an application's pause across assignments); its queue is gone, so nothing
+        // would resume it.
+        if let Rebalance::Assign(tpl) = rebalance {
+            if let Err(e) = consumer.resume(tpl) {
+                self.push(format!("resume after rebalance failed: {e}"));
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut commit = TopicPartitionList::new();
@@ -175,6 +186,8 @@ struct Record {
     /// Delivered or dead-lettered while an earlier record still waits for a retry: never sent
     /// again, and its offset is committed once every record before it is done too.
     done: bool,
+    /// Its dead letter, once known, until it is written: never sent again meanwhile.
+    dead_letter: Option<KafkaDeadLetter>,
 }
 
 #[derive(Default)]
@@ -346,6 +359,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                         value: msg.payload().map(<[u8]>::to_vec),
                         headers,
                         done: false,
+                        dead_letter: None,
                     };
                     let queue = queues.entry(key.clone()).or_default();
                     queue.records.push_back(record);
@@ -502,6 +516,12 @@ fn dispatch(
     for (i, record) in queue.records.iter().enumerate().filter(|(_, r)| !r.done).take(take) {
         let pos = RecordPosition { topic: &key.0, partition: key.1, offset: record.offset, timestamp_ms: record.timestamp_ms };
         pending.push(i);
+        if let Some(dead) = &record.dead_letter {
+            // Its dead letter could not be written last time: write it, do not send it again.
+            methods.push(dead.method.clone());
+            outcomes.push(Some(Outcome::DeadLetter { failure: dead.failure.clone(), payload: Some(dead.payload.clone()) }));
+            continue;
+        }
         match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
             Ok(p) => {
                 methods.push(p.method.as_str().to_owned());
@@ -552,10 +572,14 @@ fn dispatch(
             }
         }
     }
-    // Delivered records are done whatever happens to the dead letters: never sent again.
+    // Delivered records are done whatever happens to the dead letters: never sent again; the
+    // dead ones keep their dead letter until it is written.
     let dead_indexes: Vec<bool> = (0..pending.len()).map(|n| dead.iter().any(|d| d.offset == queue.records[pending[n]].offset)).collect();
     for (n, &i) in pending.iter().enumerate() {
         queue.records[i].done = !retried[n] && !dead_indexes[n];
+        if dead_indexes[n] {
+            queue.records[i].dead_letter = dead.iter().find(|d| d.offset == queue.records[i].offset).cloned();
+        }
     }
     if !dead.is_empty() {
         insert_dead_letters(&spec.name, key, &dead, queue.attempts + 1)?;
@@ -634,6 +658,7 @@ fn raw_payload(value: Option<&[u8]>) -> String {
 }
 
 /// A record on its way to the dead letters.
+#[derive(Clone)]
 struct KafkaDeadLetter {
     offset: i64,
     method: String,
@@ -660,7 +685,7 @@ fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLet
                 )));
             };
             let dead_letters = format!("{}.centrifugo_dead_letters", crate::session::quote_ident(&schema));
-            let oid = crate::session::table_oid(&dead_letters).unwrap_or(pg_sys::Oid::INVALID);
+            let oid = crate::session::dead_letters_oid();
             let insert = format!(
                 "{}INSERT INTO {dead_letters}
                      (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts, raw_value)
@@ -686,9 +711,10 @@ fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLet
                 let exact = crate::xact::subtransaction(|| crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(&row.payload)).map(|_| ())));
                 match exact {
                     Ok(result) => result?,
-                    Err(_) => {
+                    Err(e) if crate::xact::refused_as_jsonb(&e) => {
                         crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args("null")))?;
                     }
+                    Err(e) => return Err(e),
                 }
             }
             Ok(())

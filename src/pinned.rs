@@ -64,16 +64,41 @@ unsafe extern "C-unwind" fn check_marked_statement(
         if allowed.is_empty() {
             return;
         }
-        let rtable = PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable);
-        for rte in rtable.iter_ptr() {
-            if (*rte).rtekind == pg_sys::RTEKind::RTE_RELATION && !allowed.contains(&(*rte).relid) {
-                pgrx::pg_sys::panic::ErrorReport::new(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "centrifugo_outbox: a table this statement names was replaced (its schema renamed?) after it was checked; the statement was not run",
-                    "",
-                )
-                .report(PgLogLevel::ERROR);
+        if !names_only(query, &allowed) {
+            pgrx::pg_sys::panic::ErrorReport::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "centrifugo_outbox: a table this statement names was replaced (its schema renamed?) after it was checked; the statement was not run",
+                "",
+            )
+            .report(PgLogLevel::ERROR);
+        }
+    }
+}
+
+/// Whether every relation `query` names, in subqueries in FROM and in WITH included, is one of
+/// `allowed` (the marked statements have no sublinks in their conditions).
+///
+/// # Safety
+/// `query` is a valid analysed Query.
+unsafe fn names_only(query: *mut pg_sys::Query, allowed: &[pg_sys::Oid]) -> bool {
+    // SAFETY: walks lists of the valid Query tree PostgreSQL just built.
+    unsafe {
+        for rte in PgList::<pg_sys::RangeTblEntry>::from_pg((*query).rtable).iter_ptr() {
+            let ok = match (*rte).rtekind {
+                pg_sys::RTEKind::RTE_RELATION => allowed.contains(&(*rte).relid),
+                pg_sys::RTEKind::RTE_SUBQUERY => (*rte).subquery.is_null() || names_only((*rte).subquery, allowed),
+                _ => true,
+            };
+            if !ok {
+                return false;
             }
         }
+        for cte in PgList::<pg_sys::CommonTableExpr>::from_pg((*query).cteList).iter_ptr() {
+            let inner = (*cte).ctequery;
+            if !inner.is_null() && (*inner).type_ == pg_sys::NodeTag::T_Query && !names_only(inner.cast(), allowed) {
+                return false;
+            }
+        }
+        true
     }
 }

@@ -12,8 +12,10 @@ use crate::gucs;
 use crate::shmem::{self, WorkerState};
 
 /// Session settings every worker pins over the database's and the role's defaults
-/// (`ALTER DATABASE/ROLE ... SET`). The override source also ignores a later `SET` by any code
-/// the worker runs. `search_path` holds nothing an unprivileged role can create in.
+/// (`ALTER DATABASE/ROLE ... SET`, lower sources than a session's). Owner code that changes
+/// them (a function's `SET` clause, `set_config`) is undone when it ends (`xact::as_owner`).
+/// `search_path` holds nothing an unprivileged role can create in. (No `statement_timeout`:
+/// PostgreSQL arms it only for client queries, never in a background worker.)
 const PINNED: &[(&CStr, &CStr)] = &[
     (c"search_path", c"pg_catalog, pg_temp"),
     (c"role", c"none"),
@@ -21,7 +23,6 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"default_transaction_read_only", c"off"),
     (c"default_transaction_deferrable", c"off"),
     (c"session_replication_role", c"origin"),
-    (c"statement_timeout", c"60s"),
     (c"lock_timeout", c"10s"),
     (c"idle_in_transaction_session_timeout", c"0"),
     // Armed in every backend with a transaction, workers included: a database default would end
@@ -40,7 +41,7 @@ pub fn pin_worker_session() {
                 name.as_ptr(),
                 value.as_ptr(),
                 pg_sys::GucContext::PGC_SUSET,
-                pg_sys::GucSource::PGC_S_OVERRIDE,
+                pg_sys::GucSource::PGC_S_SESSION,
             )
         };
     }
@@ -64,7 +65,9 @@ pub fn connect_worker(database: &str, slot: ConnectSlot) {
         // Commits set the latch too (the worker is attached for wake-ups): sleep the whole time.
         let deadline = std::time::Instant::now() + wait;
         while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
-            if !BackgroundWorker::wait_latch(Some(left.max(Duration::from_millis(1)))) {
+            // SAFETY: a flag set by the SIGTERM handler.
+            let stopping = unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 };
+            if stopping || !BackgroundWorker::wait_latch(Some(left.max(Duration::from_millis(1)))) {
                 // SAFETY: the postmaster is gone or asked us to stop: leave the way workers do.
                 unsafe { pg_sys::proc_exit(0) };
             }
@@ -172,7 +175,8 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
             .first()
             .get_one::<i64>()
     };
-    let Some(oid) = Spi::connect(lookup).ok().flatten() else { return Ok(None) };
+    // Missing now: pinned to nothing, so whatever appears under the name meanwhile is refused.
+    let Some(oid) = Spi::connect(lookup).ok().flatten() else { return Ok(Some(pg_sys::Oid::INVALID)) };
     // SAFETY: a lock taken in the current transaction, released at its end.
     unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), lock_mode as pg_sys::LOCKMODE) };
     if Spi::connect(lookup).ok().flatten() != Some(oid) {
@@ -191,8 +195,8 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
         Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?))
     })
     .map_err(|e| e.to_string())?;
-    if !matches!(kind.as_deref(), Some("r" | "p")) {
-        return Err(format!("{qualified} is not a table"));
+    if kind.as_deref() != Some("r") {
+        return Err(format!("{qualified} is not a plain table"));
     }
     if owner_is_superuser != Some(true) {
         return Err(format!(
@@ -201,6 +205,25 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
         ));
     }
     Ok(Some(pg_sys::Oid::from(oid as u32)))
+}
+
+/// The extension's dead-letter table by oid, found from the extension's namespace oid (never by
+/// a name somebody could swap); InvalidOid when the extension is missing.
+pub fn dead_letters_oid() -> pg_sys::Oid {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT d.oid::pg_catalog.int8 FROM pg_catalog.pg_extension e
+             JOIN pg_catalog.pg_class d ON d.relnamespace OPERATOR(pg_catalog.=) e.extnamespace
+             WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox' AND d.relname OPERATOR(pg_catalog.=) 'centrifugo_dead_letters'",
+            None,
+            &[],
+        )?
+        .first()
+        .get_one::<i64>()
+    })
+    .ok()
+    .flatten()
+    .map_or(pg_sys::Oid::INVALID, |oid| pg_sys::Oid::from(oid as u32))
 }
 
 /// The oid `qualified` names now, if any.

@@ -26,6 +26,9 @@ pub enum WorkerState {
     BackingOff = 3,
     /// The database or the extension is missing: nothing to drain yet.
     Waiting = 4,
+    /// Another session holds the partition's lock (Centrifugo's consumer, or anyone with
+    /// `pg_advisory_lock`).
+    Locked = 5,
 }
 
 impl WorkerState {
@@ -36,6 +39,7 @@ impl WorkerState {
             WorkerState::Sending => "sending",
             WorkerState::BackingOff => "backing off",
             WorkerState::Waiting => "waiting",
+            WorkerState::Locked => "locked",
         }
     }
 
@@ -45,6 +49,7 @@ impl WorkerState {
             2 => WorkerState::Sending,
             3 => WorkerState::BackingOff,
             4 => WorkerState::Waiting,
+            5 => WorkerState::Locked,
             _ => WorkerState::Stopped,
         }
     }
@@ -135,6 +140,8 @@ pub struct Slot {
     state: u8,
     /// Connection attempts in a row that never got through (wrong role or database).
     pub connect_attempts: u32,
+    /// How often a worker process took this slot since server start (0: never started).
+    pub starts: u32,
     pub stats: Stats,
 }
 
@@ -299,6 +306,7 @@ pub fn attach_worker(index: usize, consumer: usize, partition: i32) {
     let mut slots = SLOTS.exclusive();
     let slot = &mut slots.slots[index];
     slot.consumer = consumer as u16;
+    slot.starts = slot.starts.saturating_add(1);
     slot.partition = partition;
     // SAFETY: MyProcPid and MyLatch are set for every backend process.
     unsafe {

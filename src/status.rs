@@ -44,7 +44,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     'static,
     (
         name!(consumer, String),
-        name!(partition, i32),
+        name!(partition, Option<i32>),
         name!(pid, Option<i32>),
         name!(state, String),
         name!(backlog, Option<i64>),
@@ -66,12 +66,15 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         .ok()
         .flatten()
         .unwrap_or_default();
-    // SAFETY: a read of the server's recovery state.
-    let standby = unsafe { pg_sys::RecoveryInProgress() };
-    let rows: Vec<_> = worker::worker_slots()
-        .into_iter()
+    // SAFETY: reads of the server's recovery state and start time.
+    let (standby, started_at) = unsafe { (pg_sys::RecoveryInProgress(), pg_sys::PgStartTime) };
+    // SAFETY: as above.
+    let up_for_secs = (unsafe { pg_sys::GetCurrentTimestamp() } - started_at) / 1_000_000;
+    let slots = worker::worker_slots();
+    let mut rows: Vec<_> = slots
+        .iter()
         .enumerate()
-        .map(|(slot, (consumer, p))| {
+        .map(|(slot, &(consumer, p))| {
             let spec = &specs[consumer];
             let s = shmem::snapshot(slot);
             let (backlog, oldest) = if spec.database() == this_db {
@@ -79,19 +82,82 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
             } else {
                 (None, None)
             };
-            let c = stat_columns(&s.stats);
-            (
-                spec.name(),
-                p,
-                (s.pid != 0).then_some(s.pid),
-                if standby { "standby".to_owned() } else { s.state().as_str().to_owned() },
-                backlog,
-                oldest,
-                c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9,
-            )
+            let mut stats = s.stats;
+            let mut state = if standby { "standby".to_owned() } else { s.state().as_str().to_owned() };
+            // Registered but never started, long after the server did: PostgreSQL ran out of
+            // background worker slots (it only logs "too many background workers").
+            if !standby && s.starts == 0 && up_for_secs >= 10 {
+                state = "not started".to_owned();
+                stats.record_error(0, &worker_budget_message(slots.len()));
+            }
+            let c = stat_columns(&stats);
+            (spec.name(), Some(p), (s.pid != 0).then_some(s.pid), state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9)
         })
         .collect();
+    // What the settings leave without a worker, and rows no worker will ever read.
+    let problem_row = |consumer: String, partition: Option<i32>, state: &str, backlog: Option<i64>, why: &str| {
+        let mut stats = Stats::default();
+        stats.record_error(0, why);
+        let c = stat_columns(&stats);
+        (consumer, partition, None, state.to_owned(), backlog, None, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9)
+    };
+    for problem in worker::layout_problems() {
+        rows.push(problem_row("(settings)".to_owned(), None, "invalid settings", None, &problem));
+    }
+    for &(consumer, p) in worker::configured_partitions().iter().skip(slots.len()) {
+        let spec = &specs[consumer];
+        let backlog = if spec.database() == this_db { backlog(&spec.qualified_table(), p).0 } else { None };
+        let why = format!("no worker: at most {} outbox partitions have a worker in total", outbox_core::partition::MAX_PARTITIONS);
+        rows.push(problem_row(spec.name(), Some(p), "no worker", backlog, &why));
+    }
+    for spec in specs.iter().filter(|s| s.database() == this_db) {
+        for (p, count) in stranded(&spec.qualified_table(), spec.num_partitions()) {
+            let why = format!(
+                "rows in partition {p}, outside 0..{} (num_partitions = {}): no worker drains them; raise num_partitions or move them",
+                spec.num_partitions() - 1,
+                spec.num_partitions()
+            );
+            rows.push(problem_row(spec.name(), Some(p), "stranded", Some(count), &why));
+        }
+    }
     TableIterator::new(rows)
+}
+
+/// Why a registered worker may never have started.
+fn worker_budget_message(partition_workers: usize) -> String {
+    // SAFETY: a plain read of a postmaster setting.
+    let max = unsafe { pg_sys::max_worker_processes };
+    format!(
+        "never started: centrifugo_outbox needs {} background workers ({partition_workers} partition workers and {} Kafka bridge workers) besides those of other extensions and parallel queries, and max_worker_processes is {max}",
+        partition_workers + crate::kafka_workers_needed(),
+        crate::kafka_workers_needed()
+    )
+}
+
+/// Partitions of `table` outside 0..num_partitions that hold rows, with their row counts.
+fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
+    let Ok(checked) = crate::session::check_outbox_owner(table, pg_sys::AccessShareLock) else {
+        return Vec::new();
+    };
+    if crate::session::table_oid(table).is_none() {
+        return Vec::new();
+    }
+    let pinned: Vec<pg_sys::Oid> = checked.into_iter().collect();
+    let marker = crate::pinned::MARKER;
+    crate::pinned::pinned(&pinned, || {
+        Spi::connect(|c| {
+            c.select(
+                &format!(
+                    "{marker}SELECT partition, count(*) FROM {table} WHERE partition < 0 OR partition >= $1 GROUP BY partition ORDER BY partition"
+                ),
+                None,
+                &[num_partitions.into()],
+            )?
+            .map(|row| Ok::<_, pgrx::spi::Error>((row.get::<i32>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0))))
+            .collect::<Result<Vec<_>, _>>()
+        })
+    })
+    .unwrap_or_default()
 }
 
 /// Read-only queries, so the view also works on a hot standby.

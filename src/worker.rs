@@ -51,7 +51,14 @@ pub struct OutboxSpec {
 
 impl OutboxSpec {
     pub fn name(&self) -> String {
-        self.entry.as_ref().map_or_else(gucs::consumer_name, |e| e.name.clone())
+        match &self.entry {
+            Some(e) => e.name.clone(),
+            // Reloadable, but never to the name of another consumer (their locks would collide).
+            None => {
+                let live = gucs::consumer_name();
+                if layout().entries.iter().any(|e| e.name == live) { layout().default_name.clone() } else { live }
+            }
+        }
     }
     pub fn database(&self) -> String {
         self.entry.as_ref().and_then(|e| e.database.clone()).unwrap_or_else(gucs::database)
@@ -83,46 +90,79 @@ impl OutboxSpec {
     }
 }
 
-/// The default consumer first, then the `postgresql` entries of `centrifugo.consumers` (an
-/// invalid array is reported by the Kafka bridge and leaves just the default consumer).
-pub fn outbox_specs() -> Vec<OutboxSpec> {
-    std::iter::once(OutboxSpec { entry: None })
-        .chain(outbox_entries().iter().filter(|e| e.name != gucs::consumer_name()).map(|e| OutboxSpec { entry: Some(e.clone()) }))
-        .collect()
+/// The outbox consumers as the server started them: fixed in the postmaster (workers and
+/// sessions inherit it), so a reload can never change which slot drains what.
+struct Layout {
+    /// The `postgresql` entries of `centrifugo.consumers` that run.
+    entries: Vec<OutboxConsumer>,
+    /// The default consumer's name at start.
+    default_name: String,
+    /// Why `centrifugo.consumers` was not used, or which entries were left out.
+    problems: Vec<String>,
 }
 
-/// The `postgresql` entries of `centrifugo.consumers` (a setting fixed at server start), parsed
-/// once per process.
-fn outbox_entries() -> &'static [OutboxConsumer] {
-    static ENTRIES: std::sync::OnceLock<Vec<OutboxConsumer>> = std::sync::OnceLock::new();
-    ENTRIES.get_or_init(|| {
-        parse_consumers(&gucs::kafka::consumers())
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|e| match e {
-                ConsumerEntry::Postgresql(c) => Some(c),
-                ConsumerEntry::Kafka(_) => None,
-            })
-            .collect()
+fn layout() -> &'static Layout {
+    static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+    LAYOUT.get_or_init(|| {
+        let default_name = gucs::consumer_name();
+        let mut problems = Vec::new();
+        let entries = match parse_consumers(&gucs::kafka::consumers()) {
+            Ok(list) => list
+                .into_iter()
+                .filter_map(|e| match e {
+                    ConsumerEntry::Postgresql(c) if c.name == default_name => {
+                        problems.push(format!(
+                            "centrifugo.consumers entry \"{}\" has the name of the default consumer (centrifugo.consumer_name) and does not run",
+                            c.name
+                        ));
+                        None
+                    }
+                    ConsumerEntry::Postgresql(c) => Some(c),
+                    ConsumerEntry::Kafka(_) => None,
+                })
+                .collect(),
+            Err(e) => {
+                problems.push(format!("centrifugo.consumers is invalid, none of its consumers runs: {e}"));
+                Vec::new()
+            }
+        };
+        Layout { entries, default_name, problems }
     })
+}
+
+/// What the server could not start from the settings, for the log at start and the status view.
+pub fn layout_problems() -> Vec<String> {
+    let mut problems = layout().problems.clone();
+    let configured = configured_partitions().len();
+    if configured > MAX_PARTITIONS as usize {
+        problems.push(format!(
+            "{configured} outbox partitions are configured in total, and at most {MAX_PARTITIONS} have a worker: partitions beyond that are not drained"
+        ));
+    }
+    problems
+}
+
+/// The default consumer first, then the `postgresql` entries of `centrifugo.consumers`.
+pub fn outbox_specs() -> Vec<OutboxSpec> {
+    std::iter::once(OutboxSpec { entry: None }).chain(layout().entries.iter().map(|e| OutboxSpec { entry: Some(e.clone()) })).collect()
+}
+
+/// Every configured partition as (index into `outbox_specs()`, partition), workers or not.
+pub fn configured_partitions() -> Vec<(usize, i32)> {
+    outbox_specs().iter().enumerate().flat_map(|(i, spec)| (0..spec.num_partitions()).map(move |p| (i, p))).collect()
 }
 
 /// Every partition worker as (index into `outbox_specs()`, partition), at most one per
 /// shared-memory slot. A worker's position in this list is its slot.
 pub fn worker_slots() -> Vec<(usize, i32)> {
-    outbox_specs()
-        .iter()
-        .enumerate()
-        .flat_map(|(i, spec)| (0..spec.num_partitions()).map(move |p| (i, p)))
-        .take(MAX_PARTITIONS as usize)
-        .collect()
+    configured_partitions().into_iter().take(MAX_PARTITIONS as usize).collect()
 }
 
 /// The most partitions any consumer drains from the table `schema.table` (for the outbox trigger).
 pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
     // This runs for every inserted row: with only the default consumer (the usual case) the
     // answer is its partition count, whatever the table, so skip building and matching specs.
-    if outbox_entries().is_empty() {
+    if layout().entries.is_empty() {
         return gucs::num_partitions();
     }
     outbox_specs()
@@ -140,6 +180,17 @@ pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
 
 /// Registers one worker per partition of every outbox consumer; called from `_PG_init`.
 pub fn register() {
+    for problem in layout_problems() {
+        warning!("centrifugo_outbox: {problem}");
+    }
+    // SAFETY: a plain read of a postmaster setting during library load.
+    let max_workers = unsafe { pg_sys::max_worker_processes };
+    let needed = worker_slots().len() + crate::kafka_workers_needed();
+    if needed as i32 > max_workers {
+        warning!(
+            "centrifugo_outbox needs {needed} background workers and max_worker_processes is {max_workers}: some partitions will not be drained; raise max_worker_processes (see README, \"Background workers\")"
+        );
+    }
     let specs = outbox_specs();
     for (slot, (consumer, partition)) in worker_slots().into_iter().enumerate() {
         let spec = &specs[consumer];
@@ -177,8 +228,8 @@ enum Round {
     Drained,
     /// A full batch was done; there may be more.
     Full,
-    /// Another drainer holds the partition's lock.
-    Locked,
+    /// Another session holds the partition's lock: its pid, when PostgreSQL says.
+    Locked { holder: Option<i32> },
     /// The outbox table or the extension is missing in the database.
     NotReady(String),
     /// A temporary failure at outbox row `id`.
@@ -211,6 +262,8 @@ struct Worker {
     failing_row: Option<i64>,
     /// Consecutive rounds rolled back by an ERROR.
     db_errors: u32,
+    /// When partition 0's worker last looked for rows no worker drains.
+    stranded_checked_at: Option<Instant>,
     log: RateLimitedLog,
     statements: Statements,
     settled: Settled,
@@ -226,6 +279,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     let (consumer, partition) = worker_slots()[slot];
     let spec = outbox_specs()[consumer].clone();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SAFETY: replaces the SIGTERM handler just installed with one that also cancels owner code.
+    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(xact::on_sigterm)) };
     shmem::attach_worker(slot, consumer, partition);
     session::connect_worker(&spec.database(), ConnectSlot::Partition(slot));
 
@@ -244,6 +299,7 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         attempts: 0,
         failing_row: None,
         db_errors: 0,
+        stranded_checked_at: None,
         log: RateLimitedLog::default(),
         statements: Statements::default(),
         settled: Settled::default(),
@@ -305,15 +361,29 @@ impl Worker {
     /// One pass of the state machine: a round, and what it means for the next wait.
     fn step(&mut self) -> Next {
         self.refresh_client();
+        if self.partition == 0 && self.stranded_checked_at.is_none_or(|t| t.elapsed() >= STRANDED_CHECK_EVERY) {
+            self.stranded_checked_at = Some(Instant::now());
+            self.warn_about_stranded_rows();
+        }
         shmem::set_state(self.slot, WorkerState::Sending);
         let round = match &self.client {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
         match round {
-            Round::Drained | Round::Locked => {
+            Round::Drained => {
                 self.recovered();
                 shmem::set_state(self.slot, WorkerState::Idle);
+                Next::Wait
+            }
+            Round::Locked { holder } => {
+                let who = holder.map_or_else(|| "another session".to_owned(), |pid| format!("the session with pid {pid}"));
+                let reason = format!(
+                    "partition lock held by {who} (Centrifugo's own consumer, or pg_advisory_lock on the partition's key); waiting for it"
+                );
+                self.log.warn(&self.spec.name(), self.partition, "locked", &reason);
+                shmem::update(self.slot, |s| s.stats.record_error(0, &reason));
+                shmem::set_state(self.slot, WorkerState::Locked);
                 Next::Wait
             }
             Round::Full => {
@@ -373,6 +443,46 @@ impl Worker {
                     &format!("round rolled back by an error: {error}{ran}; retrying in {} ms (attempt {})", delay.as_millis(), self.db_errors),
                 );
                 Next::BackOff(delay)
+            }
+        }
+    }
+
+    /// Rows in partitions no worker drains (num_partitions lowered, a negative partition written
+    /// by a plain INSERT) are logged by partition 0's worker at start and every few minutes;
+    /// the status view lists them too.
+    fn warn_about_stranded_rows(&mut self) {
+        let num_partitions = self.spec.num_partitions();
+        let (table_schema, table_name) = self.spec.table_parts();
+        let found = xact::transaction(|| {
+            let schema = crate::session::extension_schema().unwrap_or_default();
+            let schema = table_schema.clone().unwrap_or(schema);
+            let Some(oid) = relation_named(&schema, &table_name) else { return Ok(None) };
+            let table = format!("{}.{}", quote_ident(&schema), quote_ident(&table_name));
+            let owner = Spi::get_one_with_args::<i64>(
+                "SELECT relowner::pg_catalog.int8 FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1::pg_catalog.int8::pg_catalog.oid",
+                &[oid.into()],
+            )?
+            .unwrap_or(0);
+            let marker = crate::pinned::MARKER;
+            let sql = format!(
+                "{marker}SELECT count(*), min(partition), max(partition) FROM {table}
+                 WHERE partition OPERATOR(pg_catalog.<) 0 OR partition OPERATOR(pg_catalog.>=) $1"
+            );
+            let counts = as_owner_of(pg_sys::Oid::from(owner as u32), oid, || {
+                Spi::connect(|c| {
+                    let row = c.select(&sql, None, &[num_partitions.into()])?.first();
+                    Ok::<_, pgrx::spi::Error>((row.get::<i64>(1)?.unwrap_or(0), row.get::<i32>(2)?, row.get::<i32>(3)?, table.clone()))
+                })
+            })?;
+            Ok(Some(counts))
+        });
+        if let Ok(Some((count, Some(low), Some(high), table))) = found {
+            if count > 0 {
+                warning!(
+                    "centrifugo_outbox: consumer {}: {count} row(s) of {table} are in partitions {low}..{high}, outside 0..{} (num_partitions = {num_partitions}): no worker drains them; raise num_partitions or move them (see centrifugo_outbox_status)",
+                    self.spec.name(),
+                    num_partitions - 1
+                );
             }
         }
     }
@@ -440,12 +550,33 @@ impl Worker {
                 let Some(table_oid) = head.get::<i64>(2)? else {
                     return not_ready(format!("outbox table {table} does not exist"));
                 };
-                if !matches!(head.get::<String>(3)?.as_deref(), Some("r" | "p")) {
-                    return not_ready(format!("outbox {table} is not a table"));
+                // Rows are deleted by ctid, which is unique only within one table: a partitioned
+                // table or one with inheritance children would lose other partitions' rows.
+                match head.get::<String>(3)?.as_deref() {
+                    Some("r") if head.get::<bool>(11)? != Some(true) => {}
+                    Some("r") => {
+                        return not_ready(format!(
+                            "outbox table {table} has inheritance children, which are not supported (if it no longer has any, ANALYZE it)"
+                        ))
+                    }
+                    Some("p") => return not_ready(format!("outbox table {table} is partitioned, which is not supported")),
+                    _ => return not_ready(format!("outbox {table} is not a table")),
                 }
-                let owner = pg_sys::Oid::from(head.get::<i64>(4)?.unwrap_or(0) as u32);
                 if head.get::<bool>(5)? != Some(true) {
-                    return Ok((Round::Locked, RoundStats::default()));
+                    let holder = spi
+                        .select(
+                            "SELECT l.pid FROM pg_catalog.pg_locks l
+                             WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.objsubid OPERATOR(pg_catalog.=) 1
+                               AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                               AND ((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8)
+                                   OPERATOR(pg_catalog.=) pg_catalog.hashtext($1)::pg_catalog.int8
+                             LIMIT 1",
+                            None,
+                            &[format!("centrifugo_partition_lock_{consumer_name}{partition}").into()],
+                        )?
+                        .first()
+                        .get_one::<i32>()?;
+                    return Ok((Round::Locked { holder }, RoundStats::default()));
                 }
                 // The checks above were about the table that had this name then. Lock it by oid
                 // so nobody can drop it and put a table of their own under the name while our
@@ -460,6 +591,10 @@ impl Worker {
                 if now_named != Some(table_oid) {
                     return not_ready(format!("outbox table {table} was replaced while the worker checked it; checking again"));
                 }
+                // Its owner as of now (ALTER TABLE ... OWNER takes the lock we now hold).
+                let Some(owner) = relation_owner(table_oid) else {
+                    return not_ready(format!("outbox table {table} was dropped while the worker checked it; checking again"));
+                };
                 let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
                 // Parsed as the owner too: the worker needs no rights on the table or its schema.
                 let table_statements = as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid))?;
@@ -478,7 +613,10 @@ impl Worker {
                     owner,
                     table_oid,
                     settled: &settled.outcomes,
+                    max_command_size: gucs::max_command_size(),
                 };
+                // What one batch may hold, the next one read ahead included.
+                let budget = gucs::batch_max_bytes();
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();
@@ -491,14 +629,16 @@ impl Worker {
                     }
                     Ok(())
                 };
+                let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
                 let dead_letter_target =
-                    DeadLetterTarget { dead_letters: &dead_letters, oid: dead_letters_oid, consumer: &consumer_name, partition };
-                let mut batch = reader.read(spi, i64::MIN)?;
+                    DeadLetterTarget { dead_letters: &dead_letters, oid: dead_letters_oid, consumer: &consumer_name, partition, payload_is_jsonb };
+                let mut batch = reader.read(spi, i64::MIN, budget)?;
                 let round = loop {
                     if batch.rows.is_empty() {
                         break Round::Drained;
                     }
                     let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
+                    let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
                     let mut in_flight = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
@@ -506,7 +646,7 @@ impl Worker {
                     let mut on_error = std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
                     let overlap = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
                         delete(spi, &mut done)?;
-                        Ok(if more { Some(reader.read(spi, next_from)?) } else { None })
+                        Ok(if more { Some(reader.read(spi, next_from, budget - in_flight_bytes)?) } else { None })
                     }))
                     .catch_others(move |error| {
                         // The batch is on its way and will run: learn what became of each command
@@ -592,6 +732,9 @@ impl Worker {
     }
 }
 
+/// How often partition 0's worker looks for rows in partitions no worker drains.
+const STRANDED_CHECK_EVERY: Duration = Duration::from_secs(300);
+
 /// How long one transaction keeps sending batches while the partition has more. Bounds what a
 /// crash makes us resend (the idempotency keys absorb it) and how long the transaction holds its
 /// snapshot; long enough that commits and the first index descent are paid once per many batches.
@@ -608,7 +751,8 @@ struct Statements {
 struct TableStatements {
     name: String,
     oid: i64,
-    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
+    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked,
+    /// `$5` the byte budget.
     select: OwnedPreparedStatement,
     /// `$1` the ctids of the rows done.
     delete: OwnedPreparedStatement,
@@ -633,7 +777,10 @@ impl Statements {
                             pg_catalog.set_config('enable_bitmapscan', 'off', true),
                             pg_catalog.set_config('enable_sort', 'off', true),
                             (SELECT d.oid::pg_catalog.int8 FROM pg_catalog.pg_class d
-                             WHERE d.relnamespace OPERATOR(pg_catalog.=) ext.oid AND d.relname OPERATOR(pg_catalog.=) 'centrifugo_dead_letters')
+                             WHERE d.relnamespace OPERATOR(pg_catalog.=) ext.oid AND d.relname OPERATOR(pg_catalog.=) 'centrifugo_dead_letters'),
+                            t.relhassubclass,
+                            (SELECT a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.jsonb'::pg_catalog.regtype FROM pg_catalog.pg_attribute a
+                             WHERE a.attrelid OPERATOR(pg_catalog.=) t.oid AND a.attname OPERATOR(pg_catalog.=) 'payload')
                      FROM (SELECT 1) AS one
                      LEFT JOIN (SELECT n.oid, n.nspname FROM pg_catalog.pg_extension e
                                 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
@@ -655,23 +802,32 @@ impl Statements {
             let marker = crate::pinned::MARKER;
             // The commit time of each row, for the latency histogram: exact with
             // track_commit_timestamp = on, else created_at (the inserting transaction's start).
+            // At most $3 rows, and past the first one at most $5 bytes of payload text; the 7th
+            // column says how many rows the limit allowed (more than returned: the budget cut).
             // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
             // see what a drainer that held the lock before us committed.
             let select = spi
                 .prepare_mut(
                     &format!(
-                        "{marker}SELECT id, method, payload::pg_catalog.text,
-                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at
-                         FROM {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
+                        "{marker}SELECT id, method, body, committed, ctid, created_at, candidates FROM (
+                             SELECT r.*, pg_catalog.sum(pg_catalog.octet_length(r.body)) OVER (ORDER BY r.id ROWS UNBOUNDED PRECEDING) AS upto,
+                                    pg_catalog.count(*) OVER () AS candidates
+                             FROM (SELECT id, method, payload::pg_catalog.text AS body,
+                                          coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at) AS committed,
+                                          ctid, created_at
+                                   FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2
+                                   ORDER BY id LIMIT $3) AS r) AS sized
+                         WHERE upto OPERATOR(pg_catalog.-) pg_catalog.octet_length(body) OPERATOR(pg_catalog.<) $5
+                         ORDER BY id"
                     ),
-                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
+                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID, PgBuiltInOids::INT8OID]),
                 )?
                 .keep();
             // By ctid, read in this transaction: no index descent per row. A ctid cannot point
             // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
             // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
             let delete = spi
-                .prepare_mut(&format!("{marker}DELETE FROM {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
+                .prepare_mut(&format!("{marker}DELETE FROM ONLY {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
                 .keep();
             self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
         }
@@ -735,17 +891,22 @@ struct BatchReader<'s> {
     table_oid: i64,
     /// Outcomes already known from a round that was rolled back: not sent again.
     settled: &'s HashMap<RowKey, Outcome>,
+    /// Rows whose payload text is longer are dead letters (0: no limit).
+    max_command_size: i32,
 }
 
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 impl BatchReader<'_> {
-    /// The next rows of the partition with `id >= from`, at most the limit.
-    fn read(&self, spi: &SpiClient<'_>, from: i64) -> Result<Batch, pgrx::spi::Error> {
-        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
+    /// The next rows of the partition with `id >= from`, at most the limit and, past the first
+    /// row, at most `budget` bytes of payload text.
+    fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, pgrx::spi::Error> {
+        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into(), budget.max(1).into()];
+        let mut candidates = 0i64;
         let rows = as_owner_of(self.owner, self.table_oid, || spi.select(&self.statements.select, None, &args))?
             .map(|row| -> Result<Row, pgrx::spi::Error> {
+                candidates = row.get::<i64>(7)?.unwrap_or(0);
                 Ok(Row {
                     id: row.get::<i64>(1)?.unwrap_or(0),
                     ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
@@ -761,7 +922,8 @@ impl BatchReader<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut batch = Batch {
-            full: rows.len() as i64 >= i64::from(self.limit),
+            // The limit was reached, or the budget left rows behind: there may be more.
+            full: candidates >= i64::from(self.limit) || (rows.len() as i64) < candidates,
             outcomes: Vec::with_capacity(rows.len()),
             sendable: Vec::with_capacity(rows.len()),
             commands: Vec::with_capacity(rows.len()),
@@ -771,6 +933,16 @@ impl BatchReader<'_> {
         for (i, row) in batch.rows.iter().enumerate() {
             if let Some(outcome) = self.settled.get(&(row.id, row.created_at)) {
                 batch.outcomes.push(Some(outcome.clone()));
+                continue;
+            }
+            // The SQL API refuses such commands at call time; a plain INSERT is caught here.
+            if self.max_command_size > 0 && row.payload.len() > self.max_command_size as usize {
+                let failure = Failure::malformed(format!(
+                    "payload of {} bytes exceeds centrifugo.max_command_size ({} bytes)",
+                    row.payload.len(),
+                    self.max_command_size
+                ));
+                batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
                 continue;
             }
             match prepare_text(&row.method, &row.payload, || self.keys.key(row.id, row.created_at)) {
@@ -791,6 +963,8 @@ impl BatchReader<'_> {
 struct DeadLetterTarget<'a> {
     dead_letters: &'a str,
     oid: pg_sys::Oid,
+    /// The outbox's payload column is jsonb: its text always goes back into jsonb.
+    payload_is_jsonb: bool,
     consumer: &'a str,
     partition: i32,
 }
@@ -859,6 +1033,20 @@ fn relation_named(schema: &str, name: &str) -> Option<i64> {
     (oid != pg_sys::Oid::INVALID).then(|| u32::from(oid) as i64)
 }
 
+/// The owner of relation `oid` as the catalog caches see it now.
+fn relation_owner(oid: i64) -> Option<pg_sys::Oid> {
+    // SAFETY: a syscache lookup by oid; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(oid as u32));
+        if tuple.is_null() {
+            return None;
+        }
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(owner)
+    }
+}
+
 /// Runs `body` as the outbox's owner (see `xact::as_owner`), its statements held to the table
 /// checked (see `pinned`).
 fn as_owner_of<R>(owner: pg_sys::Oid, table_oid: i64, body: impl FnOnce() -> R) -> R {
@@ -886,8 +1074,8 @@ struct DeadRow<'a> {
     created_at: i64,
 }
 
-fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), pgrx::spi::Error> {
-    let DeadLetterTarget { dead_letters, oid, consumer, partition } = *target;
+fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), DbError> {
+    let DeadLetterTarget { dead_letters, oid, consumer, partition, payload_is_jsonb } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
         row.payload.to_owned()
@@ -895,25 +1083,39 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
         serde_json::Value::String(row.payload.to_owned()).to_string()
     };
     let marker = crate::pinned::MARKER;
-    crate::pinned::pinned(&[oid], || spi.update(
-        &format!(
-            "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at)
-             VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10)"
-        ),
-        None,
-        &[
+    let insert = format!(
+        "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at, raw_value)
+         VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10, $11)"
+    );
+    let args = |payload: String, raw: Option<Vec<u8>>| -> Vec<pgrx::datum::DatumWithOid<'static>> {
+        vec![
             row.outbox_id.into(),
-            row.method.into(),
-            payload_json.into(),
+            row.method.to_owned().into(),
+            payload.into(),
             partition.into(),
             row.failure.kind.as_str().into(),
             row.failure.code.map(|c| c as i32).into(),
             scrub(&row.failure.message, &[&gucs::api_key()]).into(),
             (row.attempts as i32).into(),
-            consumer.into(),
+            consumer.to_owned().into(),
             TimestampWithTimeZone::try_from(row.created_at - PG_EPOCH_UNIX_MICROS).ok().into(),
-        ],
-    ))?;
+            raw.into(),
+        ]
+    };
+    // The outbox's payload is jsonb, so this holds: a table of one's own may have json or text
+    // with what jsonb refuses (`\u0000`, huge numbers). Then the bytes go to raw_value.
+    if payload_is_jsonb {
+        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)))?;
+        return Ok(());
+    }
+    let exact = xact::subtransaction(|| crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)).map(|_| ())));
+    match exact {
+        Ok(result) => result?,
+        Err(e) if xact::refused_as_jsonb(&e) => {
+            crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args("null".to_owned(), Some(row.payload.as_bytes().to_vec()))))?;
+        }
+        Err(e) => return Err(e),
+    }
     Ok(())
 }
 

@@ -42,6 +42,12 @@ impl From<pgrx::spi::Error> for DbError {
     }
 }
 
+/// Whether `error` is jsonb refusing its input (a data exception: `\u0000`, a lone surrogate,
+/// a number out of range; or nesting too deep), as opposed to a failure of the database.
+pub fn refused_as_jsonb(error: &DbError) -> bool {
+    error.sqlstate.starts_with("22") || error.sqlstate == "54001"
+}
+
 /// PostgreSQL packs a SQLSTATE into an int six bits per character (MAKE_SQLSTATE).
 fn unpack_sqlstate(code: i32) -> String {
     (0..5).map(|i| (((code >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
@@ -109,16 +115,55 @@ pub fn subtransaction<R>(body: impl FnOnce() -> R) -> Result<R, DbError> {
 /// VACUUM, ANALYZE and index builds for a table's owner: triggers, rules, policies and index
 /// functions on the owner's table run with the owner's rights, never the worker's, and cannot
 /// change the session (SET ROLE, temporary objects, deferred triggers are refused).
+///
+/// Settings the owner's code changes (`set_config`, `SET LOCAL`) are undone when `body` ends,
+/// as PostgreSQL does around those operations. While `body` runs, a SIGTERM cancels it (see
+/// [`on_sigterm`]): an owner's trigger that never returns cannot keep the worker from stopping.
 pub fn as_owner<R>(owner: pg_sys::Oid, body: impl FnOnce() -> R) -> R {
+    struct Leave;
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            IN_OWNER_CODE.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
     let (mut user, mut context) = (pg_sys::Oid::INVALID, 0);
-    // SAFETY: plain reads and writes of the backend's current user; an ERROR inside `body`
-    // aborts the (sub)transaction, which restores the user and context it started with.
-    unsafe {
+    // SAFETY: plain reads and writes of the backend's current user and GUC nesting; an ERROR
+    // inside `body` aborts the (sub)transaction, which restores the user, the context and the
+    // settings it started with.
+    let nest_level = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
-    }
+        pg_sys::NewGUCNestLevel()
+    };
+    IN_OWNER_CODE.store(true, std::sync::atomic::Ordering::SeqCst);
+    let leave = Leave;
     let result = body();
+    drop(leave);
     // SAFETY: as above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, nest_level);
+        pg_sys::SetUserIdAndSecContext(user, context);
+    }
     result
+}
+
+/// Set while a table owner's code may run (inside [`as_owner`]).
+static IN_OWNER_CODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The partition workers' SIGTERM handler: ask the worker to stop after its round (as pgrx's
+/// handler does), and if an owner's code is running, cancel it like a query cancel would, so
+/// the round ends with an ERROR (rolled back) instead of waiting for that code.
+pub unsafe extern "C-unwind" fn on_sigterm(_signal: std::ffi::c_int) {
+    // SAFETY: async-signal-safe writes of flags PostgreSQL's own handlers write, and SetLatch,
+    // which is safe in a signal handler; errno is kept for the interrupted code.
+    unsafe {
+        let saved_errno = *libc::__errno_location();
+        pg_sys::ShutdownRequestPending = 1;
+        if IN_OWNER_CODE.load(std::sync::atomic::Ordering::SeqCst) {
+            pg_sys::QueryCancelPending = 1;
+            pg_sys::InterruptPending = 1;
+        }
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = saved_errno;
+    }
 }

@@ -137,3 +137,161 @@ def test_a_worker_that_cannot_connect_is_never_shown_with_a_dead_pid(make_cluste
             assert process_alive(pid), f"a dead process shown as {state}: {pid}"
         assert state not in ("idle", "sending"), state
         time.sleep(0.25)
+
+
+def test_a_partition_another_session_holds_shows_locked_and_by_whom(outbox, centrifugo):
+    pg = outbox()
+    channel = f"chat:lock{uid()}"
+    with pg.connect() as holder:
+        pid = holder.execute("SELECT pg_backend_pid()").fetchone()[0]
+        holder.execute("SELECT pg_advisory_lock(hashtext('centrifugo_partition_lock_centrifugo_outbox0'))")
+        pg.sql("SELECT centrifugo_publish(%s, '1')", (channel,))
+        wait_until(lambda: pg.scalar("SELECT state FROM centrifugo_outbox_status") == "locked", 10, what="the locked state")
+        assert f"pid {pid}" in pg.scalar("SELECT last_error FROM centrifugo_outbox_status")
+        assert f"partition lock held by the session with pid {pid}" in pg.log()
+        assert centrifugo.history(channel) == []
+    wait_until(lambda: centrifugo.history(channel) == [1], 10, what="delivery once the lock is released")
+    wait_until(lambda: pg.scalar("SELECT state FROM centrifugo_outbox_status") == "idle", 10, what="the idle state")
+
+
+# -- Settings that would strand committed rows ---------------------------------------------------
+
+def status_rows(pg):
+    return pg.sql("SELECT consumer, partition, state, backlog, last_error FROM centrifugo_outbox_status ORDER BY consumer, partition")
+
+
+def test_rows_left_in_partitions_beyond_a_lowered_num_partitions_are_reported(make_cluster):
+    pg = make_cluster(delivery_settings("http://127.0.0.1:9/api", "k", num_partitions=4, retry_backoff_max=200))
+    pg.sql("INSERT INTO centrifugo_outbox (method, payload, partition) "
+           "SELECT 'publish', '{\"channel\": \"c\", \"data\": 1}', p FROM generate_series(0, 3) p, generate_series(1, 3)")
+    pg.set(**{"centrifugo.num_partitions": 2})
+    pg.restart()
+    stranded = [r for r in status_rows(pg) if r[2] == "stranded"]
+    assert [(r[1], r[3]) for r in stranded] == [(2, 3), (3, 3)]
+    assert all("num_partitions = 2" in r[4] for r in stranded)
+    wait_until(lambda: "6 row(s) of \"public\".\"centrifugo_outbox\" are in partitions 2..3" in pg.log(), 15,
+               what="the warning at start")
+
+
+def test_more_partitions_than_worker_slots_and_too_few_background_workers_are_reported(make_cluster):
+    consumers = [{"name": "second", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://x@h/postgres", "outbox_table_name": "centrifugo_outbox", "num_partitions": 40}}]
+    pg = make_cluster({**delivery_settings("http://127.0.0.1:9/api", "k", num_partitions=100, consumers=json.dumps(consumers)),
+                       "max_worker_processes": 8})
+    log = pg.log()
+    assert "140 outbox partitions are configured in total, and at most 128 have a worker" in log
+    assert "needs 128 background workers and max_worker_processes is 8" in log
+    time.sleep(10)
+    rows = status_rows(pg)
+    assert [r[1] for r in rows if r[2] == "no worker"] == list(range(28, 40)), "second's last 12 partitions"
+    assert any(r[0] == "(settings)" and "at most 128 have a worker" in r[4] for r in rows)
+    not_started = [r for r in rows if r[2] == "not started"]
+    assert len(not_started) >= 100 and "max_worker_processes is 8" in not_started[0][4]
+
+
+def test_invalid_consumers_json_is_reported_and_the_default_consumer_runs(make_cluster, centrifugo):
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, consumers='[{"name": "x", "type": "postgresql"'))
+    wait_for_workers(pg)
+    assert any(r[0] == "(settings)" and "centrifugo.consumers is invalid" in r[4] for r in status_rows(pg))
+    assert "centrifugo.consumers is invalid" in pg.log()
+    channel = f"chat:inv{uid()}"
+    pg.sql("SELECT centrifugo_publish(%s, '1')", (channel,))
+    wait_until(lambda: centrifugo.history(channel) == [1], 10, what="the default consumer to deliver")
+
+
+def test_consumer_name_reloaded_to_an_entrys_name_changes_no_slot(make_cluster, centrifugo):
+    consumers = [{"name": "second", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://x@h/postgres", "outbox_table_name": "second_outbox", "num_partitions": 2}}]
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, consumers=json.dumps(consumers)))
+    pg.sql("CREATE TABLE second_outbox (LIKE centrifugo_outbox INCLUDING ALL)")
+    wait_for_workers(pg)
+    pg.set(**{"centrifugo.consumer_name": "second"})
+    pg.reload()
+    time.sleep(0.5)
+    pg.sql("SELECT centrifugo_restart_workers()")
+    time.sleep(2)
+    wait_for_workers(pg)
+    assert [r[0] for r in status_rows(pg)] == ["centrifugo_outbox", "second", "second"], "the default keeps its name"
+    channel = f"chat:ren{uid()}"
+    pg.sql("SELECT centrifugo_publish(%s, '1')", (channel,))
+    wait_until(lambda: centrifugo.history(channel) == [1], 10, what="delivery after the reload")
+    assert "panicked" not in pg.log()
+
+
+# -- Bounded memory ------------------------------------------------------------------------------
+
+def rss_anon_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_backlog_of_large_rows_drains_with_bounded_worker_memory(make_cluster):
+    # 400 rows of 512 KiB (200 MiB of payload text) behind a limit of 10 000 rows per batch: only
+    # the byte budget (4 MiB by default, the batch read ahead included) keeps the worker small.
+    double = executing_double(lambda m, p: False, times=0)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=10000, max_command_size=0))
+        wait_for_workers(pg)
+        pid = partition_worker_pid(pg)
+        baseline = rss_anon_kib(pid)
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
+               "jsonb_build_object('channel', 'big', 'data', repeat(chr(65 + g % 26), 512 * 1024)) FROM generate_series(1, 400) g")
+        peak = baseline
+        deadline = time.monotonic() + 120
+        while pg.scalar("SELECT count(*) FROM centrifugo_outbox") > 0:
+            peak = max(peak, rss_anon_kib(pid))
+            assert time.monotonic() < deadline, "the backlog drained"
+            time.sleep(0.02)
+        assert len(double.executed) == 400
+        growth_mib = (peak - baseline) / 1024
+        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
+        assert growth_mib < 48, f"the worker grew by {growth_mib:.1f} MiB"
+    finally:
+        double.stop()
+
+
+# -- Found by the review of this change ------------------------------------------------------------
+
+def test_a_partitioned_outbox_is_refused_and_loses_no_row(make_cluster):
+    # Rows are deleted by ctid, which is unique only within one table: delivering p0's row at
+    # (0,1) must not delete p1's row at (0,1).
+    double = executing_double(lambda m, p: False, times=0)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", outbox_table_name="parted", num_partitions=2))
+        pg.sql("""CREATE TABLE parted (id bigserial, method text NOT NULL, payload jsonb NOT NULL,
+                                       partition integer NOT NULL DEFAULT 0, created_at timestamptz NOT NULL DEFAULT now(),
+                                       PRIMARY KEY (partition, id)) PARTITION BY LIST (partition);
+                  CREATE TABLE parted_0 PARTITION OF parted FOR VALUES IN (0);
+                  CREATE TABLE parted_1 PARTITION OF parted FOR VALUES IN (1);
+                  INSERT INTO parted (method, payload, partition) VALUES
+                      ('publish', '{"channel": "c", "data": 0}', 0), ('publish', '{"channel": "c", "data": 1}', 1)""")
+        wait_until(lambda: all("is partitioned, which is not supported" in (e or "")
+                               for e in [r[0] for r in pg.sql("SELECT last_error FROM centrifugo_outbox_status WHERE partition IS NOT NULL")]),
+                   15, what="the status to say why")
+        assert pg.scalar("SELECT count(*) FROM parted") == 2
+        assert double.executed == []
+    finally:
+        double.stop()
+
+
+def test_a_restart_cancels_an_owners_trigger_that_never_returns(make_cluster, centrifugo):
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key))
+    wait_for_workers(pg)
+    pg.sql("""CREATE FUNCTION public.hang() RETURNS trigger LANGUAGE plpgsql AS $$
+              BEGIN IF EXISTS (SELECT FROM public.hold) THEN PERFORM pg_catalog.pg_sleep(3600); END IF; RETURN OLD; END $$;
+              CREATE TABLE public.hold (); INSERT INTO public.hold DEFAULT VALUES;
+              CREATE TRIGGER hang BEFORE DELETE ON centrifugo_outbox FOR EACH ROW EXECUTE FUNCTION public.hang()""")
+    channel = f"chat:hang{uid()}"
+    pg.sql("SELECT centrifugo_publish(%s, '1')", (channel,))
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+                                 "AND backend_type = 'centrifugo_outbox partition 0'") == 1, 10, what="the worker to hang")
+    stuck = partition_worker_pid(pg)
+    pg.sql("DELETE FROM public.hold")
+    pg.sql("SELECT centrifugo_restart_workers()")
+    wait_until(lambda: partition_worker_pid(pg) not in (None, stuck), 10, what="a new worker")
+    # The round was rolled back, so the row is still there, and it is published once.
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the row to be delivered")
+    assert centrifugo.history(channel) == [1]

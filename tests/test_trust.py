@@ -181,6 +181,28 @@ def test_an_outbox_a_role_without_superuser_owns_is_drained_with_its_owners_righ
     assert centrifugo.history(channel) == [1, 2]
 
 
+def test_an_owners_trigger_keeps_its_own_search_path_and_settings(make_cluster, centrifugo):
+    # Its function's SET clause applies (the worker's pinned path must not override it), and what
+    # it changes with set_config is undone when it returns.
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            outbox_table_name="box.outbox"))
+    as_role(pg, "app_owner", [
+        "CREATE SCHEMA box", f"CREATE TABLE box.outbox {OUTBOX_COLUMNS}", "CREATE TABLE box.audit (id bigint, lock_timeout text)",
+        """CREATE FUNCTION box.audit_delete() RETURNS trigger LANGUAGE plpgsql SET search_path = box AS $$
+           BEGIN INSERT INTO audit VALUES (OLD.id, current_setting('lock_timeout'));   -- unqualified: box.audit
+                 PERFORM set_config('lock_timeout', '1ms', false);
+                 RETURN OLD; END $$""",
+        "CREATE TRIGGER audit BEFORE DELETE ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.audit_delete()",
+    ])
+    channel = f"chat:sp{uid()}"
+    for i in range(3):
+        as_role(pg, "app_owner", f"""INSERT INTO box.outbox (method, payload) VALUES ('publish', '{{"channel": "{channel}", "data": {i}}}')""")
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 0, 15, what="the row to drain")
+    assert centrifugo.history(channel) == [0, 1, 2]
+    assert [r[0] for r in pg.sql("SELECT lock_timeout FROM box.audit ORDER BY id", dbname="app")] == ["10s", "10s", "10s"], \
+        "each trigger saw the worker's own lock_timeout, not the one the previous one set"
+
+
 def test_workers_run_as_the_worker_role_with_the_documented_privileges(make_cluster, centrifugo):
     # The role does not exist yet when the server starts: the workers wait and say so, without a
     # restart and a FATAL line every second.

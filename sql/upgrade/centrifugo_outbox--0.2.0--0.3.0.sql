@@ -3,6 +3,17 @@
 -- record's bytes. (Delivery changes, exact payloads and the new idempotency keys are in the
 -- library; nothing to migrate in the rows.)
 
+-- 0.3.0 sends payloads as the database's text: it needs UTF-8, as a fresh install checks.
+DO $$
+BEGIN
+    IF pg_catalog.getdatabaseencoding() OPERATOR(pg_catalog.<>) 'UTF8' THEN
+        RAISE EXCEPTION 'centrifugo_outbox needs a UTF8 database, and this one is %', pg_catalog.getdatabaseencoding()
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Create the database with ENCODING ''UTF8'' (Centrifugo speaks UTF-8 JSON).';
+    END IF;
+END;
+$$;
+
 -- Every function written in Rust runs with search_path pinned, as a fresh 0.3.0 install has it.
 DO $$
 DECLARE
