@@ -133,7 +133,9 @@ def test_a_connection_centrifugo_closed_while_idle_costs_no_retry(outbox, centri
         sub.stop()
 
 
-def test_concurrent_writers_keep_partition_order(outbox, centrifugo):
+def test_concurrent_writers_each_keep_their_own_order_per_partition(outbox, centrifugo):
+    # What this checks: per partition, each writer's commands arrive in the order it wrote them,
+    # all of them, once. The order across writers is checked by the test after this one.
     pg = outbox(num_partitions=4, partition_select_limit=100)
     channels = [f"chat:order{p}-{uid()}" for p in range(4)]
     sub = Subscriber(centrifugo, channels=channels).start()
@@ -182,6 +184,50 @@ def test_concurrent_writers_keep_partition_order(outbox, centrifugo):
         assert sum(r[2] for r in status) < total, "commands should travel in batches"
     finally:
         sub.stop()
+
+
+def test_order_across_writers_is_id_order_of_what_is_committed_when_read(make_cluster):
+    # README, "what in order means": id order among the rows committed when the worker reads; a
+    # row whose transaction commits after a higher id was delivered comes later, never skipped.
+    from harness.fault_double import FaultDouble, ok_replies
+    import json as _json
+    gate = {"open": False}
+    executed = []
+
+    def script(request):
+        if not gate["open"]:
+            return ("reply", 503, b"closed")
+        for c in request["body"]["commands"]:
+            (method, payload), = c.items()
+            executed.append(payload["data"])
+        return ("reply", 200, _json.dumps({"replies": ok_replies(request)}).encode())
+
+    double = FaultDouble().start()
+    double.script = script
+    try:
+        from conftest import delivery_settings, wait_for_workers
+        pg = make_cluster(delivery_settings(double.api_url, "k", retry_backoff_base=10, retry_backoff_max=100))
+        wait_for_workers(pg)
+        # While the worker cannot deliver: "late" takes the lower id but commits after "early".
+        late, early = pg.connect(autocommit=False), pg.connect(autocommit=False)
+        late.execute("SELECT centrifugo_publish('c', '\"late\"')")
+        early.execute("SELECT centrifugo_publish('c', '\"early\"')")
+        early.commit()
+        late.commit()
+        gate["open"] = True
+        wait_until(lambda: executed == ["late", "early"], 10, what="both, in id order")
+        # Now the worker is draining: a transaction that took its id before "next" committed
+        # but commits after "next" was delivered is delivered after it, not skipped.
+        slow = pg.connect(autocommit=False)
+        slow.execute("SELECT centrifugo_publish('c', '\"slow\"')")
+        pg.sql("SELECT centrifugo_publish('c', '\"next\"')")
+        wait_until(lambda: executed[-1:] == ["next"], 10, what="the committed row")
+        slow.commit()
+        wait_until(lambda: executed == ["late", "early", "next", "slow"], 10, what="the late commit")
+        for conn in (late, early, slow):
+            conn.close()
+    finally:
+        double.stop()
 
 
 def test_worker_terminated_comes_back_by_itself(outbox, centrifugo):

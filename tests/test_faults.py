@@ -124,6 +124,18 @@ def test_worker_killed_in_the_middle_of_a_multi_batch_round_loses_nothing(double
     assert [d["i"] for d in centrifugo.history(channel)] == list(range(100)), "no duplicates, no gaps, in order"
 
 
+def executed_by(double):
+    """Makes `double` answer success and record, in order, the commands it ran (data["i"])."""
+    double.executed = []
+
+    def run(request):
+        for c in request["body"]["commands"]:
+            (method, payload), = c.items()
+            double.executed.append(payload["data"]["i"])
+        return ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+    return run
+
+
 def test_postgres_restart_keeps_the_backlog(double_cluster):
     pg, double = double_cluster()
     double.script = lambda r: ("reply", 503, b"unavailable")
@@ -131,8 +143,9 @@ def test_postgres_restart_keeps_the_backlog(double_cluster):
     time.sleep(1)
     assert outbox_count(pg) == 30
     pg.restart()
-    double.script = lambda r: ("reply", 200, json.dumps({"replies": ok_replies(r)}).encode())
+    double.script = executed_by(double)
     wait_until(lambda: outbox_count(pg) == 0, 20, what="delivery after the restart")
+    assert double.executed == list(range(30)), "each command ran once, in order"
     assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
 
 
@@ -140,12 +153,19 @@ def test_postgres_restart_keeps_the_backlog(double_cluster):
 def test_temporary_faults_are_retried_in_order(double_cluster, fault):
     pg, double = double_cluster(partition_select_limit=5)
     failures = {"left": 3}
+    # What the double ran, in order, as Centrifugo would: every command of a batch it answers,
+    # except one it fails with code 100 (a slow reply ran too: the worker just stopped waiting).
+    executed = []
+
+    def run(cmds, failed=None):
+        executed.extend(c["publish"]["data"]["i"] for c in cmds if c["publish"]["data"]["i"] != failed)
 
     def script(request):
         cmds = request["body"]["commands"]
         if failures["left"] > 0 and any(c["publish"]["data"]["i"] == 7 for c in cmds):
             failures["left"] -= 1
             if fault == "code100":
+                run(cmds, failed=7)
                 replies = ok_replies(request)
                 k = [c["publish"]["data"]["i"] for c in cmds].index(7)
                 replies[k] = {"error": {"code": 100, "message": "internal server error"}}
@@ -153,8 +173,10 @@ def test_temporary_faults_are_retried_in_order(double_cluster, fault):
             if fault == "http500":
                 return ("reply", 500, b"internal")
             if fault == "slow":
+                run(cmds)
                 return ("delay", 1.5, ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode()))
             return ("reset",)
+        run(cmds)
         return ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
 
     double.script = script
@@ -172,6 +194,14 @@ def test_temporary_faults_are_retried_in_order(double_cluster, fault):
     # prefetched batch must be dropped: the resend starts at 7.
     first_resend_of_7 = seen.index(7, seen.index(7) + 1)
     assert max(seen[:first_resend_of_7]) <= 9, seen
+    # The effects: everything ran; nothing ran twice except what a timed-out (slow) batch ran
+    # before the worker gave up on its reply, and the retried 7 ran after the rest of its batch.
+    assert sorted(set(executed)) == list(range(20))
+    if fault == "slow":
+        assert all(executed.count(i) <= 4 for i in range(20))
+    else:
+        assert len(executed) == 20, f"each command ran once: {executed}"
+        assert executed.index(7) < executed.index(10) if fault != "code100" else executed.index(7) > executed.index(9)
     assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
     assert pg.scalar("SELECT retries FROM centrifugo_worker_status() WHERE partition = 0") >= 3
 
