@@ -151,6 +151,16 @@ impl Slot {
     }
 }
 
+const TOPIC_BYTES: usize = 256;
+
+/// `topic` as stored in a slot (cut to the slot's size, NUL-padded).
+fn stored_topic(topic: &str) -> [u8; TOPIC_BYTES] {
+    let mut stored = [0; TOPIC_BYTES];
+    let n = topic.len().min(TOPIC_BYTES);
+    stored[..n].copy_from_slice(&topic.as_bytes()[..n]);
+    stored
+}
+
 /// One Kafka partition a bridge worker consumes (or consumed).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -158,7 +168,8 @@ pub struct KafkaSlot {
     pub used: bool,
     pub pid: i32,
     pub consumer: u16,
-    topic: [u8; 128],
+    /// Kafka allows topic names of up to 249 ASCII characters: every valid one fits.
+    topic: [u8; TOPIC_BYTES],
     pub partition: i32,
     /// Next offset to read, as committed by the bridge (-1: nothing committed yet).
     pub committed: i64,
@@ -176,7 +187,7 @@ impl Default for KafkaSlot {
             used: false,
             pid: 0,
             consumer: 0,
-            topic: [0; 128],
+            topic: [0; TOPIC_BYTES],
             partition: 0,
             committed: -1,
             high_watermark: -1,
@@ -243,10 +254,12 @@ pub static KAFKA_SLOTS: PgLwLock<KafkaSlots> = unsafe { PgLwLock::new(c"centrifu
 /// partition not seen before (when all are taken, the partition is not reported).
 pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl FnOnce(&mut KafkaSlot)) {
     let mut slots = KAFKA_SLOTS.exclusive();
+    // Compared as stored, so that a name cut to fit still finds its slot (never a new one each time).
+    let stored = stored_topic(topic);
     let found = slots
         .slots
         .iter()
-        .position(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic() == topic);
+        .position(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == stored);
     let index = match found.or_else(|| slots.slots.iter().position(|s| !s.used)) {
         Some(i) => i,
         None => return,
@@ -257,9 +270,7 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
         slot.used = true;
         slot.consumer = consumer as u16;
         slot.partition = partition;
-        let bytes = topic.as_bytes();
-        let n = bytes.len().min(slot.topic.len());
-        slot.topic[..n].copy_from_slice(&bytes[..n]);
+        slot.topic = stored;
     }
     update(slot);
 }

@@ -327,6 +327,11 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
             break;
         }
         next = worker.step();
+        // A background worker's table statistics reach the cumulative stats only when it says
+        // so (client backends do it when idle): without this, autovacuum would never learn of
+        // the outbox rows the workers delete. At most once a second, between transactions.
+        // SAFETY: called outside any transaction.
+        unsafe { pg_sys::pgstat_report_stat(false) };
     }
     shmem::detach_worker(slot);
     // Exit code 1 makes the postmaster start the worker again after the restart interval, so a

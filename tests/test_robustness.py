@@ -295,3 +295,15 @@ def test_a_restart_cancels_an_owners_trigger_that_never_returns(make_cluster, ce
     # The round was rolled back, so the row is still there, and it is published once.
     wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the row to be delivered")
     assert centrifugo.history(channel) == [1]
+
+
+def test_a_long_kafka_topic_name_keeps_one_status_row(make_cluster, centrifugo, kafka):
+    topic = "t" + uid() + "x" * 200   # Kafka allows 249 characters; the status slot held 128
+    kafka.create_topic(topic, partitions=1)
+    channel = f"chat:long{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic])
+    produce(kafka, topic, [(command(channel, i), None, None) for i in range(5)])
+    wait_until(lambda: centrifugo.history(channel) == list(range(5)), 40, what="delivery from the long topic")
+    time.sleep(2.5)  # status updates every second
+    rows = pg.sql("SELECT topic, delivered FROM centrifugo_kafka_status")
+    assert rows == [(topic, 5)], rows

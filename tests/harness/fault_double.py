@@ -27,6 +27,7 @@ class FaultDouble:
         self.api_key = api_key
         self.port = free_port()
         self.requests = []
+        self.keep_requests = True
         self.lock = threading.Lock()
         self.script = lambda request: ("forward",)
         double = self
@@ -46,7 +47,8 @@ class FaultDouble:
                     body = None
                 request = {"path": self.path, "body": body, "raw": raw, "key": self.headers.get("X-API-Key")}
                 with double.lock:
-                    double.requests.append(request)
+                    if double.keep_requests:
+                        double.requests.append(request)
                     action = double.script(request)
                 double._act(self, action, request)
 
@@ -98,6 +100,10 @@ class FaultDouble:
             return
         if kind == "forward":
             status, body = self._forward(request)
+        elif kind == "observe":
+            # Forward, then show the reply to `action[1](request, status, body)`.
+            status, body = self._forward(request)
+            action[1](request, status, body)
         elif kind == "hold":
             status, body = self._forward(request)
             time.sleep(action[1])
