@@ -324,7 +324,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let wanted = gucs::client_config();
         if client.as_ref().is_none_or(|c| *c.config() != wanted) {
             client = match CentrifugoClient::new(wanted) {
-                Ok(c) => Some(c),
+                Ok(c) => Some(c.with_stop_check(shutdown_requested)),
                 Err(e) => {
                     warn("client", format!("cannot reach Centrifugo: {e}"));
                     None

@@ -511,7 +511,9 @@ impl Worker {
             return;
         }
         match CentrifugoClient::new(config) {
+            // A SIGTERM ends a wait for Centrifugo's reply (the batch is resent by the next start).
             Ok(client) => {
+                let client = client.with_stop_check(shutdown_requested);
                 self.client = Some(client);
                 self.client_error = None;
             }

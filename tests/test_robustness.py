@@ -307,3 +307,31 @@ def test_a_long_kafka_topic_name_keeps_one_status_row(make_cluster, centrifugo, 
     time.sleep(2.5)  # status updates every second
     rows = pg.sql("SELECT topic, delivered FROM centrifugo_kafka_status")
     assert rows == [(topic, 5)], rows
+
+
+def test_a_restart_does_not_wait_for_a_slow_centrifugo(make_cluster):
+    from harness.fault_double import FaultDouble, ok_replies
+    double = FaultDouble().start()
+    first = {"held": False}
+
+    def script(request):
+        reply = ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+        if not first["held"]:
+            first["held"] = True
+            return ("delay", 30, reply)
+        return reply
+
+    double.script = script
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", http_timeout=60000))
+        wait_for_workers(pg)
+        pg.sql("SELECT centrifugo_publish('c', '1')")
+        wait_until(lambda: first["held"], 10, what="the request Centrifugo sits on")
+        stuck = partition_worker_pid(pg)
+        started = time.monotonic()
+        pg.sql("SELECT centrifugo_restart_workers()")
+        wait_until(lambda: not process_alive(stuck), 5, interval=0.05, what="the worker to stop")
+        assert time.monotonic() - started < 2, "it stopped waiting for the reply"
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the resend by the next worker")
+    finally:
+        double.stop()

@@ -35,7 +35,15 @@ pub struct CentrifugoClient {
     http: reqwest::Client,
     runtime: Runtime,
     batch_url: String,
+    /// Asked every [`STOP_POLL`] while a reply is awaited: true means the worker must stop.
+    stop_requested: fn() -> bool,
 }
+
+/// How often a wait for a reply checks whether the worker must stop.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// What a reply not awaited because the worker stops becomes: nothing is known to have run.
+pub const STOPPING: &str = "not awaited: the worker is stopping";
 
 /// A batch request on the wire. Dropping it without waiting cancels the request.
 pub struct InFlight<'c> {
@@ -44,12 +52,28 @@ pub struct InFlight<'c> {
 }
 
 impl InFlight<'_> {
-    /// Blocks until Centrifugo answers (or the request times out / fails).
+    /// Blocks until Centrifugo answers (or the request times out / fails), or until the
+    /// worker must stop: then the request is abandoned and reported as a transport failure.
     pub fn wait(mut self) -> Response {
-        let task = self.task.take().expect("waited once");
-        match self.client.runtime.block_on(task) {
-            Ok(response) => response,
-            Err(e) => Response::Transport(format!("request task failed: {e}")),
+        let mut task = self.task.take().expect("waited once");
+        let stop_requested = self.client.stop_requested;
+        let done = self.client.runtime.block_on(async {
+            loop {
+                if let Ok(result) = tokio::time::timeout(STOP_POLL, &mut task).await {
+                    return Some(result);
+                }
+                if stop_requested() {
+                    return None;
+                }
+            }
+        });
+        match done {
+            Some(Ok(response)) => response,
+            Some(Err(e)) => Response::Transport(format!("request task failed: {e}")),
+            None => {
+                task.abort();
+                Response::Transport(STOPPING.into())
+            }
         }
     }
 }
@@ -100,8 +124,14 @@ impl CentrifugoClient {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the HTTP client's runtime: {e}"))?;
-        let batch_url = format!("{}/batch", config.api_url.trim_end_matches('/'));
-        Ok(CentrifugoClient { config, http, runtime, batch_url })
+        let batch_url = crate::settings::batch_url(&config.api_url);
+        Ok(CentrifugoClient { config, http, runtime, batch_url, stop_requested: || false })
+    }
+
+    /// Makes waits for replies give up when `stop_requested` says so (a worker's SIGTERM).
+    pub fn with_stop_check(mut self, stop_requested: fn() -> bool) -> Self {
+        self.stop_requested = stop_requested;
+        self
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -158,16 +188,24 @@ impl CentrifugoClient {
 
     /// Waits for the batch `pending` of `commands` and returns one outcome per command. When
     /// Centrifugo refuses the request as a whole, resends them one per batch, in order, stopping
-    /// at the first temporary failure (the rest then count as retries too). Adds the requests
-    /// made to `batches`.
+    /// at the first temporary failure (the rest then count as retries too), and also once the
+    /// resends took as long as one request may (`timeout`) or the worker must stop: the rest are
+    /// then retries, sent by the next round, so a round never holds its transaction for
+    /// `commands × timeout`. Adds the requests made to `batches`.
     pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
         match classify_batch(&pending.wait(), commands) {
             BatchVerdict::PerCommand(outcomes) => outcomes,
             BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
             BatchVerdict::SplitAndResend(_) => {
+                let started = std::time::Instant::now();
                 let mut outcomes = Vec::with_capacity(commands.len());
                 for (i, command) in commands.iter().enumerate() {
+                    if i > 0 && (started.elapsed() >= self.config.timeout || (self.stop_requested)()) {
+                        let later = crate::dispatch::Failure::http(None, "not sent yet: the batch is resent one command at a time, the rest next round");
+                        outcomes.extend(std::iter::repeat_n(Outcome::Retry(later), commands.len() - i));
+                        break;
+                    }
                     let outcome = self.send(std::slice::from_ref(command), batches).pop().expect("one outcome per command");
                     let stop = matches!(outcome, Outcome::Retry(_));
                     outcomes.push(outcome.clone());
@@ -310,6 +348,57 @@ mod tests {
         assert_eq!(outcomes[2], Outcome::Delivered);
         assert_eq!(batches, 4);
         assert_eq!(handle.join().unwrap(), vec![3, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_wait_gives_up_when_the_worker_must_stop() {
+        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        // Accepts the connection and never answers, within a request timeout of a minute.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = config(format!("http://{}/api", silent.local_addr().unwrap()));
+        c.timeout = Duration::from_secs(60);
+        let client = CentrifugoClient::new(c).unwrap().with_stop_check(|| STOP.load(std::sync::atomic::Ordering::SeqCst));
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
+        let pending = client.start_batch(std::slice::from_ref(&cmd));
+        let stopper = std::thread::spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let started = std::time::Instant::now();
+        let response = pending.wait();
+        stopper.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(matches!(&response, Response::Transport(m) if m == STOPPING), "{response:?}");
+        assert!(matches!(classify_batch(&response, &[cmd]), BatchVerdict::RetryAll(_)));
+    }
+
+    #[test]
+    fn resending_one_by_one_stops_after_one_request_timeout() {
+        // Refuses the batch (400), then answers each single command slowly.
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
+        std::thread::spawn(move || {
+            let mut first = true;
+            while let Ok(req) = server.recv() {
+                if first {
+                    first = false;
+                    req.respond(tiny_http::Response::from_string("Bad Request").with_status_code(400)).unwrap();
+                } else {
+                    std::thread::sleep(Duration::from_millis(200));
+                    req.respond(tiny_http::Response::from_string(r#"{"replies":[{"publish":{}}]}"#)).unwrap();
+                }
+            }
+        });
+        let client = CentrifugoClient::new(config(url)).unwrap(); // timeout 500 ms
+        let cmds: Vec<_> = (0..20)
+            .map(|i| prepare("publish", &json!({"channel": "a", "data": i}).to_string(), || "k".into()).unwrap())
+            .collect();
+        let started = std::time::Instant::now();
+        let outcomes = client.send(&cmds, &mut 0);
+        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+        let delivered = outcomes.iter().take_while(|o| **o == Outcome::Delivered).count();
+        assert!((1..20).contains(&delivered), "{delivered}");
+        assert!(outcomes[delivered..].iter().all(|o| matches!(o, Outcome::Retry(f) if f.message.contains("next round"))));
     }
 
     #[test]
