@@ -335,3 +335,19 @@ def test_a_restart_does_not_wait_for_a_slow_centrifugo(make_cluster):
         wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the resend by the next worker")
     finally:
         double.stop()
+
+
+def test_a_kafka_header_key_that_is_not_utf8_does_not_stop_the_bridge(make_cluster, centrifugo, kafka):
+    from harness.kafka import produce_with_raw_header_keys
+    topic = f"hdr{uid()}"
+    kafka.create_topic(topic, partitions=1)
+    channel = f"chat:hdr{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic])
+    wait_until(lambda: kafka_worker_pid(pg) is not None, 20, what="the bridge")
+    bridge = kafka_worker_pid(pg)
+    produce_with_raw_header_keys(kafka.bootstrap, topic, json.dumps(command(channel, 1)).encode(),
+                                 [(b"\xff\xfe-trace", b"x"), (b"ok", b"\x00\x01")])
+    produce(kafka, topic, [(command(channel, 2), None, None)])
+    wait_until(lambda: centrifugo.history(channel) == [1, 2], 40, what="both records delivered")
+    assert kafka_worker_pid(pg) == bridge, "the bridge never restarted"
+    assert "panicked" not in pg.log()

@@ -201,3 +201,53 @@ class KafkaBroker:
 
     def log(self) -> str:
         return read_log(self.logfile)
+
+
+def produce_with_raw_header_keys(bootstrap, topic, value: bytes, headers):
+    """Produces one record whose header keys are arbitrary bytes (confluent-kafka's Python API
+    only takes str keys, encoded as UTF-8), through the librdkafka it bundles, via ctypes.
+    `headers`: [(key bytes without NUL, value bytes)]."""
+    import ctypes
+    import confluent_kafka
+    libs = os.path.join(os.path.dirname(os.path.dirname(confluent_kafka.__file__)), "confluent_kafka.libs")
+    lib = ctypes.CDLL(glob.glob(os.path.join(libs, "librdkafka*.so*"))[0])
+
+    class Mem(ctypes.Structure):
+        _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t)]
+
+    class Header(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_char_p), ("val", ctypes.c_void_p), ("size", ctypes.c_ssize_t)]
+
+    class Value(ctypes.Union):
+        _fields_ = [("cstr", ctypes.c_char_p), ("mem", Mem), ("header", Header), ("pad", ctypes.c_char * 64)]
+
+    class VU(ctypes.Structure):   # rd_kafka_vu_t
+        _fields_ = [("vtype", ctypes.c_int), ("u", Value)]
+
+    TOPIC, VALUE, HEADER = 1, 4, 9   # rd_kafka_vtype_t
+    lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+    lib.rd_kafka_conf_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_new.restype = ctypes.c_void_p
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_produceva.restype = ctypes.c_void_p
+    lib.rd_kafka_produceva.argtypes = [ctypes.c_void_p, ctypes.POINTER(VU), ctypes.c_size_t]
+    lib.rd_kafka_flush.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.rd_kafka_flush.restype = ctypes.c_int
+    lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    errstr = ctypes.create_string_buffer(512)
+    conf = lib.rd_kafka_conf_new()
+    assert lib.rd_kafka_conf_set(conf, b"bootstrap.servers", bootstrap.encode(), errstr, 512) == 0, errstr.value
+    rk = lib.rd_kafka_new(0, conf, errstr, 512)   # RD_KAFKA_PRODUCER
+    assert rk, errstr.value
+    keep = [ctypes.create_string_buffer(value, len(value))]
+    vus = (VU * (2 + len(headers)))()
+    vus[0].vtype, vus[0].u.cstr = TOPIC, topic.encode()
+    vus[1].vtype, vus[1].u.mem = VALUE, Mem(ctypes.cast(keep[0], ctypes.c_void_p), len(value))
+    for i, (key, val) in enumerate(headers):
+        buf = ctypes.create_string_buffer(val, len(val))
+        keep.append(buf)
+        vus[2 + i].vtype, vus[2 + i].u.header = HEADER, Header(key, ctypes.cast(buf, ctypes.c_void_p), len(val))
+    error = lib.rd_kafka_produceva(rk, vus, len(vus))
+    assert not error, "rd_kafka_produceva failed"
+    assert lib.rd_kafka_flush(rk, 30000) == 0, "the record was not delivered to the broker"
+    lib.rd_kafka_destroy(rk)
