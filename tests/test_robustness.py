@@ -351,3 +351,15 @@ def test_a_kafka_header_key_that_is_not_utf8_does_not_stop_the_bridge(make_clust
     wait_until(lambda: centrifugo.history(channel) == [1, 2], 40, what="both records delivered")
     assert kafka_worker_pid(pg) == bridge, "the bridge never restarted"
     assert "panicked" not in pg.log()
+
+
+def test_a_row_over_max_command_size_written_by_a_plain_insert_is_a_dead_letter(outbox, centrifugo):
+    pg = outbox(max_command_size=65536)
+    channel = f"chat:size{uid()}"
+    pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES "
+           "('publish', jsonb_build_object('channel', %s::text, 'data', repeat('x', 100000))), "
+           "('publish', jsonb_build_object('channel', %s::text, 'data', 'small'))", (channel, channel))
+    wait_until(lambda: centrifugo.history(channel) == ["small"], 10, what="the small command after the large one")
+    reason = pg.scalar("SELECT error_message FROM centrifugo_dead_letters WHERE error_kind = 'malformed'")
+    assert "exceeds centrifugo.max_command_size (65536 bytes)" in reason
+    assert pg.scalar("SELECT length(payload->>'data') FROM centrifugo_dead_letters") == 100000, "kept whole"
