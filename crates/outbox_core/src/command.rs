@@ -362,7 +362,8 @@ pub fn validate(method: Method, payload: &Map<String, Value>) -> Result<(), Comm
     }
     if matches!(method, Method::Publish | Method::Broadcast) {
         let has_data = payload.get("data").is_some_and(|v| !v.is_null());
-        let has_b64 = payload.get("b64data").is_some_and(|v| v.as_str() != Some(""));
+        // JSON null means "not set" here too: `"b64data": null` beside data is no second data.
+        let has_b64 = payload.get("b64data").is_some_and(|v| !v.is_null() && v.as_str() != Some(""));
         match (has_data, has_b64) {
             (false, false) => {
                 return Err(CommandError::new(
@@ -599,6 +600,14 @@ mod tests {
         parse("refresh", json!({"user": "1", "expired": true})).unwrap();
         // Unknown fields pass through for newer servers.
         parse("publish", json!({"channel": "a", "data": 1, "future_field": 1})).unwrap();
+    }
+
+    /// Found by tests/fuzz.rs: `"b64data": null` counted as base64 data.
+    #[test]
+    fn null_b64data_is_not_set() {
+        parse("publish", json!({"channel": "a", "data": 1, "b64data": null})).unwrap();
+        parse("broadcast", json!({"channels": ["a"], "data": {}, "b64data": null})).unwrap();
+        assert_eq!(err("publish", json!({"channel": "a", "b64data": null})).class, ErrorClass::NullValue);
     }
 }
 

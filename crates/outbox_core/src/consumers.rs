@@ -22,19 +22,70 @@ pub struct OutboxConsumer {
     pub notification_channel: String,
 }
 
-/// The database name of a PostgreSQL DSN: URL form (`postgresql://u:p@h:5432/db?x=y`) or
-/// key/value form (`host=h dbname=db`).
+/// The database name of a PostgreSQL DSN: URL form (`postgresql://u:p@h:5432/db?x=y`, the name
+/// percent-encoded) or key/value form (`host=h dbname=db`, read as libpq and pgx read it).
 pub fn dsn_database(dsn: &str) -> Option<String> {
-    let dsn = dsn.trim();
+    // ASCII whitespace only, as libpq: a name may end in any other char.
+    let dsn = dsn.trim_matches(|c: char| c.is_ascii_whitespace());
     if let Some(rest) = dsn.strip_prefix("postgresql://").or_else(|| dsn.strip_prefix("postgres://")) {
         let path = rest.split_once('/').map(|(_, p)| p)?;
-        let db = path.split(['?', '#']).next().unwrap_or("");
-        return (!db.is_empty()).then(|| db.to_owned());
+        let db = percent_decode(path.split(['?', '#']).next().unwrap_or(""));
+        return (!db.is_empty()).then_some(db);
     }
-    dsn.split_whitespace()
-        .find_map(|kv| kv.strip_prefix("dbname="))
-        .map(|v| v.trim_matches('\'').to_owned())
-        .filter(|v| !v.is_empty())
+    // The last dbname counts, as in libpq.
+    conninfo_pairs(dsn).into_iter().rev().find(|(key, _)| key == "dbname").map(|(_, value)| value).filter(|v| !v.is_empty())
+}
+
+/// `text` with its `%XX` escapes decoded; as written when an escape is broken or the result is
+/// not UTF-8.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+            let Some(hex) = hex else { return text.to_owned() };
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).expect("hex digits"), 16).expect("two hex digits"));
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| text.to_owned())
+}
+
+/// The `key=value` pairs of a key/value connection string: whitespace allowed around `=`, a
+/// value bare or in single quotes, `\` escaping the next char in both. Stops at the first
+/// malformed pair.
+fn conninfo_pairs(dsn: &str) -> Vec<(String, String)> {
+    let mut pairs = Vec::new();
+    let mut chars = dsn.chars().peekable();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| while chars.next_if(char::is_ascii_whitespace).is_some() {};
+    loop {
+        skip_spaces(&mut chars);
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_ascii_whitespace()) {
+            key.push(c);
+        }
+        skip_spaces(&mut chars);
+        if key.is_empty() || chars.next() != Some('=') {
+            return pairs;
+        }
+        skip_spaces(&mut chars);
+        let quoted = chars.next_if_eq(&'\'').is_some();
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => value.extend(chars.next()),
+                '\'' if quoted => break,
+                c if !quoted && c.is_ascii_whitespace() => break,
+                c => value.push(c),
+            }
+        }
+        pairs.push((key, value));
+    }
 }
 
 fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsumer, String> {
@@ -151,5 +202,18 @@ mod tests {
         assert_eq!(dsn_database("postgres://h/app").as_deref(), Some("app"));
         assert_eq!(dsn_database("host=h dbname=app user=u").as_deref(), Some("app"));
         assert_eq!(dsn_database("postgresql://h:5432"), None);
+    }
+
+    /// Found by tests/fuzz.rs: spaces around `=`, quoted values with spaces or escapes, and
+    /// percent-encoded names were misread (None, a truncated name, or the escapes themselves).
+    #[test]
+    fn dsn_forms_as_libpq_reads_them() {
+        assert_eq!(dsn_database("dbname = app").as_deref(), Some("app"));
+        assert_eq!(dsn_database("host=h dbname='my db' user=u").as_deref(), Some("my db"));
+        assert_eq!(dsn_database(r"dbname='it\'s' port=5432").as_deref(), Some("it's"));
+        assert_eq!(dsn_database("dbname=a dbname=b").as_deref(), Some("b"));
+        assert_eq!(dsn_database("postgresql://h/my%20db%C3%A9?sslmode=disable").as_deref(), Some("my dbé"));
+        assert_eq!(dsn_database("postgres://h/100%"), Some("100%".into()));
+        assert_eq!(dsn_database("dbname="), None);
     }
 }

@@ -100,10 +100,9 @@ pub fn prepare(method: &str, payload: &str, idempotency_key: impl FnOnce() -> St
     let method = Method::parse(method).map_err(|e| Failure::malformed(e.message))?;
     let mut payload = raw_object(payload).map_err(|e| Failure::malformed(e.message))?;
     if needs_key(method) {
-        let has_key = payload
-            .get("idempotency_key")
-            .and_then(|k| serde_json::from_str::<String>(k.get()).ok())
-            .is_some_and(|k| !k.is_empty());
+        // Judged on the text, as prepare_text does: a non-empty JSON string counts even when it
+        // holds a lone surrogate escape, which Rust cannot decode but Go reads as U+FFFD.
+        let has_key = payload.get("idempotency_key").is_some_and(|k| k.get().starts_with('"') && k.get().len() > 2);
         if !has_key {
             let key = RawValue::from_string(Value::String(idempotency_key()).to_string()).expect("a JSON string");
             payload.insert("idempotency_key".into(), key);
@@ -444,6 +443,19 @@ mod tests {
         for (m, text) in [("publish", "[1]"), ("publish", "{bad"), ("publish", r#""{bad""#), ("nope", "{}"), ("publish", "")] {
             assert_eq!(prepare_text(m, text, || "k".into()).unwrap_err().kind, FailureKind::Malformed, "{m} {text}");
         }
+    }
+
+    /// Found by tests/fuzz.rs: `prepare` replaced a key holding a lone surrogate escape (which
+    /// Centrifugo reads as U+FFFD, a non-empty key) where `prepare_text` kept it.
+    #[test]
+    fn a_key_with_a_lone_surrogate_is_kept_on_both_paths() {
+        let text = r#"{"channel": "a", "data": 1, "idempotency_key": "\ud800"}"#;
+        let slow = prepare("publish", text, || "k".into()).unwrap();
+        assert_eq!(slow.payload, r#"{"channel":"a","data":1,"idempotency_key":"\ud800"}"#);
+        let fast = prepare_text("publish", text, || "k".into()).unwrap();
+        assert_eq!(fast.payload, text);
+        // A JSON string holding the object takes the general path: the same key.
+        assert_eq!(prepare_text("publish", &Value::String(text.into()).to_string(), || "k".into()).unwrap(), slow);
     }
 
     #[test]

@@ -298,7 +298,8 @@ pub fn duration_ms(v: Option<&Value>) -> Result<u64, String> {
                 "h" => 3_600_000.0,
                 _ => return Err(format!("bad duration \"{s}\"")),
             };
-            Ok((n * factor) as u64)
+            // Rounded: a decimal like "131072.8s" is a hair below its value in f64.
+            Ok((n * factor).round() as u64)
         }
         Some(other) => Err(format!("bad duration {other}")),
     }
@@ -682,5 +683,8 @@ mod tests {
         assert_eq!(duration_ms(Some(&json!("1.5s"))).unwrap(), 1500);
         assert_eq!(duration_ms(Some(&json!(250))).unwrap(), 250);
         assert!(duration_ms(Some(&json!("soon"))).is_err());
+        // Found by tests/fuzz.rs: 131072.8 * 1000.0 is 131072799.99999999 in f64 (was truncated).
+        assert_eq!(duration_ms(Some(&json!("131072.8s"))).unwrap(), 131_072_800);
+        assert_eq!(duration_ms(Some(&json!("1.005s"))).unwrap(), 1005);
     }
 }

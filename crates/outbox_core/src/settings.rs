@@ -63,10 +63,15 @@ pub fn table_name_parts(name: &str) -> Result<Vec<String>, String> {
             if !valid {
                 return Err(format!("\"{name}\" is not a valid table name"));
             }
-            (ident.to_lowercase(), &rest[end..])
+            // PostgreSQL folds only A-Z in a multibyte encoding such as UTF-8 (downcase_identifier).
+            (ident.to_ascii_lowercase(), &rest[end..])
         };
         if part.is_empty() {
             return Err(format!("\"{name}\" has an empty name part"));
+        }
+        // PostgreSQL identifiers are C strings: a quoted NUL would name no table and break the query text.
+        if part.contains('\0') {
+            return Err(format!("\"{name}\" contains a NUL character"));
         }
         parts.push(part);
         rest = match tail.strip_prefix('.') {
@@ -104,7 +109,15 @@ pub fn validate_api_url(url: &str) -> Result<(), String> {
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("centrifugo.api_url \"{url}\" has no host"));
     }
+    // The URL the client posts to must parse: a host it cannot read ("http://a b/api", an empty
+    // host before a port, a bad IDNA name) must fail the setting, not every request.
+    reqwest::Url::parse(&batch_url(url)).map_err(|e| format!("centrifugo.api_url \"{url}\" is not a valid URL: {e}"))?;
     Ok(())
+}
+
+/// The `/api/batch` endpoint under the API base URL `api_url`.
+pub fn batch_url(api_url: &str) -> String {
+    format!("{}/batch", api_url.trim_end_matches('/'))
 }
 
 /// Centrifugo's rule for consumer names: `^[a-zA-Z0-9_]{2,}$`.
@@ -135,6 +148,18 @@ mod tests {
         assert!(qualified_table_name("a;b", "public").is_err());
     }
 
+    /// Found by tests/fuzz.rs: unquoted parts were folded by Unicode rules (PostgreSQL folds only
+    /// A-Z in UTF-8), and a quoted NUL was taken (no PostgreSQL identifier holds one).
+    #[test]
+    fn table_names_fold_ascii_only_and_refuse_nul() {
+        assert_eq!(table_name_parts("aÀ").unwrap(), vec!["aÀ"]);
+        assert_eq!(quoted_table_name("Schéma.ÄPFEL").unwrap(), "\"schéma\".\"Äpfel\"");
+        assert_eq!(table_name_parts("\u{130}X").unwrap(), vec!["\u{130}x"]);
+        for bad in ["\"\0\"", "s.\"a\0b\""] {
+            assert!(table_name_parts(bad).unwrap_err().contains("NUL"), "{bad:?}");
+        }
+    }
+
     #[test]
     fn size_limit() {
         assert!(check_command_size(10, 10).is_ok());
@@ -148,6 +173,12 @@ mod tests {
         assert!(validate_api_url("https://c.example/api").is_ok());
         assert!(validate_api_url("ftp://x").is_err());
         assert!(validate_api_url("http:///api").is_err());
+        assert!(validate_api_url("http://[::1]:8000/api/").is_ok());
+        // Found by tests/fuzz.rs: hosts the HTTP client cannot read passed (every request then
+        // failed instead of the setting).
+        for bad in ["http://\u{3347a}", "http://&\0", "http://a b/api", "http://:80/api", "https://h:99999/api"] {
+            assert!(validate_api_url(bad).unwrap_err().contains("not a valid URL"), "{bad:?}");
+        }
         assert!(valid_consumer_name("my_consumer1"));
         assert!(!valid_consumer_name("a"));
         assert!(!valid_consumer_name("bad-name"));
