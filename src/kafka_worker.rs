@@ -344,7 +344,15 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
         let mut timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
         for _ in 0..spec.max_poll_records {
-            match consumer.poll(timeout) {
+            let polled = consumer.poll(timeout);
+            // A rebalance inside that poll: drop what was revoked before taking the record, which
+            // may already come from the new assignment.
+            for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
+                queues.remove(&key);
+                consumer.context().done.lock().unwrap().remove(&key);
+                shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+            }
+            match polled {
                 None => break,
                 Some(Err(e)) => {
                     warn("poll", scrubbed(&format!("poll: {e}")));
@@ -426,6 +434,10 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                     match retry {
                         None => {
                             queue.attempts = 0;
+                            queue.retry_at = None;
+                        }
+                        // The rest of a batch resent one by one: dispatched again at once.
+                        Some((failure, _)) if Outcome::Retry(failure.clone()).is_deferred() => {
                             queue.retry_at = None;
                         }
                         Some((failure, method)) => {

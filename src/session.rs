@@ -24,6 +24,8 @@ const PINNED: &[(&CStr, &CStr)] = &[
     (c"default_transaction_deferrable", c"off"),
     (c"session_replication_role", c"origin"),
     (c"lock_timeout", c"10s"),
+    // On, every ERROR a round catches would end the worker instead.
+    (c"exit_on_error", c"off"),
     (c"idle_in_transaction_session_timeout", c"0"),
     // Armed in every backend with a transaction, workers included: a database default would end
     // each round after its request was sent, and the round would be resent forever.

@@ -186,9 +186,10 @@ pub fn register() {
     // SAFETY: a plain read of a postmaster setting during library load.
     let max_workers = unsafe { pg_sys::max_worker_processes };
     let needed = worker_slots().len() + crate::kafka_workers_needed();
-    if needed as i32 > max_workers {
+    // PostgreSQL's logical replication launcher takes a slot before any library's workers.
+    if needed as i32 >= max_workers {
         warning!(
-            "centrifugo_outbox needs {needed} background workers and max_worker_processes is {max_workers}: some partitions will not be drained; raise max_worker_processes (see README, \"Background workers\")"
+            "centrifugo_outbox needs {needed} background workers and max_worker_processes is {max_workers} (the logical replication launcher takes one): some partitions will not be drained; raise max_worker_processes (see README, \"Background workers\")"
         );
     }
     let specs = outbox_specs();
@@ -279,8 +280,11 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     let (consumer, partition) = worker_slots()[slot];
     let spec = outbox_specs()[consumer].clone();
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // SAFETY: replaces the SIGTERM handler just installed with one that also cancels owner code.
+    // SAFETY: replaces the SIGTERM handler just installed with one that also stops owner code.
+    #[cfg(not(feature = "pg18"))]
     unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(xact::on_sigterm)) };
+    #[cfg(feature = "pg18")]
+    unsafe { pg_sys::pqsignal_be(libc::SIGTERM, Some(xact::on_sigterm)) };
     shmem::attach_worker(slot, consumer, partition);
     session::connect_worker(&spec.database(), ConnectSlot::Partition(slot));
 
@@ -402,6 +406,8 @@ impl Worker {
                 shmem::set_state(self.slot, WorkerState::Waiting);
                 Next::Wait
             }
+            // The rest of a batch resent one by one: sent by the next round, at once.
+            Round::Retry { failure, .. } if Outcome::Retry(failure.clone()).is_deferred() => Next::DrainNow,
             Round::Retry { id, method, failure } => {
                 self.failing_row = Some(id);
                 self.attempts += 1;
@@ -463,17 +469,19 @@ impl Worker {
             let schema = table_schema.clone().unwrap_or(schema);
             let Some(oid) = relation_named(&schema, &table_name) else { return Ok(None) };
             let table = format!("{}.{}", quote_ident(&schema), quote_ident(&table_name));
-            let owner = Spi::get_one_with_args::<i64>(
-                "SELECT relowner::pg_catalog.int8 FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1::pg_catalog.int8::pg_catalog.oid",
-                &[oid.into()],
-            )?
-            .unwrap_or(0);
+            // As in a round: lock by oid, then the name must still mean it, then its owner.
+            // SAFETY: a lock taken in the current transaction, released at its end.
+            unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
+            if relation_named(&schema, &table_name) != Some(oid) {
+                return Ok(None);
+            }
+            let Some(owner) = relation_owner(oid) else { return Ok(None) };
             let marker = crate::pinned::MARKER;
             let sql = format!(
                 "{marker}SELECT count(*), min(partition), max(partition) FROM {table}
                  WHERE partition OPERATOR(pg_catalog.<) 0 OR partition OPERATOR(pg_catalog.>=) $1"
             );
-            let counts = as_owner_of(pg_sys::Oid::from(owner as u32), oid, || {
+            let counts = as_owner_of(owner, oid, || {
                 Spi::connect(|c| {
                     let row = c.select(&sql, None, &[num_partitions.into()])?.first();
                     Ok::<_, pgrx::spi::Error>((row.get::<i64>(1)?.unwrap_or(0), row.get::<i32>(2)?, row.get::<i32>(3)?, table.clone()))
@@ -758,8 +766,7 @@ struct Statements {
 struct TableStatements {
     name: String,
     oid: i64,
-    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked,
-    /// `$5` the byte budget.
+    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
     select: OwnedPreparedStatement,
     /// `$1` the ctids of the rows done.
     delete: OwnedPreparedStatement,
@@ -809,25 +816,17 @@ impl Statements {
             let marker = crate::pinned::MARKER;
             // The commit time of each row, for the latency histogram: exact with
             // track_commit_timestamp = on, else created_at (the inserting transaction's start).
-            // At most $3 rows, and past the first one at most $5 bytes of payload text; the 7th
-            // column says how many rows the limit allowed (more than returned: the budget cut).
-            // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
-            // see what a drainer that held the lock before us committed.
+            // Read through a cursor (see `BatchReader::read`): rows past the byte budget are
+            // never converted to text. Prepared as "mutating" so that each read takes a fresh
+            // snapshot: the first one must see what a drainer that held the lock before us committed.
             let select = spi
                 .prepare_mut(
                     &format!(
-                        "{marker}SELECT id, method, body, committed, ctid, created_at, candidates FROM (
-                             SELECT r.*, pg_catalog.sum(pg_catalog.octet_length(r.body)) OVER (ORDER BY r.id ROWS UNBOUNDED PRECEDING) AS upto,
-                                    pg_catalog.count(*) OVER () AS candidates
-                             FROM (SELECT id, method, payload::pg_catalog.text AS body,
-                                          coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at) AS committed,
-                                          ctid, created_at
-                                   FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2
-                                   ORDER BY id LIMIT $3) AS r) AS sized
-                         WHERE upto OPERATOR(pg_catalog.-) pg_catalog.octet_length(body) OPERATOR(pg_catalog.<) $5
-                         ORDER BY id"
+                        "{marker}SELECT id, method, payload::pg_catalog.text,
+                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at
+                         FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
                     ),
-                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID, PgBuiltInOids::INT8OID]),
+                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
                 )?
                 .keep();
             // By ctid, read in this transaction: no index descent per row. A ctid cannot point
@@ -909,44 +908,66 @@ impl BatchReader<'_> {
     /// The next rows of the partition with `id >= from`, at most the limit and, past the first
     /// row, at most `budget` bytes of payload text.
     fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, pgrx::spi::Error> {
-        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into(), budget.max(1).into()];
-        let mut candidates = 0i64;
-        let rows = as_owner_of(self.owner, self.table_oid, || spi.select(&self.statements.select, None, &args))?
-            .map(|row| -> Result<Row, pgrx::spi::Error> {
-                candidates = row.get::<i64>(7)?.unwrap_or(0);
-                Ok(Row {
-                    id: row.get::<i64>(1)?.unwrap_or(0),
-                    ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
-                    method: row.get::<String>(2)?.unwrap_or_default(),
-                    payload: row.get::<String>(3)?.unwrap_or_default(),
-                    committed_at: row
-                        .get::<TimestampWithTimeZone>(4)?
-                        .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
-                    created_at: row
-                        .get::<TimestampWithTimeZone>(6)?
-                        .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
+        // A few rows per fetch: the scan stops at the budget (a row's text is made only when it
+        // is fetched), and the first row always comes, however large.
+        const ROWS_PER_FETCH: libc::c_long = 16;
+        let (rows, over_budget) = as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
+            let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
+            let (mut rows, mut bytes) = (Vec::new(), 0i64);
+            loop {
+                let chunk = cursor.fetch(ROWS_PER_FETCH)?;
+                if chunk.is_empty() {
+                    return Ok((rows, false));
+                }
+                for row in chunk {
+                    let row = Self::row(&row)?;
+                    let size = row.payload.len() as i64;
+                    if !rows.is_empty() && bytes + size > budget {
+                        return Ok((rows, true));
+                    }
+                    bytes += size;
+                    rows.push(row);
+                }
+            }
+        })?;
         let mut batch = Batch {
             // The limit was reached, or the budget left rows behind: there may be more.
-            full: candidates >= i64::from(self.limit) || (rows.len() as i64) < candidates,
+            full: over_budget || rows.len() as i64 >= i64::from(self.limit),
             outcomes: Vec::with_capacity(rows.len()),
             sendable: Vec::with_capacity(rows.len()),
             commands: Vec::with_capacity(rows.len()),
             body: Vec::new(),
             rows,
         };
+        self.prepare(&mut batch);
+        Ok(batch)
+    }
+
+    fn row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Row, pgrx::spi::Error> {
+        Ok(Row {
+            id: row.get::<i64>(1)?.unwrap_or(0),
+            ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
+            method: row.get::<String>(2)?.unwrap_or_default(),
+            payload: row.get::<String>(3)?.unwrap_or_default(),
+            committed_at: row.get::<TimestampWithTimeZone>(4)?.map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+            created_at: row.get::<TimestampWithTimeZone>(6)?.map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+        })
+    }
+
+    /// Prepares the batch's rows: outcomes already known, dead letters found before sending,
+    /// and the request body of the rest.
+    fn prepare(&self, batch: &mut Batch) {
         for (i, row) in batch.rows.iter().enumerate() {
             if let Some(outcome) = self.settled.get(&(row.id, row.created_at)) {
                 batch.outcomes.push(Some(outcome.clone()));
                 continue;
             }
             // The SQL API refuses such commands at call time; a plain INSERT is caught here.
-            if self.max_command_size > 0 && row.payload.len() > self.max_command_size as usize {
+            let size = outbox_core::settings::compact_json_len(&row.payload);
+            if self.max_command_size > 0 && size > self.max_command_size as usize {
                 let failure = Failure::malformed(format!(
-                    "payload of {} bytes exceeds centrifugo.max_command_size ({} bytes)",
-                    row.payload.len(),
+                    "payload of {size} bytes exceeds centrifugo.max_command_size ({} bytes)",
                     self.max_command_size
                 ));
                 batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
@@ -962,7 +983,6 @@ impl BatchReader<'_> {
             }
         }
         batch.body = batch_body(&batch.commands);
-        Ok(batch)
     }
 }
 

@@ -117,8 +117,9 @@ pub fn subtransaction<R>(body: impl FnOnce() -> R) -> Result<R, DbError> {
 /// change the session (SET ROLE, temporary objects, deferred triggers are refused).
 ///
 /// Settings the owner's code changes (`set_config`, `SET LOCAL`) are undone when `body` ends,
-/// as PostgreSQL does around those operations. While `body` runs, a SIGTERM cancels it (see
-/// [`on_sigterm`]): an owner's trigger that never returns cannot keep the worker from stopping.
+/// as PostgreSQL does around those operations. While `body` runs, a SIGTERM terminates the
+/// worker (see [`on_sigterm`]): an owner's trigger that never returns, or catches a cancel,
+/// cannot keep it from stopping.
 pub fn as_owner<R>(owner: pg_sys::Oid, body: impl FnOnce() -> R) -> R {
     struct Leave;
     impl Drop for Leave {
@@ -137,6 +138,11 @@ pub fn as_owner<R>(owner: pg_sys::Oid, body: impl FnOnce() -> R) -> R {
     };
     IN_OWNER_CODE.store(true, std::sync::atomic::Ordering::SeqCst);
     let leave = Leave;
+    // A SIGTERM that came just before the flag was set.
+    // SAFETY: a flag set by the SIGTERM handler.
+    if unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) } != 0 {
+        terminate_at_next_interrupt_check();
+    }
     let result = body();
     drop(leave);
     // SAFETY: as above.
@@ -150,18 +156,27 @@ pub fn as_owner<R>(owner: pg_sys::Oid, body: impl FnOnce() -> R) -> R {
 /// Set while a table owner's code may run (inside [`as_owner`]).
 static IN_OWNER_CODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Makes the next CHECK_FOR_INTERRUPTS end the process with FATAL, as PostgreSQL's own `die`
+/// handler does: unlike a query cancel, no EXCEPTION block can catch it.
+fn terminate_at_next_interrupt_check() {
+    // SAFETY: plain writes of sig_atomic_t flags.
+    unsafe {
+        pg_sys::ProcDiePending = 1;
+        pg_sys::InterruptPending = 1;
+    }
+}
+
 /// The partition workers' SIGTERM handler: ask the worker to stop after its round (as pgrx's
-/// handler does), and if an owner's code is running, cancel it like a query cancel would, so
-/// the round ends with an ERROR (rolled back) instead of waiting for that code.
+/// handler does); if an owner's code is running, terminate the worker at once instead of
+/// waiting for that code (the round is rolled back; the next worker sends its commands again).
 pub unsafe extern "C-unwind" fn on_sigterm(_signal: std::ffi::c_int) {
     // SAFETY: async-signal-safe writes of flags PostgreSQL's own handlers write, and SetLatch,
-    // which is safe in a signal handler; errno is kept for the interrupted code.
+    // which is safe in a signal handler; errno is kept for the interrupted code (Linux).
     unsafe {
         let saved_errno = *libc::__errno_location();
         pg_sys::ShutdownRequestPending = 1;
         if IN_OWNER_CODE.load(std::sync::atomic::Ordering::SeqCst) {
-            pg_sys::QueryCancelPending = 1;
-            pg_sys::InterruptPending = 1;
+            terminate_at_next_interrupt_check();
         }
         pg_sys::SetLatch(pg_sys::MyLatch);
         *libc::__errno_location() = saved_errno;

@@ -42,8 +42,16 @@ pub struct CentrifugoClient {
 /// How often a wait for a reply checks whether the worker must stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
+/// How long a wait goes on after the worker was asked to stop: most replies come by then, and
+/// a batch whose reply came is not sent again by the next worker.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// What a reply not awaited because the worker stops becomes: nothing is known to have run.
 pub const STOPPING: &str = "not awaited: the worker is stopping";
+
+/// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
+/// (see [`Outcome::is_deferred`]).
+pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
 
 /// A batch request on the wire. Dropping it without waiting cancels the request.
 pub struct InFlight<'c> {
@@ -58,11 +66,12 @@ impl InFlight<'_> {
         let mut task = self.task.take().expect("waited once");
         let stop_requested = self.client.stop_requested;
         let done = self.client.runtime.block_on(async {
+            let mut stop_seen: Option<std::time::Instant> = None;
             loop {
                 if let Ok(result) = tokio::time::timeout(STOP_POLL, &mut task).await {
                     return Some(result);
                 }
-                if stop_requested() {
+                if stop_requested() && stop_seen.get_or_insert_with(std::time::Instant::now).elapsed() >= STOP_GRACE {
                     return None;
                 }
             }
@@ -202,7 +211,7 @@ impl CentrifugoClient {
                 let mut outcomes = Vec::with_capacity(commands.len());
                 for (i, command) in commands.iter().enumerate() {
                     if i > 0 && (started.elapsed() >= self.config.timeout || (self.stop_requested)()) {
-                        let later = crate::dispatch::Failure::http(None, "not sent yet: the batch is resent one command at a time, the rest next round");
+                        let later = crate::dispatch::Failure::http(None, NOT_SENT_YET);
                         outcomes.extend(std::iter::repeat_n(Outcome::Retry(later), commands.len() - i));
                         break;
                     }
@@ -367,7 +376,7 @@ mod tests {
         let started = std::time::Instant::now();
         let response = pending.wait();
         stopper.join().unwrap();
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(started.elapsed() < STOP_GRACE + Duration::from_secs(1), "{:?}", started.elapsed());
         assert!(matches!(&response, Response::Transport(m) if m == STOPPING), "{response:?}");
         assert!(matches!(classify_batch(&response, &[cmd]), BatchVerdict::RetryAll(_)));
     }

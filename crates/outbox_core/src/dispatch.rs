@@ -82,6 +82,13 @@ pub enum Outcome {
     DeadLetter { failure: Failure, payload: Option<String> },
 }
 
+impl Outcome {
+    /// A retry that is no failure: the command was not sent yet (see `client::NOT_SENT_YET`).
+    pub fn is_deferred(&self) -> bool {
+        matches!(self, Outcome::Retry(f) if f.message == crate::client::NOT_SENT_YET)
+    }
+}
+
 /// A row ready to send: the method and the payload as JSON object text, exactly what goes into
 /// the batch request (kept as text so that a row read from PostgreSQL is not parsed into a tree
 /// and serialized again).

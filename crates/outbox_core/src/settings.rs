@@ -100,6 +100,28 @@ pub fn check_command_size(len: usize, limit: i32) -> Result<(), CommandError> {
     Ok(())
 }
 
+/// The length of JSON `text` without the whitespace between tokens: what the SQL API measures
+/// against `max_command_size` (its compact text), so that the workers measure a row a plain
+/// INSERT wrote (jsonb prints `{"a": 1}` with a space) the same way.
+pub fn compact_json_len(text: &str) -> usize {
+    let (mut len, mut in_string, mut escaped) = (0, false, false);
+    for b in text.bytes() {
+        if in_string {
+            len += 1;
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            len += 1;
+            in_string = b == b'"';
+        }
+    }
+    len
+}
+
 /// Checks the Centrifugo API base URL: http(s), with a host.
 pub fn validate_api_url(url: &str) -> Result<(), String> {
     let rest = url
@@ -182,5 +204,12 @@ mod tests {
         assert!(valid_consumer_name("my_consumer1"));
         assert!(!valid_consumer_name("a"));
         assert!(!valid_consumer_name("bad-name"));
+    }
+
+    #[test]
+    fn compact_json_length_skips_whitespace_between_tokens_only() {
+        assert_eq!(compact_json_len(r#"{"a": 1, "b": [1, 2]}"#), r#"{"a":1,"b":[1,2]}"#.len());
+        assert_eq!(compact_json_len(r#"{"s": "a b \" c"}"#), r#"{"s":"a b \" c"}"#.len());
+        assert_eq!(compact_json_len("\n\t{ }"), 2);
     }
 }
