@@ -194,8 +194,11 @@ def test_order_across_writers_is_id_order_of_what_is_committed_when_read(make_cl
     gate = {"open": False}
     executed = []
 
+    seen_closed = []
+
     def script(request):
         if not gate["open"]:
+            seen_closed.append([list(c.values())[0]["data"] for c in request["body"]["commands"]])
             return ("reply", 503, b"closed")
         for c in request["body"]["commands"]:
             (method, payload), = c.items()
@@ -214,6 +217,8 @@ def test_order_across_writers_is_id_order_of_what_is_committed_when_read(make_cl
         early.execute("SELECT centrifugo_publish('c', '\"early\"')")
         early.commit()
         late.commit()
+        # Open only once a read saw both (a retry read before "late" committed has only "early").
+        wait_until(lambda: ["late", "early"] in seen_closed, 10, what="a read with both rows")
         gate["open"] = True
         wait_until(lambda: executed == ["late", "early"], 10, what="both, in id order")
         # Now the worker is draining: a transaction that took its id before "next" committed
