@@ -348,9 +348,15 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             // A rebalance inside that poll: drop what was revoked before taking the record, which
             // may already come from the new assignment.
             for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
-                queues.remove(&key);
+                let left = queues.remove(&key).map_or(0, |q| q.records.iter().filter(|r| !r.done).count());
                 consumer.context().done.lock().unwrap().remove(&key);
                 shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+                log!(
+                    "centrifugo_outbox: kafka consumer {}: {}[{}] revoked; {left} record(s) not done are left to its new owner",
+                    spec.name,
+                    key.0,
+                    key.1
+                );
             }
             match polled {
                 None => break,

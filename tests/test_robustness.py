@@ -367,3 +367,33 @@ def test_a_row_over_max_command_size_written_by_a_plain_insert_is_a_dead_letter(
     reason = pg.scalar("SELECT error_message FROM centrifugo_dead_letters WHERE error_kind = 'malformed'")
     assert "exceeds centrifugo.max_command_size (65536 bytes)" in reason
     assert pg.scalar("SELECT length(payload->>'data') FROM centrifugo_dead_letters") == 100000, "kept whole"
+
+
+def test_a_revoked_kafka_partition_is_not_sent_by_its_old_owner(make_cluster, centrifugo, kafka):
+    import datetime
+    from harness.fault_double import FaultDouble
+    topic, group = f"rev{uid()}", f"g{uid()}"
+    kafka.create_topic(topic, partitions=2)
+    channel = f"chat:rev{uid()}"
+    down = FaultDouble().start()   # the first cluster's Centrifugo is down: its records wait, queued
+    down.script = lambda r: ("reply", 503, b"down")
+    try:
+        a = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=down.api_url)
+        assigned = lambda pg: pg.scalar("SELECT count(*) FROM centrifugo_kafka_status WHERE assigned AND topic = %s", (topic,))
+        wait_until(lambda: assigned(a) == 2, 30, what="the first cluster to own both partitions")
+        produce(kafka, topic, [(command(channel, {"s": s}), None, s % 2) for s in range(40)])
+        wait_until(lambda: {c[1]["data"]["s"] % 2 for c in down.commands()} == {0, 1}, 30, what="both partitions queued and retried")
+        b = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group)
+        wait_until(lambda: assigned(b) == 1, 60, interval=0.2, what="the rebalance")
+        moved = b.scalar("SELECT partition FROM centrifugo_kafka_status WHERE assigned AND topic = %s", (topic,))
+        wait_until(lambda: sorted(d["s"] for d in centrifugo.history(channel)) == [s for s in range(40) if s % 2 == moved], 60,
+                   what="the new owner to deliver the moved partition")
+        line = next(l for l in a.log().splitlines() if f"{topic}[{moved}] revoked" in l)
+        revoked_at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc).timestamp()
+        time.sleep(2)
+        stray = [c["publish"]["data"]["s"] for r in down.requests if r["at"] > revoked_at + 0.001
+                 for c in r["body"]["commands"] if c["publish"]["data"]["s"] % 2 == moved]
+        assert stray == [], f"the old owner sent records of a partition it no longer owns: {stray}"
+        assert any(r["at"] > revoked_at for r in down.requests), "the old owner kept retrying its own partition"
+    finally:
+        down.stop()

@@ -45,7 +45,7 @@ class FaultDouble:
                     body = json.loads(raw)
                 except ValueError:
                     body = None
-                request = {"path": self.path, "body": body, "raw": raw, "key": self.headers.get("X-API-Key")}
+                request = {"path": self.path, "body": body, "raw": raw, "key": self.headers.get("X-API-Key"), "at": time.time()}
                 with double.lock:
                     if double.keep_requests:
                         double.requests.append(request)
