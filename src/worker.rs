@@ -909,16 +909,22 @@ impl BatchReader<'_> {
     /// row, at most `budget` bytes of payload text.
     fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, pgrx::spi::Error> {
         let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
-        // A few rows per fetch: the scan stops at the budget (a row's text is made only when it
-        // is fetched), and the first row always comes, however large.
-        const ROWS_PER_FETCH: libc::c_long = 16;
+        // Fetches of 16 rows, then more while the rows are small: the scan stops at the budget
+        // (a row's text is made only when it is fetched; at most one fetch goes past it), and
+        // the first row always comes, however large.
+        let mut rows_per_fetch: libc::c_long = 16;
         let (rows, over_budget) = as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
             let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
             let (mut rows, mut bytes) = (Vec::new(), 0i64);
             loop {
-                let chunk = cursor.fetch(ROWS_PER_FETCH)?;
+                let chunk = cursor.fetch(rows_per_fetch)?;
                 if chunk.is_empty() {
                     return Ok((rows, false));
+                }
+                // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
+                let average = bytes / (rows.len() as i64).max(1);
+                if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
+                    rows_per_fetch = (rows_per_fetch * 2).min(1024);
                 }
                 for row in chunk {
                     let row = Self::row(&row)?;
