@@ -704,10 +704,11 @@ fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLet
             };
             let dead_letters = format!("{}.centrifugo_dead_letters", crate::session::quote_ident(&schema));
             let oid = crate::session::dead_letters_oid();
+            let (raw_column, raw_value) = crate::session::raw_value_column(oid);
             let insert = format!(
                 "{}INSERT INTO {dead_letters}
-                     (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts, raw_value)
-                 VALUES ('kafka', $10, $1, $2::pg_catalog.jsonb, $3, $4, $5, $6, $7, $8, $9, $11)",
+                     (source, consumer, method, payload, kafka_topic, kafka_partition, kafka_offset, error_kind, error_code, error_message, attempts{raw_column})
+                 VALUES ('kafka', $10, $1, $2::pg_catalog.jsonb, $3, $4, $5, $6, $7, $8, $9{raw_value})",
                 crate::pinned::MARKER
             );
             for row in rows {

@@ -228,6 +228,15 @@ pub fn dead_letters_oid() -> pg_sys::Oid {
     .map_or(pg_sys::Oid::INVALID, |oid| pg_sys::Oid::from(oid as u32))
 }
 
+/// `INSERT` column list and values of the dead letters' `raw_value` (`$11`), or nothing when the
+/// table is older than the library (0.3.0 added it; the library may be updated before `ALTER
+/// EXTENSION ... UPDATE` runs, and dead letters must still be written meanwhile).
+pub fn raw_value_column(dead_letters: pg_sys::Oid) -> (&'static str, &'static str) {
+    // SAFETY: a catalog cache lookup; a missing or dropped column gives InvalidAttrNumber (0).
+    let present = unsafe { pg_sys::get_attnum(dead_letters, c"raw_value".as_ptr()) } != 0;
+    if present { (", raw_value", ", $11") } else { ("", "") }
+}
+
 /// The oid `qualified` names now, if any.
 pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
     Spi::connect(|c| {

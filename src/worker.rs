@@ -1116,9 +1116,10 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
         serde_json::Value::String(row.payload.to_owned()).to_string()
     };
     let marker = crate::pinned::MARKER;
+    let (raw_column, raw_value) = crate::session::raw_value_column(oid);
     let insert = format!(
-        "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at, raw_value)
-         VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10, $11)"
+        "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at{raw_column})
+         VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10{raw_value})"
     );
     let args = |payload: String, raw: Option<Vec<u8>>| -> Vec<pgrx::datum::DatumWithOid<'static>> {
         vec![
