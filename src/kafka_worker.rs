@@ -443,7 +443,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             queue.retry_at = None;
                         }
                         // The rest of a batch resent one by one: dispatched again at once.
-                        Some((failure, _)) if Outcome::Retry(failure.clone()).is_deferred() => {
+                        Some((failure, _)) if failure.is_deferred() => {
                             queue.retry_at = None;
                         }
                         Some((failure, method)) => {

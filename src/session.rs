@@ -172,16 +172,11 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
     if !unsafe { pg_sys::superuser() } {
         return Ok(None);
     }
-    let lookup = |c: &pgrx::spi::SpiClient<'_>| {
-        c.select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[qualified.into()])?
-            .first()
-            .get_one::<i64>()
-    };
     // Missing now: pinned to nothing, so whatever appears under the name meanwhile is refused.
-    let Some(oid) = Spi::connect(lookup).ok().flatten() else { return Ok(Some(pg_sys::Oid::INVALID)) };
+    let Some(oid) = table_oid(qualified) else { return Ok(Some(pg_sys::Oid::INVALID)) };
     // SAFETY: a lock taken in the current transaction, released at its end.
-    unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), lock_mode as pg_sys::LOCKMODE) };
-    if Spi::connect(lookup).ok().flatten() != Some(oid) {
+    unsafe { pg_sys::LockRelationOid(oid, lock_mode as pg_sys::LOCKMODE) };
+    if table_oid(qualified) != Some(oid) {
         return Err(format!("{qualified} was replaced meanwhile"));
     }
     let (kind, owner, owner_is_superuser) = Spi::connect(|c| {
@@ -191,7 +186,7 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
                  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner
                  WHERE c.oid OPERATOR(pg_catalog.=) $1::pg_catalog.int8::pg_catalog.oid",
                 None,
-                &[oid.into()],
+                &[i64::from(u32::from(oid)).into()],
             )?
             .first();
         Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?))
@@ -206,7 +201,7 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
             owner.unwrap_or_default()
         ));
     }
-    Ok(Some(pg_sys::Oid::from(oid as u32)))
+    Ok(Some(oid))
 }
 
 /// The extension's dead-letter table by oid, found from the extension's namespace oid (never by

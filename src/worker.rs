@@ -407,7 +407,7 @@ impl Worker {
                 Next::Wait
             }
             // The rest of a batch resent one by one: sent by the next round, at once.
-            Round::Retry { failure, .. } if Outcome::Retry(failure.clone()).is_deferred() => Next::DrainNow,
+            Round::Retry { failure, .. } if failure.is_deferred() => Next::DrainNow,
             Round::Retry { id, method, failure } => {
                 self.failing_row = Some(id);
                 self.attempts += 1;
@@ -469,13 +469,7 @@ impl Worker {
             let schema = table_schema.clone().unwrap_or(schema);
             let Some(oid) = relation_named(&schema, &table_name) else { return Ok(None) };
             let table = format!("{}.{}", quote_ident(&schema), quote_ident(&table_name));
-            // As in a round: lock by oid, then the name must still mean it, then its owner.
-            // SAFETY: a lock taken in the current transaction, released at its end.
-            unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), pg_sys::AccessShareLock as pg_sys::LOCKMODE) };
-            if relation_named(&schema, &table_name) != Some(oid) {
-                return Ok(None);
-            }
-            let Some(owner) = relation_owner(oid) else { return Ok(None) };
+            let Ok(owner) = lock_checked(&schema, &table_name, oid, pg_sys::AccessShareLock) else { return Ok(None) };
             let marker = crate::pinned::MARKER;
             let sql = format!(
                 "{marker}SELECT count(*), min(partition), max(partition) FROM {table}
@@ -593,22 +587,10 @@ impl Worker {
                         .get_one::<i32>()?;
                     return Ok((Round::Locked { holder }, RoundStats::default()));
                 }
-                // The checks above were about the table that had this name then. Lock it by oid
-                // so nobody can drop it and put a table of their own under the name while our
-                // statements run (a schema's owner may drop any table in it), then make sure the
-                // name still means it.
-                // SAFETY: a lock taken in the current transaction, released at its end.
-                unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(table_oid as u32), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
-                // By the catalog caches, which the lock just brought up to date (an SQL query
-                // would see the transaction's first snapshot), and without to_regclass(), which
-                // needs USAGE on the schema.
-                let now_named = relation_named(table_schema.as_deref().unwrap_or(&schema), &table_name);
-                if now_named != Some(table_oid) {
-                    return not_ready(format!("outbox table {table} was replaced while the worker checked it; checking again"));
-                }
-                // Its owner as of now (ALTER TABLE ... OWNER takes the lock we now hold).
-                let Some(owner) = relation_owner(table_oid) else {
-                    return not_ready(format!("outbox table {table} was dropped while the worker checked it; checking again"));
+                // The checks above were about the table that had this name then.
+                let owner = match lock_checked(table_schema.as_deref().unwrap_or(&schema), &table_name, table_oid, pg_sys::RowExclusiveLock) {
+                    Ok(owner) => owner,
+                    Err(what) => return not_ready(format!("outbox table {table} {what} while the worker checked it; checking again")),
                 };
                 let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
                 // Parsed as the owner too: the worker needs no rights on the table or its schema.
@@ -1064,6 +1046,21 @@ fn relation_named(schema: &str, name: &str) -> Option<i64> {
         pg_sys::get_relname_relid(name.as_ptr(), namespace)
     };
     (oid != pg_sys::Oid::INVALID).then(|| u32::from(oid) as i64)
+}
+
+/// Locks table `oid` (named `schema.name` when it was looked up) so that nobody can drop it and
+/// put a table of their own under the name while our statements run (a schema's owner may drop
+/// any table in it), then checks the name still means it and returns its owner as of now
+/// (ALTER TABLE ... OWNER waits for the lock). Err says what happened meanwhile.
+fn lock_checked(schema: &str, name: &str, oid: i64, mode: u32) -> Result<pg_sys::Oid, &'static str> {
+    // SAFETY: a lock taken in the current transaction, released at its end.
+    unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), mode as pg_sys::LOCKMODE) };
+    // By the catalog caches, which the lock just brought up to date (an SQL query would see the
+    // transaction's first snapshot), and without to_regclass(), which needs USAGE on the schema.
+    if relation_named(schema, name) != Some(oid) {
+        return Err("was replaced");
+    }
+    relation_owner(oid).ok_or("was dropped")
 }
 
 /// The owner of relation `oid` as the catalog caches see it now.

@@ -50,7 +50,7 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 pub const STOPPING: &str = "not awaited: the worker is stopping";
 
 /// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
-/// (see [`Outcome::is_deferred`]).
+/// (see [`crate::dispatch::Failure::is_deferred`]).
 pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
 
 /// A batch request on the wire. Dropping it without waiting cancels the request.

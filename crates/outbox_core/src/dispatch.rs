@@ -82,10 +82,11 @@ pub enum Outcome {
     DeadLetter { failure: Failure, payload: Option<String> },
 }
 
-impl Outcome {
-    /// A retry that is no failure: the command was not sent yet (see `client::NOT_SENT_YET`).
+impl Failure {
+    /// No failure: the command was not sent yet (see `client::NOT_SENT_YET`), a retry without
+    /// back-off.
     pub fn is_deferred(&self) -> bool {
-        matches!(self, Outcome::Retry(f) if f.message == crate::client::NOT_SENT_YET)
+        self.message == crate::client::NOT_SENT_YET
     }
 }
 
