@@ -267,12 +267,16 @@ fn secrets_are_masked_and_settings_are_registered() {
         flags,
         "centrifugo.api_key=postmaster,centrifugo.api_url=sighup,centrifugo.kafka_sasl_password=postmaster,centrifugo.num_partitions=postmaster"
     );
-    // The prefix is reserved: a typo is an error, not a silent placeholder.
-    install_expect_error();
-    let msg = Spi::get_one::<String>("SELECT pg_temp.expect_error($$SET centrifugo.api_ur = 'x'$$, '42602')")
-        .unwrap()
-        .unwrap();
-    assert!(msg.contains("centrifugo.api_ur"), "{msg}");
+    // The prefix is reserved: a typo is an error, not a silent placeholder (PostgreSQL 15 and
+    // later; 14 has no reserved prefixes and only warns at load about unknown centrifugo.* lines).
+    #[cfg(not(feature = "pg14"))]
+    {
+        install_expect_error();
+        let msg = Spi::get_one::<String>("SELECT pg_temp.expect_error($$SET centrifugo.api_ur = 'x'$$, '42602')")
+            .unwrap()
+            .unwrap();
+        assert!(msg.contains("centrifugo.api_ur"), "{msg}");
+    }
 }
 
 /// Numbers of any size and precision and deep nesting reach the outbox exactly as given: the

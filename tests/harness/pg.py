@@ -1,5 +1,7 @@
-"""A throwaway PostgreSQL 15 cluster with centrifugo_outbox preloaded (or not), run as the
-`postgres` user because PostgreSQL refuses to run as root."""
+"""A throwaway PostgreSQL cluster with centrifugo_outbox preloaded (or not), run as the
+`postgres` user because PostgreSQL refuses to run as root. The server binaries come from
+$PG_BIN (default: Debian's PostgreSQL 15; scripts/test.sh matrix points it at another major's
+tree), or from `bin_dir` for one cluster."""
 
 import os
 import shutil
@@ -21,7 +23,8 @@ def _as_postgres(*cmd, check=True, capture=True):
 class PgCluster:
     """initdb + pg_ctl on a free port; `settings` become postgresql.conf lines."""
 
-    def __init__(self, settings=None, preload=True, name="pg"):
+    def __init__(self, settings=None, preload=True, name="pg", bin_dir=None):
+        self.bin = bin_dir or PG_BIN
         self.settings = dict(settings or {})
         self.preload = preload
         self.port = free_port()
@@ -32,7 +35,7 @@ class PgCluster:
             shutil.chown(self.root, "postgres", "postgres")
 
     def init(self):
-        _as_postgres(os.path.join(PG_BIN, "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust",
+        _as_postgres(os.path.join(self.bin, "initdb"), "-D", self.data, "-U", "postgres", "--auth=trust",
                      "--no-sync", "-E", "UTF8", "--locale=C")
         self.write_conf()
         return self
@@ -40,14 +43,15 @@ class PgCluster:
     @classmethod
     def standby_of(cls, primary, settings=None):
         """A streaming-replication hot standby of `primary` (pg_basebackup -R), not yet started."""
-        standby = cls(settings if settings is not None else primary.settings, preload=primary.preload, name="standby")
-        _as_postgres(os.path.join(PG_BIN, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+        standby = cls(settings if settings is not None else primary.settings, preload=primary.preload, name="standby",
+                      bin_dir=primary.bin)
+        _as_postgres(os.path.join(standby.bin, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
                      "-U", "postgres", "-D", standby.data, "-R", "-X", "stream")
         standby.write_conf()
         return standby
 
     def promote(self):
-        _as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-w", "promote")
+        _as_postgres(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-w", "promote")
 
     def write_conf(self):
         lines = [
@@ -83,21 +87,21 @@ class PgCluster:
         self.write_conf()
 
     def start(self, check=True):
-        result = _as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.logfile, "-w", "-t", "60",
+        result = _as_postgres(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-l", self.logfile, "-w", "-t", "60",
                               "start", check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not start:\n{result.stdout}{result.stderr}\n{self.log()[-4000:]}")
         return result
 
     def stop(self, mode="fast"):
-        _as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
+        _as_postgres(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop", check=False)
 
     def restart(self, mode="fast"):
         self.stop(mode)
         self.start()
 
     def reload(self):
-        _as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "reload")
+        _as_postgres(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "reload")
 
     def destroy(self):
         self.stop("immediate")
