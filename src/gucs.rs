@@ -12,7 +12,7 @@ use pgrx::pg_sys;
 
 use outbox_core::settings;
 
-/// Base URL of Centrifugo's HTTP server API; commands go to `<api_url>/<method>` and `<api_url>/batch`.
+/// Base URL of Centrifugo's HTTP server API (`<api_url>/batch` is posted to), or a cluster's nodes' URLs, comma-separated, in order of preference.
 static API_URL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"http://127.0.0.1:8000/api"));
 /// Centrifugo's `http_api.key`, sent as `X-API-Key`. A secret: superuser-only, never shown or logged.
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -119,7 +119,7 @@ pub fn init() {
     let none = GucFlags::default();
 
     // Centrifugo and the outbox.
-    string_checked(c"centrifugo.api_url", c"Base URL of Centrifugo's HTTP server API.", &API_URL, Sighup, check_api_url);
+    string_checked(c"centrifugo.api_url", c"Base URL of Centrifugo's HTTP server API, or several (a cluster's nodes) separated by commas.", &API_URL, Sighup, check_api_url);
     secret(c"centrifugo.api_key", c"Centrifugo HTTP API key (superuser-only, never shown).", &API_KEY);
     string(c"centrifugo.database", c"Database whose outbox the workers drain.", &DATABASE, Postmaster, none);
     string(c"centrifugo.worker_role", c"Role the workers connect as (empty: the bootstrap superuser).", &WORKER_ROLE, Postmaster, none);
@@ -226,7 +226,7 @@ unsafe fn check_string(newval: *mut *mut std::ffi::c_char, validate: fn(&str) ->
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_api_url(newval: *mut *mut std::ffi::c_char, _extra: *mut *mut std::ffi::c_void, _source: pg_sys::GucSource::Type) -> bool {
-    unsafe { check_string(newval, settings::validate_api_url) }
+    unsafe { check_string(newval, |v| outbox_core::endpoints::parse_api_urls(v).map(|_| ())) }
 }
 
 #[pgrx::pg_guard]

@@ -413,9 +413,13 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             let queue = queues.get_mut(&key).expect("key from the map");
             match dispatch(&spec, client, &key, queue) {
                 Ok((done, retry, stats)) => {
+                    for event in client.take_events() {
+                        log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
+                    }
                     shmem::update_kafka(index, &key.0, key.1, |s| {
                         s.pid = pid;
                         s.assigned = true;
+                        s.stats.record_endpoints(client);
                         s.stats.batches += stats.batches;
                         s.stats.dead_lettered += stats.dead;
                         if stats.delivered > 0 {

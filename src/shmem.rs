@@ -12,6 +12,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
+use outbox_core::endpoints::MAX_ENDPOINTS;
 use outbox_core::histogram;
 use outbox_core::partition::MAX_PARTITIONS;
 
@@ -76,6 +77,10 @@ pub struct Stats {
     pub backoff_ms: u32,
     /// Commit → Centrifugo acknowledgement, counts per bucket (see outbox_core::histogram).
     pub latency: [u64; histogram::BUCKETS],
+    /// The endpoint in use (index into `centrifugo.api_url`'s list) and failed requests per
+    /// endpoint, as the worker's client counts them since it was built.
+    pub endpoint: u8,
+    pub endpoint_failures: [u64; MAX_ENDPOINTS],
 }
 
 impl Default for Stats {
@@ -91,6 +96,8 @@ impl Default for Stats {
             last_error: [0; ERROR_TEXT],
             backoff_ms: 0,
             latency: [0; histogram::BUCKETS],
+            endpoint: 0,
+            endpoint_failures: [0; MAX_ENDPOINTS],
         }
     }
 }
@@ -115,6 +122,15 @@ impl Stats {
     pub fn last_error(&self) -> Option<String> {
         let end = self.last_error.iter().position(|b| *b == 0).unwrap_or(ERROR_TEXT);
         (end > 0).then(|| String::from_utf8_lossy(&self.last_error[..end]).into_owned())
+    }
+
+    /// Takes what `client` knows of the endpoints.
+    pub fn record_endpoints(&mut self, client: &outbox_core::client::CentrifugoClient) {
+        self.endpoint = client.endpoint_in_use() as u8;
+        self.endpoint_failures = [0; MAX_ENDPOINTS];
+        for (stored, failures) in self.endpoint_failures.iter_mut().zip(client.endpoint_failures()) {
+            *stored = failures;
+        }
     }
 
     pub fn record_success(&mut self, delivered: u64, latencies_ms: impl IntoIterator<Item = f64>) {

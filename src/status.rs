@@ -19,9 +19,25 @@ fn timestamp(unix_micros: i64) -> Option<TimestampWithTimeZone> {
     (unix_micros > 0).then(|| TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET_MICROS).ok()).flatten()
 }
 
-type StatColumns = (i64, i64, i64, i64, Option<TimestampWithTimeZone>, Option<i32>, Option<String>, Option<TimestampWithTimeZone>, i32, JsonB);
+type StatColumns = (i64, i64, i64, i64, Option<TimestampWithTimeZone>, Option<i32>, Option<String>, Option<TimestampWithTimeZone>, i32, JsonB, Option<String>, JsonB);
 
-fn stat_columns(s: &Stats) -> StatColumns {
+/// The endpoints of `centrifugo.api_url` as this session reads the setting (after a reload the
+/// workers read it too), shown without credentials.
+fn endpoints() -> Vec<String> {
+    outbox_core::endpoints::parse_api_urls(&crate::gucs::api_url())
+        .unwrap_or_default()
+        .iter()
+        .map(|u| outbox_core::endpoints::display_url(u))
+        .collect()
+}
+
+/// The counters of `s`; `endpoints` names the endpoint in use when `running`, and the failures.
+fn stat_columns(s: &Stats, endpoints: &[String], running: bool) -> StatColumns {
+    let failures = endpoints
+        .iter()
+        .zip(s.endpoint_failures)
+        .map(|(url, n)| (url.clone(), serde_json::Value::from(n)))
+        .collect::<serde_json::Map<_, _>>();
     (
         s.delivered as i64,
         s.batches as i64,
@@ -33,6 +49,8 @@ fn stat_columns(s: &Stats) -> StatColumns {
         timestamp(s.last_error_at),
         s.backoff_ms as i32,
         JsonB(histogram::to_json(&s.latency)),
+        running.then(|| endpoints.get(s.endpoint as usize).cloned()).flatten(),
+        JsonB(serde_json::Value::Object(failures)),
     )
 }
 
@@ -59,9 +77,12 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         name!(last_error_at, Option<TimestampWithTimeZone>),
         name!(backoff_ms, i32),
         name!(latency_histogram, JsonB),
+        name!(endpoint, Option<String>),
+        name!(endpoint_failures, JsonB),
     ),
 > {
     let specs = worker::outbox_specs();
+    let endpoints = endpoints();
     let this_db = Spi::connect(|c| c.select("SELECT current_database()::text", None, &[])?.first().get_one::<String>())
         .ok()
         .flatten()
@@ -90,16 +111,16 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
                 state = "not started".to_owned();
                 stats.record_error(0, &worker_budget_message(slots.len()));
             }
-            let c = stat_columns(&stats);
-            (spec.name(), Some(p), (s.pid != 0).then_some(s.pid), state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9)
+            let c = stat_columns(&stats, &endpoints, s.pid != 0);
+            (spec.name(), Some(p), (s.pid != 0).then_some(s.pid), state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
         })
         .collect();
     // What the settings leave without a worker, and rows no worker will ever read.
     let problem_row = |consumer: String, partition: Option<i32>, state: &str, backlog: Option<i64>, why: &str| {
         let mut stats = Stats::default();
         stats.record_error(0, why);
-        let c = stat_columns(&stats);
-        (consumer, partition, None, state.to_owned(), backlog, None, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9)
+        let c = stat_columns(&stats, &[], false);
+        (consumer, partition, None, state.to_owned(), backlog, None, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
     };
     for problem in worker::layout_problems() {
         rows.push(problem_row("(settings)".to_owned(), None, "invalid settings", None, &problem));
@@ -139,7 +160,7 @@ fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
     let Ok(checked) = crate::session::check_outbox_owner(table, pg_sys::AccessShareLock) else {
         return Vec::new();
     };
-    if crate::session::table_oid(table).is_none() {
+    if crate::session::table_oid(table).is_none() || !readable(table) {
         return Vec::new();
     }
     let pinned: Vec<pg_sys::Oid> = checked.into_iter().collect();
@@ -160,6 +181,14 @@ fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
     .unwrap_or_default()
 }
 
+/// Whether the calling role may read `table` (an existing one).
+fn readable(table: &str) -> bool {
+    Spi::get_one_with_args::<bool>("SELECT has_table_privilege(to_regclass($1), 'SELECT')", &[table.into()])
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
 /// Read-only queries, so the view also works on a hot standby.
 fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Interval>) {
     // Counting rows of a table another role owns could run that role's code as the caller.
@@ -169,7 +198,11 @@ fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Int
     let pinned: Vec<pg_sys::Oid> = checked.into_iter().collect();
     let marker = crate::pinned::MARKER;
     crate::pinned::pinned(&pinned, || Spi::connect(|c| {
-        let exists = c.select("SELECT to_regclass($1) IS NOT NULL", None, &[table.into()])?.first().get_one::<bool>()?;
+        // A role granted the status view but not the outbox sees no backlog (rather than an error).
+        let exists = c
+            .select("SELECT to_regclass($1) IS NOT NULL AND has_table_privilege(to_regclass($1), 'SELECT')", None, &[table.into()])?
+            .first()
+            .get_one::<bool>()?;
         if exists != Some(true) {
             return Ok((None, None));
         }
@@ -205,8 +238,11 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
         name!(last_error_at, Option<TimestampWithTimeZone>),
         name!(backoff_ms, i32),
         name!(latency_histogram, JsonB),
+        name!(endpoint, Option<String>),
+        name!(endpoint_failures, JsonB),
     ),
 > {
+    let endpoints = endpoints();
     #[cfg(feature = "kafka")]
     let names: Vec<String> = crate::kafka_worker::consumers().unwrap_or_default().into_iter().map(|c| c.name).collect();
     #[cfg(not(feature = "kafka"))]
@@ -214,7 +250,7 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
     let rows: Vec<_> = shmem::kafka_snapshot()
         .into_iter()
         .map(|k| {
-            let c = stat_columns(&k.stats);
+            let c = stat_columns(&k.stats, &endpoints, k.pid != 0 && k.assigned);
             let committed = (k.committed >= 0).then_some(k.committed);
             let hw = (k.high_watermark >= 0).then_some(k.high_watermark);
             let lag = hw.map(|h| (h - committed.unwrap_or(0)).max(0));
@@ -228,7 +264,7 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
                 committed,
                 hw,
                 lag,
-                c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9,
+                c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11,
             )
         })
         .collect();

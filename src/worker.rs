@@ -379,6 +379,12 @@ impl Worker {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
+        if let Some(client) = &self.client {
+            for event in client.take_events() {
+                log!("centrifugo_outbox: consumer {} partition {}: {}", self.spec.name(), self.partition, scrub(&event, &[&gucs::api_key()]));
+            }
+            shmem::update(self.slot, |s| s.stats.record_endpoints(client));
+        }
         match round {
             Round::Drained => {
                 self.recovered();

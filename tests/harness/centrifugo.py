@@ -23,10 +23,10 @@ def _b64url(data: bytes) -> str:
 
 
 class Centrifugo:
-    def __init__(self, port=None, api_key=None, extra_config=None):
+    def __init__(self, port=None, api_key=None, extra_config=None, hmac_secret=None):
         self.port = port or free_port()
         self.api_key = api_key or "test-api-key-" + secrets.token_hex(8)
-        self.hmac_secret = secrets.token_hex(16)
+        self.hmac_secret = hmac_secret or secrets.token_hex(16)
         self.root = tempfile.mkdtemp(prefix="centrifugo_")
         self.config_path = os.path.join(self.root, "config.json")
         self.logfile = os.path.join(self.root, "centrifugo.log")
@@ -77,6 +77,25 @@ class Centrifugo:
     def kill(self):
         kill_process(self.proc)
         self.proc = None
+
+    @classmethod
+    def cluster_node(cls, redis, api_key, hmac_secret, prefix):
+        """One node of a cluster: nodes made with the same `redis` and `prefix` share PUB/SUB,
+        history, presence and the idempotency cache, and accept each other's connection tokens."""
+        return cls(api_key=api_key, hmac_secret=hmac_secret, extra_config={
+            "engine": {"type": "redis", "redis": {"address": [redis.url], "prefix": prefix}},
+            "prometheus": {"enabled": True},
+        })
+
+    def api_commands(self, method="publish") -> int:
+        """Server API commands `method` this node ran over HTTP (its Prometheus counter)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        total = 0
+        for line in text.splitlines():
+            if line.startswith("centrifugo_api_command_duration_seconds_count{") and f'method="{method}"' in line:
+                total += int(float(line.rsplit(" ", 1)[1]))
+        return total
 
     def call(self, method, payload=None, api_key=None):
         """POSTs one server API command; returns (HTTP status, parsed body or raw text)."""

@@ -8,6 +8,8 @@ to a real Centrifugo, and a test-provided `script(request)` decides, per request
     ("delay", seconds, then_action)   wait, then do then_action (past the client's timeout)
     ("hold", seconds)                 forward at once, but hold the upstream's answer back
     ("reset",)                        close the connection without answering
+    ("forward_then_reset",)           pass to the upstream, then close without answering (a
+                                      node that ran the batch and died before its reply)
 
 Every request is recorded (`requests`: parsed JSON bodies) so tests can count resends."""
 
@@ -93,6 +95,9 @@ class FaultDouble:
         if kind == "delay":
             time.sleep(action[1])
             return self._act(handler, action[2], request)
+        if kind == "forward_then_reset":
+            self._forward(request)
+            kind = "reset"
         if kind == "reset":
             handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             handler.connection.close()

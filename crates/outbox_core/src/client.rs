@@ -8,16 +8,19 @@
 //! to put the request on the wire, the worker goes on (reading the next rows from PostgreSQL)
 //! while Centrifugo works, and [`InFlight::wait`] runs it again to read the reply.
 
-use std::time::Duration;
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
+use crate::endpoints::{display_url, is_node_failure, parse_api_urls, Failover};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
-    /// Base URL, e.g. `http://127.0.0.1:8000/api`.
+    /// Base URL, e.g. `http://127.0.0.1:8000/api`, or several (a cluster's nodes) separated by
+    /// commas, in order of preference (see [`crate::endpoints`]).
     pub api_url: String,
     pub api_key: String,
     pub connect_timeout: Duration,
@@ -34,7 +37,13 @@ pub struct CentrifugoClient {
     config: ClientConfig,
     http: reqwest::Client,
     runtime: Runtime,
-    batch_url: String,
+    /// The `/api/batch` URL of each endpoint, in the setting's order.
+    batch_urls: Vec<String>,
+    failover: RefCell<Failover>,
+    /// The probe of a failed endpoint earlier in the list, while it runs.
+    probe: RefCell<Option<(usize, JoinHandle<Response>)>>,
+    /// Endpoint switches not yet taken by the worker's log.
+    events: RefCell<Vec<String>>,
     /// Asked every [`STOP_POLL`] while a reply is awaited: true means the worker must stop.
     stop_requested: fn() -> bool,
 }
@@ -57,6 +66,7 @@ pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at
 pub struct InFlight<'c> {
     client: &'c CentrifugoClient,
     task: Option<JoinHandle<Response>>,
+    endpoint: usize,
 }
 
 impl InFlight<'_> {
@@ -98,7 +108,7 @@ impl Drop for InFlight<'_> {
 impl CentrifugoClient {
     /// Builds a client; errors say which setting is wrong and never contain the API key.
     pub fn new(config: ClientConfig) -> Result<Self, String> {
-        crate::settings::validate_api_url(&config.api_url)?;
+        let urls = parse_api_urls(&config.api_url)?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
@@ -133,8 +143,16 @@ impl CentrifugoClient {
             .enable_all()
             .build()
             .map_err(|e| format!("cannot start the HTTP client's runtime: {e}"))?;
-        let batch_url = crate::settings::batch_url(&config.api_url);
-        Ok(CentrifugoClient { config, http, runtime, batch_url, stop_requested: || false })
+        Ok(CentrifugoClient {
+            config,
+            http,
+            runtime,
+            failover: RefCell::new(Failover::new(urls.len())),
+            batch_urls: urls.iter().map(|u| crate::settings::batch_url(u)).collect(),
+            probe: RefCell::new(None),
+            events: RefCell::new(Vec::new()),
+            stop_requested: || false,
+        })
     }
 
     /// Makes waits for replies give up when `stop_requested` says so (a worker's SIGTERM).
@@ -152,11 +170,79 @@ impl CentrifugoClient {
         self.start_body(batch_body(commands))
     }
 
-    /// [`Self::start_batch`] with the request body already made by [`batch_body`].
+    /// [`Self::start_batch`] with the request body already made by [`batch_body`], sent to the
+    /// endpoint in use.
     pub fn start_body(&self, body: Vec<u8>) -> InFlight<'_> {
+        self.check_probe();
+        let endpoint = self.failover.borrow().current();
+        self.start_at(endpoint, body)
+    }
+
+    /// The endpoint requests go to now (an index into the setting's list).
+    pub fn endpoint_in_use(&self) -> usize {
+        self.failover.borrow().current()
+    }
+
+    /// The endpoints, as logs and status views show them (no credentials).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.batch_urls.iter().map(|u| display_url(u.strip_suffix("/batch").unwrap_or(u))).collect()
+    }
+
+    /// Failed requests per endpoint since the client was built.
+    pub fn endpoint_failures(&self) -> Vec<u64> {
+        self.failover.borrow().failures()
+    }
+
+    /// What happened to the endpoints since the last call (switches, for the worker's log).
+    pub fn take_events(&self) -> Vec<String> {
+        std::mem::take(&mut *self.events.borrow_mut())
+    }
+
+    fn endpoint_name(&self, endpoint: usize) -> String {
+        self.endpoints().swap_remove(endpoint)
+    }
+
+    /// Takes the answer of a finished probe (a healthy node earlier in the list is used again)
+    /// and starts the next one that is due. A probe is an empty batch: Centrifugo checks the
+    /// key and answers `{}` without doing anything. It runs alongside the worker's requests.
+    fn check_probe(&self) {
+        let mut probe = self.probe.borrow_mut();
+        if probe.as_ref().is_some_and(|(_, task)| !task.is_finished()) {
+            return;
+        }
+        if let Some((endpoint, task)) = probe.take() {
+            let healthy = matches!(self.runtime.block_on(task), Ok(Response::Http { status: 200, .. }));
+            let before = self.failover.borrow().current();
+            if self.failover.borrow_mut().probed(endpoint, healthy, Instant::now()) {
+                self.events.borrow_mut().push(format!(
+                    "{} answers again: sending to it instead of {}",
+                    self.endpoint_name(endpoint),
+                    self.endpoint_name(before)
+                ));
+            }
+        }
+        if let Some(endpoint) = self.failover.borrow().probe_due(Instant::now()) {
+            let request = self
+                .http
+                .post(&self.batch_urls[endpoint])
+                .header("X-API-Key", &self.config.api_key)
+                .header("Content-Type", "application/json")
+                .body(&b"{\"commands\":[]}"[..]);
+            let task = self.runtime.spawn(async move {
+                match request.send().await {
+                    Ok(resp) => Response::Http { status: resp.status().as_u16(), body: Vec::new() },
+                    Err(_) => Response::Transport("probe failed".into()),
+                }
+            });
+            *probe = Some((endpoint, task));
+        }
+    }
+
+    /// Puts a batch on the wire to endpoint `endpoint` and returns at once.
+    fn start_at(&self, endpoint: usize, body: Vec<u8>) -> InFlight<'_> {
         let request = self
             .http
-            .post(&self.batch_url)
+            .post(&self.batch_urls[endpoint])
             .header("X-API-Key", &self.config.api_key)
             .header("Content-Type", "application/json")
             .body(body);
@@ -176,7 +262,7 @@ impl CentrifugoClient {
         });
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
-        InFlight { client: self, task: Some(task) }
+        InFlight { client: self, task: Some(task), endpoint }
     }
 
     /// Runs the runtime for a moment without blocking: each yield polls the socket events once
@@ -201,9 +287,50 @@ impl CentrifugoClient {
     /// resends took as long as one request may (`timeout`) or the worker must stop: the rest are
     /// then retries, sent by the next round, so a round never holds its transaction for
     /// `commands × timeout`. Adds the requests made to `batches`.
+    ///
+    /// When the endpoint fails as a node (no answer, a 5xx) and there are others, the same batch
+    /// goes to the next one at once, each endpoint at most once: Centrifugo's idempotency keys
+    /// (shared by the nodes through their broker) keep a publication the failed node may have
+    /// made before failing from being made twice.
     pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
-        match classify_batch(&pending.wait(), commands) {
+        let count = self.batch_urls.len();
+        let mut endpoint = pending.endpoint;
+        let mut response = pending.wait();
+        let mut tried = 1;
+        while is_node_failure(&response) {
+            let next = self.failover.borrow_mut().failed(endpoint, Instant::now());
+            if next != endpoint {
+                let why = match &response {
+                    Response::Transport(message) => message.clone(),
+                    Response::Http { status, .. } => format!("HTTP {status}"),
+                };
+                self.events.borrow_mut().push(format!(
+                    "{} failed ({why}): sending to {} from now on",
+                    self.endpoint_name(endpoint),
+                    self.endpoint_name(next)
+                ));
+            }
+            if tried >= count || (self.stop_requested)() {
+                break;
+            }
+            tried += 1;
+            *batches += 1;
+            endpoint = next;
+            response = self.start_at(endpoint, batch_body(commands)).wait();
+        }
+        if !is_node_failure(&response) {
+            self.failover.borrow_mut().answered(endpoint);
+        }
+        let mut verdict = classify_batch(&response, commands);
+        if count > 1 {
+            // Which node said so: a refusal (401, 404) is that node's configuration.
+            if let BatchVerdict::RetryAll(failure) = &mut verdict {
+                let tried = if tried > 1 { format!("{tried} endpoints tried, last ") } else { String::new() };
+                failure.message = format!("{tried}{}: {}", self.endpoint_name(endpoint), failure.message);
+            }
+        }
+        match verdict {
             BatchVerdict::PerCommand(outcomes) => outcomes,
             BatchVerdict::RetryAll(failure) => vec![Outcome::Retry(failure); commands.len()],
             BatchVerdict::SplitAndResend(_) => {
@@ -421,6 +548,111 @@ mod tests {
         assert!(CentrifugoClient::new(config("localhost:8000".into())).is_err());
     }
 
+
+    /// A Centrifugo double on `listener`'s address: answers every batch with one empty reply per
+    /// command (the empty probe batch gets `{}`), or with `status` alone; counts the commands.
+    fn node(server: tiny_http::Server, status: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        std::thread::spawn(move || {
+            while let Ok(mut req) = server.recv() {
+                let mut body = String::new();
+                req.as_reader().read_to_string(&mut body).unwrap();
+                let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+                let commands = body["commands"].as_array().cloned().unwrap_or_default();
+                for c in &commands {
+                    record.lock().unwrap().push(c["publish"]["channel"].as_str().unwrap_or("?").to_owned());
+                }
+                if commands.is_empty() {
+                    record.lock().unwrap().push("(probe)".into());
+                }
+                let reply = if status != 200 {
+                    tiny_http::Response::from_string("no").with_status_code(status)
+                } else if commands.is_empty() {
+                    tiny_http::Response::from_string("{}")
+                } else {
+                    let replies = vec![r#"{"publish":{}}"#; commands.len()].join(",");
+                    tiny_http::Response::from_string(format!(r#"{{"replies":[{replies}]}}"#))
+                };
+                let _ = req.respond(reply);
+            }
+        });
+        seen
+    }
+
+    fn publish(channel: &str) -> Prepared {
+        prepare("publish", &json!({"channel": channel, "data": 1}).to_string(), || "k".into()).unwrap()
+    }
+
+    #[test]
+    fn a_node_that_is_down_is_left_for_the_next_and_used_again_once_it_answers() {
+        let port_a = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let b = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_b = format!("http://{}/api", b.server_addr().to_ip().unwrap());
+        let seen_b = node(b, 200);
+        let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{port_a}/api, {url_b}"))).unwrap();
+        assert_eq!(client.send(&[publish("one")], &mut 0), vec![Outcome::Delivered]);
+        assert_eq!(client.endpoint_in_use(), 1);
+        assert_eq!(client.endpoint_failures(), vec![1, 0]);
+        let events = client.take_events();
+        assert!(events.len() == 1 && events[0].contains(&format!("127.0.0.1:{port_a}/api failed (connect failed")), "{events:?}");
+        // Node A comes back: the next request after its probe interval starts a probe (and still
+        // goes to B); the one after that goes to A.
+        let seen_a = node(tiny_http::Server::http(format!("127.0.0.1:{port_a}")).unwrap(), 200);
+        std::thread::sleep(crate::endpoints::PROBE_FIRST + Duration::from_millis(100));
+        assert_eq!(client.send(&[publish("two")], &mut 0), vec![Outcome::Delivered]);
+        assert_eq!(client.send(&[publish("three")], &mut 0), vec![Outcome::Delivered]);
+        assert_eq!(client.endpoint_in_use(), 0);
+        assert_eq!(*seen_b.lock().unwrap(), vec!["one", "two"]);
+        assert_eq!(*seen_a.lock().unwrap(), vec!["(probe)", "three"]);
+        assert!(client.take_events().iter().any(|e| e.contains("answers again")));
+    }
+
+    #[test]
+    fn a_5xx_fails_over_and_a_refusal_does_not() {
+        let a = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_a = format!("http://{}/api", a.server_addr().to_ip().unwrap());
+        let seen_a = node(a, 503);
+        let b = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_b = format!("http://{}/api", b.server_addr().to_ip().unwrap());
+        let seen_b = node(b, 200);
+        let client = CentrifugoClient::new(config(format!("{url_a},{url_b}"))).unwrap();
+        let mut batches = 0;
+        assert_eq!(client.send(&[publish("x")], &mut batches), vec![Outcome::Delivered]);
+        assert_eq!((batches, client.endpoint_in_use()), (2, 1));
+        assert_eq!((seen_a.lock().unwrap().len(), seen_b.lock().unwrap().len()), (1, 1));
+
+        // 401 from the preferred node: its configuration, said with its name; nobody else asked.
+        let a = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_a = format!("http://{}/api", a.server_addr().to_ip().unwrap());
+        node(a, 401);
+        let b = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_b = format!("http://{}/api", b.server_addr().to_ip().unwrap());
+        let seen_b = node(b, 200);
+        let client = CentrifugoClient::new(config(format!("{url_a},{url_b}"))).unwrap();
+        let outcomes = client.send(&[publish("x")], &mut 0);
+        assert!(
+            matches!(&outcomes[0], Outcome::Retry(f) if f.code == Some(401) && f.message.starts_with(&format!("{url_a}: unauthorized"))),
+            "{outcomes:?}"
+        );
+        assert_eq!(client.endpoint_in_use(), 0);
+        assert_eq!(client.endpoint_failures(), vec![0, 0]);
+        assert!(seen_b.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn with_every_node_down_each_is_tried_once_and_the_failure_names_the_last() {
+        let ports: Vec<u16> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{}/api,http://127.0.0.1:{}/api", ports[0], ports[1]))).unwrap();
+        let mut batches = 0;
+        let outcomes = client.send(&[publish("x")], &mut batches);
+        assert_eq!(batches, 2);
+        assert!(
+            matches!(&outcomes[0], Outcome::Retry(f) if f.message.starts_with(&format!("2 endpoints tried, last http://127.0.0.1:{}/api: connect failed", ports[1]))),
+            "{outcomes:?}"
+        );
+        assert_eq!(client.endpoint_failures(), vec![1, 1]);
+    }
 
     /// A server that answers each connection's first request and closes it 50 ms later, as
     /// Centrifugo does with keep-alive connections idle for 30 s.

@@ -6,6 +6,7 @@ pub mod client;
 pub mod command;
 pub mod consumers;
 pub mod dispatch;
+pub mod endpoints;
 pub mod kafka;
 pub mod error;
 pub mod histogram;

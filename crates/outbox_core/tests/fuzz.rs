@@ -1521,6 +1521,26 @@ mod table_names {
             }
         }
 
+        /// Endpoint lists: any text is accepted or refused, never a panic; what is accepted is
+        /// 1..=8 distinct URLs each accepted alone, in the order written.
+        #[test]
+        fn api_url_lists_are_lists_of_accepted_urls(
+            entries in proptest::collection::vec(prop_oneof![
+                gen::any_text(12),
+                (select(vec!["http://", "https://"]), "[a-c]{1,2}(:[0-9]{1,4})?(/api)?/?").prop_map(|(s, r)| format!("{s}{r}")),
+            ], 0..11),
+            separator in select(vec![",", ", ", " ,", ",,"]),
+        ) {
+            let setting = entries.join(separator);
+            if let Ok(urls) = outbox_core::endpoints::parse_api_urls(&setting) {
+                prop_assert!((1..=outbox_core::endpoints::MAX_ENDPOINTS).contains(&urls.len()));
+                for (i, url) in urls.iter().enumerate() {
+                    prop_assert!(validate_api_url(url).is_ok(), "{:?}", url);
+                    prop_assert!(urls[..i].iter().all(|u| u.trim_end_matches('/').to_lowercase() != url.trim_end_matches('/').to_lowercase()));
+                }
+            }
+        }
+
         /// Consumer names are Centrifugo's ^[a-zA-Z0-9_]{2,}$; the size limit refuses exactly
         /// what is over a positive limit.
         #[test]
