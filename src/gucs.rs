@@ -171,7 +171,12 @@ pub fn init() {
     secret(c"centrifugo.consumers", c"Centrifugo's consumers JSON array, verbatim (may hold passwords: superuser-only, never shown).", &CONSUMERS);
 
     // SAFETY: called from _PG_init in the postmaster, as PostgreSQL requires.
+    #[cfg(not(feature = "pg14"))]
     unsafe { pg_sys::MarkGUCPrefixReserved(c"centrifugo".as_ptr()) };
+    // PostgreSQL 14 has no reserved prefixes: it only warns about unknown centrifugo.* settings.
+    // SAFETY: as above.
+    #[cfg(feature = "pg14")]
+    unsafe { pg_sys::EmitWarningsOnPlaceholders(c"centrifugo".as_ptr()) };
 }
 
 fn string(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<Option<CString>>, ctx: GucContext, flags: GucFlags) {
