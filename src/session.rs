@@ -85,6 +85,7 @@ pub fn connect_worker(database: &str, slot: ConnectSlot) {
 #[derive(Clone, Copy)]
 pub enum ConnectSlot {
     Partition(usize),
+    #[cfg_attr(not(feature = "kafka"), allow(dead_code))]
     Kafka(usize),
 }
 

@@ -170,6 +170,7 @@ impl Slot {
 const TOPIC_BYTES: usize = 256;
 
 /// `topic` as stored in a slot (cut to the slot's size, NUL-padded).
+#[cfg(feature = "kafka")]
 fn stored_topic(topic: &str) -> [u8; TOPIC_BYTES] {
     let mut stored = [0; TOPIC_BYTES];
     let n = topic.len().min(TOPIC_BYTES);
@@ -222,6 +223,7 @@ impl KafkaSlot {
     pub fn state(&self) -> WorkerState {
         WorkerState::from_u8(self.state)
     }
+    #[cfg(feature = "kafka")]
     pub fn set_state(&mut self, state: WorkerState) {
         self.state = state as u8;
     }
@@ -268,6 +270,7 @@ pub static KAFKA_SLOTS: PgLwLock<KafkaSlots> = unsafe { PgLwLock::new(c"centrifu
 
 /// Applies `update` to the slot of (consumer, topic, partition), taking a free slot for a
 /// partition not seen before (when all are taken, the partition is not reported).
+#[cfg(feature = "kafka")]
 pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl FnOnce(&mut KafkaSlot)) {
     let mut slots = KAFKA_SLOTS.exclusive();
     // Compared as stored, so that a name cut to fit still finds its slot (never a new one each time).
@@ -292,6 +295,7 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
 }
 
 /// Marks every partition of a bridge worker as unassigned (at start and after revocation).
+#[cfg(feature = "kafka")]
 pub fn unassign_kafka(consumer: usize, pid: i32) {
     let mut slots = KAFKA_SLOTS.exclusive();
     for slot in slots.slots.iter_mut().filter(|s| s.used && s.consumer as usize == consumer) {
