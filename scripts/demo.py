@@ -12,10 +12,20 @@ from harness.pg import PgCluster  # noqa: E402
 from harness.subscriber import Subscriber  # noqa: E402
 
 
-def show(title, rows):
-    print(f"\n{title}")
-    for row in rows:
-        print("   ", row)
+def table(cursor_rows, columns):
+    """Rows as psql prints them: a header of column names, a rule, aligned cells."""
+    cells = [["" if v is None else str(v) for v in row] for row in cursor_rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join("    " + line for line in lines)
+
+
+def query(pg, sql):
+    with pg.connect() as conn:
+        cur = conn.execute(sql)
+        return table(cur.fetchall(), [d.name for d in cur.description])
 
 
 def main():
@@ -38,18 +48,28 @@ def main():
             "INSERT INTO centrifugo_outbox (method, payload, partition) VALUES "
             "('publish', '{\"channel\": \"chat:room2\", \"data\": {\"text\": \"plain INSERT, as in Centrifugo docs\"}}', 1)",
         ]
-        start = time.monotonic()
-        for sql in statements:
-            print(f"\npsql> {sql}")
-            pg.sql(sql)
-        sub.wait_for_publications(2, "chat:room1")
-        sub.wait_for_publications(2, "chat:room2")
-        binary_sub.wait_for_publications(1, "chat:files")
-        show("The subscriber received:", [f"{e.channel}: {e.data!r}  (+{(e.at - start) * 1000:.0f} ms)"
-                                          for e in sorted(sub.publications() + binary_sub.publications(), key=lambda e: e.at)])
+        # One statement at a time, each in its own transaction: the delay printed is from the
+        # moment COMMIT was sent to the moment the subscriber had the publication(s).
+        expected = [("chat:room1",), ("chat:room1", "chat:room2"), ("chat:files",), ("chat:room2",)]
+        with pg.connect(autocommit=False) as conn:
+            for sql, channels in zip(statements, expected):
+                print(f"\npsql> {sql}")
+                seen = {c: len(sub.publications(c)) + len(binary_sub.publications(c)) for c in channels}
+                conn.execute(sql)
+                committing = time.monotonic()
+                conn.commit()
+                for channel in channels:
+                    who = binary_sub if channel == "chat:files" else sub
+                    event = who.wait_for_publications(seen[channel] + 1, channel)[-1]
+                    print(f"      {channel} received {event.data!r}  "
+                          f"(COMMIT → received: {(event.at - committing) * 1000:.1f} ms)")
         time.sleep(0.2)
-        show("SELECT count(*) FROM centrifugo_outbox;", pg.sql("SELECT count(*) FROM centrifugo_outbox"))
-        show("SELECT * FROM centrifugo_worker_status();", pg.sql("SELECT * FROM centrifugo_worker_status()"))
+        print("\npsql> SELECT count(*) FROM centrifugo_outbox;")
+        print(query(pg, "SELECT count(*) FROM centrifugo_outbox"))
+        status = ("SELECT consumer, partition, pid, state, backlog, delivered, batches, retries, dead_lettered, endpoint "
+                  "FROM centrifugo_outbox_status")
+        print(f"\npsql> {status};")
+        print(query(pg, status))
         binary_sub.stop()
     finally:
         if sub:
