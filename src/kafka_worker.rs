@@ -324,7 +324,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let wanted = gucs::client_config();
         if client.as_ref().is_none_or(|c| *c.config() != wanted) {
             client = match CentrifugoClient::new(wanted) {
-                Ok(c) => Some(c.with_stop_check(shutdown_requested)),
+                Ok(c) => Some(c.with_stop_check(shutdown_requested).carry_over(client.as_ref())),
                 Err(e) => {
                     warn("client", format!("cannot reach Centrifugo: {e}"));
                     None
@@ -411,11 +411,12 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             .collect();
         for key in keys {
             let queue = queues.get_mut(&key).expect("key from the map");
-            match dispatch(&spec, client, &key, queue) {
+            let outcome = dispatch(&spec, client, &key, queue);
+            for event in client.take_events() {
+                log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
+            }
+            match outcome {
                 Ok((done, retry, stats)) => {
-                    for event in client.take_events() {
-                        log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
-                    }
                     shmem::update_kafka(index, &key.0, key.1, |s| {
                         s.pid = pid;
                         s.assigned = true;

@@ -81,6 +81,8 @@ pub struct Stats {
     /// endpoint, as the worker's client counts them since it was built.
     pub endpoint: u8,
     pub endpoint_failures: [u64; MAX_ENDPOINTS],
+    /// Which endpoint list the two fields above index (outbox_core::endpoints::list_id; 0: none).
+    pub endpoints_id: u64,
 }
 
 impl Default for Stats {
@@ -98,6 +100,7 @@ impl Default for Stats {
             latency: [0; histogram::BUCKETS],
             endpoint: 0,
             endpoint_failures: [0; MAX_ENDPOINTS],
+            endpoints_id: 0,
         }
     }
 }
@@ -127,6 +130,7 @@ impl Stats {
     /// Takes what `client` knows of the endpoints.
     pub fn record_endpoints(&mut self, client: &outbox_core::client::CentrifugoClient) {
         self.endpoint = client.endpoint_in_use() as u8;
+        self.endpoints_id = client.endpoints_id();
         self.endpoint_failures = [0; MAX_ENDPOINTS];
         for (stored, failures) in self.endpoint_failures.iter_mut().zip(client.endpoint_failures()) {
             *stored = failures;

@@ -31,8 +31,11 @@ fn endpoints() -> Vec<String> {
         .collect()
 }
 
-/// The counters of `s`; `endpoints` names the endpoint in use when `running`, and the failures.
+/// The counters of `s`; `endpoints` names the endpoint in use when `running`, and the failures
+/// (when the worker's counters are about this very list: not while a reload is under way).
 fn stat_columns(s: &Stats, endpoints: &[String], running: bool) -> StatColumns {
+    let same_list = s.endpoints_id == outbox_core::endpoints::list_id(endpoints);
+    let endpoints = if same_list { endpoints } else { &[] };
     let failures = endpoints
         .iter()
         .zip(s.endpoint_failures)

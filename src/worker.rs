@@ -521,7 +521,7 @@ impl Worker {
         match CentrifugoClient::new(config) {
             // A SIGTERM ends a wait for Centrifugo's reply (the batch is resent by the next start).
             Ok(client) => {
-                let client = client.with_stop_check(shutdown_requested);
+                let client = client.with_stop_check(shutdown_requested).carry_over(self.client.as_ref());
                 self.client = Some(client);
                 self.client_error = None;
             }

@@ -238,6 +238,13 @@ def test_alter_extension_update_from_0_3_0_keeps_what_operators_were_granted(mak
     pg.sql("CREATE ROLE monitor LOGIN")
     pg.sql("GRANT SELECT ON centrifugo_outbox_status, centrifugo_kafka_status TO monitor")
     pg.sql("GRANT EXECUTE ON FUNCTION centrifugo_outbox_status_rows, centrifugo_kafka_status_rows TO monitor")
+    # The database's owner (who owns schema public) plants a look-alike of the renamed old
+    # function, executable by everybody: its grants must not be copied to the new one.
+    pg.sql("CREATE ROLE dbowner LOGIN")
+    pg.sql("ALTER DATABASE postgres OWNER TO dbowner")
+    with pg.connect(user="dbowner") as conn:
+        conn.execute("CREATE FUNCTION public._centrifugo_outbox_status_rows_0_3_0(int) RETURNS int LANGUAGE sql AS 'SELECT 1'")
+        conn.execute("GRANT EXECUTE ON FUNCTION public._centrifugo_outbox_status_rows_0_3_0(int) TO PUBLIC")
     pg.sql("ALTER EXTENSION centrifugo_outbox UPDATE")
     assert pg.scalar("SELECT extversion FROM pg_extension WHERE extname = 'centrifugo_outbox'") == CURRENT_VERSION
     wait_for_workers(pg)
@@ -246,8 +253,11 @@ def test_alter_extension_update_from_0_3_0_keeps_what_operators_were_granted(mak
         rows = conn.execute("SELECT partition, backlog, endpoint, endpoint_failures FROM centrifugo_outbox_status").fetchall()
         assert rows == [(0, None, centrifugo.api_url, {centrifugo.api_url: 0})]
         assert conn.execute("SELECT count(*) FROM centrifugo_kafka_status").fetchone()[0] == 0
-    # Nobody else gained anything.
+    # Nobody else gained anything: not through the views, not through the functions.
     pg.sql("CREATE ROLE nobody LOGIN")
+    for role, allowed in (("monitor", True), ("nobody", False), ("dbowner", False)):
+        for function in ("centrifugo_outbox_status_rows()", "centrifugo_kafka_status_rows()"):
+            assert pg.scalar("SELECT has_function_privilege(%s, %s, 'EXECUTE')", (role, function)) is allowed, (role, function)
     with pg.connect(user="nobody") as conn:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT * FROM centrifugo_outbox_status")

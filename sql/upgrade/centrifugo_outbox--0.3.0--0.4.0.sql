@@ -62,9 +62,11 @@ SET search_path TO pg_catalog, pg_temp
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'centrifugo_kafka_status_rows_wrapper';
 
-REVOKE ALL ON FUNCTION centrifugo_outbox_status_rows, centrifugo_kafka_status_rows FROM PUBLIC;
+REVOKE ALL ON FUNCTION centrifugo_outbox_status_rows(), centrifugo_kafka_status_rows() FROM PUBLIC;
 
--- Whoever was let run the 0.3.0 functions may run the new ones.
+-- Whoever was let run the 0.3.0 functions may run the new ones. Only the extension's own
+-- functions count (by their membership, not their name: the schema's owner could have made a
+-- look-alike with grants of its own).
 DO $$
 DECLARE
     g record;
@@ -73,10 +75,14 @@ BEGIN
         SELECT pg_catalog.substr(p.proname, 2, pg_catalog.length(p.proname) OPERATOR(pg_catalog.-) 7) AS new_name,
                a.grantee, a.is_grantable
         FROM pg_catalog.pg_proc p
+        JOIN pg_catalog.pg_depend d ON d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+             AND d.objid OPERATOR(pg_catalog.=) p.oid AND d.deptype OPERATOR(pg_catalog.=) 'e'
+             AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+        JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+             AND e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'
         CROSS JOIN LATERAL pg_catalog.aclexplode(p.proacl) a
-        WHERE p.pronamespace OPERATOR(pg_catalog.=) (SELECT extnamespace FROM pg_catalog.pg_extension
-                                                     WHERE extname OPERATOR(pg_catalog.=) 'centrifugo_outbox')
-          AND p.proname OPERATOR(pg_catalog.=) ANY (ARRAY['_centrifugo_outbox_status_rows_0_3_0', '_centrifugo_kafka_status_rows_0_3_0'])
+        WHERE p.proname OPERATOR(pg_catalog.=) ANY (ARRAY['_centrifugo_outbox_status_rows_0_3_0', '_centrifugo_kafka_status_rows_0_3_0'])
+          AND p.pronargs OPERATOR(pg_catalog.=) 0
           AND a.privilege_type OPERATOR(pg_catalog.=) 'EXECUTE'
           AND a.grantee OPERATOR(pg_catalog.<>) p.proowner
     LOOP

@@ -15,7 +15,8 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
-use crate::endpoints::{display_url, is_node_failure, parse_api_urls, Failover};
+use crate::command::Method;
+use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeFailure};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
@@ -37,13 +38,17 @@ pub struct CentrifugoClient {
     config: ClientConfig,
     http: reqwest::Client,
     runtime: Runtime,
-    /// The `/api/batch` URL of each endpoint, in the setting's order.
+    /// The `/api/batch` URL of each endpoint, in the setting's order, and each endpoint as logs
+    /// and status views show it.
     batch_urls: Vec<String>,
+    names: Vec<String>,
     failover: RefCell<Failover>,
     /// The probe of a failed endpoint earlier in the list, while it runs.
     probe: RefCell<Option<(usize, JoinHandle<Response>)>>,
     /// Endpoint switches not yet taken by the worker's log.
     events: RefCell<Vec<String>>,
+    /// The HTTP status of each endpoint's last probe (0: none), so a refusal is logged once.
+    probe_statuses: RefCell<Vec<u16>>,
     /// Asked every [`STOP_POLL`] while a reply is awaited: true means the worker must stop.
     stop_requested: fn() -> bool,
 }
@@ -58,6 +63,9 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// What a reply not awaited because the worker stops becomes: nothing is known to have run.
 pub const STOPPING: &str = "not awaited: the worker is stopping";
 
+/// How a transport failure that never reached the server begins (no connection could be made).
+pub const CONNECT_FAILED: &str = "connect failed";
+
 /// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
 /// (see [`crate::dispatch::Failure::is_deferred`]).
 pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
@@ -67,6 +75,7 @@ pub struct InFlight<'c> {
     client: &'c CentrifugoClient,
     task: Option<JoinHandle<Response>>,
     endpoint: usize,
+    started: Instant,
 }
 
 impl InFlight<'_> {
@@ -149,10 +158,27 @@ impl CentrifugoClient {
             runtime,
             failover: RefCell::new(Failover::new(urls.len())),
             batch_urls: urls.iter().map(|u| crate::settings::batch_url(u)).collect(),
+            names: urls.iter().map(|u| display_url(u)).collect(),
             probe: RefCell::new(None),
             events: RefCell::new(Vec::new()),
+            probe_statuses: RefCell::new(vec![0; urls.len()]),
             stop_requested: || false,
         })
+    }
+
+    /// Takes over what `previous` (the client this one replaces after a reload) knew of the
+    /// endpoints, when both have the same list: a change of another setting must not send the
+    /// worker back to a node it knows is down.
+    pub fn carry_over(self, previous: Option<&CentrifugoClient>) -> Self {
+        if let Some(previous) = previous.filter(|p| p.batch_urls == self.batch_urls) {
+            self.failover.borrow_mut().adopt(&previous.failover.borrow());
+        }
+        self
+    }
+
+    /// An identifier of the endpoint list (see [`crate::endpoints::list_id`]).
+    pub fn endpoints_id(&self) -> u64 {
+        crate::endpoints::list_id(&self.names)
     }
 
     /// Makes waits for replies give up when `stop_requested` says so (a worker's SIGTERM).
@@ -184,8 +210,8 @@ impl CentrifugoClient {
     }
 
     /// The endpoints, as logs and status views show them (no credentials).
-    pub fn endpoints(&self) -> Vec<String> {
-        self.batch_urls.iter().map(|u| display_url(u.strip_suffix("/batch").unwrap_or(u))).collect()
+    pub fn endpoints(&self) -> &[String] {
+        &self.names
     }
 
     /// Failed requests per endpoint since the client was built.
@@ -199,7 +225,7 @@ impl CentrifugoClient {
     }
 
     fn endpoint_name(&self, endpoint: usize) -> String {
-        self.endpoints().swap_remove(endpoint)
+        self.names[endpoint].clone()
     }
 
     /// Takes the answer of a finished probe (a healthy node earlier in the list is used again)
@@ -211,7 +237,18 @@ impl CentrifugoClient {
             return;
         }
         if let Some((endpoint, task)) = probe.take() {
-            let healthy = matches!(self.runtime.block_on(task), Ok(Response::Http { status: 200, .. }));
+            let status = match self.runtime.block_on(task) {
+                Ok(Response::Http { status, .. }) => status,
+                _ => 0,
+            };
+            let healthy = status == 200;
+            let before = std::mem::replace(&mut self.probe_statuses.borrow_mut()[endpoint], status);
+            if status != before && (400..500).contains(&status) {
+                self.events.borrow_mut().push(format!(
+                    "{} refuses requests (HTTP {status} to a probe): check centrifugo.api_key and centrifugo.api_url against that node's configuration; not going back to it until it accepts them",
+                    self.endpoint_name(endpoint)
+                ));
+            }
             let before = self.failover.borrow().current();
             if self.failover.borrow_mut().probed(endpoint, healthy, Instant::now()) {
                 self.events.borrow_mut().push(format!(
@@ -240,6 +277,7 @@ impl CentrifugoClient {
 
     /// Puts a batch on the wire to endpoint `endpoint` and returns at once.
     fn start_at(&self, endpoint: usize, body: Vec<u8>) -> InFlight<'_> {
+        let started = Instant::now();
         let request = self
             .http
             .post(&self.batch_urls[endpoint])
@@ -262,7 +300,7 @@ impl CentrifugoClient {
         });
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
-        InFlight { client: self, task: Some(task), endpoint }
+        InFlight { client: self, task: Some(task), endpoint, started }
     }
 
     /// Runs the runtime for a moment without blocking: each yield polls the socket events once
@@ -288,17 +326,23 @@ impl CentrifugoClient {
     /// then retries, sent by the next round, so a round never holds its transaction for
     /// `commands × timeout`. Adds the requests made to `batches`.
     ///
-    /// When the endpoint fails as a node (no answer, a 5xx) and there are others, the same batch
-    /// goes to the next one at once, each endpoint at most once: Centrifugo's idempotency keys
-    /// (shared by the nodes through their broker) keep a publication the failed node may have
-    /// made before failing from being made twice.
+    /// When the endpoint fails as a node (no answer, a 5xx) and another node is believed up, the
+    /// batch goes there at once if that cannot run a command twice: the request never reached
+    /// the failed node, or every command is a publication with an idempotency key (the nodes
+    /// share their idempotency cache through the broker, so a publication the failed node made
+    /// before failing is not made again). Otherwise the worker only switches nodes and retries
+    /// after its back-off, as with one node. Each node is tried at most once per call, and none
+    /// once the first request's `timeout` has passed.
     pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
         let count = self.batch_urls.len();
+        let deadline = pending.started + self.config.timeout;
         let mut endpoint = pending.endpoint;
         let mut response = pending.wait();
-        let mut tried = 1;
-        while is_node_failure(&response) {
+        let mut tried = vec![false; count];
+        tried[endpoint] = true;
+        let publications_only = commands.iter().all(|c| matches!(c.method, Method::Publish | Method::Broadcast));
+        while let Some(failure) = node_failure(&response) {
             let next = self.failover.borrow_mut().failed(endpoint, Instant::now());
             if next != endpoint {
                 let why = match &response {
@@ -311,17 +355,24 @@ impl CentrifugoClient {
                     self.endpoint_name(next)
                 ));
             }
-            if tried >= count || (self.stop_requested)() {
+            let resend_now = next != endpoint
+                && !tried[next]
+                && !self.failover.borrow().is_down(next)
+                && (failure == NodeFailure::NotReached || publications_only)
+                && Instant::now() < deadline
+                && !(self.stop_requested)();
+            if !resend_now {
                 break;
             }
-            tried += 1;
+            tried[next] = true;
             *batches += 1;
             endpoint = next;
             response = self.start_at(endpoint, batch_body(commands)).wait();
         }
-        if !is_node_failure(&response) {
-            self.failover.borrow_mut().answered(endpoint);
+        if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
+            self.failover.borrow_mut().answered(endpoint, Instant::now());
         }
+        let tried = tried.iter().filter(|t| **t).count();
         let mut verdict = classify_batch(&response, commands);
         if count > 1 {
             // Which node said so: a refusal (401, 404) is that node's configuration.
@@ -358,10 +409,11 @@ impl CentrifugoClient {
 
 /// A one-line description of a transport error, with its causes.
 fn describe(e: &reqwest::Error) -> String {
-    let mut text = if e.is_timeout() {
+    // A connect timeout is a connect failure: the request never went out.
+    let mut text = if e.is_connect() {
+        CONNECT_FAILED.to_owned()
+    } else if e.is_timeout() {
         "timeout".to_owned()
-    } else if e.is_connect() {
-        "connect failed".to_owned()
     } else {
         "request failed".to_owned()
     };
@@ -600,11 +652,18 @@ mod tests {
         // goes to B); the one after that goes to A.
         let seen_a = node(tiny_http::Server::http(format!("127.0.0.1:{port_a}")).unwrap(), 200);
         std::thread::sleep(crate::endpoints::PROBE_FIRST + Duration::from_millis(100));
-        assert_eq!(client.send(&[publish("two")], &mut 0), vec![Outcome::Delivered]);
+        let mut sent = 1;
+        while client.endpoint_in_use() == 1 {
+            assert!(sent < 50, "never went back to A");
+            sent += 1;
+            assert_eq!(client.send(&[publish(&format!("to-b-{sent}"))], &mut 0), vec![Outcome::Delivered]);
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(client.send(&[publish("three")], &mut 0), vec![Outcome::Delivered]);
-        assert_eq!(client.endpoint_in_use(), 0);
-        assert_eq!(*seen_b.lock().unwrap(), vec!["one", "two"]);
-        assert_eq!(*seen_a.lock().unwrap(), vec!["(probe)", "three"]);
+        // The probe came first; the send that found its answer already went to A.
+        let (seen_a, seen_b) = (seen_a.lock().unwrap().clone(), seen_b.lock().unwrap().clone());
+        assert_eq!((seen_a.first().map(String::as_str), seen_a.last().map(String::as_str)), (Some("(probe)"), Some("three")));
+        assert_eq!(seen_b.len() + seen_a.len() - 1, sent + 1, "{seen_a:?} {seen_b:?}");
         assert!(client.take_events().iter().any(|e| e.contains("answers again")));
     }
 
@@ -652,6 +711,131 @@ mod tests {
             "{outcomes:?}"
         );
         assert_eq!(client.endpoint_failures(), vec![1, 1]);
+    }
+
+    /// A node that answers real batches after `delay` (probes at once), recording the commands
+    /// it ran with when.
+    fn slow_node(delay: Duration, status: u16) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>) {
+        let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
+        let ran = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = ran.clone();
+        std::thread::spawn(move || {
+            while let Ok(mut req) = server.recv() {
+                let record = record.clone();
+                std::thread::spawn(move || {
+                    let mut body = String::new();
+                    req.as_reader().read_to_string(&mut body).unwrap();
+                    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    let commands = body["commands"].as_array().cloned().unwrap_or_default();
+                    if !commands.is_empty() {
+                        std::thread::sleep(delay);
+                    }
+                    for c in &commands {
+                        record.lock().unwrap().push((Instant::now(), c.to_string()));
+                    }
+                    let replies = vec!["{}"; commands.len()].join(",");
+                    let reply = if status == 200 {
+                        tiny_http::Response::from_string(format!(r#"{{"replies":[{replies}]}}"#))
+                    } else {
+                        tiny_http::Response::from_string("no").with_status_code(status)
+                    };
+                    let _ = req.respond(reply);
+                });
+            }
+        });
+        (url, ran)
+    }
+
+    fn unsubscribe(user: &str) -> Prepared {
+        prepare("unsubscribe", &json!({"channel": "c", "user": user}).to_string(), || "k".into()).unwrap()
+    }
+
+    /// Found by review: a batch that timed out may still run on its node; sent at once to the
+    /// next node, an unsubscribe ran there, then the next one, then late on the first node.
+    /// Commands that may not run twice now wait for the worker's back-off; publications (with
+    /// their idempotency keys) and requests that never reached the node go at once.
+    #[test]
+    fn only_what_cannot_run_twice_goes_to_the_next_node_at_once() {
+        let (slow, ran_slow) = slow_node(Duration::from_millis(700), 200);
+        let (b, ran_b) = slow_node(Duration::ZERO, 200);
+        let mut c = config(format!("{slow},{b}"));
+        c.timeout = Duration::from_millis(300);
+        let client = CentrifugoClient::new(c.clone()).unwrap();
+        let outcomes = client.send(&[unsubscribe("first")], &mut 0);
+        assert!(matches!(&outcomes[0], Outcome::Retry(f) if f.message.contains("timeout")), "{outcomes:?}");
+        assert!(ran_b.lock().unwrap().is_empty(), "not sent to B at once");
+        assert_eq!(client.endpoint_in_use(), 1, "the next round goes to B");
+        std::thread::sleep(Duration::from_millis(600));
+        assert_eq!(ran_slow.lock().unwrap().len(), 1, "the slow node did run it, late");
+
+        // A publication that timed out: the next node only after the request's timeout, i.e.
+        // next round (no second timeout inside one call).
+        let client = CentrifugoClient::new(c.clone()).unwrap();
+        let started = Instant::now();
+        assert!(matches!(&client.send(&[publish("p")], &mut 0)[0], Outcome::Retry(_)));
+        assert!(started.elapsed() < Duration::from_millis(550), "{:?}", started.elapsed());
+
+        // A 5xx: publications go to B at once, an unsubscribe waits.
+        let (failing, _) = slow_node(Duration::ZERO, 503);
+        let client = CentrifugoClient::new(config(format!("{failing},{b}"))).unwrap();
+        let before = ran_b.lock().unwrap().len();
+        assert!(matches!(&client.send(&[unsubscribe("second")], &mut 0)[0], Outcome::Retry(f) if f.code == Some(503)));
+        assert_eq!(ran_b.lock().unwrap().len(), before);
+        let client = CentrifugoClient::new(config(format!("{failing},{b}"))).unwrap();
+        assert_eq!(client.send(&[publish("p")], &mut 0), vec![Outcome::Delivered]);
+
+        // Never reached (connection refused): anything goes to B at once.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{closed}/api,{b}"))).unwrap();
+        assert_eq!(client.send(&[unsubscribe("third")], &mut 0), vec![Outcome::Delivered]);
+    }
+
+    /// Found by review: with every node hanging, one call took nodes × timeout.
+    #[test]
+    fn hanging_nodes_cost_one_request_timeout_per_call() {
+        let listeners: Vec<_> = (0..4).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let urls: Vec<_> = listeners.iter().map(|l| format!("http://{}/api", l.local_addr().unwrap())).collect();
+        let mut c = config(urls.join(","));
+        c.timeout = Duration::from_millis(300);
+        let client = CentrifugoClient::new(c).unwrap();
+        for round in 0..4 {
+            let started = Instant::now();
+            assert!(matches!(&client.send(&[publish("x")], &mut 0)[0], Outcome::Retry(_)));
+            assert!(started.elapsed() < Duration::from_millis(550), "round {round}: {:?}", started.elapsed());
+        }
+        // Each round moved on to the next node: every node was tried once in four rounds.
+        assert_eq!(client.endpoint_failures(), vec![1, 1, 1, 1]);
+    }
+
+    /// Found by review: a rebuilt client (another setting changed) went back to a node it knew
+    /// was down; and a probe refused with 401 was silent.
+    #[test]
+    fn a_rebuilt_client_keeps_what_it_knew_and_a_refused_probe_is_said() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (b, _) = slow_node(Duration::ZERO, 200);
+        let list = format!("http://127.0.0.1:{closed}/api,{b}");
+        let old = CentrifugoClient::new(config(list.clone())).unwrap();
+        assert_eq!(old.send(&[publish("x")], &mut 0), vec![Outcome::Delivered]);
+        let mut c = config(list);
+        c.timeout = Duration::from_millis(900);
+        let new = CentrifugoClient::new(c).unwrap().carry_over(Some(&old));
+        assert_eq!((new.endpoint_in_use(), new.endpoint_failures()), (1, vec![1, 0]));
+        let other = CentrifugoClient::new(config(b.clone())).unwrap().carry_over(Some(&old));
+        assert_eq!(other.endpoint_in_use(), 0, "another list starts afresh");
+
+        // The node comes back with another key: the probe's 401 is said once.
+        let refusing = tiny_http::Server::http(format!("127.0.0.1:{closed}")).unwrap();
+        node(refusing, 401);
+        let mut events = Vec::new();
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(100));
+            new.send(&[publish("y")], &mut 0);
+            events.extend(new.take_events());
+        }
+        let said: Vec<_> = events.iter().filter(|e| e.contains("refuses requests (HTTP 401 to a probe)")).collect();
+        assert_eq!(said.len(), 1, "{events:?}");
+        assert_eq!(new.endpoint_in_use(), 1);
     }
 
     /// A server that answers each connection's first request and closes it 50 ms later, as

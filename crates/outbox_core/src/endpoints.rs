@@ -14,27 +14,51 @@ use crate::dispatch::Response;
 /// At most this many endpoints in `centrifugo.api_url` (a cluster's nodes, not a fleet).
 pub const MAX_ENDPOINTS: usize = 8;
 
-/// The first probe of a failed node comes this long after its failure; each probe it fails
-/// doubles the wait, up to [`PROBE_MAX`].
+/// The first probe of a failed node comes this long after its failure; each probe it fails, and
+/// each failure soon after it was taken back, doubles the wait, up to [`PROBE_MAX`].
 pub const PROBE_FIRST: Duration = Duration::from_millis(500);
 pub const PROBE_MAX: Duration = Duration::from_secs(5);
 
 /// The endpoints of `centrifugo.api_url`: one URL, or several separated by commas (spaces
-/// around them are ignored). Each is an http(s) base URL with a host; none may repeat.
+/// around them are ignored). Each is an http(s) base URL with a host, all of one scheme (a
+/// failover must not send the API key in clear text where TLS was meant), without a
+/// `user:password@` part (Centrifugo's API takes the key as `X-API-Key`; credentials in a
+/// setting any role can `SHOW` would leak); none may repeat. Errors never echo a credential.
 pub fn parse_api_urls(setting: &str) -> Result<Vec<String>, String> {
     let mut urls: Vec<String> = Vec::new();
-    for entry in setting.split(',') {
+    for (i, entry) in setting.split(',').enumerate() {
         let url = entry.trim();
         if url.is_empty() {
             return Err(if setting.trim().is_empty() {
                 "centrifugo.api_url is empty".to_owned()
             } else {
-                format!("centrifugo.api_url \"{setting}\" has an empty entry in its comma-separated list")
+                format!("centrifugo.api_url has an empty entry (number {}) in its comma-separated list", i + 1)
             });
         }
-        crate::settings::validate_api_url(url)?;
+        let authority = url.split_once("://").map_or(url, |(_, rest)| &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())]);
+        if authority.contains('@') {
+            return Err(format!(
+                "centrifugo.api_url entry number {} has a user:password@ part: remove it (Centrifugo's API key goes in centrifugo.api_key)",
+                i + 1
+            ));
+        }
+        if url.contains('\\') {
+            return Err(format!("centrifugo.api_url entry number {} contains a backslash", i + 1));
+        }
+        if let Some(problem) = crate::settings::api_url_problem(url) {
+            return Err(format!("centrifugo.api_url entry number {} {problem}", i + 1));
+        }
+        if let Some(first) = urls.first() {
+            if scheme(first) != scheme(url) {
+                return Err(format!(
+                    "centrifugo.api_url mixes {} and {} endpoints: use one scheme for every node",
+                    scheme(first),
+                    scheme(url)
+                ));
+            }
+        }
         if urls.iter().any(|u| same_endpoint(u, url)) {
-            return Err(format!("centrifugo.api_url lists {} twice", display_url(url)));
+            return Err(format!("centrifugo.api_url lists {url} twice"));
         }
         urls.push(url.to_owned());
     }
@@ -44,11 +68,27 @@ pub fn parse_api_urls(setting: &str) -> Result<Vec<String>, String> {
     Ok(urls)
 }
 
+fn scheme(url: &str) -> String {
+    url.split_once("://").map_or("", |(s, _)| s).to_ascii_lowercase()
+}
+
 fn same_endpoint(a: &str, b: &str) -> bool {
     a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'))
 }
 
-/// `url` as logs and status views show it: without any `user:password@`.
+/// An identifier of the list `urls` (FNV-1a), stored with the counters in shared memory so a
+/// status view reading the setting after a reload never puts one list's counters on another's
+/// URLs.
+pub fn list_id(urls: &[String]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in urls.iter().flat_map(|u| u.bytes().chain([0])) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash.max(1)
+}
+
+/// `url` as logs and status views show it: without any `user:password@` (refused in the
+/// setting; this is a second line).
 pub fn display_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -58,12 +98,28 @@ pub fn display_url(url: &str) -> String {
     }
 }
 
-/// True when `response` says the node itself is unwell (no HTTP answer, or a 5xx), so another
-/// node may take the request. A stopping worker's abandoned wait is not the node's fault.
-pub fn is_node_failure(response: &Response) -> bool {
+/// What a failed request says of its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeFailure {
+    /// The request never reached the node (no connection could be made): another node may run
+    /// it at once, whatever it holds.
+    NotReached,
+    /// The node may have run the request, or may still run it (a timeout, a connection lost
+    /// after the request went out, a 5xx): at once on another node only if running it twice
+    /// cannot harm (publications with idempotency keys).
+    Unknown,
+}
+
+/// How `response` reflects on the node: `None` when the node answered for itself (a 2xx, or a
+/// refusal such as 401/404, which is a configuration error another node would only hide) or
+/// when nothing was learnt (a stopping worker's abandoned wait).
+pub fn node_failure(response: &Response) -> Option<NodeFailure> {
     match response {
-        Response::Transport(message) => message != crate::client::STOPPING,
-        Response::Http { status, .. } => *status >= 500,
+        Response::Transport(message) if message == crate::client::STOPPING => None,
+        Response::Transport(message) if message.starts_with(crate::client::CONNECT_FAILED) => Some(NodeFailure::NotReached),
+        Response::Transport(_) => Some(NodeFailure::Unknown),
+        Response::Http { status, .. } if *status >= 500 => Some(NodeFailure::Unknown),
+        Response::Http { .. } => None,
     }
 }
 
@@ -71,8 +127,20 @@ pub fn is_node_failure(response: &Response) -> bool {
 struct Health {
     /// Requests that failed at this endpoint (probes not counted).
     failures: u64,
-    /// Set while the endpoint is believed down: when to probe it next, and the probes it failed.
-    down: Option<(Instant, u32)>,
+    /// While the endpoint is believed down: when to probe it next.
+    next_probe: Option<Instant>,
+    /// Failed probes and failures soon after being taken back, in a row: the probe wait doubles
+    /// with each, so a node that answers probes but fails real requests is not taken back twice
+    /// a second. Forgotten once the node has served requests for [`PROBE_MAX`].
+    strikes: u32,
+    /// Since when it has answered real requests without failing.
+    up_since: Option<Instant>,
+}
+
+impl Health {
+    fn wait(&self) -> Duration {
+        PROBE_FIRST.saturating_mul(1 << self.strikes.min(16)).min(PROBE_MAX)
+    }
 }
 
 /// Which endpoint a worker uses, and what it knows of the others.
@@ -97,31 +165,43 @@ impl Failover {
         self.health.iter().map(|h| h.failures).collect()
     }
 
+    /// Whether `endpoint` is believed down.
+    pub fn is_down(&self, endpoint: usize) -> bool {
+        self.health[endpoint].next_probe.is_some()
+    }
+
     /// A request to `endpoint` failed as a node failure: counts it, marks the node down and
     /// returns the endpoint to use from now on: the next one in the list believed up, else
-    /// simply the next one (when all are down, each is tried in turn).
+    /// simply the next one (when all are down, each is tried in turn, a round each).
     pub fn failed(&mut self, endpoint: usize, now: Instant) -> usize {
         let n = self.health.len();
         let health = &mut self.health[endpoint];
         health.failures += 1;
-        if health.down.is_none() {
-            health.down = Some((now + PROBE_FIRST, 0));
+        health.up_since = None;
+        if health.next_probe.is_none() {
+            health.next_probe = Some(now + health.wait());
+            health.strikes += 1;
         }
         if endpoint == self.current && n > 1 {
             let next = (1..n).map(|k| (endpoint + k) % n);
-            self.current = next.clone().find(|&i| self.health[i].down.is_none()).unwrap_or((endpoint + 1) % n);
+            self.current = next.clone().find(|&i| !self.is_down(i)).unwrap_or((endpoint + 1) % n);
         }
         self.current
     }
 
     /// `endpoint` answered a request (whatever the answer): it is up.
-    pub fn answered(&mut self, endpoint: usize) {
-        self.health[endpoint].down = None;
+    pub fn answered(&mut self, endpoint: usize, now: Instant) {
+        let health = &mut self.health[endpoint];
+        health.next_probe = None;
+        let since = *health.up_since.get_or_insert(now);
+        if now.duration_since(since) >= PROBE_MAX {
+            health.strikes = 0;
+        }
     }
 
     /// A node earlier in the list than the one in use, due for a probe now.
     pub fn probe_due(&self, now: Instant) -> Option<usize> {
-        (0..self.current).find(|&i| self.health[i].down.is_some_and(|(at, _)| at <= now))
+        (0..self.current).find(|&i| self.health[i].next_probe.is_some_and(|at| at <= now))
     }
 
     /// The probe of `endpoint` came back: a healthy node earlier in the list is used again
@@ -129,17 +209,25 @@ impl Failover {
     pub fn probed(&mut self, endpoint: usize, healthy: bool, now: Instant) -> bool {
         let health = &mut self.health[endpoint];
         if healthy {
-            health.down = None;
+            health.next_probe = None;
+            health.up_since = None;
             if endpoint < self.current {
                 self.current = endpoint;
                 return true;
             }
         } else {
-            let probes = health.down.map_or(0, |(_, p)| p) + 1;
-            let wait = PROBE_FIRST.saturating_mul(1 << probes.min(16)).min(PROBE_MAX);
-            health.down = Some((now + wait, probes));
+            health.next_probe = Some(now + health.wait());
+            health.strikes += 1;
         }
         false
+    }
+
+    /// Takes over what `other` knew, when it watched the same list (a client rebuilt because
+    /// another setting changed must not go back to a node it knows is down).
+    pub fn adopt(&mut self, other: &Failover) {
+        if other.health.len() == self.health.len() {
+            *self = other.clone();
+        }
     }
 }
 
@@ -151,8 +239,8 @@ mod tests {
     fn one_or_several_endpoints_are_read_from_the_setting() {
         assert_eq!(parse_api_urls("http://a:8000/api").unwrap(), vec!["http://a:8000/api"]);
         assert_eq!(
-            parse_api_urls(" http://a:8000/api ,https://b/api").unwrap(),
-            vec!["http://a:8000/api", "https://b/api"]
+            parse_api_urls(" http://a:8000/api ,http://b/api").unwrap(),
+            vec!["http://a:8000/api", "http://b/api"]
         );
         for (bad, why) in [
             ("", "is empty"),
@@ -160,9 +248,19 @@ mod tests {
             ("http://a/api,,http://b/api", "empty entry"),
             ("http://a/api, ftp://b", "must start with http"),
             ("http://a/api, http://A/api/", "twice"),
+            ("https://a/api, http://b/api", "mixes https and http"),
+            ("http://evil.example\\@good.example/api", "user:password@"),
+            ("http://evil.example\\x/api", "backslash"),
         ] {
-            assert!(parse_api_urls(bad).unwrap_err().contains(why), "{bad:?}");
+            assert!(parse_api_urls(bad).unwrap_err().contains(why), "{bad:?}: {:?}", parse_api_urls(bad));
         }
+        // A credential is refused without being repeated (the error goes to the server log).
+        for setting in ["http://a/api, http://user:s3cret@b/api", "http://a/api, http://user:s3cret,pw@b/api", "http://user:s3cret"] {
+            let error = parse_api_urls(setting).unwrap_err();
+            assert!(error.starts_with("centrifugo.api_url entry number") && !error.contains("s3cret"), "{error}");
+        }
+        assert!(parse_api_urls("http://user:pw@b/api").unwrap_err().contains("user:password@"));
+        assert_ne!(list_id(&["http://a".into(), "http://b".into()]), list_id(&["http://b".into(), "http://a".into()]));
         let nine = (0..9).map(|i| format!("http://n{i}/api")).collect::<Vec<_>>().join(",");
         assert!(parse_api_urls(&nine).unwrap_err().contains("at most 8"));
     }
@@ -177,14 +275,17 @@ mod tests {
     #[test]
     fn node_failures_are_transport_errors_and_5xx_only() {
         let http = |status| Response::Http { status, body: vec![] };
-        assert!(is_node_failure(&Response::Transport("connect failed".into())));
-        assert!(!is_node_failure(&Response::Transport(crate::client::STOPPING.into())));
+        let transport = |m: &str| Response::Transport(m.into());
+        assert_eq!(node_failure(&transport("connect failed: connection refused")), Some(NodeFailure::NotReached));
+        assert_eq!(node_failure(&transport("timeout")), Some(NodeFailure::Unknown));
+        assert_eq!(node_failure(&transport("request failed: connection reset")), Some(NodeFailure::Unknown));
+        assert_eq!(node_failure(&transport(crate::client::STOPPING)), None);
         for status in [500, 502, 503, 504] {
-            assert!(is_node_failure(&http(status)), "{status}");
+            assert_eq!(node_failure(&http(status)), Some(NodeFailure::Unknown), "{status}");
         }
         // A node that answers but refuses is misconfigured: another node would hide that.
         for status in [200, 400, 401, 403, 404, 413] {
-            assert!(!is_node_failure(&http(status)), "{status}");
+            assert_eq!(node_failure(&http(status)), None, "{status}");
         }
     }
 
@@ -214,7 +315,7 @@ mod tests {
         assert_eq!(f.failed(0, t0), 1);
         assert_eq!(f.failures(), vec![2, 1]);
         // Node 1 answers: it is up, and nothing earlier in the list is due yet.
-        f.answered(1);
+        f.answered(1, t0);
         assert_eq!(f.current(), 1);
         assert_eq!(f.probe_due(t0 + PROBE_MAX), Some(0));
     }
@@ -244,6 +345,28 @@ mod tests {
         }
         assert_eq!(f.probe_due(now + PROBE_MAX - Duration::from_millis(1)), None);
         assert_eq!(f.probe_due(now + PROBE_MAX), Some(0));
+    }
+
+    /// Found by review: a node that answers the probe but fails real requests was taken back
+    /// every 0.5 s; each failure soon after being taken back now doubles the wait.
+    #[test]
+    fn a_node_that_fails_again_soon_after_its_return_is_probed_less_and_less() {
+        let mut now = Instant::now();
+        let mut f = Failover::new(2);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            f.failed(0, now);
+            let due = (1..=100).map(|k| now + PROBE_FIRST / 10 * k).find(|&t| f.probe_due(t).is_some()).unwrap();
+            waits.push(due - now);
+            now = due;
+            assert!(f.probed(0, true, now));
+            f.answered(0, now);
+        }
+        assert_eq!(waits, [PROBE_FIRST, PROBE_FIRST * 2, PROBE_FIRST * 4, PROBE_FIRST * 8, PROBE_MAX, PROBE_MAX]);
+        // Serving requests for PROBE_MAX forgives it.
+        f.answered(0, now + PROBE_MAX);
+        f.failed(0, now + PROBE_MAX);
+        assert_eq!(f.probe_due(now + PROBE_MAX + PROBE_FIRST), Some(0));
     }
 
     #[test]

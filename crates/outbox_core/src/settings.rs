@@ -124,17 +124,21 @@ pub fn compact_json_len(text: &str) -> usize {
 
 /// Checks the Centrifugo API base URL: http(s), with a host.
 pub fn validate_api_url(url: &str) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("centrifugo.api_url \"{url}\" must start with http:// or https://"))?;
+    api_url_problem(url).map_or(Ok(()), |problem| Err(format!("centrifugo.api_url \"{url}\" {problem}")))
+}
+
+/// What is wrong with the API base URL `url`, in words that do not repeat it (a list's entry
+/// may be a fragment of a credential).
+pub fn api_url_problem(url: &str) -> Option<String> {
+    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+        return Some("must start with http:// or https://".into());
+    };
     if rest.is_empty() || rest.starts_with('/') {
-        return Err(format!("centrifugo.api_url \"{url}\" has no host"));
+        return Some("has no host".into());
     }
     // The URL the client posts to must parse: a host it cannot read ("http://a b/api", an empty
     // host before a port, a bad IDNA name) must fail the setting, not every request.
-    reqwest::Url::parse(&batch_url(url)).map_err(|e| format!("centrifugo.api_url \"{url}\" is not a valid URL: {e}"))?;
-    Ok(())
+    reqwest::Url::parse(&batch_url(url)).err().map(|e| format!("is not a valid URL: {e}"))
 }
 
 /// The `/api/batch` endpoint under the API base URL `api_url`.
