@@ -4,12 +4,14 @@
 #   scripts/test.sh unit       pure logic, plain `cargo test`, no PostgreSQL
 #   scripts/test.sh lint       cargo fmt --check and cargo clippy -D warnings (both crates, with
 #                              and without the kafka feature)
-#   scripts/test.sh pgrx       in-database tests (`cargo pgrx test pg15`, a throwaway cluster)
-#   scripts/test.sh e2e [ARGS] end to end on PostgreSQL 15: real clusters, Centrifugo and Kafka (pytest ARGS)
+#   scripts/test.sh pgrx [NN]  in-database tests (`cargo pgrx test pgNN`, a throwaway cluster; NN=15)
+#   scripts/test.sh e2e [ARGS] end to end: real clusters, Centrifugo and Kafka (pytest ARGS), on
+#                              PostgreSQL 15, or on E2E_MAJOR (the whole suite on another major)
 #   scripts/test.sh matrix [ARGS]  for each of $MAJORS: build, in-database tests, and the e2e
 #                              subset listed in tests/matrix.txt
-#   scripts/test.sh packages [ARGS]  scripts/package.sh for 15 and $MAJORS, then
-#                              tests/test_packages.py (dpkg -i/-r of the 15 .deb, the others' tarballs)
+#   scripts/test.sh packages [ARGS]  scripts/package.sh for 15 and $MAJORS (debug builds unless
+#                              PACKAGE_PROFILE=release), then tests/test_packages.py (dpkg -i/-r
+#                              of the 15 .deb, the others' tarballs unpacked into their trees)
 # MAJORS="14 16 17 18" by default (the majors besides 15); MAJORS="16" is the quick local path.
 # Ends with one line per layer and major: test count and seconds.
 set -euo pipefail
@@ -131,9 +133,11 @@ pytest_run() {
 }
 
 run_e2e() {
-  install_into 15
-  echo "==> end-to-end tests on PostgreSQL 15 (real PostgreSQL, Centrifugo, Kafka)"
-  PG_BIN=/usr/lib/postgresql/15/bin pytest_run e2e15 "$repo/tests" --ignore="$repo/tests/test_packages.py" "$@"
+  local major=${E2E_MAJOR:-15}
+  install_into "$major"
+  echo "==> end-to-end tests on PostgreSQL $major (real PostgreSQL, Centrifugo, Kafka)"
+  PG_BIN=$(dirname "$(pg_config_of "$major")") pytest_run "e2e$major" "$repo/tests" \
+    --ignore="$repo/tests/test_packages.py" "$@"
 }
 
 matrix_ids() {
@@ -151,8 +155,13 @@ run_matrix_e2e() {
 
 run_packages() {
   local majors=(15 $MAJORS)
-  echo "==> packages for PostgreSQL ${majors[*]}"
-  bash "$here/package.sh" "${majors[@]}"
+  # Debug builds by default: the same cargo build as `cargo pgrx install` in the e2e and matrix
+  # layers, so packaging costs seconds per major instead of a release build each (about 5 min
+  # cold for the first major, 1.5 min for each other). PACKAGE_PROFILE=release tests what a
+  # release ships (scripts/package.sh's own default).
+  local profile=${PACKAGE_PROFILE:-debug}
+  echo "==> packages for PostgreSQL ${majors[*]} ($profile)"
+  PACKAGE_PROFILE=$profile bash "$here/package.sh" "${majors[@]}"
   echo "==> package tests"
   PACKAGE_MAJORS="${majors[*]}" pytest_run packages "$repo/tests/test_packages.py" "$@"
   # dpkg -r took the library out of PostgreSQL 15: put the source build back for the e2e layer.
@@ -178,15 +187,15 @@ summary() {
 case "$layer" in
   unit) step unit - run_unit ;;
   lint) step lint - run_lint ;;
-  pgrx) step pgrx 15 run_pgrx 15 ;;
-  e2e) step e2e 15 run_e2e "$@" ;;
+  pgrx) step pgrx "${1:-15}" run_pgrx "${1:-15}" ;;
+  e2e) step e2e "${E2E_MAJOR:-15}" run_e2e "$@" ;;
   matrix) run_matrix "$@" ;;
   packages) step packages "$(echo 15 $MAJORS | tr ' ' ,)" run_packages "$@" ;;
   all)
     step unit - run_unit
     step lint - run_lint
     step pgrx 15 run_pgrx 15
-    step e2e 15 run_e2e "$@"
+    E2E_MAJOR=15 step e2e 15 run_e2e "$@"
     run_matrix "$@"
     # Last: it replaces PostgreSQL 15's library with the package's and then reinstalls it.
     step packages "$(echo 15 $MAJORS | tr ' ' ,)" run_packages "$@"
