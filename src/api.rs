@@ -70,9 +70,7 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     let outbox = crate::session::qualified_outbox(&gucs::outbox_table_name());
     let checked = crate::session::check_outbox_owner(&outbox, pg_sys::RowExclusiveLock)
         .unwrap_or_else(|reason| refuse(&format!("centrifugo_outbox: not enqueueing into {reason}")));
-    let marker = crate::pinned::MARKER;
-    let sql = format!("{marker}INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
-    let insert = || Spi::get_one_with_args::<i64>(&sql, &[command.method.as_str().into(), payload.into(), partition.into()]);
+    let insert = || insert_row(&outbox, checked, command.method.as_str(), payload, partition);
     let inserted = match checked {
         Some(oid) => crate::pinned::pinned(&[oid], insert),
         None => insert(),
@@ -80,6 +78,50 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     inserted
         .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
         .unwrap_or_else(|| error!("centrifugo_outbox: the outbox insert returned no id"))
+}
+
+thread_local! {
+    /// The outbox INSERT, planned once per backend and outbox name (PostgreSQL replans it when
+    /// the table changes): a call costs what a plain INSERT costs, not a parse and plan each time.
+    /// Keyed by the outbox name and, for a superuser's call, the oid checked: such a plan is
+    /// only ever analysed while pinned to that oid, so it can only write that table.
+    static INSERTS: std::cell::RefCell<Vec<((String, u32), std::rc::Rc<pgrx::spi::OwnedPreparedStatement>)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At most this many outbox names keep a planned INSERT per backend (consumers rarely differ).
+const KEPT_INSERTS: usize = 8;
+
+fn insert_row(outbox: &str, checked: Option<pg_sys::Oid>, method: &str, payload: &str, partition: i32) -> Result<Option<i64>, pgrx::spi::Error> {
+    if checked == Some(pg_sys::Oid::INVALID) {
+        // A superuser's call while the table is missing: planned once, under the pin to nothing.
+        let marker = crate::pinned::MARKER;
+        let sql = format!("{marker}INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
+        return Spi::get_one_with_args::<i64>(&sql, &[method.into(), payload.into(), partition.into()]);
+    }
+    // 0: an unprivileged caller's plan, never used by a superuser's call (whose oid is never 0).
+    let key = (outbox.to_owned(), checked.map_or(0, u32::from));
+    Spi::connect_mut(|spi| {
+        let known = INSERTS.with(|k| k.borrow().iter().find(|(k, _)| *k == key).map(|(_, s)| s.clone()));
+        let statement = match known {
+            Some(statement) => statement,
+            None => {
+                let marker = crate::pinned::MARKER;
+                let sql = format!("{marker}INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
+                let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+                let statement = std::rc::Rc::new(spi.prepare_mut(sql.as_str(), &[text, text, PgOid::BuiltIn(PgBuiltInOids::INT4OID)])?.keep());
+                INSERTS.with(|k| {
+                    let mut kept = k.borrow_mut();
+                    if kept.len() >= KEPT_INSERTS {
+                        kept.remove(0);
+                    }
+                    kept.push((key, statement.clone()));
+                });
+                statement
+            }
+        };
+        // No borrow of the cache is held while the INSERT runs: its triggers may publish too.
+        spi.update(&*statement, None, &[method.into(), payload.into(), partition.into()])?.first().get_one::<i64>()
+    })
 }
 
 fn require<T>(value: Option<T>, method: Method, name: &str) -> Result<T, CommandError> {

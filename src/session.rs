@@ -123,20 +123,41 @@ impl ConnectSlot {
 
 /// The extension's schema in the current database (unquoted); None when it is not installed.
 pub fn extension_schema() -> Option<String> {
-    // A read-only query: it also runs on a hot standby (status views).
-    Spi::connect(|c| {
-        c.select(
-            "SELECT n.nspname::pg_catalog.text
-             FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
-             WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox'",
-            None,
-            &[],
-        )?
-        .first()
-        .get_one::<String>()
-    })
-    .ok()
-    .flatten()
+    thread_local! {
+        /// The schema oid of the extension as installed now (by the extension's oid: a DROP and
+        /// CREATE EXTENSION elsewhere makes a new one). Its name is read on each call: a schema
+        /// can be renamed. The SQL API asks on every call.
+        static KNOWN: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
+    }
+    // SAFETY: a catalog index lookup by name; InvalidOid when the extension is missing.
+    let extension = unsafe { pg_sys::get_extension_oid(c"centrifugo_outbox".as_ptr(), true) };
+    if extension == pg_sys::Oid::INVALID {
+        return None;
+    }
+    let namespace = match KNOWN.get().filter(|(oid, _)| *oid == extension) {
+        Some((_, namespace)) => namespace,
+        None => {
+            // A read-only query: it also runs on a hot standby (status views).
+            let namespace = Spi::connect(|c| {
+                c.select(
+                    "SELECT extnamespace::pg_catalog.int8 FROM pg_catalog.pg_extension WHERE oid OPERATOR(pg_catalog.=) $1::pg_catalog.int8::pg_catalog.oid",
+                    None,
+                    &[i64::from(u32::from(extension)).into()],
+                )?
+                .first()
+                .get_one::<i64>()
+            })
+            .ok()
+            .flatten()
+            .map(|oid| pg_sys::Oid::from(oid as u32))?;
+            KNOWN.set(Some((extension, namespace)));
+            namespace
+        }
+    };
+    // SAFETY: a syscache lookup; a palloc'd copy of the name, or NULL when the schema is gone.
+    let name = unsafe { pg_sys::get_namespace_name(namespace) };
+    // SAFETY: a NUL-terminated string from get_namespace_name.
+    (!name.is_null()).then(|| unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
 }
 
 fn require_extension_schema() -> String {
@@ -180,19 +201,25 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
     if table_oid(qualified) != Some(oid) {
         return Err(format!("{qualified} was replaced meanwhile"));
     }
-    let (kind, owner, owner_is_superuser) = Spi::connect(|c| {
-        let row = c
-            .select(
-                "SELECT c.relkind::pg_catalog.text, r.rolname::pg_catalog.text, r.rolsuper
-                 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner
-                 WHERE c.oid OPERATOR(pg_catalog.=) $1::pg_catalog.int8::pg_catalog.oid",
-                None,
-                &[i64::from(u32::from(oid)).into()],
-            )?
-            .first();
-        Ok::<_, pgrx::spi::Error>((row.get::<String>(1)?, row.get::<String>(2)?, row.get::<bool>(3)?))
-    })
-    .map_err(|e| e.to_string())?;
+    // By the catalog caches, which the lock just brought up to date.
+    // SAFETY: a syscache lookup by oid; the tuple is released before the block ends.
+    let (kind, owner) = unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(oid));
+        if tuple.is_null() {
+            return Err(format!("{qualified} was dropped meanwhile"));
+        }
+        let class = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
+        let found = ((*class).relkind as u8, (*class).relowner);
+        pg_sys::ReleaseSysCache(tuple);
+        found
+    };
+    // SAFETY: catalog-cached reads of a role.
+    let (owner_is_superuser, owner) = unsafe {
+        let name = pg_sys::GetUserNameFromId(owner, true);
+        let name = if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() };
+        (Some(pg_sys::superuser_arg(owner)), Some(name))
+    };
+    let kind = Some(if kind == b'r' { "r" } else { "other" });
     if kind.as_deref() != Some("r") {
         return Err(format!("{qualified} is not a plain table"));
     }
@@ -235,14 +262,20 @@ pub fn raw_value_column(dead_letters: pg_sys::Oid) -> (&'static str, &'static st
 
 /// The oid `qualified` names now, if any.
 pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
-    Spi::connect(|c| {
-        c.select("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid::pg_catalog.int8", None, &[qualified.into()])?
-            .first()
-            .get_one::<i64>()
-    })
-    .ok()
-    .flatten()
-    .map(|oid| pg_sys::Oid::from(oid as u32))
+    // The name as `qualified_table_name` writes it ("schema"."table"), looked up in the catalog
+    // caches rather than by a query: the SQL API asks on every call.
+    let parts = outbox_core::settings::table_name_parts(qualified).ok()?;
+    let [schema, table] = parts.as_slice() else { return None };
+    let (schema, table) = (std::ffi::CString::new(schema.as_str()).ok()?, std::ffi::CString::new(table.as_str()).ok()?);
+    // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
+    let oid = unsafe {
+        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
+        if namespace == pg_sys::Oid::INVALID {
+            return None;
+        }
+        pg_sys::get_relname_relid(table.as_ptr(), namespace)
+    };
+    (oid != pg_sys::Oid::INVALID).then_some(oid)
 }
 
 /// Raises ERROR 42501 (insufficient_privilege) with `message`.

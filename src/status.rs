@@ -186,7 +186,8 @@ fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
 
 /// Whether the calling role may read `table` (an existing one).
 fn readable(table: &str) -> bool {
-    Spi::get_one_with_args::<bool>("SELECT has_table_privilege(to_regclass($1), 'SELECT')", &[table.into()])
+    // A read-only query: the view also works on a hot standby.
+    Spi::connect(|c| c.select("SELECT has_table_privilege(to_regclass($1), 'SELECT')", None, &[table.into()])?.first().get_one::<bool>())
         .ok()
         .flatten()
         .unwrap_or(false)

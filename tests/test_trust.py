@@ -572,6 +572,28 @@ def test_a_schema_renamed_mid_round_puts_no_table_of_the_owners_under_the_worker
     assert "was replaced (its schema renamed?)" in pg.log(), "the race was run"
 
 
+def test_a_superuser_sessions_planned_insert_follows_the_extension_not_the_name(make_cluster, centrifugo):
+    """The SQL API plans its INSERT once per session. After the database owner renames the
+    extension's schema and puts a table of their own under the old name, the same superuser
+    session still writes only the extension's outbox, under its new schema name."""
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key))
+    channel = f"chat:plan{uid()}"
+    with pg.connect(dbname="app") as superuser:
+        superuser.execute("SELECT centrifugo_publish(%s, '1')", (channel,))   # plans and keeps the INSERT
+        as_role(pg, "app_owner", ["BEGIN", "ALTER SCHEMA public RENAME TO real", "CREATE SCHEMA public",
+                                  *trapped_outbox("public", "centrifugo_outbox"), "COMMIT"])
+        # The functions moved with the schema.
+        superuser.execute("SELECT real.centrifugo_publish(%s, '2')", (channel,))
+        superuser.execute("SET ROLE app_user")
+        superuser.execute("SELECT real.centrifugo_publish(%s, '3')", (channel,))
+        superuser.execute("RESET ROLE")
+        superuser.execute("SELECT real.centrifugo_publish(%s, '4')", (channel,))
+    wait_until(lambda: centrifugo.history(channel) == [1, 2, 3, 4], 15, what="all four through the extension's outbox")
+    assert_nothing_gained(pg, "public")
+    assert pg.scalar("SELECT count(*) FROM public.fired", dbname="app") == 0, "the owner's table was never touched"
+    assert pg.scalar("SELECT count(*) FROM public.centrifugo_outbox", dbname="app") == 0
+
+
 def test_a_dead_letter_from_an_outbox_whose_ids_repeat(make_cluster, centrifugo):
     # A user's outbox keyed by (id, partition) after its sequence went back: two rows share an id.
     pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, outbox_table_name="shared_ids",
