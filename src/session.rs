@@ -213,20 +213,18 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
         pg_sys::ReleaseSysCache(tuple);
         found
     };
-    // SAFETY: catalog-cached reads of a role.
-    let (owner_is_superuser, owner) = unsafe {
-        let name = pg_sys::GetUserNameFromId(owner, true);
-        let name = if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() };
-        (Some(pg_sys::superuser_arg(owner)), Some(name))
-    };
-    let kind = Some(if kind == b'r' { "r" } else { "other" });
-    if kind.as_deref() != Some("r") {
+    if kind != b'r' {
         return Err(format!("{qualified} is not a plain table"));
     }
-    if owner_is_superuser != Some(true) {
+    // SAFETY: a catalog-cached check of a role.
+    if !unsafe { pg_sys::superuser_arg(owner) } {
+        // SAFETY: a catalog-cached read of the role's name (NULL if it is gone).
+        let name = unsafe {
+            let name = pg_sys::GetUserNameFromId(owner, true);
+            if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() }
+        };
         return Err(format!(
-            "{qualified} is owned by role \"{}\", which is not a superuser: a superuser's session would run its triggers, rules and functions with superuser rights; call this as a role without superuser rights",
-            owner.unwrap_or_default()
+            "{qualified} is owned by role \"{name}\", which is not a superuser: a superuser's session would run its triggers, rules and functions with superuser rights; call this as a role without superuser rights"
         ));
     }
     Ok(Some(oid))
