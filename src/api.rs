@@ -85,8 +85,11 @@ thread_local! {
     /// the table changes): a call costs what a plain INSERT costs, not a parse and plan each time.
     /// Keyed by the outbox name and, for a superuser's call, the oid checked: such a plan is
     /// only ever analysed while pinned to that oid, so it can only write that table.
-    static INSERTS: std::cell::RefCell<Vec<((String, u32), std::rc::Rc<pgrx::spi::OwnedPreparedStatement>)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static INSERTS: std::cell::RefCell<Vec<KeptInsert>> = const { std::cell::RefCell::new(Vec::new()) };
 }
+
+/// (outbox name, oid checked or 0) and its planned INSERT.
+type KeptInsert = ((String, u32), std::rc::Rc<pgrx::spi::OwnedPreparedStatement>);
 
 /// At most this many outbox names keep a planned INSERT per backend (consumers rarely differ).
 const KEPT_INSERTS: usize = 8;

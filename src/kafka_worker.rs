@@ -517,6 +517,10 @@ struct DispatchStats {
     last_dead: Option<Failure>,
 }
 
+/// What [`dispatch`] did: the last offset of the done prefix, the first temporary failure (with
+/// its record's method), and the counters.
+type Dispatched = (Option<i64>, Option<(Failure, String)>, DispatchStats);
+
 /// Dispatches the head of one partition's queue (the records not done yet among the first
 /// `max_poll_records`, or just the first one in strict order). Every outcome is applied:
 /// Centrifugo ran every command of the batch, so a record that succeeded after a failed one is
@@ -528,7 +532,7 @@ fn dispatch(
     client: &CentrifugoClient,
     key: &(String, i32),
     queue: &mut PartitionQueue,
-) -> Result<(Option<i64>, Option<(Failure, String)>, DispatchStats), String> {
+) -> Result<Dispatched, String> {
     let take = if gucs::strict_order() { 1 } else { spec.max_poll_records };
     // Indexes into the queue of the records to dispatch now, with what each became.
     let mut pending: Vec<usize> = Vec::with_capacity(take);

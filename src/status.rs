@@ -59,6 +59,7 @@ fn stat_columns(s: &Stats, endpoints: &[String], running: bool) -> StatColumns {
 
 /// One row per partition worker: consumer, pid, state and counters since server start, and the
 /// outbox backlog of its partition (when its table is in this database).
+#[allow(clippy::type_complexity)] // a pgrx table of named columns
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn centrifugo_outbox_status_rows() -> TableIterator<
@@ -218,6 +219,7 @@ fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Int
 }
 
 /// One row per Kafka partition the bridge consumes or consumed since server start.
+#[allow(clippy::type_complexity)] // a pgrx table of named columns
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn centrifugo_kafka_status_rows() -> TableIterator<
@@ -318,6 +320,7 @@ fn centrifugo_restart_workers() -> i64 {
 
 /// The 0.1.0 status function, kept for scripts written against it; `centrifugo_outbox_status`
 /// has everything it had and more.
+#[allow(clippy::type_complexity)] // a pgrx table of named columns
 #[pg_extern(volatile, parallel_safe)]
 #[search_path(pg_catalog, pg_temp)]
 fn centrifugo_worker_status() -> TableIterator<

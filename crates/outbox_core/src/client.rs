@@ -715,7 +715,10 @@ mod tests {
 
     /// A node that answers real batches after `delay` (probes at once), recording the commands
     /// it ran with when.
-    fn slow_node(delay: Duration, status: u16) -> (String, std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>) {
+    /// The commands a double ran, with when.
+    type Ran = std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
+    fn slow_node(delay: Duration, status: u16) -> (String, Ran) {
         let server = std::sync::Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
         let ran = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
