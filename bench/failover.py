@@ -128,10 +128,11 @@ def main():
                      f"{max(gaps):.0f} ms | {statistics.median(normal):.0f} ms |")
     lines += [
         "",
-        "A killed node refuses or resets connections at once: the batch in flight goes to node B",
-        "within the same round. A frozen node is noticed only when the request times out",
-        "(`centrifugo.http_timeout`), so the pause is about one request timeout; lower it (and",
-        "`centrifugo.http_connect_timeout`) where a cluster should fail over faster.",
+        "A killed node refuses or resets connections at once: a batch of publications in flight goes",
+        "to node B within the same round. A frozen node is noticed only when the request times out",
+        "(`centrifugo.http_timeout`); the batch then goes to node B after one back-off step, so the",
+        "pause is about one request timeout. Lower it (and `centrifugo.http_connect_timeout`) where a",
+        "cluster should fail over faster. The machine was also compiling during these runs.",
     ]
     report = "\n".join(lines) + "\n"
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "failover-report.md"), "w") as f:
