@@ -26,9 +26,8 @@ layer=${1:-all}
 
 [ "${SKIP_SETUP:-0}" = 1 ] || bash "$here/setup.sh"
 
-# One shared target dir for every major: only pgrx-pg-sys and what depends on it is built per
-# major; librdkafka (cmake) and the other dependencies are built once.
-target_dir=${CARGO_TARGET_DIR:-$repo/target}
+# One shared target dir ($CARGO_TARGET_DIR, default target/) for every major: only pgrx-pg-sys and
+# what depends on it is built per major; librdkafka (cmake) and the other dependencies once.
 results=$(mktemp -d /tmp/centrifugo_outbox_test.XXXXXX)
 trap 'rm -rf "$results"' EXIT
 
@@ -180,7 +179,8 @@ run_matrix() {
 summary() {
   echo
   echo "==> summary (layer, PostgreSQL major, tests, seconds)"
-  [ -f "$results/summary" ] && awk '{printf "%-11s pg%-4s %5s tests %6ss  %s\n", $1, $2, $3, $4, $5}' "$results/summary"
+  [ -f "$results/summary" ] &&
+    awk '{printf "%-11s %-7s %5s tests %6ss  %s\n", $1, ($2 == "-" ? "-" : "pg" $2), $3, $4, $5}' "$results/summary"
   return $failed
 }
 

@@ -21,7 +21,9 @@ from harness.pg import PgCluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "packages")
-MAJORS = os.environ.get("PACKAGE_MAJORS", "15").split()
+# Set by scripts/test.sh packages. Without it this module does nothing: it replaces PostgreSQL
+# 15's library (dpkg -i, then dpkg -r), which would break the other tests of a plain `pytest tests`.
+MAJORS = os.environ.get("PACKAGE_MAJORS", "").split()
 
 
 def _version():
@@ -32,7 +34,10 @@ def _version():
 VERSION = _version()
 DEBIAN_BIN = "/usr/lib/postgresql/15/bin"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="installs packages with dpkg: needs root")
+pytestmark = [
+    pytest.mark.skipif(not MAJORS, reason="run by scripts/test.sh packages (PACKAGE_MAJORS unset)"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="installs packages with dpkg: needs root"),
+]
 
 
 def deb_path(major):
