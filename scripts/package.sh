@@ -41,7 +41,7 @@ pg_config_of() {
 shlib_depends() {
   ldd "$1" | awk '/=> \// {print $3}' | while read -r lib; do
     dpkg -S "$(readlink -f "$lib")" 2>/dev/null || dpkg -S "$lib" 2>/dev/null || true
-  done | cut -d: -f1 | sort -u | grep -vxE 'libc6|libgcc-s1|postgresql-.*' | paste -sd, | sed 's/,/, /g'
+  done | cut -d: -f1 | sort -u | { grep -vxE 'libc6|libgcc-s1|postgresql-.*' || true; } | paste -sd, | sed 's/,/, /g'
 }
 
 for major in "${majors[@]}"; do
