@@ -190,8 +190,7 @@ pub fn qualified_outbox(setting: &str) -> String {
 pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_sys::Oid>, String> {
     // Only a superuser's session gains rights by running another role's code; an application's
     // role (the usual caller, on the publish path) pays nothing.
-    // SAFETY: a plain catalog-cached check of the current user.
-    if !unsafe { pg_sys::superuser() } {
+    if !could_gain_superuser() {
         return Ok(None);
     }
     // Missing now: pinned to nothing, so whatever appears under the name meanwhile is refused.
@@ -224,10 +223,25 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
             if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() }
         };
         return Err(format!(
-            "{qualified} is owned by role \"{name}\", which is not a superuser: a superuser's session would run its triggers, rules and functions with superuser rights; call this as a role without superuser rights"
+            "{qualified} is owned by role \"{name}\", which is not a superuser: a superuser's session would run its triggers, rules and functions with superuser rights (SET ROLE does not prevent that: the owner's code could RESET ROLE); connect as a role without superuser rights"
         ));
     }
     Ok(Some(oid))
+}
+
+/// Whether code the current statement runs could act with superuser rights: the current user
+/// is a superuser, or the session's user is one and only a `SET ROLE` stands between (the code
+/// could `RESET ROLE`). Inside a SECURITY DEFINER function or a security-restricted operation
+/// PostgreSQL refuses role changes, so there the current user alone counts.
+pub fn could_gain_superuser() -> bool {
+    // SAFETY: catalog-cached checks of the current and the session user, and plain reads of the
+    // backend's security context.
+    unsafe {
+        pg_sys::superuser()
+            || (pg_sys::superuser_arg(pg_sys::GetSessionUserId())
+                && !pg_sys::InLocalUserIdChange()
+                && !pg_sys::InSecurityRestrictedOperation())
+    }
 }
 
 /// The extension's dead-letter table by oid, found from the extension's namespace oid (never by
@@ -264,7 +278,14 @@ pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
     // caches rather than by a query: the SQL API asks on every call.
     let parts = outbox_core::settings::table_name_parts(qualified).ok()?;
     let [schema, table] = parts.as_slice() else { return None };
-    let (schema, table) = (std::ffi::CString::new(schema.as_str()).ok()?, std::ffi::CString::new(table.as_str()).ok()?);
+    // As the parser does: names longer than NAMEDATALEN - 1 bytes are cut (at a character).
+    let truncated = |name: &str| -> Option<std::ffi::CString> {
+        let mut buffer = std::ffi::CString::new(name).ok()?.into_bytes_with_nul();
+        // SAFETY: in-place truncation of a NUL-terminated buffer we own.
+        unsafe { pg_sys::truncate_identifier(buffer.as_mut_ptr().cast(), name.len() as i32, false) };
+        CStr::from_bytes_until_nul(&buffer).ok().map(CStr::to_owned)
+    };
+    let (schema, table) = (truncated(schema)?, truncated(table)?);
     // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
     let oid = unsafe {
         let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);

@@ -594,6 +594,35 @@ def test_a_superuser_sessions_planned_insert_follows_the_extension_not_the_name(
     assert pg.scalar("SELECT count(*) FROM public.centrifugo_outbox", dbname="app") == 0
 
 
+def test_set_role_does_not_let_a_superusers_session_run_an_owners_code(make_cluster, centrifugo):
+    """Found by review: a superuser's session that SET ROLE to an application role passed the
+    owner check as that role, and the owner's trigger could RESET ROLE back to superuser."""
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            outbox_table_name="box.outbox"))
+    as_role(pg, "app_owner", ["CREATE SCHEMA box", *trapped_outbox("box", "outbox"),
+                              """CREATE FUNCTION box.on_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+                                 BEGIN
+                                     RESET ROLE;
+                                     INSERT INTO box.fired SELECT current_user, rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user;
+                                     BEGIN EXECUTE 'ALTER ROLE app_owner SUPERUSER';
+                                     EXCEPTION WHEN insufficient_privilege THEN NULL; END;
+                                     RETURN NEW;
+                                 END $$""",
+                              "CREATE TRIGGER i BEFORE INSERT ON box.outbox FOR EACH ROW EXECUTE FUNCTION box.on_insert()",
+                              "GRANT USAGE ON SCHEMA box TO app_user", "GRANT INSERT, SELECT ON box.outbox TO app_user",
+                              "GRANT USAGE ON SEQUENCE box.outbox_id_seq TO app_user"])
+    with pg.connect(dbname="app") as superuser:
+        superuser.execute("SET ROLE app_user")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="SET ROLE does not prevent that"):
+            superuser.execute("SELECT centrifugo_publish('c', '1')")
+    assert_nothing_gained(pg, "box")
+    assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 0
+    # Connected as the application role itself, the same call is the application's business.
+    as_role(pg, "app_user", "SELECT centrifugo_publish('c', '1')")
+    assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 1
+    assert_nothing_gained(pg, "box")
+
+
 def test_a_dead_letter_from_an_outbox_whose_ids_repeat(make_cluster, centrifugo):
     # A user's outbox keyed by (id, partition) after its sequence went back: two rows share an id.
     pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, outbox_table_name="shared_ids",

@@ -277,10 +277,16 @@ impl CentrifugoClient {
 
     /// Puts a batch on the wire to endpoint `endpoint` and returns at once.
     fn start_at(&self, endpoint: usize, body: Vec<u8>) -> InFlight<'_> {
+        self.start_at_within(endpoint, body, self.config.timeout)
+    }
+
+    /// [`Self::start_at`] with a request timeout of `timeout` (what is left of a call's).
+    fn start_at_within(&self, endpoint: usize, body: Vec<u8>, timeout: Duration) -> InFlight<'_> {
         let started = Instant::now();
         let request = self
             .http
             .post(&self.batch_urls[endpoint])
+            .timeout(timeout.max(Duration::from_millis(1)))
             .header("X-API-Key", &self.config.api_key)
             .header("Content-Type", "application/json")
             .body(body);
@@ -336,9 +342,15 @@ impl CentrifugoClient {
     pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
         let count = self.batch_urls.len();
-        let deadline = pending.started + self.config.timeout;
         let mut endpoint = pending.endpoint;
+        let started = pending.started;
         let mut response = pending.wait();
+        // A request that never reached its node took no time of its own: the next node gets a
+        // whole timeout then. Otherwise the first request's timeout bounds the whole call.
+        let deadline = match node_failure(&response) {
+            Some(NodeFailure::NotReached) => Instant::now() + self.config.timeout,
+            _ => started + self.config.timeout,
+        };
         let mut tried = vec![false; count];
         tried[endpoint] = true;
         let publications_only = commands.iter().all(|c| matches!(c.method, Method::Publish | Method::Broadcast));
@@ -357,7 +369,8 @@ impl CentrifugoClient {
             }
             let resend_now = next != endpoint
                 && !tried[next]
-                && !self.failover.borrow().is_down(next)
+                && (!self.failover.borrow().is_down(next)
+                    || (failure == NodeFailure::NotReached && self.failover.borrow().may_try(next, Instant::now())))
                 && (failure == NodeFailure::NotReached || publications_only)
                 && Instant::now() < deadline
                 && !(self.stop_requested)();
@@ -367,7 +380,7 @@ impl CentrifugoClient {
             tried[next] = true;
             *batches += 1;
             endpoint = next;
-            response = self.start_at(endpoint, batch_body(commands)).wait();
+            response = self.start_at_within(endpoint, batch_body(commands), deadline.saturating_duration_since(Instant::now())).wait();
         }
         if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
             self.failover.borrow_mut().answered(endpoint, Instant::now());

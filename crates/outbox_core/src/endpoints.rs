@@ -21,9 +21,9 @@ pub const PROBE_MAX: Duration = Duration::from_secs(5);
 
 /// The endpoints of `centrifugo.api_url`: one URL, or several separated by commas (spaces
 /// around them are ignored). Each is an http(s) base URL with a host, all of one scheme (a
-/// failover must not send the API key in clear text where TLS was meant), without a
-/// `user:password@` part (Centrifugo's API takes the key as `X-API-Key`; credentials in a
-/// setting any role can `SHOW` would leak); none may repeat. Errors never echo a credential.
+/// failover must not send the API key in clear text where TLS was meant); none may repeat. A
+/// `user:password@` part is accepted, as by 0.3.0 (sent as HTTP basic auth, for a proxy in
+/// front of Centrifugo), and never shown ([`display_url`]); errors never echo an entry.
 pub fn parse_api_urls(setting: &str) -> Result<Vec<String>, String> {
     let mut urls: Vec<String> = Vec::new();
     for (i, entry) in setting.split(',').enumerate() {
@@ -34,13 +34,6 @@ pub fn parse_api_urls(setting: &str) -> Result<Vec<String>, String> {
             } else {
                 format!("centrifugo.api_url has an empty entry (number {}) in its comma-separated list", i + 1)
             });
-        }
-        let authority = url.split_once("://").map_or(url, |(_, rest)| &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())]);
-        if authority.contains('@') {
-            return Err(format!(
-                "centrifugo.api_url entry number {} has a user:password@ part: remove it (Centrifugo's API key goes in centrifugo.api_key)",
-                i + 1
-            ));
         }
         if url.contains('\\') {
             return Err(format!("centrifugo.api_url entry number {} contains a backslash", i + 1));
@@ -58,7 +51,7 @@ pub fn parse_api_urls(setting: &str) -> Result<Vec<String>, String> {
             }
         }
         if urls.iter().any(|u| same_endpoint(u, url)) {
-            return Err(format!("centrifugo.api_url lists {url} twice"));
+            return Err(format!("centrifugo.api_url lists {} twice", display_url(url)));
         }
         urls.push(url.to_owned());
     }
@@ -72,8 +65,9 @@ fn scheme(url: &str) -> String {
     url.split_once("://").map_or("", |(s, _)| s).to_ascii_lowercase()
 }
 
+/// The same node, as shown (credentials aside) and as posted to (a trailing slash aside).
 fn same_endpoint(a: &str, b: &str) -> bool {
-    a.trim_end_matches('/').eq_ignore_ascii_case(b.trim_end_matches('/'))
+    display_url(a).trim_end_matches('/').eq_ignore_ascii_case(display_url(b).trim_end_matches('/'))
 }
 
 /// An identifier of the list `urls` (FNV-1a), stored with the counters in shared memory so a
@@ -170,6 +164,11 @@ impl Failover {
         self.health[endpoint].next_probe.is_some()
     }
 
+    /// Whether a request may go to `endpoint` now: it is believed up, or its probe is due.
+    pub fn may_try(&self, endpoint: usize, now: Instant) -> bool {
+        self.health[endpoint].next_probe.is_none_or(|at| at <= now)
+    }
+
     /// A request to `endpoint` failed as a node failure: counts it, marks the node down and
     /// returns the endpoint to use from now on: the next one in the list believed up, else
     /// simply the next one (when all are down, each is tried in turn, a round each).
@@ -208,6 +207,10 @@ impl Failover {
     /// (returns true when that switched the endpoint in use); an unhealthy one is probed later.
     pub fn probed(&mut self, endpoint: usize, healthy: bool, now: Instant) -> bool {
         let health = &mut self.health[endpoint];
+        // A probe that came back after the node was used again (or is in use) says nothing new.
+        if health.next_probe.is_none() || endpoint >= self.current {
+            return false;
+        }
         if healthy {
             health.next_probe = None;
             health.up_since = None;
@@ -249,17 +252,18 @@ mod tests {
             ("http://a/api, ftp://b", "must start with http"),
             ("http://a/api, http://A/api/", "twice"),
             ("https://a/api, http://b/api", "mixes https and http"),
-            ("http://evil.example\\@good.example/api", "user:password@"),
+            ("http://evil.example\\@good.example/api", "backslash"),
             ("http://evil.example\\x/api", "backslash"),
         ] {
             assert!(parse_api_urls(bad).unwrap_err().contains(why), "{bad:?}: {:?}", parse_api_urls(bad));
         }
         // A credential is refused without being repeated (the error goes to the server log).
-        for setting in ["http://a/api, http://user:s3cret@b/api", "http://a/api, http://user:s3cret,pw@b/api", "http://user:s3cret"] {
+        for setting in ["http://a/api, http://user:s3cret,pw@b/api", "http://user:s3cret", "http://a/api,http://user:s3cret@a/api"] {
             let error = parse_api_urls(setting).unwrap_err();
-            assert!(error.starts_with("centrifugo.api_url entry number") && !error.contains("s3cret"), "{error}");
+            assert!(error.starts_with("centrifugo.api_url") && !error.contains("s3cret"), "{error}");
         }
-        assert!(parse_api_urls("http://user:pw@b/api").unwrap_err().contains("user:password@"));
+        // Accepted as 0.3.0 accepted it (basic auth for a proxy), never shown.
+        assert_eq!(parse_api_urls("http://user:pw@b/api").unwrap(), vec!["http://user:pw@b/api"]);
         assert_ne!(list_id(&["http://a".into(), "http://b".into()]), list_id(&["http://b".into(), "http://a".into()]));
         let nine = (0..9).map(|i| format!("http://n{i}/api")).collect::<Vec<_>>().join(",");
         assert!(parse_api_urls(&nine).unwrap_err().contains("at most 8"));
@@ -367,6 +371,20 @@ mod tests {
         f.answered(0, now + PROBE_MAX);
         f.failed(0, now + PROBE_MAX);
         assert_eq!(f.probe_due(now + PROBE_MAX + PROBE_FIRST), Some(0));
+    }
+
+    /// Found by review: a probe answered after the node was taken back by other means marked
+    /// the node in use as down.
+    #[test]
+    fn a_stale_probe_changes_nothing() {
+        let t0 = Instant::now();
+        let mut f = Failover::new(2);
+        f.failed(0, t0);
+        f.failed(1, t0); // every node down: back to 0
+        assert_eq!(f.current(), 0);
+        f.answered(0, t0);
+        assert!(!f.probed(0, false, t0 + PROBE_FIRST));
+        assert!(!f.is_down(0));
     }
 
     #[test]
