@@ -15,8 +15,8 @@ use outbox_core::settings::check_command_size;
 use outbox_core::{Command, CommandError, ErrorClass, Method, PayloadBuilder};
 
 use crate::errors::raise;
-use crate::session::refuse;
 use crate::gucs;
+use crate::session::refuse;
 
 /// A `jsonb` argument as PostgreSQL prints it, never parsed into a tree: numbers keep every
 /// digit, and nesting is as deep as PostgreSQL allows (pgrx's `JsonB` goes through serde_json).
@@ -94,7 +94,13 @@ type KeptInsert = ((String, u32), std::rc::Rc<pgrx::spi::OwnedPreparedStatement>
 /// At most this many outbox names keep a planned INSERT per backend (consumers rarely differ).
 const KEPT_INSERTS: usize = 8;
 
-fn insert_row(outbox: &str, checked: Option<pg_sys::Oid>, method: &str, payload: &str, partition: i32) -> Result<Option<i64>, pgrx::spi::Error> {
+fn insert_row(
+    outbox: &str,
+    checked: Option<pg_sys::Oid>,
+    method: &str,
+    payload: &str,
+    partition: i32,
+) -> Result<Option<i64>, pgrx::spi::Error> {
     if checked == Some(pg_sys::Oid::INVALID) {
         // A superuser's call while the table is missing: planned once, under the pin to nothing.
         let marker = crate::pinned::MARKER;
@@ -111,7 +117,9 @@ fn insert_row(outbox: &str, checked: Option<pg_sys::Oid>, method: &str, payload:
                 let marker = crate::pinned::MARKER;
                 let sql = format!("{marker}INSERT INTO {outbox} (method, payload, partition) VALUES ($1, $2::pg_catalog.jsonb, $3) RETURNING id");
                 let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-                let statement = std::rc::Rc::new(spi.prepare_mut(sql.as_str(), &[text, text, PgOid::BuiltIn(PgBuiltInOids::INT4OID)])?.keep());
+                let statement = std::rc::Rc::new(
+                    spi.prepare_mut(sql.as_str(), &[text, text, PgOid::BuiltIn(PgBuiltInOids::INT4OID)])?.keep(),
+                );
                 INSERTS.with(|k| {
                     let mut kept = k.borrow_mut();
                     if kept.len() >= KEPT_INSERTS {
@@ -136,7 +144,9 @@ fn channel_list(method: Method, channels: Option<Vec<Option<String>>>) -> Result
     channels
         .into_iter()
         .enumerate()
-        .map(|(i, c)| c.ok_or_else(|| CommandError::invalid(format!("{method}: \"channels\"[{i}] must be a non-empty string"))))
+        .map(|(i, c)| {
+            c.ok_or_else(|| CommandError::invalid(format!("{method}: \"channels\"[{i}] must be a non-empty string")))
+        })
         .collect()
 }
 
@@ -185,7 +195,9 @@ fn centrifugo_publish(
 ) -> i64 {
     let m = Method::Publish;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).raw("data", Some(require(json(&data), m, "data")?));
+        let b = PayloadBuilder::new()
+            .field("channel", Some(require(channel, m, "channel")?))
+            .raw("data", Some(require(json(&data), m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -209,7 +221,9 @@ fn centrifugo_publish_binary(
 ) -> i64 {
     let m = Method::Publish;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channel", Some(require(channel, m, "channel")?)).base64("b64data", Some(require(data, m, "data")?));
+        let b = PayloadBuilder::new()
+            .field("channel", Some(require(channel, m, "channel")?))
+            .base64("b64data", Some(require(data, m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -233,7 +247,9 @@ fn centrifugo_broadcast(
 ) -> i64 {
     let m = Method::Broadcast;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).raw("data", Some(require(json(&data), m, "data")?));
+        let b = PayloadBuilder::new()
+            .field("channels", Some(channel_list(m, channels)?))
+            .raw("data", Some(require(json(&data), m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -257,7 +273,9 @@ fn centrifugo_broadcast_binary(
 ) -> i64 {
     let m = Method::Broadcast;
     let cmd = (|| {
-        let b = PayloadBuilder::new().field("channels", Some(channel_list(m, channels)?)).base64("b64data", Some(require(data, m, "data")?));
+        let b = PayloadBuilder::new()
+            .field("channels", Some(channel_list(m, channels)?))
+            .base64("b64data", Some(require(data, m, "data")?));
         publication(b, idempotency_key, tags, skip_history, delta, version, version_epoch)?.build(m)
     })();
     enqueue(cmd, partition, partition_key)
@@ -405,7 +423,8 @@ fn centrifugo_command(
     let cmd = (|| {
         let method = method.ok_or_else(|| CommandError::new(ErrorClass::NullValue, "method must not be NULL"))?;
         let method = Method::parse(method)?;
-        let payload = payload.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires a payload")))?;
+        let payload =
+            payload.ok_or_else(|| CommandError::new(ErrorClass::NullValue, format!("{method} requires a payload")))?;
         Command::new(method, &payload.0)
     })();
     enqueue(cmd, partition, partition_key)

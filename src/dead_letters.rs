@@ -48,26 +48,30 @@ fn centrifugo_replay_dead_letters(
             outbox = spec.qualified_table()
         );
         let checked = crate::session::check_outbox_owner(&spec.qualified_table(), pgrx::pg_sys::RowExclusiveLock)
-            .unwrap_or_else(|reason| crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}")));
+            .unwrap_or_else(|reason| {
+                crate::session::refuse(&format!("centrifugo_outbox: not replaying into {reason}"))
+            });
         // A superuser's statement stays on the tables checked: the outbox and the dead letters.
         let pinned: Vec<pgrx::pg_sys::Oid> = match checked {
             Some(outbox) => vec![outbox, session::dead_letters_oid()],
             None => Vec::new(),
         };
-        replayed += crate::pinned::pinned(&pinned, || Spi::get_one_with_args::<i64>(
-            &sql,
-            &[
-                ids.clone().into(),
-                method.into(),
-                error_code.into(),
-                error_kind.into(),
-                failed_after.into(),
-                spec.num_partitions().into(),
-                others.clone().into(),
-                spec.name().into(),
-            ],
-        )
-        .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.qualified_table())))
+        replayed += crate::pinned::pinned(&pinned, || {
+            Spi::get_one_with_args::<i64>(
+                &sql,
+                &[
+                    ids.clone().into(),
+                    method.into(),
+                    error_code.into(),
+                    error_kind.into(),
+                    failed_after.into(),
+                    spec.num_partitions().into(),
+                    others.clone().into(),
+                    spec.name().into(),
+                ],
+            )
+            .unwrap_or_else(|e| error!("centrifugo_outbox: replay into {} failed: {e}", spec.qualified_table()))
+        })
         .unwrap_or(0);
     }
     replayed
@@ -90,9 +94,10 @@ fn centrifugo_purge_dead_letters(
     }
     let dead_letters = session::dead_letters_table();
     let marker = crate::pinned::MARKER;
-    crate::pinned::pinned(&[session::dead_letters_oid()], || Spi::get_one_with_args::<i64>(
-        &format!(
-            "{marker}WITH gone AS (
+    crate::pinned::pinned(&[session::dead_letters_oid()], || {
+        Spi::get_one_with_args::<i64>(
+            &format!(
+                "{marker}WITH gone AS (
                  DELETE FROM {dead_letters} d
                  WHERE ($1::interval IS NULL OR d.failed_at < now() - $1)
                    AND ($2::bigint[] IS NULL OR d.id = ANY($2))
@@ -100,9 +105,10 @@ fn centrifugo_purge_dead_letters(
                    AND ($4::text IS NULL OR d.source = $4)
                  RETURNING 1)
              SELECT count(*) FROM gone"
-        ),
-        &[older_than.into(), ids.into(), error_code.into(), source.into()],
-    ))
+            ),
+            &[older_than.into(), ids.into(), error_code.into(), source.into()],
+        )
+    })
     .unwrap_or_else(|e| error!("centrifugo_outbox: purge failed: {e}"))
     .unwrap_or(0)
 }

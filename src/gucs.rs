@@ -119,71 +119,320 @@ pub fn init() {
     let none = GucFlags::default();
 
     // Centrifugo and the outbox.
-    string_checked(c"centrifugo.api_url", c"Base URL of Centrifugo's HTTP server API, or several (a cluster's nodes) separated by commas.", &API_URL, Sighup, check_api_url);
+    string_checked(
+        c"centrifugo.api_url",
+        c"Base URL of Centrifugo's HTTP server API, or several (a cluster's nodes) separated by commas.",
+        &API_URL,
+        Sighup,
+        check_api_url,
+    );
     secret(c"centrifugo.api_key", c"Centrifugo HTTP API key (superuser-only, never shown).", &API_KEY);
     string(c"centrifugo.database", c"Database whose outbox the workers drain.", &DATABASE, Postmaster, none);
-    string(c"centrifugo.worker_role", c"Role the workers connect as (empty: the bootstrap superuser).", &WORKER_ROLE, Postmaster, none);
-    boolean(c"centrifugo.strict_order", c"Send one command per request and partition: a failed command holds back every later one.", &STRICT_ORDER, Sighup);
-    string_checked(c"centrifugo.outbox_table_name", c"Outbox table (table or schema.table).", &OUTBOX_TABLE_NAME, Sighup, check_table_name);
-    string(c"centrifugo.consumer_name", c"Consumer name for logs and the partition lock key (as Centrifugo's consumer name).", &CONSUMER_NAME, Sighup, none);
-    int(c"centrifugo.num_partitions", c"Number of outbox partitions, one ordered worker each.", &NUM_PARTITIONS, 1, outbox_core::partition::MAX_PARTITIONS, Postmaster, none);
-    int(c"centrifugo.partition_select_limit", c"Most rows sent per partition round (one batch request).", &PARTITION_SELECT_LIMIT, 1, 10_000, Sighup, none);
-    int(c"centrifugo.partition_poll_interval", c"Safety-net poll interval of each partition worker.", &PARTITION_POLL_INTERVAL, 1, 3_600_000, Sighup, MS);
-    string(c"centrifugo.partition_notification_channel", c"NOTIFY channel the outbox trigger notifies (empty: none).", &PARTITION_NOTIFICATION_CHANNEL, Sighup, none);
-    int(c"centrifugo.max_command_size", c"Largest command payload the SQL API accepts and the workers send (0: no limit).", &MAX_COMMAND_SIZE, 0, i32::MAX, Suset, GucFlags::UNIT_BYTE);
-    int(c"centrifugo.batch_max_bytes", c"Most payload bytes in one batch request, the batch read ahead included.", &BATCH_MAX_BYTES, 1024, i32::MAX, Sighup, GucFlags::UNIT_BYTE);
-    int(c"centrifugo.http_connect_timeout", c"Connect timeout towards Centrifugo.", &HTTP_CONNECT_TIMEOUT, 1, 600_000, Sighup, MS);
+    string(
+        c"centrifugo.worker_role",
+        c"Role the workers connect as (empty: the bootstrap superuser).",
+        &WORKER_ROLE,
+        Postmaster,
+        none,
+    );
+    boolean(
+        c"centrifugo.strict_order",
+        c"Send one command per request and partition: a failed command holds back every later one.",
+        &STRICT_ORDER,
+        Sighup,
+    );
+    string_checked(
+        c"centrifugo.outbox_table_name",
+        c"Outbox table (table or schema.table).",
+        &OUTBOX_TABLE_NAME,
+        Sighup,
+        check_table_name,
+    );
+    string(
+        c"centrifugo.consumer_name",
+        c"Consumer name for logs and the partition lock key (as Centrifugo's consumer name).",
+        &CONSUMER_NAME,
+        Sighup,
+        none,
+    );
+    int(
+        c"centrifugo.num_partitions",
+        c"Number of outbox partitions, one ordered worker each.",
+        &NUM_PARTITIONS,
+        1,
+        outbox_core::partition::MAX_PARTITIONS,
+        Postmaster,
+        none,
+    );
+    int(
+        c"centrifugo.partition_select_limit",
+        c"Most rows sent per partition round (one batch request).",
+        &PARTITION_SELECT_LIMIT,
+        1,
+        10_000,
+        Sighup,
+        none,
+    );
+    int(
+        c"centrifugo.partition_poll_interval",
+        c"Safety-net poll interval of each partition worker.",
+        &PARTITION_POLL_INTERVAL,
+        1,
+        3_600_000,
+        Sighup,
+        MS,
+    );
+    string(
+        c"centrifugo.partition_notification_channel",
+        c"NOTIFY channel the outbox trigger notifies (empty: none).",
+        &PARTITION_NOTIFICATION_CHANNEL,
+        Sighup,
+        none,
+    );
+    int(
+        c"centrifugo.max_command_size",
+        c"Largest command payload the SQL API accepts and the workers send (0: no limit).",
+        &MAX_COMMAND_SIZE,
+        0,
+        i32::MAX,
+        Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    int(
+        c"centrifugo.batch_max_bytes",
+        c"Most payload bytes in one batch request, the batch read ahead included.",
+        &BATCH_MAX_BYTES,
+        1024,
+        i32::MAX,
+        Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    int(
+        c"centrifugo.http_connect_timeout",
+        c"Connect timeout towards Centrifugo.",
+        &HTTP_CONNECT_TIMEOUT,
+        1,
+        600_000,
+        Sighup,
+        MS,
+    );
     int(c"centrifugo.http_timeout", c"Request timeout towards Centrifugo.", &HTTP_TIMEOUT, 1, 3_600_000, Sighup, MS);
-    string(c"centrifugo.http_tls_root_ca", c"PEM file of the CA of Centrifugo's certificate (empty: system roots).", &HTTP_TLS_ROOT_CA, Sighup, none);
+    string(
+        c"centrifugo.http_tls_root_ca",
+        c"PEM file of the CA of Centrifugo's certificate (empty: system roots).",
+        &HTTP_TLS_ROOT_CA,
+        Sighup,
+        none,
+    );
     string(c"centrifugo.http_tls_cert", c"PEM client certificate file for mutual TLS.", &HTTP_TLS_CERT, Sighup, none);
     string(c"centrifugo.http_tls_key", c"PEM client key file for mutual TLS.", &HTTP_TLS_KEY, Sighup, SECRET);
-    boolean(c"centrifugo.http_tls_insecure_skip_verify", c"Skip verifying Centrifugo's certificate (testing only).", &HTTP_TLS_INSECURE_SKIP_VERIFY, Sighup);
-    int(c"centrifugo.retry_backoff_base", c"First delay after a temporary failure (doubles, with jitter).", &RETRY_BACKOFF_BASE, 1, 3_600_000, Sighup, MS);
-    int(c"centrifugo.retry_backoff_max", c"Largest delay between retries.", &RETRY_BACKOFF_MAX, 1, 3_600_000, Sighup, MS);
+    boolean(
+        c"centrifugo.http_tls_insecure_skip_verify",
+        c"Skip verifying Centrifugo's certificate (testing only).",
+        &HTTP_TLS_INSECURE_SKIP_VERIFY,
+        Sighup,
+    );
+    int(
+        c"centrifugo.retry_backoff_base",
+        c"First delay after a temporary failure (doubles, with jitter).",
+        &RETRY_BACKOFF_BASE,
+        1,
+        3_600_000,
+        Sighup,
+        MS,
+    );
+    int(
+        c"centrifugo.retry_backoff_max",
+        c"Largest delay between retries.",
+        &RETRY_BACKOFF_MAX,
+        1,
+        3_600_000,
+        Sighup,
+        MS,
+    );
 
     // The Kafka bridge: connection settings are read when the bridge starts.
-    string(c"centrifugo.kafka_brokers", c"Kafka brokers, comma-separated (empty: no bridge).", &KAFKA_BROKERS, Postmaster, none);
+    string(
+        c"centrifugo.kafka_brokers",
+        c"Kafka brokers, comma-separated (empty: no bridge).",
+        &KAFKA_BROKERS,
+        Postmaster,
+        none,
+    );
     string(c"centrifugo.kafka_topics", c"Kafka topics to consume, comma-separated.", &KAFKA_TOPICS, Postmaster, none);
     string(c"centrifugo.kafka_consumer_group", c"Kafka consumer group.", &KAFKA_CONSUMER_GROUP, Postmaster, none);
-    int(c"centrifugo.kafka_max_poll_records", c"Most Kafka records per poll.", &KAFKA_MAX_POLL_RECORDS, 1, 1_000_000, Postmaster, none);
-    int(c"centrifugo.kafka_fetch_max_bytes", c"Most bytes per Kafka fetch (0: client default).", &KAFKA_FETCH_MAX_BYTES, 0, i32::MAX, Postmaster, GucFlags::UNIT_BYTE);
-    int(c"centrifugo.kafka_fetch_max_wait", c"Longest wait of a Kafka fetch (0: client default).", &KAFKA_FETCH_MAX_WAIT, 0, 3_600_000, Postmaster, MS);
-    boolean(c"centrifugo.kafka_fetch_read_uncommitted", c"Read records of uncommitted Kafka transactions.", &KAFKA_FETCH_READ_UNCOMMITTED, Postmaster);
-    int(c"centrifugo.kafka_partition_queue_max_size", c"Records buffered per Kafka partition before fetching pauses.", &KAFKA_PARTITION_QUEUE_MAX_SIZE, 1, 1_000_000, Postmaster, none);
-    int(c"centrifugo.kafka_dial_timeout", c"Kafka connect timeout (0: client default).", &KAFKA_DIAL_TIMEOUT, 0, 3_600_000, Postmaster, MS);
+    int(
+        c"centrifugo.kafka_max_poll_records",
+        c"Most Kafka records per poll.",
+        &KAFKA_MAX_POLL_RECORDS,
+        1,
+        1_000_000,
+        Postmaster,
+        none,
+    );
+    int(
+        c"centrifugo.kafka_fetch_max_bytes",
+        c"Most bytes per Kafka fetch (0: client default).",
+        &KAFKA_FETCH_MAX_BYTES,
+        0,
+        i32::MAX,
+        Postmaster,
+        GucFlags::UNIT_BYTE,
+    );
+    int(
+        c"centrifugo.kafka_fetch_max_wait",
+        c"Longest wait of a Kafka fetch (0: client default).",
+        &KAFKA_FETCH_MAX_WAIT,
+        0,
+        3_600_000,
+        Postmaster,
+        MS,
+    );
+    boolean(
+        c"centrifugo.kafka_fetch_read_uncommitted",
+        c"Read records of uncommitted Kafka transactions.",
+        &KAFKA_FETCH_READ_UNCOMMITTED,
+        Postmaster,
+    );
+    int(
+        c"centrifugo.kafka_partition_queue_max_size",
+        c"Records buffered per Kafka partition before fetching pauses.",
+        &KAFKA_PARTITION_QUEUE_MAX_SIZE,
+        1,
+        1_000_000,
+        Postmaster,
+        none,
+    );
+    int(
+        c"centrifugo.kafka_dial_timeout",
+        c"Kafka connect timeout (0: client default).",
+        &KAFKA_DIAL_TIMEOUT,
+        0,
+        3_600_000,
+        Postmaster,
+        MS,
+    );
     string(c"centrifugo.kafka_instance_id", c"Kafka static group membership id.", &KAFKA_INSTANCE_ID, Postmaster, none);
-    string(c"centrifugo.kafka_sasl_mechanism", c"Kafka SASL mechanism: plain, scram-sha-256, scram-sha-512.", &KAFKA_SASL_MECHANISM, Postmaster, none);
+    string(
+        c"centrifugo.kafka_sasl_mechanism",
+        c"Kafka SASL mechanism: plain, scram-sha-256, scram-sha-512.",
+        &KAFKA_SASL_MECHANISM,
+        Postmaster,
+        none,
+    );
     string(c"centrifugo.kafka_sasl_user", c"Kafka SASL user.", &KAFKA_SASL_USER, Postmaster, none);
-    secret(c"centrifugo.kafka_sasl_password", c"Kafka SASL password (superuser-only, never shown).", &KAFKA_SASL_PASSWORD);
+    secret(
+        c"centrifugo.kafka_sasl_password",
+        c"Kafka SASL password (superuser-only, never shown).",
+        &KAFKA_SASL_PASSWORD,
+    );
     boolean(c"centrifugo.kafka_tls", c"Connect to Kafka over TLS.", &KAFKA_TLS, Postmaster);
     string(c"centrifugo.kafka_tls_cert", c"Kafka client certificate file.", &KAFKA_TLS_CERT, Postmaster, none);
     string(c"centrifugo.kafka_tls_key", c"Kafka client key file.", &KAFKA_TLS_KEY, Postmaster, SECRET);
-    string(c"centrifugo.kafka_tls_cert_pem", c"Kafka client certificate, PEM text.", &KAFKA_TLS_CERT_PEM, Postmaster, none);
-    secret(c"centrifugo.kafka_tls_key_pem", c"Kafka client key, PEM text (superuser-only, never shown).", &KAFKA_TLS_KEY_PEM);
-    string(c"centrifugo.kafka_tls_root_ca", c"CA file that verifies the Kafka brokers.", &KAFKA_TLS_ROOT_CA, Postmaster, none);
-    string(c"centrifugo.kafka_tls_root_ca_pem", c"CA that verifies the Kafka brokers, PEM text.", &KAFKA_TLS_ROOT_CA_PEM, Postmaster, none);
-    string(c"centrifugo.kafka_tls_client_ca", c"Client CA file (accepted for Centrifugo config compatibility).", &KAFKA_TLS_CLIENT_CA, Postmaster, none);
-    string(c"centrifugo.kafka_tls_client_ca_pem", c"Client CA, PEM text (accepted for Centrifugo config compatibility).", &KAFKA_TLS_CLIENT_CA_PEM, Postmaster, none);
-    boolean(c"centrifugo.kafka_tls_insecure_skip_verify", c"Skip verifying the Kafka brokers' certificates.", &KAFKA_TLS_INSECURE_SKIP_VERIFY, Postmaster);
-    string(c"centrifugo.kafka_tls_server_name", c"Name expected in the Kafka brokers' certificates (SNI).", &KAFKA_TLS_SERVER_NAME, Postmaster, none);
-    string(c"centrifugo.kafka_method_header", c"Kafka header naming the method of a bare-payload record.", &KAFKA_METHOD_HEADER, Postmaster, none);
-    boolean(c"centrifugo.kafka_publication_data_mode", c"Kafka record value is publication data; headers carry channels.", &KAFKA_PUBLICATION_DATA_MODE, Postmaster);
-    secret(c"centrifugo.consumers", c"Centrifugo's consumers JSON array, verbatim (may hold passwords: superuser-only, never shown).", &CONSUMERS);
+    string(
+        c"centrifugo.kafka_tls_cert_pem",
+        c"Kafka client certificate, PEM text.",
+        &KAFKA_TLS_CERT_PEM,
+        Postmaster,
+        none,
+    );
+    secret(
+        c"centrifugo.kafka_tls_key_pem",
+        c"Kafka client key, PEM text (superuser-only, never shown).",
+        &KAFKA_TLS_KEY_PEM,
+    );
+    string(
+        c"centrifugo.kafka_tls_root_ca",
+        c"CA file that verifies the Kafka brokers.",
+        &KAFKA_TLS_ROOT_CA,
+        Postmaster,
+        none,
+    );
+    string(
+        c"centrifugo.kafka_tls_root_ca_pem",
+        c"CA that verifies the Kafka brokers, PEM text.",
+        &KAFKA_TLS_ROOT_CA_PEM,
+        Postmaster,
+        none,
+    );
+    string(
+        c"centrifugo.kafka_tls_client_ca",
+        c"Client CA file (accepted for Centrifugo config compatibility).",
+        &KAFKA_TLS_CLIENT_CA,
+        Postmaster,
+        none,
+    );
+    string(
+        c"centrifugo.kafka_tls_client_ca_pem",
+        c"Client CA, PEM text (accepted for Centrifugo config compatibility).",
+        &KAFKA_TLS_CLIENT_CA_PEM,
+        Postmaster,
+        none,
+    );
+    boolean(
+        c"centrifugo.kafka_tls_insecure_skip_verify",
+        c"Skip verifying the Kafka brokers' certificates.",
+        &KAFKA_TLS_INSECURE_SKIP_VERIFY,
+        Postmaster,
+    );
+    string(
+        c"centrifugo.kafka_tls_server_name",
+        c"Name expected in the Kafka brokers' certificates (SNI).",
+        &KAFKA_TLS_SERVER_NAME,
+        Postmaster,
+        none,
+    );
+    string(
+        c"centrifugo.kafka_method_header",
+        c"Kafka header naming the method of a bare-payload record.",
+        &KAFKA_METHOD_HEADER,
+        Postmaster,
+        none,
+    );
+    boolean(
+        c"centrifugo.kafka_publication_data_mode",
+        c"Kafka record value is publication data; headers carry channels.",
+        &KAFKA_PUBLICATION_DATA_MODE,
+        Postmaster,
+    );
+    secret(
+        c"centrifugo.consumers",
+        c"Centrifugo's consumers JSON array, verbatim (may hold passwords: superuser-only, never shown).",
+        &CONSUMERS,
+    );
 
     // SAFETY: called from _PG_init in the postmaster, as PostgreSQL requires.
     #[cfg(not(feature = "pg14"))]
-    unsafe { pg_sys::MarkGUCPrefixReserved(c"centrifugo".as_ptr()) };
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(c"centrifugo".as_ptr())
+    };
     // PostgreSQL 14 has no reserved prefixes: it only warns about unknown centrifugo.* settings.
     // SAFETY: as above.
     #[cfg(feature = "pg14")]
-    unsafe { pg_sys::EmitWarningsOnPlaceholders(c"centrifugo".as_ptr()) };
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(c"centrifugo".as_ptr())
+    };
 }
 
-fn string(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<Option<CString>>, ctx: GucContext, flags: GucFlags) {
+fn string(
+    name: &'static CStr,
+    desc: &'static CStr,
+    s: &'static GucSetting<Option<CString>>,
+    ctx: GucContext,
+    flags: GucFlags,
+) {
     GucRegistry::define_string_guc(name, desc, c"", s, ctx, flags);
 }
 
-fn int(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<i32>, min: i32, max: i32, ctx: GucContext, flags: GucFlags) {
+fn int(
+    name: &'static CStr,
+    desc: &'static CStr,
+    s: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    ctx: GucContext,
+    flags: GucFlags,
+) {
     GucRegistry::define_int_guc(name, desc, c"", s, min, max, ctx, flags);
 }
 
@@ -197,16 +446,36 @@ fn secret(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<Optio
     // SAFETY: the show hook cannot panic (pg_guard) and returns a static string.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
-            name, desc, c"", s, GucContext::Postmaster, SECRET, None, None, Some(show_masked),
+            name,
+            desc,
+            c"",
+            s,
+            GucContext::Postmaster,
+            SECRET,
+            None,
+            None,
+            Some(show_masked),
         )
     };
 }
 
-type StringCheck = unsafe extern "C-unwind" fn(*mut *mut std::ffi::c_char, *mut *mut std::ffi::c_void, pg_sys::GucSource::Type) -> bool;
+type StringCheck = unsafe extern "C-unwind" fn(
+    *mut *mut std::ffi::c_char,
+    *mut *mut std::ffi::c_void,
+    pg_sys::GucSource::Type,
+) -> bool;
 
-fn string_checked(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<Option<CString>>, ctx: GucContext, check: StringCheck) {
+fn string_checked(
+    name: &'static CStr,
+    desc: &'static CStr,
+    s: &'static GucSetting<Option<CString>>,
+    ctx: GucContext,
+    check: StringCheck,
+) {
     // SAFETY: the check hooks are pg_guard'ed and only read the proposed value.
-    unsafe { GucRegistry::define_string_guc_with_hooks(name, desc, c"", s, ctx, GucFlags::default(), Some(check), None, None) };
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(name, desc, c"", s, ctx, GucFlags::default(), Some(check), None, None)
+    };
 }
 
 #[pgrx::pg_guard]
@@ -230,12 +499,20 @@ unsafe fn check_string(newval: *mut *mut std::ffi::c_char, validate: fn(&str) ->
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_api_url(newval: *mut *mut std::ffi::c_char, _extra: *mut *mut std::ffi::c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_api_url(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     unsafe { check_string(newval, |v| outbox_core::endpoints::parse_api_urls(v).map(|_| ())) }
 }
 
 #[pgrx::pg_guard]
-unsafe extern "C-unwind" fn check_table_name(newval: *mut *mut std::ffi::c_char, _extra: *mut *mut std::ffi::c_void, _source: pg_sys::GucSource::Type) -> bool {
+unsafe extern "C-unwind" fn check_table_name(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
     unsafe { check_string(newval, |v| settings::quoted_table_name(v).map(|_| ())) }
 }
 
@@ -243,29 +520,71 @@ fn text(s: &GucSetting<Option<CString>>) -> String {
     s.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-pub fn api_url() -> String { text(&API_URL) }
-pub fn api_key() -> String { text(&API_KEY) }
-pub fn database() -> String { text(&DATABASE) }
-pub fn worker_role() -> String { text(&WORKER_ROLE) }
-pub fn strict_order() -> bool { STRICT_ORDER.get() }
-pub fn consumer_name() -> String { text(&CONSUMER_NAME) }
-pub fn num_partitions() -> i32 { NUM_PARTITIONS.get() }
-pub fn partition_select_limit() -> i32 { PARTITION_SELECT_LIMIT.get() }
-pub fn partition_poll_interval_ms() -> i32 { PARTITION_POLL_INTERVAL.get() }
-pub fn max_command_size() -> i32 { MAX_COMMAND_SIZE.get() }
-pub fn batch_max_bytes() -> i64 { i64::from(BATCH_MAX_BYTES.get()) }
-pub fn http_connect_timeout_ms() -> i32 { HTTP_CONNECT_TIMEOUT.get() }
-pub fn http_timeout_ms() -> i32 { HTTP_TIMEOUT.get() }
-pub fn http_tls_root_ca() -> String { text(&HTTP_TLS_ROOT_CA) }
-pub fn http_tls_cert() -> String { text(&HTTP_TLS_CERT) }
-pub fn http_tls_key() -> String { text(&HTTP_TLS_KEY) }
-pub fn http_tls_insecure_skip_verify() -> bool { HTTP_TLS_INSECURE_SKIP_VERIFY.get() }
-pub fn retry_backoff_base_ms() -> i32 { RETRY_BACKOFF_BASE.get() }
-pub fn retry_backoff_max_ms() -> i32 { RETRY_BACKOFF_MAX.get() }
-pub fn partition_notification_channel() -> String { text(&PARTITION_NOTIFICATION_CHANNEL) }
+pub fn api_url() -> String {
+    text(&API_URL)
+}
+pub fn api_key() -> String {
+    text(&API_KEY)
+}
+pub fn database() -> String {
+    text(&DATABASE)
+}
+pub fn worker_role() -> String {
+    text(&WORKER_ROLE)
+}
+pub fn strict_order() -> bool {
+    STRICT_ORDER.get()
+}
+pub fn consumer_name() -> String {
+    text(&CONSUMER_NAME)
+}
+pub fn num_partitions() -> i32 {
+    NUM_PARTITIONS.get()
+}
+pub fn partition_select_limit() -> i32 {
+    PARTITION_SELECT_LIMIT.get()
+}
+pub fn partition_poll_interval_ms() -> i32 {
+    PARTITION_POLL_INTERVAL.get()
+}
+pub fn max_command_size() -> i32 {
+    MAX_COMMAND_SIZE.get()
+}
+pub fn batch_max_bytes() -> i64 {
+    i64::from(BATCH_MAX_BYTES.get())
+}
+pub fn http_connect_timeout_ms() -> i32 {
+    HTTP_CONNECT_TIMEOUT.get()
+}
+pub fn http_timeout_ms() -> i32 {
+    HTTP_TIMEOUT.get()
+}
+pub fn http_tls_root_ca() -> String {
+    text(&HTTP_TLS_ROOT_CA)
+}
+pub fn http_tls_cert() -> String {
+    text(&HTTP_TLS_CERT)
+}
+pub fn http_tls_key() -> String {
+    text(&HTTP_TLS_KEY)
+}
+pub fn http_tls_insecure_skip_verify() -> bool {
+    HTTP_TLS_INSECURE_SKIP_VERIFY.get()
+}
+pub fn retry_backoff_base_ms() -> i32 {
+    RETRY_BACKOFF_BASE.get()
+}
+pub fn retry_backoff_max_ms() -> i32 {
+    RETRY_BACKOFF_MAX.get()
+}
+pub fn partition_notification_channel() -> String {
+    text(&PARTITION_NOTIFICATION_CHANNEL)
+}
 
 /// The outbox table setting as written (`table` or `schema.table`).
-pub fn outbox_table_name() -> String { text(&OUTBOX_TABLE_NAME) }
+pub fn outbox_table_name() -> String {
+    text(&OUTBOX_TABLE_NAME)
+}
 
 /// The outbox table as a quoted SQL name; the check hook guarantees it parses.
 pub fn outbox_table() -> String {
@@ -290,31 +609,85 @@ pub fn client_config() -> outbox_core::client::ClientConfig {
 /// Kafka settings, read by the bridge when it starts.
 pub mod kafka {
     use super::*;
-    pub fn brokers() -> String { text(&KAFKA_BROKERS) }
-    pub fn topics() -> String { text(&KAFKA_TOPICS) }
-    pub fn consumer_group() -> String { text(&KAFKA_CONSUMER_GROUP) }
-    pub fn max_poll_records() -> i32 { KAFKA_MAX_POLL_RECORDS.get() }
-    pub fn fetch_max_bytes() -> i32 { KAFKA_FETCH_MAX_BYTES.get() }
-    pub fn fetch_max_wait_ms() -> i32 { KAFKA_FETCH_MAX_WAIT.get() }
-    pub fn fetch_read_uncommitted() -> bool { KAFKA_FETCH_READ_UNCOMMITTED.get() }
-    pub fn partition_queue_max_size() -> i32 { KAFKA_PARTITION_QUEUE_MAX_SIZE.get() }
-    pub fn dial_timeout_ms() -> i32 { KAFKA_DIAL_TIMEOUT.get() }
-    pub fn instance_id() -> String { text(&KAFKA_INSTANCE_ID) }
-    pub fn sasl_mechanism() -> String { text(&KAFKA_SASL_MECHANISM) }
-    pub fn sasl_user() -> String { text(&KAFKA_SASL_USER) }
-    pub fn sasl_password() -> String { text(&KAFKA_SASL_PASSWORD) }
-    pub fn tls() -> bool { KAFKA_TLS.get() }
-    pub fn tls_cert() -> String { text(&KAFKA_TLS_CERT) }
-    pub fn tls_key() -> String { text(&KAFKA_TLS_KEY) }
-    pub fn tls_cert_pem() -> String { text(&KAFKA_TLS_CERT_PEM) }
-    pub fn tls_key_pem() -> String { text(&KAFKA_TLS_KEY_PEM) }
-    pub fn tls_root_ca() -> String { text(&KAFKA_TLS_ROOT_CA) }
-    pub fn tls_root_ca_pem() -> String { text(&KAFKA_TLS_ROOT_CA_PEM) }
-    pub fn tls_client_ca() -> String { text(&KAFKA_TLS_CLIENT_CA) }
-    pub fn tls_client_ca_pem() -> String { text(&KAFKA_TLS_CLIENT_CA_PEM) }
-    pub fn tls_insecure_skip_verify() -> bool { KAFKA_TLS_INSECURE_SKIP_VERIFY.get() }
-    pub fn tls_server_name() -> String { text(&KAFKA_TLS_SERVER_NAME) }
-    pub fn method_header() -> String { text(&KAFKA_METHOD_HEADER) }
-    pub fn publication_data_mode() -> bool { KAFKA_PUBLICATION_DATA_MODE.get() }
-    pub fn consumers() -> String { text(&CONSUMERS) }
+    pub fn brokers() -> String {
+        text(&KAFKA_BROKERS)
+    }
+    pub fn topics() -> String {
+        text(&KAFKA_TOPICS)
+    }
+    pub fn consumer_group() -> String {
+        text(&KAFKA_CONSUMER_GROUP)
+    }
+    pub fn max_poll_records() -> i32 {
+        KAFKA_MAX_POLL_RECORDS.get()
+    }
+    pub fn fetch_max_bytes() -> i32 {
+        KAFKA_FETCH_MAX_BYTES.get()
+    }
+    pub fn fetch_max_wait_ms() -> i32 {
+        KAFKA_FETCH_MAX_WAIT.get()
+    }
+    pub fn fetch_read_uncommitted() -> bool {
+        KAFKA_FETCH_READ_UNCOMMITTED.get()
+    }
+    pub fn partition_queue_max_size() -> i32 {
+        KAFKA_PARTITION_QUEUE_MAX_SIZE.get()
+    }
+    pub fn dial_timeout_ms() -> i32 {
+        KAFKA_DIAL_TIMEOUT.get()
+    }
+    pub fn instance_id() -> String {
+        text(&KAFKA_INSTANCE_ID)
+    }
+    pub fn sasl_mechanism() -> String {
+        text(&KAFKA_SASL_MECHANISM)
+    }
+    pub fn sasl_user() -> String {
+        text(&KAFKA_SASL_USER)
+    }
+    pub fn sasl_password() -> String {
+        text(&KAFKA_SASL_PASSWORD)
+    }
+    pub fn tls() -> bool {
+        KAFKA_TLS.get()
+    }
+    pub fn tls_cert() -> String {
+        text(&KAFKA_TLS_CERT)
+    }
+    pub fn tls_key() -> String {
+        text(&KAFKA_TLS_KEY)
+    }
+    pub fn tls_cert_pem() -> String {
+        text(&KAFKA_TLS_CERT_PEM)
+    }
+    pub fn tls_key_pem() -> String {
+        text(&KAFKA_TLS_KEY_PEM)
+    }
+    pub fn tls_root_ca() -> String {
+        text(&KAFKA_TLS_ROOT_CA)
+    }
+    pub fn tls_root_ca_pem() -> String {
+        text(&KAFKA_TLS_ROOT_CA_PEM)
+    }
+    pub fn tls_client_ca() -> String {
+        text(&KAFKA_TLS_CLIENT_CA)
+    }
+    pub fn tls_client_ca_pem() -> String {
+        text(&KAFKA_TLS_CLIENT_CA_PEM)
+    }
+    pub fn tls_insecure_skip_verify() -> bool {
+        KAFKA_TLS_INSECURE_SKIP_VERIFY.get()
+    }
+    pub fn tls_server_name() -> String {
+        text(&KAFKA_TLS_SERVER_NAME)
+    }
+    pub fn method_header() -> String {
+        text(&KAFKA_METHOD_HEADER)
+    }
+    pub fn publication_data_mode() -> bool {
+        KAFKA_PUBLICATION_DATA_MODE.get()
+    }
+    pub fn consumers() -> String {
+        text(&CONSUMERS)
+    }
 }

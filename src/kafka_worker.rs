@@ -24,8 +24,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry};
+use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
 use outbox_core::retry::{Backoff, Jitter};
 
@@ -38,7 +38,8 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
     let mut out = Vec::new();
     let brokers = split_list(&gucs::kafka::brokers());
     if !brokers.is_empty() {
-        let mut c = KafkaConsumer::new("kafka", brokers, split_list(&gucs::kafka::topics()), &gucs::kafka::consumer_group());
+        let mut c =
+            KafkaConsumer::new("kafka", brokers, split_list(&gucs::kafka::topics()), &gucs::kafka::consumer_group());
         c.max_poll_records = gucs::kafka::max_poll_records().max(1) as usize;
         c.fetch_max_bytes = gucs::kafka::fetch_max_bytes() as u64;
         c.fetch_max_wait_ms = gucs::kafka::fetch_max_wait_ms() as u64;
@@ -46,7 +47,9 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
         c.partition_queue_max_size = gucs::kafka::partition_queue_max_size().max(1) as usize;
         c.dial_timeout_ms = gucs::kafka::dial_timeout_ms() as u64;
         c.instance_id = gucs::kafka::instance_id();
-        if let Some(m) = SaslMechanism::parse(&gucs::kafka::sasl_mechanism()).map_err(|e| format!("centrifugo.kafka_{e}"))? {
+        if let Some(m) =
+            SaslMechanism::parse(&gucs::kafka::sasl_mechanism()).map_err(|e| format!("centrifugo.kafka_{e}"))?
+        {
             c.sasl = Some((m, gucs::kafka::sasl_user(), gucs::kafka::sasl_password()));
         }
         if gucs::kafka::tls() {
@@ -258,7 +261,11 @@ fn record_headers(msg: &rdkafka::message::BorrowedMessage<'_>) -> Vec<(String, V
         }
         // SAFETY: a NUL-terminated name and `size` bytes of value (or NULL) owned by the message.
         let key = String::from_utf8_lossy(unsafe { std::ffi::CStr::from_ptr(name) }.to_bytes()).into_owned();
-        let value = if value.is_null() { Vec::new() } else { unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec() };
+        let value = if value.is_null() {
+            Vec::new()
+        } else {
+            unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
+        };
         headers.push((key, value));
     }
     headers
@@ -463,7 +470,10 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             shmem::update_kafka(index, &key.0, key.1, |s| {
                                 s.stats.retries += 1;
                                 s.stats.backoff_ms = delay.as_millis() as u32;
-                                s.stats.record_error(failure.code.map(|c| c as i32).unwrap_or(-1), &scrubbed(&failure.to_string()));
+                                s.stats.record_error(
+                                    failure.code.map(|c| c as i32).unwrap_or(-1),
+                                    &scrubbed(&failure.to_string()),
+                                );
                             });
                             warn(
                                 "retry",
@@ -541,12 +551,18 @@ fn dispatch(
     let mut sendable = Vec::with_capacity(take);
     let mut commands: Vec<Prepared> = Vec::with_capacity(take);
     for (i, record) in queue.records.iter().enumerate().filter(|(_, r)| !r.done).take(take) {
-        let pos = RecordPosition { topic: &key.0, partition: key.1, offset: record.offset, timestamp_ms: record.timestamp_ms };
+        let pos = RecordPosition {
+            topic: &key.0,
+            partition: key.1,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
+        };
         pending.push(i);
         if let Some(dead) = &record.dead_letter {
             // Its dead letter could not be written last time: write it, do not send it again.
             methods.push(dead.method.clone());
-            outcomes.push(Some(Outcome::DeadLetter { failure: dead.failure.clone(), payload: Some(dead.payload.clone()) }));
+            outcomes
+                .push(Some(Outcome::DeadLetter { failure: dead.failure.clone(), payload: Some(dead.payload.clone()) }));
             continue;
         }
         match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
@@ -591,7 +607,13 @@ fn dispatch(
                         None => raw_payload(record.value.as_deref()),
                     },
                 };
-                dead.push(KafkaDeadLetter { offset: record.offset, method: methods[n].clone(), payload, raw: record.value.clone(), failure });
+                dead.push(KafkaDeadLetter {
+                    offset: record.offset,
+                    method: methods[n].clone(),
+                    payload,
+                    raw: record.value.clone(),
+                    failure,
+                });
             }
             Outcome::Retry(failure) => {
                 retried[n] = true;
@@ -601,7 +623,8 @@ fn dispatch(
     }
     // Delivered records are done whatever happens to the dead letters: never sent again; the
     // dead ones keep their dead letter until it is written.
-    let dead_indexes: Vec<bool> = (0..pending.len()).map(|n| dead.iter().any(|d| d.offset == queue.records[pending[n]].offset)).collect();
+    let dead_indexes: Vec<bool> =
+        (0..pending.len()).map(|n| dead.iter().any(|d| d.offset == queue.records[pending[n]].offset)).collect();
     for (n, &i) in pending.iter().enumerate() {
         queue.records[i].done = !retried[n] && !dead_indexes[n];
         if dead_indexes[n] {
@@ -653,7 +676,11 @@ fn cached_high_watermark(consumer: &BaseConsumer<BridgeContext>, topic: &str, pa
             &mut high,
         )
     };
-    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR { high } else { -1 }
+    if err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        high
+    } else {
+        -1
+    }
 }
 
 /// Publishes this worker's current assignment and the client's cached high watermarks.
@@ -700,7 +727,12 @@ struct KafkaDeadLetter {
 /// escape, a lone surrogate, a number beyond numeric's range, nesting too deep) is stored as JSON
 /// null: raw_value keeps the bytes either way. Any other ERROR rolls back and comes back as Err
 /// (the partition backs off and tries again) instead of ending the worker.
-fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLetter], attempts: u32) -> Result<(), String> {
+fn insert_dead_letters(
+    consumer: &str,
+    key: &(String, i32),
+    rows: &[KafkaDeadLetter],
+    attempts: u32,
+) -> Result<(), String> {
     let (topic, partition) = (key.0.as_str(), key.1);
     let api_key = gucs::api_key();
     crate::xact::transaction(|| {

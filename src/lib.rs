@@ -18,8 +18,8 @@ mod pinned;
 mod session;
 mod shmem;
 mod status;
-mod xact;
 mod worker;
+mod xact;
 
 ::pgrx::pg_module_magic!(name, version);
 

@@ -220,7 +220,11 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
         // SAFETY: a catalog-cached read of the role's name (NULL if it is gone).
         let name = unsafe {
             let name = pg_sys::GetUserNameFromId(owner, true);
-            if name.is_null() { String::new() } else { CStr::from_ptr(name).to_string_lossy().into_owned() }
+            if name.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(name).to_string_lossy().into_owned()
+            }
         };
         return Err(format!(
             "{qualified} is owned by role \"{name}\", which is not a superuser: a superuser's session would run its triggers, rules and functions with superuser rights (SET ROLE does not prevent that: the owner's code could RESET ROLE); connect as a role without superuser rights"
@@ -269,7 +273,11 @@ pub fn dead_letters_oid() -> pg_sys::Oid {
 pub fn raw_value_column(dead_letters: pg_sys::Oid) -> (&'static str, &'static str) {
     // SAFETY: a catalog cache lookup; a missing or dropped column gives InvalidAttrNumber (0).
     let present = unsafe { pg_sys::get_attnum(dead_letters, c"raw_value".as_ptr()) } != 0;
-    if present { (", raw_value", ", $11") } else { ("", "") }
+    if present {
+        (", raw_value", ", $11")
+    } else {
+        ("", "")
+    }
 }
 
 /// The oid `qualified` names now, if any.

@@ -448,9 +448,7 @@ fn centrifugo_wake_at_commit<'a>(
         let partition = new.get_by_name::<i32>("partition").ok().flatten().unwrap_or(0);
         let num = crate::worker::partitions_of_table(&trigger.table_schema()?, &trigger.table_name()?);
         if !(0..num).contains(&partition) {
-            crate::errors::raise(
-                outbox_core::partition::check_partition(partition, num).expect_err("out of range"),
-            );
+            crate::errors::raise(outbox_core::partition::check_partition(partition, num).expect_err("out of range"));
         }
         wake_at_commit(partition);
     }

@@ -19,7 +19,20 @@ fn timestamp(unix_micros: i64) -> Option<TimestampWithTimeZone> {
     (unix_micros > 0).then(|| TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET_MICROS).ok()).flatten()
 }
 
-type StatColumns = (i64, i64, i64, i64, Option<TimestampWithTimeZone>, Option<i32>, Option<String>, Option<TimestampWithTimeZone>, i32, JsonB, Option<String>, JsonB);
+type StatColumns = (
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<TimestampWithTimeZone>,
+    Option<i32>,
+    Option<String>,
+    Option<TimestampWithTimeZone>,
+    i32,
+    JsonB,
+    Option<String>,
+    JsonB,
+);
 
 /// The endpoints of `centrifugo.api_url` as this session reads the setting (after a reload the
 /// workers read it too), shown without credentials.
@@ -102,11 +115,8 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         .map(|(slot, &(consumer, p))| {
             let spec = &specs[consumer];
             let s = shmem::snapshot(slot);
-            let (backlog, oldest) = if spec.database() == this_db {
-                backlog(&spec.qualified_table(), p)
-            } else {
-                (None, None)
-            };
+            let (backlog, oldest) =
+                if spec.database() == this_db { backlog(&spec.qualified_table(), p) } else { (None, None) };
             let mut stats = s.stats;
             let mut state = if standby { "standby".to_owned() } else { s.state().as_str().to_owned() };
             // Registered but never started, long after the server did: PostgreSQL ran out of
@@ -116,7 +126,26 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
                 stats.record_error(0, &worker_budget_message(slots.len()));
             }
             let c = stat_columns(&stats, &endpoints, s.pid != 0);
-            (spec.name(), Some(p), (s.pid != 0).then_some(s.pid), state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
+            (
+                spec.name(),
+                Some(p),
+                (s.pid != 0).then_some(s.pid),
+                state,
+                backlog,
+                oldest,
+                c.0,
+                c.1,
+                c.2,
+                c.3,
+                c.4,
+                c.5,
+                c.6,
+                c.7,
+                c.8,
+                c.9,
+                c.10,
+                c.11,
+            )
         })
         .collect();
     // What the settings leave without a worker, and rows no worker will ever read.
@@ -124,7 +153,26 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         let mut stats = Stats::default();
         stats.record_error(0, why);
         let c = stat_columns(&stats, &[], false);
-        (consumer, partition, None, state.to_owned(), backlog, None, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
+        (
+            consumer,
+            partition,
+            None,
+            state.to_owned(),
+            backlog,
+            None,
+            c.0,
+            c.1,
+            c.2,
+            c.3,
+            c.4,
+            c.5,
+            c.6,
+            c.7,
+            c.8,
+            c.9,
+            c.10,
+            c.11,
+        )
     };
     for problem in worker::layout_problems() {
         rows.push(problem_row("(settings)".to_owned(), None, "invalid settings", None, &problem));
@@ -132,7 +180,10 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     for &(consumer, p) in worker::configured_partitions().iter().skip(slots.len()) {
         let spec = &specs[consumer];
         let backlog = if spec.database() == this_db { backlog(&spec.qualified_table(), p).0 } else { None };
-        let why = format!("no worker: at most {} outbox partitions have a worker in total", outbox_core::partition::MAX_PARTITIONS);
+        let why = format!(
+            "no worker: at most {} outbox partitions have a worker in total",
+            outbox_core::partition::MAX_PARTITIONS
+        );
         rows.push(problem_row(spec.name(), Some(p), "no worker", backlog, &why));
     }
     for spec in specs.iter().filter(|s| s.database() == this_db) {
@@ -188,10 +239,14 @@ fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
 /// Whether the calling role may read `table` (an existing one).
 fn readable(table: &str) -> bool {
     // A read-only query: the view also works on a hot standby.
-    Spi::connect(|c| c.select("SELECT has_table_privilege(to_regclass($1), 'SELECT')", None, &[table.into()])?.first().get_one::<bool>())
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    Spi::connect(|c| {
+        c.select("SELECT has_table_privilege(to_regclass($1), 'SELECT')", None, &[table.into()])?
+            .first()
+            .get_one::<bool>()
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 /// Read-only queries, so the view also works on a hot standby.
@@ -202,19 +257,29 @@ fn backlog(table: &str, partition: i32) -> (Option<i64>, Option<pgrx::datum::Int
     };
     let pinned: Vec<pg_sys::Oid> = checked.into_iter().collect();
     let marker = crate::pinned::MARKER;
-    crate::pinned::pinned(&pinned, || Spi::connect(|c| {
-        // A role granted the status view but not the outbox sees no backlog (rather than an error).
-        let exists = c
-            .select("SELECT to_regclass($1) IS NOT NULL AND has_table_privilege(to_regclass($1), 'SELECT')", None, &[table.into()])?
-            .first()
-            .get_one::<bool>()?;
-        if exists != Some(true) {
-            return Ok((None, None));
-        }
-        c.select(&format!("{marker}SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"), None, &[partition.into()])?
+    crate::pinned::pinned(&pinned, || {
+        Spi::connect(|c| {
+            // A role granted the status view but not the outbox sees no backlog (rather than an error).
+            let exists = c
+                .select(
+                    "SELECT to_regclass($1) IS NOT NULL AND has_table_privilege(to_regclass($1), 'SELECT')",
+                    None,
+                    &[table.into()],
+                )?
+                .first()
+                .get_one::<bool>()?;
+            if exists != Some(true) {
+                return Ok((None, None));
+            }
+            c.select(
+                &format!("{marker}SELECT count(*), now() - min(created_at) FROM {table} WHERE partition = $1"),
+                None,
+                &[partition.into()],
+            )?
             .first()
             .get_two::<i64, pgrx::datum::Interval>()
-    }))
+        })
+    })
     .unwrap_or((None, None))
 }
 
@@ -270,7 +335,18 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
                 committed,
                 hw,
                 lag,
-                c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11,
+                c.0,
+                c.1,
+                c.2,
+                c.3,
+                c.4,
+                c.5,
+                c.6,
+                c.7,
+                c.8,
+                c.9,
+                c.10,
+                c.11,
             )
         })
         .collect();

@@ -23,15 +23,15 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::prelude::*;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::PgOid;
+use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgTryBuilder;
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::dispatch::{batch_body, prepare_text, OutboxKeys, scrub, Failure, Outcome, Prepared};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
+use outbox_core::dispatch::{batch_body, prepare_text, scrub, Failure, OutboxKeys, Outcome, Prepared};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
 use outbox_core::settings::table_name_parts;
@@ -56,7 +56,11 @@ impl OutboxSpec {
             // Reloadable, but never to the name of another consumer (their locks would collide).
             None => {
                 let live = gucs::consumer_name();
-                if layout().entries.iter().any(|e| e.name == live) { layout().default_name.clone() } else { live }
+                if layout().entries.iter().any(|e| e.name == live) {
+                    layout().default_name.clone()
+                } else {
+                    live
+                }
             }
         }
     }
@@ -86,7 +90,9 @@ impl OutboxSpec {
         self.entry.as_ref().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
     }
     fn poll_interval(&self) -> Duration {
-        Duration::from_millis(self.entry.as_ref().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms))
+        Duration::from_millis(
+            self.entry.as_ref().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms),
+        )
     }
 }
 
@@ -144,7 +150,9 @@ pub fn layout_problems() -> Vec<String> {
 
 /// The default consumer first, then the `postgresql` entries of `centrifugo.consumers`.
 pub fn outbox_specs() -> Vec<OutboxSpec> {
-    std::iter::once(OutboxSpec { entry: None }).chain(layout().entries.iter().map(|e| OutboxSpec { entry: Some(e.clone()) })).collect()
+    std::iter::once(OutboxSpec { entry: None })
+        .chain(layout().entries.iter().map(|e| OutboxSpec { entry: Some(e.clone()) }))
+        .collect()
 }
 
 /// Every configured partition as (index into `outbox_specs()`, partition), workers or not.
@@ -170,7 +178,9 @@ pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
         .filter(|spec| match table_name_parts(&spec.table_setting()) {
             Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
             // Unqualified means the table in the extension's schema.
-            Ok(parts) => parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema),
+            Ok(parts) => {
+                parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema)
+            }
             Err(_) => false,
         })
         .map(OutboxSpec::num_partitions)
@@ -282,9 +292,13 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // SAFETY: replaces the SIGTERM handler just installed with one that also stops owner code.
     #[cfg(not(feature = "pg18"))]
-    unsafe { pg_sys::pqsignal(libc::SIGTERM, Some(xact::on_sigterm)) };
+    unsafe {
+        pg_sys::pqsignal(libc::SIGTERM, Some(xact::on_sigterm))
+    };
     #[cfg(feature = "pg18")]
-    unsafe { pg_sys::pqsignal_be(libc::SIGTERM, Some(xact::on_sigterm)) };
+    unsafe {
+        pg_sys::pqsignal_be(libc::SIGTERM, Some(xact::on_sigterm))
+    };
     shmem::attach_worker(slot, consumer, partition);
     session::connect_worker(&spec.database(), ConnectSlot::Partition(slot));
 
@@ -309,7 +323,10 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         settled: Settled::default(),
         applied: Vec::new(),
     };
-    log!("centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")", worker.spec.name());
+    log!(
+        "centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")",
+        worker.spec.name()
+    );
 
     let mut next = Next::DrainNow;
     loop {
@@ -381,7 +398,12 @@ impl Worker {
         };
         if let Some(client) = &self.client {
             for event in client.take_events() {
-                log!("centrifugo_outbox: consumer {} partition {}: {}", self.spec.name(), self.partition, scrub(&event, &[&gucs::api_key()]));
+                log!(
+                    "centrifugo_outbox: consumer {} partition {}: {}",
+                    self.spec.name(),
+                    self.partition,
+                    scrub(&event, &[&gucs::api_key()])
+                );
             }
             shmem::update(self.slot, |s| s.stats.record_endpoints(client));
         }
@@ -392,7 +414,8 @@ impl Worker {
                 Next::Wait
             }
             Round::Locked { holder } => {
-                let who = holder.map_or_else(|| "another session".to_owned(), |pid| format!("the session with pid {pid}"));
+                let who =
+                    holder.map_or_else(|| "another session".to_owned(), |pid| format!("the session with pid {pid}"));
                 let reason = format!(
                     "partition lock held by {who} (Centrifugo's own consumer, or pg_advisory_lock on the partition's key); waiting for it"
                 );
@@ -425,7 +448,10 @@ impl Worker {
                 shmem::update(self.slot, |s| {
                     s.stats.retries += 1;
                     s.stats.backoff_ms = delay.as_millis() as u32;
-                    s.stats.record_error(failure.code.map(|c| c as i32).unwrap_or(-1), &scrub(&failure.to_string(), &[&gucs::api_key()]));
+                    s.stats.record_error(
+                        failure.code.map(|c| c as i32).unwrap_or(-1),
+                        &scrub(&failure.to_string(), &[&gucs::api_key()]),
+                    );
                 });
                 shmem::set_state(self.slot, WorkerState::BackingOff);
                 self.log.warn(
@@ -433,7 +459,11 @@ impl Worker {
                     self.partition,
                     "retry",
                     &scrub(
-                        &format!("outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})", delay.as_millis(), self.attempts),
+                        &format!(
+                            "outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})",
+                            delay.as_millis(),
+                            self.attempts
+                        ),
                         &[&gucs::api_key()],
                     ),
                 );
@@ -452,12 +482,20 @@ impl Worker {
                     s.stats.record_error(0, &format!("database error, round rolled back: {error}"));
                 });
                 shmem::set_state(self.slot, WorkerState::BackingOff);
-                let ran = if ran > 0 { format!(" ({ran} command(s) Centrifugo already ran are not sent again)") } else { String::new() };
+                let ran = if ran > 0 {
+                    format!(" ({ran} command(s) Centrifugo already ran are not sent again)")
+                } else {
+                    String::new()
+                };
                 self.log.warn(
                     &self.spec.name(),
                     self.partition,
                     "database error",
-                    &format!("round rolled back by an error: {error}{ran}; retrying in {} ms (attempt {})", delay.as_millis(), self.db_errors),
+                    &format!(
+                        "round rolled back by an error: {error}{ran}; retrying in {} ms (attempt {})",
+                        delay.as_millis(),
+                        self.db_errors
+                    ),
                 );
                 Next::BackOff(delay)
             }
@@ -484,7 +522,12 @@ impl Worker {
             let counts = as_owner_of(owner, oid, || {
                 Spi::connect(|c| {
                     let row = c.select(&sql, None, &[num_partitions.into()])?.first();
-                    Ok::<_, pgrx::spi::Error>((row.get::<i64>(1)?.unwrap_or(0), row.get::<i32>(2)?, row.get::<i32>(3)?, table.clone()))
+                    Ok::<_, pgrx::spi::Error>((
+                        row.get::<i64>(1)?.unwrap_or(0),
+                        row.get::<i32>(2)?,
+                        row.get::<i32>(3)?,
+                        table.clone(),
+                    ))
                 })
             })?;
             Ok(Some(counts))
@@ -502,10 +545,20 @@ impl Worker {
 
     fn recovered(&mut self) {
         if self.attempts > 0 {
-            log!("centrifugo_outbox: consumer {} partition {} delivering again after {} retries", self.spec.name(), self.partition, self.attempts);
+            log!(
+                "centrifugo_outbox: consumer {} partition {} delivering again after {} retries",
+                self.spec.name(),
+                self.partition,
+                self.attempts
+            );
         }
         if self.db_errors > 0 {
-            log!("centrifugo_outbox: consumer {} partition {} working again after {} failed rounds", self.spec.name(), self.partition, self.db_errors);
+            log!(
+                "centrifugo_outbox: consumer {} partition {} working again after {} failed rounds",
+                self.spec.name(),
+                self.partition,
+                self.db_errors
+            );
         }
         self.attempts = 0;
         self.db_errors = 0;
@@ -555,13 +608,17 @@ impl Worker {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), DbError> {
                 let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
                 let head = statements.head(spi)?;
-                let head = spi.select(head, None, &[table_schema.clone().into(), table_name.clone().into(), lock_key.into()])?;
+                let head =
+                    spi.select(head, None, &[table_schema.clone().into(), table_name.clone().into(), lock_key.into()])?;
                 let head = head.first();
                 let not_ready = |reason: String| Ok((Round::NotReady(reason), RoundStats::default()));
                 let Some(schema) = head.get::<String>(1)? else {
-                    return not_ready(format!("extension centrifugo_outbox is not installed in database \"{database}\""));
+                    return not_ready(format!(
+                        "extension centrifugo_outbox is not installed in database \"{database}\""
+                    ));
                 };
-                let table = format!("{}.{}", quote_ident(table_schema.as_deref().unwrap_or(&schema)), quote_ident(&table_name));
+                let table =
+                    format!("{}.{}", quote_ident(table_schema.as_deref().unwrap_or(&schema)), quote_ident(&table_name));
                 let Some(table_oid) = head.get::<i64>(2)? else {
                     return not_ready(format!("outbox table {table} does not exist"));
                 };
@@ -594,9 +651,18 @@ impl Worker {
                     return Ok((Round::Locked { holder }, RoundStats::default()));
                 }
                 // The checks above were about the table that had this name then.
-                let owner = match lock_checked(table_schema.as_deref().unwrap_or(&schema), &table_name, table_oid, pg_sys::RowExclusiveLock) {
+                let owner = match lock_checked(
+                    table_schema.as_deref().unwrap_or(&schema),
+                    &table_name,
+                    table_oid,
+                    pg_sys::RowExclusiveLock,
+                ) {
                     Ok(owner) => owner,
-                    Err(what) => return not_ready(format!("outbox table {table} {what} while the worker checked it; checking again")),
+                    Err(what) => {
+                        return not_ready(format!(
+                            "outbox table {table} {what} while the worker checked it; checking again"
+                        ))
+                    }
                 };
                 let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
                 // Parsed as the owner too: the worker needs no rights on the table or its schema.
@@ -625,7 +691,9 @@ impl Worker {
                 let mut stats = RoundStats::default();
                 // The ctids of rows done but not deleted yet: deleted while the next request is in flight.
                 let mut done: Vec<pg_sys::ItemPointerData> = Vec::new();
-                let delete = |spi: &mut SpiClient<'_>, done: &mut Vec<pg_sys::ItemPointerData>| -> Result<(), DbError> {
+                let delete = |spi: &mut SpiClient<'_>,
+                              done: &mut Vec<pg_sys::ItemPointerData>|
+                 -> Result<(), DbError> {
                     if !done.is_empty() {
                         let ctids = std::mem::take(done);
                         as_owner_of(owner, table_oid, || spi.update(&table_statements.delete, None, &[ctids.into()]))?;
@@ -633,8 +701,13 @@ impl Worker {
                     Ok(())
                 };
                 let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
-                let dead_letter_target =
-                    DeadLetterTarget { dead_letters: &dead_letters, oid: dead_letters_oid, consumer: &consumer_name, partition, payload_is_jsonb };
+                let dead_letter_target = DeadLetterTarget {
+                    dead_letters: &dead_letters,
+                    oid: dead_letters_oid,
+                    consumer: &consumer_name,
+                    partition,
+                    payload_is_jsonb,
+                };
                 let mut batch = reader.read(spi, i64::MIN, budget)?;
                 let round = loop {
                     if batch.rows.is_empty() {
@@ -642,27 +715,30 @@ impl Worker {
                     }
                     let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
                     let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
-                    let mut in_flight = (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
+                    let mut in_flight =
+                        (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
                     let more = batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested();
-                    let mut on_error = std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
-                    let overlap = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
-                        delete(spi, &mut done)?;
-                        Ok(if more { Some(reader.read(spi, next_from, budget - in_flight_bytes)?) } else { None })
-                    }))
-                    .catch_others(move |error| {
-                        // The batch is on its way and will run: learn what became of each command
-                        // before the ERROR rolls the round back, so that none is sent again.
-                        let (client, in_flight, batch, stats, applied) = &mut *on_error;
-                        if let Some(in_flight) = in_flight.take() {
-                            let outcomes = client.finish(in_flight, &batch.commands, &mut stats.batches);
-                            batch.record(outcomes);
-                            batch.remember_outcomes(applied);
-                        }
-                        error.rethrow()
-                    })
-                    .execute();
+                    let mut on_error =
+                        std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
+                    let overlap =
+                        PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
+                            delete(spi, &mut done)?;
+                            Ok(if more { Some(reader.read(spi, next_from, budget - in_flight_bytes)?) } else { None })
+                        }))
+                        .catch_others(move |error| {
+                            // The batch is on its way and will run: learn what became of each command
+                            // before the ERROR rolls the round back, so that none is sent again.
+                            let (client, in_flight, batch, stats, applied) = &mut *on_error;
+                            if let Some(in_flight) = in_flight.take() {
+                                let outcomes = client.finish(in_flight, &batch.commands, &mut stats.batches);
+                                batch.record(outcomes);
+                                batch.remember_outcomes(applied);
+                            }
+                            error.rethrow()
+                        })
+                        .execute();
                     if let Some(in_flight) = in_flight.take() {
                         batch.record(client.finish(in_flight, &batch.commands, &mut stats.batches));
                     }
@@ -674,7 +750,15 @@ impl Worker {
                         }
                     };
                     let attempts_of = |id| if failing_row == Some(id) { attempts + 1 } else { 1 };
-                    let retry = apply_outcomes(spi, &batch, &mut done, &mut stats, &dead_letter_target, attempts_of, &mut *applied)?;
+                    let retry = apply_outcomes(
+                        spi,
+                        &batch,
+                        &mut done,
+                        &mut stats,
+                        &dead_letter_target,
+                        attempts_of,
+                        &mut *applied,
+                    )?;
                     if let Some(retry) = retry {
                         break retry;
                     }
@@ -709,7 +793,10 @@ impl Worker {
                             s.stats.record_success(stats.delivered, stats.latencies_ms.iter().copied());
                         }
                         if let Some(f) = &stats.last_dead {
-                            s.stats.record_error(f.code.map(|c| c as i32).unwrap_or(0), &scrub(&f.message, &[&gucs::api_key()]));
+                            s.stats.record_error(
+                                f.code.map(|c| c as i32).unwrap_or(0),
+                                &scrub(&f.message, &[&gucs::api_key()]),
+                            );
                         }
                     });
                 }
@@ -718,7 +805,10 @@ impl Worker {
                         &self.spec.name(),
                         self.partition,
                         "dead letter",
-                        &scrub(&format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead), &[&gucs::api_key()]),
+                        &scrub(
+                            &format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead),
+                            &[&gucs::api_key()],
+                        ),
                     );
                 }
                 round
@@ -821,7 +911,10 @@ impl Statements {
             // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
             // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
             let delete = spi
-                .prepare_mut(&format!("{marker}DELETE FROM ONLY {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"), &oids(&[PgBuiltInOids::TIDARRAYOID]))?
+                .prepare_mut(
+                    &format!("{marker}DELETE FROM ONLY {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"),
+                    &oids(&[PgBuiltInOids::TIDARRAYOID]),
+                )?
                 .keep();
             self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
         }
@@ -901,30 +994,31 @@ impl BatchReader<'_> {
         // (a row's text is made only when it is fetched; at most one fetch goes past it), and
         // the first row always comes, however large.
         let mut rows_per_fetch: libc::c_long = 16;
-        let (rows, over_budget) = as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
-            let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
-            let (mut rows, mut bytes) = (Vec::new(), 0i64);
-            loop {
-                let chunk = cursor.fetch(rows_per_fetch)?;
-                if chunk.is_empty() {
-                    return Ok((rows, false));
-                }
-                // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
-                let average = bytes / (rows.len() as i64).max(1);
-                if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
-                    rows_per_fetch = (rows_per_fetch * 2).min(1024);
-                }
-                for row in chunk {
-                    let row = Self::row(&row)?;
-                    let size = row.payload.len() as i64;
-                    if !rows.is_empty() && bytes + size > budget {
-                        return Ok((rows, true));
+        let (rows, over_budget) =
+            as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
+                let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
+                let (mut rows, mut bytes) = (Vec::new(), 0i64);
+                loop {
+                    let chunk = cursor.fetch(rows_per_fetch)?;
+                    if chunk.is_empty() {
+                        return Ok((rows, false));
                     }
-                    bytes += size;
-                    rows.push(row);
+                    // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
+                    let average = bytes / (rows.len() as i64).max(1);
+                    if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
+                        rows_per_fetch = (rows_per_fetch * 2).min(1024);
+                    }
+                    for row in chunk {
+                        let row = Self::row(&row)?;
+                        let size = row.payload.len() as i64;
+                        if !rows.is_empty() && bytes + size > budget {
+                            return Ok((rows, true));
+                        }
+                        bytes += size;
+                        rows.push(row);
+                    }
                 }
-            }
-        })?;
+            })?;
         let mut batch = Batch {
             // The limit was reached, or the budget left rows behind: there may be more.
             full: over_budget || rows.len() as i64 >= i64::from(self.limit),
@@ -944,8 +1038,12 @@ impl BatchReader<'_> {
             ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
             method: row.get::<String>(2)?.unwrap_or_default(),
             payload: row.get::<String>(3)?.unwrap_or_default(),
-            committed_at: row.get::<TimestampWithTimeZone>(4)?.map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
-            created_at: row.get::<TimestampWithTimeZone>(6)?.map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+            committed_at: row
+                .get::<TimestampWithTimeZone>(4)?
+                .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
+            created_at: row
+                .get::<TimestampWithTimeZone>(6)?
+                .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
         })
     }
 
@@ -1110,7 +1208,11 @@ struct DeadRow<'a> {
     created_at: i64,
 }
 
-fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, row: &DeadRow<'_>) -> Result<(), DbError> {
+fn insert_dead_letter(
+    spi: &mut SpiClient<'_>,
+    target: &DeadLetterTarget<'_>,
+    row: &DeadRow<'_>,
+) -> Result<(), DbError> {
     let DeadLetterTarget { dead_letters, oid, consumer, partition, payload_is_jsonb } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
@@ -1145,11 +1247,15 @@ fn insert_dead_letter(spi: &mut SpiClient<'_>, target: &DeadLetterTarget<'_>, ro
         crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)))?;
         return Ok(());
     }
-    let exact = xact::subtransaction(|| crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)).map(|_| ())));
+    let exact = xact::subtransaction(|| {
+        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)).map(|_| ()))
+    });
     match exact {
         Ok(result) => result?,
         Err(e) if xact::refused_as_jsonb(&e) => {
-            crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args("null".to_owned(), Some(row.payload.as_bytes().to_vec()))))?;
+            crate::pinned::pinned(&[oid], || {
+                spi.update(&insert, None, &args("null".to_owned(), Some(row.payload.as_bytes().to_vec())))
+            })?;
         }
         Err(e) => return Err(e),
     }

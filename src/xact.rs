@@ -30,7 +30,9 @@ impl DbError {
 
     fn caught(error: CaughtError) -> Self {
         let report = match &error {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => r,
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => {
+                r
+            }
         };
         DbError { sqlstate: unpack_sqlstate(report.sql_error_code() as i32), message: report.message().to_owned() }
     }
@@ -97,7 +99,9 @@ pub fn subtransaction<R>(body: impl FnOnce() -> R) -> Result<R, DbError> {
         pg_sys::MemoryContextSwitchTo(saved.0);
         saved
     };
-    let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(body()))).catch_others(|e| Err(DbError::caught(e))).execute();
+    let result = PgTryBuilder::new(std::panic::AssertUnwindSafe(move || Ok(body())))
+        .catch_others(|e| Err(DbError::caught(e)))
+        .execute();
     // SAFETY: ends the subtransaction begun above.
     unsafe {
         if result.is_ok() {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
-use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
 use crate::command::Method;
+use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
 use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeFailure};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -140,9 +140,13 @@ impl CentrifugoClient {
                 let mut pem = std::fs::read(&config.tls_cert)
                     .map_err(|e| format!("centrifugo.http_tls_cert: cannot read {}: {e}", config.tls_cert))?;
                 pem.push(b'\n');
-                pem.extend(std::fs::read(&config.tls_key).map_err(|e| format!("centrifugo.http_tls_key: cannot read the key file: {e}"))?);
-                let identity = reqwest::Identity::from_pem(&pem)
-                    .map_err(|e| format!("centrifugo.http_tls_cert/http_tls_key: not a PEM certificate and key: {e}"))?;
+                pem.extend(
+                    std::fs::read(&config.tls_key)
+                        .map_err(|e| format!("centrifugo.http_tls_key: cannot read the key file: {e}"))?,
+                );
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    format!("centrifugo.http_tls_cert/http_tls_key: not a PEM certificate and key: {e}")
+                })?;
                 builder = builder.identity(identity);
             }
             _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
@@ -380,7 +384,9 @@ impl CentrifugoClient {
             tried[next] = true;
             *batches += 1;
             endpoint = next;
-            response = self.start_at_within(endpoint, batch_body(commands), deadline.saturating_duration_since(Instant::now())).wait();
+            response = self
+                .start_at_within(endpoint, batch_body(commands), deadline.saturating_duration_since(Instant::now()))
+                .wait();
         }
         if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
             self.failover.borrow_mut().answered(endpoint, Instant::now());
@@ -406,7 +412,8 @@ impl CentrifugoClient {
                         outcomes.extend(std::iter::repeat_n(Outcome::Retry(later), commands.len() - i));
                         break;
                     }
-                    let outcome = self.send(std::slice::from_ref(command), batches).pop().expect("one outcome per command");
+                    let outcome =
+                        self.send(std::slice::from_ref(command), batches).pop().expect("one outcome per command");
                     let stop = matches!(outcome, Outcome::Retry(_));
                     outcomes.push(outcome.clone());
                     if stop {
@@ -484,7 +491,8 @@ mod tests {
     #[test]
     fn a_started_batch_is_on_the_wire_before_anyone_waits() {
         let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-        let client = CentrifugoClient::new(config(format!("http://{}/api", server.server_addr().to_ip().unwrap()))).unwrap();
+        let client =
+            CentrifugoClient::new(config(format!("http://{}/api", server.server_addr().to_ip().unwrap()))).unwrap();
         let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         for round in 0..3 {
             let pending = client.start_batch(std::slice::from_ref(&cmd));
@@ -492,7 +500,11 @@ mod tests {
             let req = server.recv_timeout(Duration::from_secs(5)).unwrap().expect("the request arrived before wait()");
             req.respond(tiny_http::Response::from_string(r#"{"replies":[{"publish":{}}]}"#)).unwrap();
             let response = pending.wait();
-            assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}");
+            assert_eq!(
+                classify_batch(&response, std::slice::from_ref(&cmd)),
+                BatchVerdict::PerCommand(vec![Outcome::Delivered]),
+                "round {round}"
+            );
         }
     }
 
@@ -558,7 +570,8 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut c = config(format!("http://{}/api", silent.local_addr().unwrap()));
         c.timeout = Duration::from_secs(60);
-        let client = CentrifugoClient::new(c).unwrap().with_stop_check(|| STOP.load(std::sync::atomic::Ordering::SeqCst));
+        let client =
+            CentrifugoClient::new(c).unwrap().with_stop_check(|| STOP.load(std::sync::atomic::Ordering::SeqCst));
         let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         let pending = client.start_batch(std::slice::from_ref(&cmd));
         let stopper = std::thread::spawn(|| {
@@ -599,7 +612,9 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
         let delivered = outcomes.iter().take_while(|o| **o == Outcome::Delivered).count();
         assert!((1..20).contains(&delivered), "{delivered}");
-        assert!(outcomes[delivered..].iter().all(|o| matches!(o, Outcome::Retry(f) if f.message.contains("next round"))));
+        assert!(outcomes[delivered..]
+            .iter()
+            .all(|o| matches!(o, Outcome::Retry(f) if f.message.contains("next round"))));
     }
 
     #[test]
@@ -612,7 +627,6 @@ mod tests {
         assert!(CentrifugoClient::new(c).err().unwrap().contains("set together"));
         assert!(CentrifugoClient::new(config("localhost:8000".into())).is_err());
     }
-
 
     /// A Centrifugo double on `listener`'s address: answers every batch with one empty reply per
     /// command (the empty probe batch gets `{}`), or with `status` alone; counts the commands.
@@ -660,7 +674,10 @@ mod tests {
         assert_eq!(client.endpoint_in_use(), 1);
         assert_eq!(client.endpoint_failures(), vec![1, 0]);
         let events = client.take_events();
-        assert!(events.len() == 1 && events[0].contains(&format!("127.0.0.1:{port_a}/api failed (connect failed")), "{events:?}");
+        assert!(
+            events.len() == 1 && events[0].contains(&format!("127.0.0.1:{port_a}/api failed (connect failed")),
+            "{events:?}"
+        );
         // Node A comes back: the next request after its probe interval starts a probe (and still
         // goes to B); the one after that goes to A.
         let seen_a = node(tiny_http::Server::http(format!("127.0.0.1:{port_a}")).unwrap(), 200);
@@ -675,7 +692,10 @@ mod tests {
         assert_eq!(client.send(&[publish("three")], &mut 0), vec![Outcome::Delivered]);
         // The probe came first; the send that found its answer already went to A.
         let (seen_a, seen_b) = (seen_a.lock().unwrap().clone(), seen_b.lock().unwrap().clone());
-        assert_eq!((seen_a.first().map(String::as_str), seen_a.last().map(String::as_str)), (Some("(probe)"), Some("three")));
+        assert_eq!(
+            (seen_a.first().map(String::as_str), seen_a.last().map(String::as_str)),
+            (Some("(probe)"), Some("three"))
+        );
         assert_eq!(seen_b.len() + seen_a.len() - 1, sent + 1, "{seen_a:?} {seen_b:?}");
         assert!(client.take_events().iter().any(|e| e.contains("answers again")));
     }
@@ -714,8 +734,13 @@ mod tests {
 
     #[test]
     fn with_every_node_down_each_is_tried_once_and_the_failure_names_the_last() {
-        let ports: Vec<u16> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
-        let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{}/api,http://127.0.0.1:{}/api", ports[0], ports[1]))).unwrap();
+        let ports: Vec<u16> =
+            (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).collect();
+        let client = CentrifugoClient::new(config(format!(
+            "http://127.0.0.1:{}/api,http://127.0.0.1:{}/api",
+            ports[0], ports[1]
+        )))
+        .unwrap();
         let mut batches = 0;
         let outcomes = client.send(&[publish("x")], &mut batches);
         assert_eq!(batches, 2);
@@ -870,16 +895,28 @@ mod tests {
                     let mut chunk = [0u8; 4096];
                     loop {
                         let n = stream.read(&mut chunk).unwrap_or(0);
-                        if n == 0 { return; }
+                        if n == 0 {
+                            return;
+                        }
                         buf.extend_from_slice(&chunk[..n]);
                         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
-                            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
-                            if buf.len() >= end + 4 + len { break; }
+                            let len: usize = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .map_or(0, |v| v.trim().parse().unwrap());
+                            if buf.len() >= end + 4 + len {
+                                break;
+                            }
                         }
                     }
                     let body = r#"{"replies":[{"publish":{}}]}"#;
-                    write!(stream, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+                    write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
                     count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(50));
                 });
@@ -891,11 +928,22 @@ mod tests {
     #[test]
     fn a_connection_the_server_closed_while_idle_is_not_used() {
         let (url, served) = closing_server();
-        let client = CentrifugoClient::new(ClientConfig { api_url: url, api_key: "k".into(), connect_timeout: Duration::from_secs(1), timeout: Duration::from_secs(2), ..Default::default() }).unwrap();
+        let client = CentrifugoClient::new(ClientConfig {
+            api_url: url,
+            api_key: "k".into(),
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .unwrap();
         let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k".into()).unwrap();
         for round in 0..5 {
             let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
-            assert_eq!(classify_batch(&response, std::slice::from_ref(&cmd)), BatchVerdict::PerCommand(vec![Outcome::Delivered]), "round {round}: {response:?}");
+            assert_eq!(
+                classify_batch(&response, std::slice::from_ref(&cmd)),
+                BatchVerdict::PerCommand(vec![Outcome::Delivered]),
+                "round {round}: {response:?}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
         assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 5);

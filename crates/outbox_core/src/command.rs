@@ -70,13 +70,11 @@ impl Method {
         }
         let accepted = Method::ALL.map(Method::as_str).join(", ");
         if name == "batch" {
-            return Err(CommandError::new(
-                ErrorClass::NotSupported,
-                "method \"batch\" cannot be enqueued",
-            )
-            .with_hint(format!(
+            return Err(CommandError::new(ErrorClass::NotSupported, "method \"batch\" cannot be enqueued").with_hint(
+                format!(
                 "Enqueue each command on its own; the workers batch them when sending. Accepted methods: {accepted}."
-            )));
+            ),
+            ));
         }
         if READ_ONLY_METHODS.contains(&name) {
             return Err(CommandError::new(
@@ -136,9 +134,8 @@ pub fn raw_object(payload: &str) -> Result<RawObject, CommandError> {
     let text = match text.as_bytes().first() {
         Some(b'{') => text,
         Some(b'"') => {
-            object_text = serde_json::from_str::<String>(text).map_err(|e| {
-                CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}"))
-            })?;
+            object_text = serde_json::from_str::<String>(text)
+                .map_err(|e| CommandError::new(ErrorClass::InvalidJson, format!("payload is not valid JSON: {e}")))?;
             if !trim_json(&object_text).starts_with('{') {
                 return Err(match serde_json::from_str::<&RawValue>(&object_text) {
                     Ok(_) => CommandError::invalid("payload is a JSON string that does not hold a JSON object"),
@@ -302,13 +299,8 @@ fn fields(method: Method) -> Vec<&'static Field> {
         f("override", Shape::SubscribeOverride),
     ];
     const UNSUBSCRIBE: &[Field] = &[f("channel", Shape::NonEmptyString)];
-    const DISCONNECT: &[Field] =
-        &[f("whitelist", Shape::StringArray), f("disconnect", Shape::Disconnect)];
-    const REFRESH: &[Field] = &[
-        f("expired", Shape::Bool),
-        f("expire_at", Shape::Integer),
-        f("info", Shape::Any),
-    ];
+    const DISCONNECT: &[Field] = &[f("whitelist", Shape::StringArray), f("disconnect", Shape::Disconnect)];
+    const REFRESH: &[Field] = &[f("expired", Shape::Bool), f("expire_at", Shape::Integer), f("info", Shape::Any)];
     const PUBLISH: &[Field] = &[f("channel", Shape::NonEmptyString)];
     const BROADCAST: &[Field] = &[f("channels", Shape::Channels)];
     const HISTORY_REMOVE: &[Field] = &[f("channel", Shape::NonEmptyString)];
@@ -344,10 +336,7 @@ pub fn validate(method: Method, payload: &Map<String, Value>) -> Result<(), Comm
     for name in required(method) {
         let missing = matches!(payload.get(*name), None | Some(Value::Null));
         if missing && !(*name == "user" && targets_all_users) {
-            let err = CommandError::new(
-                ErrorClass::NullValue,
-                format!("{method} requires \"{name}\""),
-            );
+            let err = CommandError::new(ErrorClass::NullValue, format!("{method} requires \"{name}\""));
             return Err(if *name == "user" {
                 err.with_hint("Use an empty string for anonymous connections, or all_users => true.")
             } else {
@@ -372,9 +361,7 @@ pub fn validate(method: Method, payload: &Map<String, Value>) -> Result<(), Comm
                 ))
             }
             (true, true) => {
-                return Err(CommandError::invalid(format!(
-                    "{method} takes either \"data\" or \"b64data\", not both"
-                )))
+                return Err(CommandError::invalid(format!("{method} takes either \"data\" or \"b64data\", not both")))
             }
             _ => {}
         }
@@ -385,10 +372,7 @@ pub fn validate(method: Method, payload: &Map<String, Value>) -> Result<(), Comm
 fn check_shape(method: Method, field: &Field, value: &Value) -> Result<(), CommandError> {
     let name = field.name;
     let wrong = |expected: &str| {
-        CommandError::invalid(format!(
-            "{method}: \"{name}\" must be {expected}, got {}",
-            json_type(value)
-        ))
+        CommandError::invalid(format!("{method}: \"{name}\" must be {expected}, got {}", json_type(value)))
     };
     // JSON null means "not set", as in Centrifugo's decoder.
     if value.is_null() {
@@ -399,10 +383,9 @@ fn check_shape(method: Method, field: &Field, value: &Value) -> Result<(), Comma
         Shape::Object => value.as_object().map(|_| ()).ok_or_else(|| wrong("an object")),
         Shape::String => value.as_str().map(|_| ()).ok_or_else(|| wrong("a string")),
         Shape::NonEmptyString => match value.as_str() {
-            Some("") => Err(CommandError::new(
-                ErrorClass::NullValue,
-                format!("{method}: \"{name}\" must not be empty"),
-            )),
+            Some("") => {
+                Err(CommandError::new(ErrorClass::NullValue, format!("{method}: \"{name}\" must not be empty")))
+            }
             Some(_) => Ok(()),
             None => Err(wrong("a string")),
         },
@@ -438,14 +421,10 @@ fn check_shape(method: Method, field: &Field, value: &Value) -> Result<(), Comma
         Shape::Channels => {
             let items = value.as_array().ok_or_else(|| wrong("an array of channel names"))?;
             if items.is_empty() {
-                return Err(CommandError::invalid(format!(
-                    "{method}: \"{name}\" must not be empty"
-                )));
+                return Err(CommandError::invalid(format!("{method}: \"{name}\" must not be empty")));
             }
             match items.iter().position(|c| c.as_str().is_none_or(str::is_empty)) {
-                Some(i) => Err(CommandError::invalid(format!(
-                    "{method}: \"{name}\"[{i}] must be a non-empty string"
-                ))),
+                Some(i) => Err(CommandError::invalid(format!("{method}: \"{name}\"[{i}] must be a non-empty string"))),
                 None => Ok(()),
             }
         }
@@ -511,8 +490,7 @@ mod tests {
 
     #[test]
     fn seed_insert_payload_is_valid() {
-        let c = parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}}))
-            .unwrap();
+        let c = parse("publish", json!({"channel": "updates", "data": {"text": "Hello, world!"}})).unwrap();
         assert_eq!(c.method, Method::Publish);
         assert_eq!(serde_json::from_str::<Value>(&c.payload).unwrap()["channel"], "updates");
     }
@@ -576,8 +554,12 @@ mod tests {
         }
         let e = err("subscribe", json!({"channel": "a", "user": "u", "recover_since": {"offset": "x"}}));
         assert!(e.message.contains("recover_since.offset"), "{e}");
-        assert!(err("disconnect", json!({"user": "u", "disconnect": {"code": "x"}})).message.contains("disconnect.code"));
-        assert!(err("subscribe", json!({"channel": "a", "user": "u", "override": {"presence": true}})).message.contains("override"));
+        assert!(err("disconnect", json!({"user": "u", "disconnect": {"code": "x"}}))
+            .message
+            .contains("disconnect.code"));
+        assert!(err("subscribe", json!({"channel": "a", "user": "u", "override": {"presence": true}}))
+            .message
+            .contains("override"));
     }
 
     #[test]
@@ -596,7 +578,8 @@ mod tests {
                    "override": {"presence": {"value": true}}}),
         )
         .unwrap();
-        parse("disconnect", json!({"user": "1", "whitelist": ["c1"], "disconnect": {"code": 4000, "reason": "bye"}})).unwrap();
+        parse("disconnect", json!({"user": "1", "whitelist": ["c1"], "disconnect": {"code": 4000, "reason": "bye"}}))
+            .unwrap();
         parse("refresh", json!({"user": "1", "expired": true})).unwrap();
         // Unknown fields pass through for newer servers.
         parse("publish", json!({"channel": "a", "data": 1, "future_field": 1})).unwrap();
@@ -641,7 +624,10 @@ impl PayloadBuilder {
                     self.object.insert(key.to_owned(), raw);
                 }
                 Err(e) => {
-                    self.error.get_or_insert(CommandError::new(ErrorClass::InvalidJson, format!("\"{key}\" is not valid JSON: {e}")));
+                    self.error.get_or_insert(CommandError::new(
+                        ErrorClass::InvalidJson,
+                        format!("\"{key}\" is not valid JSON: {e}"),
+                    ));
                 }
             }
         }
@@ -699,7 +685,11 @@ pub(crate) mod builder_tests {
     #[test]
     fn raw_fields_keep_their_exact_text() {
         for value in tricky_values() {
-            let c = PayloadBuilder::new().field("channel", Some("c")).raw("data", Some(&value)).build(Method::Publish).unwrap();
+            let c = PayloadBuilder::new()
+                .field("channel", Some("c"))
+                .raw("data", Some(&value))
+                .build(Method::Publish)
+                .unwrap();
             assert!(c.payload.contains(&format!("\"data\":{value}")), "{}", &value[..value.len().min(60)]);
             let c = PayloadBuilder::new()
                 .field("user", Some("u"))
@@ -718,7 +708,10 @@ pub(crate) mod builder_tests {
                 assert!(c.payload_json().contains(&format!("\"data\":{value}")));
             }
         }
-        assert_eq!(PayloadBuilder::new().raw("data", Some("{bad")).build(Method::Publish).unwrap_err().class, ErrorClass::InvalidJson);
+        assert_eq!(
+            PayloadBuilder::new().raw("data", Some("{bad")).build(Method::Publish).unwrap_err().class,
+            ErrorClass::InvalidJson
+        );
     }
 
     /// serde_json skips a raw value with a loop and a stack on the heap (`ignore_value`), so a
@@ -737,7 +730,11 @@ pub(crate) mod builder_tests {
                     assert_eq!(serde_json::from_str::<Box<RawValue>>(value).unwrap().get(), value.as_str());
                     let payload = format!(r#"{{"channel":"c","data":{value}}}"#);
                     assert_eq!(Command::new(Method::Publish, &payload).unwrap().payload, payload);
-                    let c = PayloadBuilder::new().field("channel", Some("c")).raw("data", Some(value)).build(Method::Publish).unwrap();
+                    let c = PayloadBuilder::new()
+                        .field("channel", Some("c"))
+                        .raw("data", Some(value))
+                        .build(Method::Publish)
+                        .unwrap();
                     assert_eq!(c.payload, payload);
                     let label_filter = format!(r#"{{"channel":"c","all_users":true,"label_filter":{value}}}"#);
                     let e = Command::new(Method::Unsubscribe, &label_filter);
@@ -747,7 +744,8 @@ pub(crate) mod builder_tests {
                 // Unbalanced or truncated nesting is a clean error.
                 let unbalanced = "[".repeat(depth);
                 assert!(serde_json::from_str::<&RawValue>(&unbalanced).is_err());
-                let e = Command::new(Method::Publish, &format!(r#"{{"channel":"c","data":{unbalanced}}}"#)).unwrap_err();
+                let e =
+                    Command::new(Method::Publish, &format!(r#"{{"channel":"c","data":{unbalanced}}}"#)).unwrap_err();
                 assert_eq!(e.class, ErrorClass::InvalidJson);
             })
             .unwrap()
@@ -762,7 +760,8 @@ pub(crate) mod builder_tests {
         let e = Command::new(Method::Publish, &format!(r#"{{"channel":"c","data":1,"tags":{deep}}}"#)).unwrap_err();
         assert_eq!(e.class, ErrorClass::InvalidParameter);
         assert!(e.message.contains("\"tags\" cannot be read"), "{e}");
-        let e = Command::new(Method::Unsubscribe, r#"{"channel":"c","all_users":true,"label_filter":[1]}"#).unwrap_err();
+        let e =
+            Command::new(Method::Unsubscribe, r#"{"channel":"c","all_users":true,"label_filter":[1]}"#).unwrap_err();
         assert!(e.message.contains("\"label_filter\" must be an object, got array"), "{e}");
     }
 

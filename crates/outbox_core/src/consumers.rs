@@ -33,7 +33,12 @@ pub fn dsn_database(dsn: &str) -> Option<String> {
         return (!db.is_empty()).then_some(db);
     }
     // The last dbname counts, as in libpq.
-    conninfo_pairs(dsn).into_iter().rev().find(|(key, _)| key == "dbname").map(|(_, value)| value).filter(|v| !v.is_empty())
+    conninfo_pairs(dsn)
+        .into_iter()
+        .rev()
+        .find(|(key, _)| key == "dbname")
+        .map(|(_, value)| value)
+        .filter(|v| !v.is_empty())
 }
 
 /// `text` with its `%XX` escapes decoded; as written when an escape is broken or the result is
@@ -62,7 +67,9 @@ fn percent_decode(text: &str) -> String {
 fn conninfo_pairs(dsn: &str) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     let mut chars = dsn.chars().peekable();
-    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| while chars.next_if(char::is_ascii_whitespace).is_some() {};
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.next_if(char::is_ascii_whitespace).is_some() {}
+    };
     loop {
         skip_spaces(&mut chars);
         let mut key = String::new();
@@ -114,7 +121,11 @@ fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsum
         num_partitions: num_partitions as i32,
         select_limit: select_limit as i32,
         poll_interval_ms: poll,
-        notification_channel: cfg.get("partition_notification_channel").and_then(Value::as_str).unwrap_or("").to_owned(),
+        notification_channel: cfg
+            .get("partition_notification_channel")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned(),
     })
 }
 
@@ -134,7 +145,8 @@ pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
     if json.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let value: Value = serde_json::from_str(json).map_err(|e| format!("centrifugo.consumers is not valid JSON: {e}"))?;
+    let value: Value =
+        serde_json::from_str(json).map_err(|e| format!("centrifugo.consumers is not valid JSON: {e}"))?;
     let items = value.as_array().ok_or("centrifugo.consumers must be a JSON array")?;
     let mut names = std::collections::HashSet::new();
     let mut out = Vec::new();
@@ -173,19 +185,30 @@ pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
     Ok(out)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn postgresql_entries() {
-        let entries = parse_consumers(r#"[{"name": "chat_pg", "type": "postgresql", "postgresql": {
+        let entries = parse_consumers(
+            r#"[{"name": "chat_pg", "type": "postgresql", "postgresql": {
             "dsn": "postgresql://u:secret@db:5432/chat?sslmode=disable", "outbox_table_name": "chat_outbox",
-            "num_partitions": 4, "partition_select_limit": 50, "partition_poll_interval": "1s"}}]"#).unwrap();
-        assert_eq!(entries, vec![ConsumerEntry::Postgresql(OutboxConsumer {
-            name: "chat_pg".into(), database: Some("chat".into()), table: "chat_outbox".into(), num_partitions: 4,
-            select_limit: 50, poll_interval_ms: 1000, notification_channel: String::new() })]);
+            "num_partitions": 4, "partition_select_limit": 50, "partition_poll_interval": "1s"}}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            entries,
+            vec![ConsumerEntry::Postgresql(OutboxConsumer {
+                name: "chat_pg".into(),
+                database: Some("chat".into()),
+                table: "chat_outbox".into(),
+                num_partitions: 4,
+                select_limit: 50,
+                poll_interval_ms: 1000,
+                notification_channel: String::new()
+            })]
+        );
         for (cfg, needle) in [
             (r#"{}"#, "outbox_table_name is required"),
             (r#"{"outbox_table_name": "a;b"}"#, "not a valid table name"),

@@ -122,7 +122,11 @@ pub fn prepare(method: &str, payload: &str, idempotency_key: impl FnOnce() -> St
 /// [`prepare`] for a payload given as JSON text (an outbox row's `payload::text`). A JSON
 /// object, the usual case, is checked without building a tree and the idempotency key is
 /// written in front of its fields; anything else takes the general path.
-pub fn prepare_text(method: &str, payload: &str, idempotency_key: impl FnOnce() -> String) -> Result<Prepared, Failure> {
+pub fn prepare_text(
+    method: &str,
+    payload: &str,
+    idempotency_key: impl FnOnce() -> String,
+) -> Result<Prepared, Failure> {
     /// The one field we need to know about; serde skips the others without allocating.
     #[derive(Deserialize)]
     struct KeyPeek<'a> {
@@ -356,7 +360,10 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
         if let Some(err) = response.error {
             let failure = err.failure();
             if failure.code.is_some_and(is_retryable_code) {
-                return Outcome::Retry(Failure { message: format!("channel {}: {}", channel_name(i), failure.message), ..failure });
+                return Outcome::Retry(Failure {
+                    message: format!("channel {}: {}", channel_name(i), failure.message),
+                    ..failure
+                });
             }
             if let Some(ch) = channels.get(i) {
                 failed_channels.push(ch.get());
@@ -370,10 +377,14 @@ fn classify_reply(command: &Prepared, reply: Reply) -> Outcome {
         .map(|(ch, f)| format!("{ch}: {} {}", f.code.unwrap_or(0), f.message))
         .collect::<Vec<_>>()
         .join("; ");
-    let failed_channels = RawValue::from_string(format!("[{}]", failed_channels.join(","))).expect("an array of JSON values");
+    let failed_channels =
+        RawValue::from_string(format!("[{}]", failed_channels.join(","))).expect("an array of JSON values");
     payload.insert("channels".into(), failed_channels);
     Outcome::DeadLetter {
-        failure: Failure { message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()), ..first },
+        failure: Failure {
+            message: format!("broadcast failed on {} of {} channels: {message}", failures.len(), channels.len()),
+            ..first
+        },
         payload: Some(write_object(&payload)),
     }
 }
@@ -448,7 +459,9 @@ mod tests {
         }
         let p = prepare_text("publish", r#"{"data": 1, "channel": "a"}"#, || "k".into()).unwrap();
         assert_eq!(p.payload, r#"{"idempotency_key":"k","data": 1, "channel": "a"}"#);
-        for (m, text) in [("publish", "[1]"), ("publish", "{bad"), ("publish", r#""{bad""#), ("nope", "{}"), ("publish", "")] {
+        for (m, text) in
+            [("publish", "[1]"), ("publish", "{bad"), ("publish", r#""{bad""#), ("nope", "{}"), ("publish", "")]
+        {
             assert_eq!(prepare_text(m, text, || "k".into()).unwrap_err().kind, FailureKind::Malformed, "{m} {text}");
         }
     }
@@ -538,14 +551,22 @@ mod tests {
 
     #[test]
     fn transport_and_http_failures() {
-        let two = vec![prep("publish", json!({"channel": "a", "data": 1})), prep("publish", json!({"channel": "b", "data": 1}))];
-        assert!(matches!(classify_batch(&Response::Transport("connection refused".into()), &two), BatchVerdict::RetryAll(_)));
+        let two = vec![
+            prep("publish", json!({"channel": "a", "data": 1})),
+            prep("publish", json!({"channel": "b", "data": 1})),
+        ];
+        assert!(matches!(
+            classify_batch(&Response::Transport("connection refused".into()), &two),
+            BatchVerdict::RetryAll(_)
+        ));
         for status in [500, 502, 503, 429, 401, 403, 404] {
             assert!(matches!(classify_batch(&http(status, json!({})), &two), BatchVerdict::RetryAll(_)), "{status}");
         }
         let r = Response::Http { status: 400, body: b"Bad Request\n".to_vec() };
         assert!(matches!(classify_batch(&r, &two), BatchVerdict::SplitAndResend(_)));
-        assert!(matches!(classify_batch(&r, &two[..1]), BatchVerdict::PerCommand(o) if matches!(o[0], Outcome::DeadLetter { .. })));
+        assert!(
+            matches!(classify_batch(&r, &two[..1]), BatchVerdict::PerCommand(o) if matches!(o[0], Outcome::DeadLetter { .. }))
+        );
         let r = Response::Http { status: 200, body: b"<html>".to_vec() };
         assert!(matches!(classify_batch(&r, &two), BatchVerdict::RetryAll(_)));
         let short = json!({"replies": [{"publish": {}}]});
@@ -573,13 +594,20 @@ mod tests {
             ];
             let expected = format!(r#"{{"channel":"c","data":{value},"idempotency_key":"k"}}"#);
             for payload in &general {
-                for p in [prepare_text("publish", payload, || "k".into()).unwrap(), prepare("publish", payload, || "k".into()).unwrap()] {
+                for p in [
+                    prepare_text("publish", payload, || "k".into()).unwrap(),
+                    prepare("publish", payload, || "k".into()).unwrap(),
+                ] {
                     assert_eq!(p.payload, expected, "{shown}");
                 }
             }
             assert_eq!(prepare("publish", &object, || "k".into()).unwrap().payload, expected, "{shown}");
             // A broadcast dead-lettered for some channels keeps its data as it was.
-            let cmd = vec![prepare("broadcast", &format!(r#"{{"channels": ["a", "\u0062"], "data": {value}}}"#), || "k".into()).unwrap()];
+            let cmd =
+                vec![prepare("broadcast", &format!(r#"{{"channels": ["a", "\u0062"], "data": {value}}}"#), || {
+                    "k".into()
+                })
+                .unwrap()];
             let reply = json!({"replies": [{"broadcast": {"responses": [
                 {"result": {}}, {"error": {"code": 102, "message": "unknown channel"}}]}}]});
             let BatchVerdict::PerCommand(o) = classify_batch(&http(200, reply), &cmd) else { panic!() };

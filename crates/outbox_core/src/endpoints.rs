@@ -110,7 +110,9 @@ pub enum NodeFailure {
 pub fn node_failure(response: &Response) -> Option<NodeFailure> {
     match response {
         Response::Transport(message) if message == crate::client::STOPPING => None,
-        Response::Transport(message) if message.starts_with(crate::client::CONNECT_FAILED) => Some(NodeFailure::NotReached),
+        Response::Transport(message) if message.starts_with(crate::client::CONNECT_FAILED) => {
+            Some(NodeFailure::NotReached)
+        }
         Response::Transport(_) => Some(NodeFailure::Unknown),
         Response::Http { status, .. } if *status >= 500 => Some(NodeFailure::Unknown),
         Response::Http { .. } => None,
@@ -258,7 +260,9 @@ mod tests {
             assert!(parse_api_urls(bad).unwrap_err().contains(why), "{bad:?}: {:?}", parse_api_urls(bad));
         }
         // A credential is refused without being repeated (the error goes to the server log).
-        for setting in ["http://a/api, http://user:s3cret,pw@b/api", "http://user:s3cret", "http://a/api,http://user:s3cret@a/api"] {
+        for setting in
+            ["http://a/api, http://user:s3cret,pw@b/api", "http://user:s3cret", "http://a/api,http://user:s3cret@a/api"]
+        {
             let error = parse_api_urls(setting).unwrap_err();
             assert!(error.starts_with("centrifugo.api_url") && !error.contains("s3cret"), "{error}");
         }

@@ -308,7 +308,8 @@ pub fn duration_ms(v: Option<&Value>) -> Result<u64, String> {
 pub(crate) fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<KafkaConsumer, String> {
     let who = |e: String| format!("kafka consumer \"{name}\": {e}");
     let text = |k: &str| cfg.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    let mut c = KafkaConsumer::new(name, strings(cfg.get("brokers")), strings(cfg.get("topics")), &text("consumer_group"));
+    let mut c =
+        KafkaConsumer::new(name, strings(cfg.get("brokers")), strings(cfg.get("topics")), &text("consumer_group"));
     if let Some(n) = cfg.get("max_poll_records").and_then(Value::as_u64) {
         c.max_poll_records = n.max(1) as usize;
     }
@@ -325,7 +326,9 @@ pub(crate) fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<Ka
     }
     c.tls = match cfg.get("tls") {
         // v5: "tls": true with flat tls_* options beside it.
-        Some(Value::Bool(true)) => Some(flat_tls(|k| text(k), cfg.get("tls_insecure_skip_verify").and_then(Value::as_bool).unwrap_or(false))),
+        Some(Value::Bool(true)) => {
+            Some(flat_tls(|k| text(k), cfg.get("tls_insecure_skip_verify").and_then(Value::as_bool).unwrap_or(false)))
+        }
         // v6: "tls": {"enabled": true, "cert_pem": ..., "key_pem": ..., "server_ca_pem": ..., ...}
         Some(Value::Object(t)) if t.get("enabled").and_then(Value::as_bool) == Some(true) => {
             let tt = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("");
@@ -485,11 +488,14 @@ fn publication_record(
         payload.insert("idempotency_key".into(), json(k));
     }
     if let Some(d) = header_text(headers, &mode.delta_header)? {
-        let delta = parse_bool(&d).ok_or_else(|| Failure::malformed(format!("header {}: \"{d}\" is not a boolean", mode.delta_header)))?;
+        let delta = parse_bool(&d)
+            .ok_or_else(|| Failure::malformed(format!("header {}: \"{d}\" is not a boolean", mode.delta_header)))?;
         payload.insert("delta".into(), json(delta));
     }
     if let Some(v) = header_text(headers, &mode.version_header)? {
-        let version: u64 = v.parse().map_err(|_| Failure::malformed(format!("header {}: \"{v}\" is not a version number", mode.version_header)))?;
+        let version: u64 = v.parse().map_err(|_| {
+            Failure::malformed(format!("header {}: \"{v}\" is not a version number", mode.version_header))
+        })?;
         payload.insert("version".into(), json(version));
     }
     if let Some(e) = header_text(headers, &mode.version_epoch_header)? {
@@ -539,22 +545,41 @@ mod tests {
 
     #[test]
     fn method_and_payload_value() {
-        let p = parse_record(&consumer(), Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#), &[], &POS).unwrap();
+        let p = parse_record(
+            &consumer(),
+            Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#),
+            &[],
+            &POS,
+        )
+        .unwrap();
         assert_eq!(p.method, Method::Publish);
         assert_eq!(fields(&p)["idempotency_key"], "cfk-t-2-9");
         // payload as a JSON string holding the object
-        let p = parse_record(&consumer(), Some(br#"{"method": "broadcast", "payload": "{\"channels\": [\"a\"], \"data\": 2}"}"#), &[], &POS).unwrap();
+        let p = parse_record(
+            &consumer(),
+            Some(br#"{"method": "broadcast", "payload": "{\"channels\": [\"a\"], \"data\": 2}"}"#),
+            &[],
+            &POS,
+        )
+        .unwrap();
         assert_eq!(p.method, Method::Broadcast);
     }
 
     #[test]
     fn method_header_with_a_bare_payload() {
-        let p = parse_record(&consumer(), Some(br#"{"user": "42", "channel": "c"}"#), &h(&[("centrifugo-method", "unsubscribe")]), &POS).unwrap();
+        let p = parse_record(
+            &consumer(),
+            Some(br#"{"user": "42", "channel": "c"}"#),
+            &h(&[("centrifugo-method", "unsubscribe")]),
+            &POS,
+        )
+        .unwrap();
         assert_eq!(p.method, Method::Unsubscribe);
         assert_eq!(fields(&p)["user"], "42");
         let mut c = consumer();
         c.method_header = "x-method".into();
-        let p = parse_record(&c, Some(br#"{"channel": "c", "data": 3}"#), &h(&[("x-method", "publish")]), &POS).unwrap();
+        let p =
+            parse_record(&c, Some(br#"{"channel": "c", "data": 3}"#), &h(&[("x-method", "publish")]), &POS).unwrap();
         assert_eq!(fields(&p)["data"], 3);
     }
 
@@ -562,17 +587,30 @@ mod tests {
     fn publication_data_mode_headers() {
         let mut c = consumer();
         c.publication_data_mode = Some(PublicationDataMode::default());
-        let headers = h(&[("centrifugo-channels", "a"), ("centrifugo-idempotency-key", "k1"), ("centrifugo-delta", "true"),
-                          ("centrifugo-version", "5"), ("centrifugo-version-epoch", "e"), ("centrifugo-tag-kind", "x")]);
+        let headers = h(&[
+            ("centrifugo-channels", "a"),
+            ("centrifugo-idempotency-key", "k1"),
+            ("centrifugo-delta", "true"),
+            ("centrifugo-version", "5"),
+            ("centrifugo-version-epoch", "e"),
+            ("centrifugo-tag-kind", "x"),
+        ]);
         let p = parse_record(&c, Some(br#"{"text": "hi"}"#), &headers, &POS).unwrap();
         assert_eq!(p.method, Method::Publish);
-        assert_eq!(serde_json::Value::Object(fields(&p)), json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
-            "delta": true, "version": 5, "version_epoch": "e", "tags": {"kind": "x"}}));
+        assert_eq!(
+            serde_json::Value::Object(fields(&p)),
+            json!({"channel": "a", "data": {"text": "hi"}, "idempotency_key": "k1",
+            "delta": true, "version": 5, "version_epoch": "e", "tags": {"kind": "x"}})
+        );
         let p = parse_record(&c, Some(b"1"), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
         assert_eq!(p.method, Method::Broadcast);
         assert_eq!(fields(&p)["channels"], json!(["a", "b"]));
         assert_eq!(fields(&p)["idempotency_key"], "cfk-t-2-9");
-        for bad in [h(&[]), h(&[("centrifugo-channels", "a"), ("centrifugo-version", "x")]), h(&[("centrifugo-channels", "a"), ("centrifugo-delta", "maybe")])] {
+        for bad in [
+            h(&[]),
+            h(&[("centrifugo-channels", "a"), ("centrifugo-version", "x")]),
+            h(&[("centrifugo-channels", "a"), ("centrifugo-delta", "maybe")]),
+        ] {
             assert_eq!(parse_record(&c, Some(b"1"), &bad, &POS).unwrap_err().kind, FailureKind::Malformed);
         }
     }
@@ -582,7 +620,13 @@ mod tests {
         assert_eq!(kafka_idempotency_key(&POS), "cfk-t-2-9");
         let pos = RecordPosition { topic: "orders.v1", partition: 2, offset: 9, timestamp_ms: Some(1_700_000_000_000) };
         assert_eq!(kafka_idempotency_key(&pos), "cfk-orders.v1-2-9-1700000000000");
-        let p = parse_record(&consumer(), Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#), &[], &pos).unwrap();
+        let p = parse_record(
+            &consumer(),
+            Some(br#"{"method": "publish", "payload": {"channel": "c", "data": 1}}"#),
+            &[],
+            &pos,
+        )
+        .unwrap();
         assert_eq!(fields(&p)["idempotency_key"], "cfk-orders.v1-2-9-1700000000000");
     }
 
@@ -598,21 +642,40 @@ mod tests {
             let envelope = format!(r#"{{"method": "publish", "payload": {bare}}}"#);
             let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
             assert_eq!(p.payload, as_it_was, "{shown}");
-            let envelope = format!(r#"{{"method": "publish", "payload": {}}}"#, serde_json::Value::String(bare.clone()));
+            let envelope =
+                format!(r#"{{"method": "publish", "payload": {}}}"#, serde_json::Value::String(bare.clone()));
             let p = parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap();
-            assert_eq!(p.payload, format!(r#"{{"channel":"a","data":{value},"idempotency_key":"cfk-t-2-9"}}"#), "{shown}");
+            assert_eq!(
+                p.payload,
+                format!(r#"{{"channel":"a","data":{value},"idempotency_key":"cfk-t-2-9"}}"#),
+                "{shown}"
+            );
             // The method header with the bare payload as the value.
-            let p = parse_record(&consumer(), Some(bare.as_bytes()), &h(&[("centrifugo-method", "publish")]), &POS).unwrap();
+            let p = parse_record(&consumer(), Some(bare.as_bytes()), &h(&[("centrifugo-method", "publish")]), &POS)
+                .unwrap();
             assert_eq!(p.payload, as_it_was, "{shown}");
             // Publication data mode: the value is the data.
-            let p = parse_record(&data_mode, Some(value.as_bytes()), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
-            assert_eq!(p.payload, format!(r#"{{"idempotency_key":"cfk-t-2-9","channels":["a","b"],"data":{value}}}"#), "{shown}");
+            let p =
+                parse_record(&data_mode, Some(value.as_bytes()), &h(&[("centrifugo-channels", "a,b")]), &POS).unwrap();
+            assert_eq!(
+                p.payload,
+                format!(r#"{{"idempotency_key":"cfk-t-2-9","channels":["a","b"],"data":{value}}}"#),
+                "{shown}"
+            );
         }
         // Not JSON, or cut short, is a dead letter, however deep.
         let unbalanced = "[".repeat(10_000);
-        assert_eq!(parse_record(&data_mode, Some(unbalanced.as_bytes()), &h(&[("centrifugo-channels", "a")]), &POS).unwrap_err().kind, FailureKind::Malformed);
+        assert_eq!(
+            parse_record(&data_mode, Some(unbalanced.as_bytes()), &h(&[("centrifugo-channels", "a")]), &POS)
+                .unwrap_err()
+                .kind,
+            FailureKind::Malformed
+        );
         let envelope = format!(r#"{{"method": "publish", "payload": {{"channel": "a", "data": {unbalanced}}}}}"#);
-        assert_eq!(parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap_err().kind, FailureKind::Malformed);
+        assert_eq!(
+            parse_record(&consumer(), Some(envelope.as_bytes()), &[], &POS).unwrap_err().kind,
+            FailureKind::Malformed
+        );
     }
 
     #[test]
@@ -624,7 +687,13 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        for value in [&b"not json"[..], br#"{"payload": {}}"#, br#"{"method": "publish"}"#, br#"{"method": "nope", "payload": {}}"#, br#"{"method": "publish", "payload": 5}"#] {
+        for value in [
+            &b"not json"[..],
+            br#"{"payload": {}}"#,
+            br#"{"method": "publish"}"#,
+            br#"{"method": "nope", "payload": {}}"#,
+            br#"{"method": "publish", "payload": 5}"#,
+        ] {
             let f = parse_record(&consumer(), Some(value), &[], &POS).unwrap_err();
             assert_eq!(f.kind, FailureKind::Malformed, "{}", String::from_utf8_lossy(value));
         }
@@ -667,10 +736,19 @@ mod tests {
             ("{", "not valid JSON"),
             ("{}", "array"),
             (r#"[{"name": "a", "type": "kafka"}]"#, "^[a-zA-Z0-9_]{2,}$"),
-            (r#"[{"name": "aa", "type": "kafka", "kafka": {}}, {"name": "aa", "type": "kafka"}]"#, "brokers are required"),
-            (r#"[{"name": "aa", "type": "postgresql", "postgresql": {"outbox_table_name": "t"}}, {"name": "aa", "type": "postgresql"}]"#, "used twice"),
+            (
+                r#"[{"name": "aa", "type": "kafka", "kafka": {}}, {"name": "aa", "type": "kafka"}]"#,
+                "brokers are required",
+            ),
+            (
+                r#"[{"name": "aa", "type": "postgresql", "postgresql": {"outbox_table_name": "t"}}, {"name": "aa", "type": "postgresql"}]"#,
+                "used twice",
+            ),
             (r#"[{"name": "aa", "type": "nats_jetstream"}]"#, "not supported"),
-            (r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "sasl_mechanism": "aws-msk-iam"}}]"#, "aws-msk-iam"),
+            (
+                r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "sasl_mechanism": "aws-msk-iam"}}]"#,
+                "aws-msk-iam",
+            ),
         ] {
             let e = parse_consumers(json).unwrap_err();
             assert!(e.contains(needle), "{json}: {e}");

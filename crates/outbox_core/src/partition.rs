@@ -35,9 +35,7 @@ pub fn choose_partition(
     num_partitions: i32,
 ) -> Result<i32, CommandError> {
     match (partition, partition_key) {
-        (Some(_), Some(_)) => Err(CommandError::invalid(
-            "give either partition or partition_key, not both",
-        )),
+        (Some(_), Some(_)) => Err(CommandError::invalid("give either partition or partition_key, not both")),
         (Some(p), None) => check_partition(p, num_partitions),
         (None, Some(key)) => Ok(partition_for_key(key, num_partitions)),
         (None, None) => Ok(0),
@@ -88,9 +86,6 @@ mod tests {
         assert_eq!(choose_partition(Some(3), None, 4).unwrap(), 3);
         assert_eq!(choose_partition(Some(4), None, 4).unwrap_err().class, ErrorClass::OutOfRange);
         assert_eq!(choose_partition(Some(-1), None, 4).unwrap_err().class, ErrorClass::OutOfRange);
-        assert_eq!(
-            choose_partition(Some(1), Some("k"), 4).unwrap_err().class,
-            ErrorClass::InvalidParameter
-        );
+        assert_eq!(choose_partition(Some(1), Some("k"), 4).unwrap_err().class, ErrorClass::InvalidParameter);
     }
 }

@@ -10,11 +10,7 @@ pub const DEFAULT_MAX_COMMAND_SIZE: i32 = 1024 * 1024;
 /// Turns `table` or `schema.table` (each part optionally double-quoted) into a safely quoted SQL
 /// name, so the outbox table name setting can never inject SQL.
 pub fn quoted_table_name(name: &str) -> Result<String, String> {
-    Ok(table_name_parts(name)?
-        .iter()
-        .map(|p| format!("\"{}\"", p.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join("."))
+    Ok(table_name_parts(name)?.iter().map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join("."))
 }
 
 /// The outbox table as a schema-qualified, quoted SQL name. An unqualified name means the table

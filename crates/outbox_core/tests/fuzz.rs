@@ -26,7 +26,9 @@ const DEFAULT_CASES: u32 = 256;
 fn config() -> ProptestConfig {
     let mut config = ProptestConfig {
         // A failing case's seed goes to tests/fuzz.proptest-regressions, replayed first by later runs.
-        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))),
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource(
+            "proptest-regressions",
+        ))),
         ..ProptestConfig::default()
     };
     if std::env::var_os("PROPTEST_CASES").is_none() {
@@ -90,14 +92,30 @@ mod gen {
     /// String can hold (serde_json refuses them when decoding, skips them when not).
     fn string_piece(lone_surrogates: bool) -> BoxedStrategy<String> {
         let plain = any::<char>().prop_map(escape_char);
-        let escapes = select(&["\\\"", "\\\\", "\\/", "\\b", "\\f", "\\n", "\\r", "\\t", "\\u0000", "\\u00e9", "\\ud83d\\ude00", "\\uFFFF"][..])
-            .prop_map(str::to_owned);
+        let escapes = select(
+            &[
+                "\\\"",
+                "\\\\",
+                "\\/",
+                "\\b",
+                "\\f",
+                "\\n",
+                "\\r",
+                "\\t",
+                "\\u0000",
+                "\\u00e9",
+                "\\ud83d\\ude00",
+                "\\uFFFF",
+            ][..],
+        )
+        .prop_map(str::to_owned);
         let unit = any::<u16>().prop_map(move |u| match u {
             0xD800..=0xDFFF if !lone_surrogates => format!("\\u{:04x}", u - 0xD000),
             u => format!("\\u{u:04x}"),
         });
         if lone_surrogates {
-            let lone = select(&["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\ud800\\ud800", "\\ude00\\ud83d"][..]).prop_map(str::to_owned);
+            let lone = select(&["\\ud800", "\\udbff", "\\udc00", "\\udfff", "\\ud800\\ud800", "\\ude00\\ud83d"][..])
+                .prop_map(str::to_owned);
             prop_oneof![6 => plain, 2 => escapes, 1 => unit, 1 => lone].boxed()
         } else {
             prop_oneof![6 => plain, 2 => escapes, 1 => unit].boxed()
@@ -157,7 +175,8 @@ mod gen {
                     format!("[{}]", items.join(","))
                 }),
                 vec((ws(), json_string(), ws(), ws(), inner, ws()), 0..5).prop_map(|fields| {
-                    let fields: Vec<String> = fields.iter().map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}")).collect();
+                    let fields: Vec<String> =
+                        fields.iter().map(|(a, k, b, c, v, d)| format!("{a}{k}{b}:{c}{v}{d}")).collect();
                     format!("{{{}}}", fields.join(","))
                 }),
             ]
@@ -183,9 +202,32 @@ mod gen {
 
     /// Field names the code looks at, and a few it does not.
     pub const FIELD_NAMES: &[&str] = &[
-        "channel", "channels", "data", "b64data", "user", "client", "session", "info", "b64info", "idempotency_key",
-        "tags", "skip_history", "delta", "version", "version_epoch", "recover_since", "expire_at", "override",
-        "label_filter", "all_users", "whitelist", "disconnect", "expired", "method", "payload", "future_field",
+        "channel",
+        "channels",
+        "data",
+        "b64data",
+        "user",
+        "client",
+        "session",
+        "info",
+        "b64info",
+        "idempotency_key",
+        "tags",
+        "skip_history",
+        "delta",
+        "version",
+        "version_epoch",
+        "recover_since",
+        "expire_at",
+        "override",
+        "label_filter",
+        "all_users",
+        "whitelist",
+        "disconnect",
+        "expired",
+        "method",
+        "payload",
+        "future_field",
     ];
 
     /// An object key as written: mostly a known field name (sometimes with one char escaped, as
@@ -241,13 +283,19 @@ mod gen {
 
     /// A map of field values written as compact JSON object text.
     pub fn compact(fields: &BTreeMap<String, String>) -> String {
-        let fields: Vec<String> =
-            fields.iter().map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).expect("a string serializes"))).collect();
+        let fields: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", serde_json::to_string(k).expect("a string serializes")))
+            .collect();
         format!("{{{}}}", fields.join(","))
     }
 
     /// An object of fields whose keys come from `key` (literals that decode) and values from `value`.
-    pub fn json_object(key: BoxedStrategy<String>, value: BoxedStrategy<String>, fields: std::ops::Range<usize>) -> impl Strategy<Value = JsonObject> {
+    pub fn json_object(
+        key: BoxedStrategy<String>,
+        value: BoxedStrategy<String>,
+        fields: std::ops::Range<usize>,
+    ) -> impl Strategy<Value = JsonObject> {
         (vec((key, value), fields), vec(ws(), 12)).prop_map(|(fields, spaces)| {
             let fields = fields
                 .into_iter()
@@ -278,12 +326,16 @@ mod gen {
 
     fn base64(min_len: usize) -> BoxedStrategy<String> {
         use base64::Engine as _;
-        vec(any::<u8>(), min_len..40).prop_map(|b| format!("\"{}\"", base64::engine::general_purpose::STANDARD.encode(b))).boxed()
+        vec(any::<u8>(), min_len..40)
+            .prop_map(|b| format!("\"{}\"", base64::engine::general_purpose::STANDARD.encode(b)))
+            .boxed()
     }
 
     fn array_of(item: BoxedStrategy<String>, len: std::ops::Range<usize>) -> BoxedStrategy<String> {
         (vec((ws(), item, ws()), len))
-            .prop_map(|items| format!("[{}]", items.iter().map(|(a, v, b)| format!("{a}{v}{b}")).collect::<Vec<_>>().join(",")))
+            .prop_map(|items| {
+                format!("[{}]", items.iter().map(|(a, v, b)| format!("{a}{v}{b}")).collect::<Vec<_>>().join(","))
+            })
             .boxed()
     }
 
@@ -363,7 +415,13 @@ mod gen {
                     opt("b64data", base64(0)),
                     opt("recover_since", object_of_members(&[("offset", unsigned()), ("epoch", clean_json_string())])),
                     opt("expire_at", integer()),
-                    opt("override", object_of(prop_oneof![boolean().prop_map(|b| format!("{{\"value\":{b}}}")), Just("null".to_owned())].boxed())),
+                    opt(
+                        "override",
+                        object_of(
+                            prop_oneof![boolean().prop_map(|b| format!("{{\"value\":{b}}}")), Just("null".to_owned())]
+                                .boxed(),
+                        ),
+                    ),
                 ]
                 .boxed(),
             ],
@@ -394,20 +452,27 @@ mod gen {
     fn object_of_members(members: &[(&'static str, BoxedStrategy<String>)]) -> BoxedStrategy<String> {
         let members: Vec<BoxedStrategy<Field>> = members.iter().map(|(name, value)| opt(name, value.clone())).collect();
         (members, vec(ws(), 12))
-            .prop_map(|(members, spaces)| JsonObject::write(members.into_iter().flatten().collect(), &spaces).text.trim().to_owned())
+            .prop_map(|(members, spaces)| {
+                JsonObject::write(members.into_iter().flatten().collect(), &spaces).text.trim().to_owned()
+            })
             .boxed()
     }
 
     /// A command Centrifugo accepts: its method and its payload as written.
     pub fn valid_command() -> impl Strategy<Value = (Method, JsonObject)> {
         select(Method::ALL.to_vec()).prop_flat_map(|method| {
-            (valid_fields(method), vec(ws(), 40)).prop_map(move |(fields, spaces)| (method, JsonObject::write(fields, &spaces)))
+            (valid_fields(method), vec(ws(), 40))
+                .prop_map(move |(fields, spaces)| (method, JsonObject::write(fields, &spaces)))
         })
     }
 
     /// A method name as a caller may write it: the accepted ones, the refused ones, anything.
     pub fn method_name() -> BoxedStrategy<String> {
-        let names: Vec<&str> = Method::ALL.iter().map(|m| m.as_str()).chain(["batch", "presence", "rpc", "Publish", "publish ", ""]).collect();
+        let names: Vec<&str> = Method::ALL
+            .iter()
+            .map(|m| m.as_str())
+            .chain(["batch", "presence", "rpc", "Publish", "publish ", ""])
+            .collect();
         prop_oneof![4 => select(names).prop_map(str::to_owned), 1 => any_text(12)].boxed()
     }
 }
@@ -646,7 +711,8 @@ mod kafka_records {
     use proptest::collection::vec;
     use proptest::sample::select;
 
-    const POS: RecordPosition<'static> = RecordPosition { topic: "orders", partition: 3, offset: 77, timestamp_ms: Some(1_700_000_000_000) };
+    const POS: RecordPosition<'static> =
+        RecordPosition { topic: "orders", partition: 3, offset: 77, timestamp_ms: Some(1_700_000_000_000) };
 
     fn key() -> String {
         kafka_idempotency_key(&POS)
@@ -689,8 +755,27 @@ mod kafka_records {
     fn header_value() -> BoxedStrategy<Vec<u8>> {
         let meaningful = select(
             &[
-                "publish", "broadcast", "subscribe", "history_remove", "batch", "presence", "nope", "", "true", "0", "maybe",
-                "5", "+5", "-1", "18446744073709551615", "18446744073709551616", "a", "a,b", " a , ,b ", ",", "é,\u{0}",
+                "publish",
+                "broadcast",
+                "subscribe",
+                "history_remove",
+                "batch",
+                "presence",
+                "nope",
+                "",
+                "true",
+                "0",
+                "maybe",
+                "5",
+                "+5",
+                "-1",
+                "18446744073709551615",
+                "18446744073709551616",
+                "a",
+                "a,b",
+                " a , ,b ",
+                ",",
+                "é,\u{0}",
             ][..],
         )
         .prop_map(|s| s.as_bytes().to_vec());
@@ -701,14 +786,24 @@ mod kafka_records {
     fn headers(consumer: &KafkaConsumer) -> BoxedStrategy<Headers> {
         let mut names = vec![consumer.method_header.clone(), "centrifugo-method".to_owned(), String::new()];
         if let Some(mode) = &consumer.publication_data_mode {
-            names.extend([&mode.channels_header, &mode.idempotency_key_header, &mode.delta_header, &mode.version_header, &mode.version_epoch_header].map(String::clone));
+            names.extend(
+                [
+                    &mode.channels_header,
+                    &mode.idempotency_key_header,
+                    &mode.delta_header,
+                    &mode.version_header,
+                    &mode.version_epoch_header,
+                ]
+                .map(String::clone),
+            );
         }
         let prefix = consumer.publication_data_mode.as_ref().map_or_else(String::new, |m| m.tags_header_prefix.clone());
         // In publication data mode, a channels header that names channels, most of the time.
         let channels = match consumer.publication_data_mode.as_ref().map(|m| m.channels_header.clone()) {
             Some(header) => proptest::option::weighted(
                 0.75,
-                select(vec!["a", "a,b", " a , ,b ", "é,\u{0}", "orders:1"]).prop_map(move |list| (header.clone(), list.as_bytes().to_vec())),
+                select(vec!["a", "a,b", " a , ,b ", "é,\u{0}", "orders:1"])
+                    .prop_map(move |list| (header.clone(), list.as_bytes().to_vec())),
             )
             .boxed(),
             None => Just(None).boxed(),
@@ -719,7 +814,9 @@ mod kafka_records {
             1 => gen::any_text(30),
             1 => (any::<char>(), 65_536usize..70_000).prop_map(|(c, n)| c.to_string().repeat(n)),
         ];
-        (channels, vec((name, header_value()), 0..8)).prop_map(|(channels, others)| channels.into_iter().chain(others).collect()).boxed()
+        (channels, vec((name, header_value()), 0..8))
+            .prop_map(|(channels, others)| channels.into_iter().chain(others).collect())
+            .boxed()
     }
 
     /// Any record value: any bytes, JSON of any shape, envelopes, bare payloads, each maybe damaged.
@@ -752,29 +849,37 @@ mod kafka_records {
         ];
         let others = vec((gen::field_key(), gen::json_value()), 0..3);
         let earlier = proptest::option::of((gen::json_value(), gen::json_value()));
-        (method, payload, others, earlier, vec(gen::ws(), 30)).prop_flat_map(|(method, payload, others, earlier, spaces)| {
-            let mut fields: Vec<(String, String)> = others
-                .into_iter()
-                .map(|(k, v)| (serde_json::from_str::<String>(&k).unwrap(), v))
-                .filter(|(k, _)| k != "method" && k != "payload")
-                .collect();
-            fields.push(("method".into(), method.clone()));
-            fields.push(("payload".into(), payload.clone()));
-            (Just(fields).prop_shuffle(), Just((method, payload, earlier, spaces)))
-                .prop_map(|(fields, (method, payload, earlier, spaces))| {
-                    let mut all: Vec<(String, String)> = earlier.map_or_else(Vec::new, |(m, p)| vec![("method".into(), m), ("payload".into(), p)]);
-                    all.extend(fields);
-                    let text = JsonObject::write(all, &spaces).text;
-                    (serde_json::from_str::<String>(&method).unwrap(), payload, text)
-                })
-        })
+        (method, payload, others, earlier, vec(gen::ws(), 30)).prop_flat_map(
+            |(method, payload, others, earlier, spaces)| {
+                let mut fields: Vec<(String, String)> = others
+                    .into_iter()
+                    .map(|(k, v)| (serde_json::from_str::<String>(&k).unwrap(), v))
+                    .filter(|(k, _)| k != "method" && k != "payload")
+                    .collect();
+                fields.push(("method".into(), method.clone()));
+                fields.push(("payload".into(), payload.clone()));
+                (Just(fields).prop_shuffle(), Just((method, payload, earlier, spaces))).prop_map(
+                    |(fields, (method, payload, earlier, spaces))| {
+                        let mut all: Vec<(String, String)> =
+                            earlier.map_or_else(Vec::new, |(m, p)| vec![("method".into(), m), ("payload".into(), p)]);
+                        all.extend(fields);
+                        let text = JsonObject::write(all, &spaces).text;
+                        (serde_json::from_str::<String>(&method).unwrap(), payload, text)
+                    },
+                )
+            },
+        )
     }
 
     /// A channel name as the channels header may carry it: no comma, no surrounding whitespace.
     fn channel_name() -> impl Strategy<Value = String> {
-        gen::any_text(12)
-            .prop_map(|c| c.replace(',', "").trim().to_owned())
-            .prop_map(|c| if c.is_empty() { "ch".to_owned() } else { c })
+        gen::any_text(12).prop_map(|c| c.replace(',', "").trim().to_owned()).prop_map(|c| {
+            if c.is_empty() {
+                "ch".to_owned()
+            } else {
+                c
+            }
+        })
     }
 
     proptest! {
@@ -912,16 +1017,20 @@ mod kafka_records {
 mod centrifugo_replies {
     use super::*;
     use outbox_core::command::raw_object;
-    use outbox_core::dispatch::{classify_batch, is_retryable_code, prepare_text, BatchVerdict, FailureKind, Outcome, Prepared, Response};
+    use outbox_core::dispatch::{
+        classify_batch, is_retryable_code, prepare_text, BatchVerdict, FailureKind, Outcome, Prepared, Response,
+    };
     use outbox_core::Method;
     use proptest::collection::vec;
     use proptest::sample::select;
 
     /// Commands as the workers send them: valid ones of every method, broadcasts often.
     fn commands(len: std::ops::Range<usize>) -> impl Strategy<Value = Vec<Prepared>> {
-        let broadcast = gen::valid_fields(Method::Broadcast).prop_map(|f| (Method::Broadcast, gen::JsonObject::write(f, &[" "])));
-        let command = prop_oneof![gen::valid_command(), broadcast]
-            .prop_map(|(method, object)| prepare_text(method.as_str(), &object.text, || "k".into()).expect("a valid command prepares"));
+        let broadcast =
+            gen::valid_fields(Method::Broadcast).prop_map(|f| (Method::Broadcast, gen::JsonObject::write(f, &[" "])));
+        let command = prop_oneof![gen::valid_command(), broadcast].prop_map(|(method, object)| {
+            prepare_text(method.as_str(), &object.text, || "k".into()).expect("a valid command prepares")
+        });
         vec(command, len)
     }
 
@@ -941,7 +1050,8 @@ mod centrifugo_replies {
 
     fn reply() -> impl Strategy<Value = Reply> {
         prop_oneof![
-            (proptest::option::of(code()), gen::any_text(12)).prop_map(|(code, message)| Reply::Error { code, message }),
+            (proptest::option::of(code()), gen::any_text(12))
+                .prop_map(|(code, message)| Reply::Error { code, message }),
             gen::json_value().prop_map(Reply::Result),
             vec(proptest::option::of(code()), 0..6).prop_map(Reply::Broadcast),
         ]
@@ -960,7 +1070,9 @@ mod centrifugo_replies {
             Reply::Error { code, message } => format!(r#""error":{}"#, error(code, message)),
             // A broadcast's result always has Centrifugo's shape (any other makes the whole
             // reply unreadable, which retries the batch: tested with any body above).
-            Reply::Result(value) if command.method == Method::Broadcast => format!(r#""broadcast":{{"future":{value}}}"#),
+            Reply::Result(value) if command.method == Method::Broadcast => {
+                format!(r#""broadcast":{{"future":{value}}}"#)
+            }
             Reply::Result(value) => format!(r#""{}":{value}"#, command.method),
             Reply::Broadcast(responses) => {
                 let responses: Vec<String> = responses
@@ -994,7 +1106,9 @@ mod centrifugo_replies {
                     Outcome::DeadLetter { failure: failure(code, message), payload: None }
                 }
             }
-            Reply::Broadcast(responses) if command.method == Method::Broadcast && responses.iter().any(Option::is_some) => {
+            Reply::Broadcast(responses)
+                if command.method == Method::Broadcast && responses.iter().any(Option::is_some) =>
+            {
                 let codes: Vec<u32> = responses.iter().flatten().copied().collect();
                 if let Some(code) = codes.iter().find(|c| is_retryable_code(**c)) {
                     // Only kind and code are compared for this one (the message names the channel).
@@ -1017,7 +1131,9 @@ mod centrifugo_replies {
     fn same(got: &Outcome, want: &Outcome) -> bool {
         match (got, want) {
             (Outcome::Delivered, Outcome::Delivered) => true,
-            (Outcome::Retry(g), Outcome::Retry(w)) => g.kind == w.kind && g.code == w.code && (w.message.is_empty() || g.message == w.message),
+            (Outcome::Retry(g), Outcome::Retry(w)) => {
+                g.kind == w.kind && g.code == w.code && (w.message.is_empty() || g.message == w.message)
+            }
             (Outcome::DeadLetter { failure: g, payload: gp }, Outcome::DeadLetter { failure: w, payload: wp }) => {
                 g.kind == w.kind && g.code == w.code && (w.message.is_empty() || g.message == w.message) && gp == wp
             }
@@ -1208,11 +1324,19 @@ mod consumers_json {
     /// A valid `kafka` consumer: its JSON config and the entry it must parse to.
     fn kafka(name: String) -> impl Strategy<Value = (Value, ConsumerEntry)> {
         let sasl = proptest::option::of((
-            select(vec![("plain", SaslMechanism::Plain), ("SCRAM-SHA-256", SaslMechanism::ScramSha256), ("scram-sha-512", SaslMechanism::ScramSha512)]),
+            select(vec![
+                ("plain", SaslMechanism::Plain),
+                ("SCRAM-SHA-256", SaslMechanism::ScramSha256),
+                ("scram-sha-512", SaslMechanism::ScramSha512),
+            ]),
             "[a-z]{1,8}",
             gen::any_text(12),
         ));
-        let pem_or_path = prop_oneof![Just(String::new()), "/etc/[a-z]{1,8}\\.pem", Just("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----".to_owned())];
+        let pem_or_path = prop_oneof![
+            Just(String::new()),
+            "/etc/[a-z]{1,8}\\.pem",
+            Just("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----".to_owned())
+        ];
         let tls = prop_oneof![
             Just(None),
             (pem_or_path.clone(), any::<bool>()).prop_map(|(root_ca, skip)| Some((true, root_ca, skip))),
@@ -1220,83 +1344,110 @@ mod consumers_json {
         ];
         let headers = proptest::option::of(proptest::option::of(("[a-z-]{1,12}", "[a-z-]{0,12}")));
         (
-            (list(), list(), "[a-zA-Z0-9_.-]{1,12}", proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>())),
-            (proptest::option::of(duration()), proptest::option::of(any::<bool>()), proptest::option::of(any::<i64>()), proptest::option::of(duration())),
+            (
+                list(),
+                list(),
+                "[a-zA-Z0-9_.-]{1,12}",
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+            ),
+            (
+                proptest::option::of(duration()),
+                proptest::option::of(any::<bool>()),
+                proptest::option::of(any::<i64>()),
+                proptest::option::of(duration()),
+            ),
             (proptest::option::of("[a-z0-9]{0,8}"), sasl, tls, proptest::option::of("[a-z-]{1,12}"), headers),
         )
-            .prop_map(move |((brokers, topics, group, max_poll, fetch_bytes), (fetch_wait, uncommitted, queue, dial), (instance, sasl, tls, method_header, mode))| {
-                let mut cfg = serde_json::Map::new();
-                let mut c = KafkaConsumer::new(&name, brokers.1, topics.1, &group);
-                cfg.insert("brokers".into(), brokers.0);
-                cfg.insert("topics".into(), topics.0);
-                cfg.insert("consumer_group".into(), json!(group));
-                if let Some(n) = max_poll {
-                    cfg.insert("max_poll_records".into(), json!(n));
-                    c.max_poll_records = n.max(1) as usize;
-                }
-                if let Some(n) = fetch_bytes {
-                    cfg.insert("fetch_max_bytes".into(), json!(n));
-                    c.fetch_max_bytes = n;
-                }
-                if let Some((v, ms)) = fetch_wait {
-                    cfg.insert("fetch_max_wait".into(), v);
-                    c.fetch_max_wait_ms = ms;
-                }
-                if let Some(b) = uncommitted {
-                    cfg.insert("fetch_read_uncommitted".into(), json!(b));
-                    c.fetch_read_uncommitted = b;
-                }
-                if let Some(n) = queue {
-                    cfg.insert("partition_queue_max_size".into(), json!(n));
-                    c.partition_queue_max_size = n.max(1) as usize;
-                }
-                if let Some((v, ms)) = dial {
-                    cfg.insert("dial_timeout".into(), v);
-                    c.dial_timeout_ms = ms;
-                }
-                if let Some(id) = instance {
-                    cfg.insert("instance_id".into(), json!(id));
-                    c.instance_id = id;
-                }
-                if let Some(((text, mechanism), user, password)) = sasl {
-                    cfg.insert("sasl_mechanism".into(), json!(text));
-                    cfg.insert("sasl_user".into(), json!(user));
-                    cfg.insert("sasl_password".into(), json!(password));
-                    c.sasl = Some((mechanism, user, password));
-                }
-                if let Some((v5, root_ca, skip)) = tls {
-                    let pem = if root_ca.starts_with("-----BEGIN") { Pem::Text(root_ca.clone()) } else { Pem::File(root_ca.clone()) };
-                    let root_ca_pem = (!root_ca.is_empty()).then_some(pem);
-                    if v5 {
-                        cfg.insert("tls".into(), json!(true));
-                        cfg.insert("tls_root_ca".into(), json!(root_ca));
-                        cfg.insert("tls_insecure_skip_verify".into(), json!(skip));
-                    } else {
-                        cfg.insert("tls".into(), json!({"enabled": true, "server_ca_pem": root_ca, "insecure_skip_verify": skip}));
+            .prop_map(
+                move |(
+                    (brokers, topics, group, max_poll, fetch_bytes),
+                    (fetch_wait, uncommitted, queue, dial),
+                    (instance, sasl, tls, method_header, mode),
+                )| {
+                    let mut cfg = serde_json::Map::new();
+                    let mut c = KafkaConsumer::new(&name, brokers.1, topics.1, &group);
+                    cfg.insert("brokers".into(), brokers.0);
+                    cfg.insert("topics".into(), topics.0);
+                    cfg.insert("consumer_group".into(), json!(group));
+                    if let Some(n) = max_poll {
+                        cfg.insert("max_poll_records".into(), json!(n));
+                        c.max_poll_records = n.max(1) as usize;
                     }
-                    c.tls = Some(Tls { root_ca: root_ca_pem, insecure_skip_verify: skip, ..Tls::default() });
-                }
-                if let Some(h) = method_header {
-                    cfg.insert("method_header".into(), json!(h));
-                    c.method_header = h;
-                }
-                match mode {
-                    None => {}
-                    Some(None) => {
-                        cfg.insert("publication_data_mode".into(), json!(true));
-                        c.publication_data_mode = Some(PublicationDataMode::default());
+                    if let Some(n) = fetch_bytes {
+                        cfg.insert("fetch_max_bytes".into(), json!(n));
+                        c.fetch_max_bytes = n;
                     }
-                    Some(Some((channels, prefix))) => {
-                        cfg.insert("publication_data_mode".into(), json!({"enabled": true, "channels_header": channels, "tags_header_prefix": prefix}));
-                        let mut m = PublicationDataMode { channels_header: channels, ..Default::default() };
-                        if !prefix.is_empty() {
-                            m.tags_header_prefix = prefix;
+                    if let Some((v, ms)) = fetch_wait {
+                        cfg.insert("fetch_max_wait".into(), v);
+                        c.fetch_max_wait_ms = ms;
+                    }
+                    if let Some(b) = uncommitted {
+                        cfg.insert("fetch_read_uncommitted".into(), json!(b));
+                        c.fetch_read_uncommitted = b;
+                    }
+                    if let Some(n) = queue {
+                        cfg.insert("partition_queue_max_size".into(), json!(n));
+                        c.partition_queue_max_size = n.max(1) as usize;
+                    }
+                    if let Some((v, ms)) = dial {
+                        cfg.insert("dial_timeout".into(), v);
+                        c.dial_timeout_ms = ms;
+                    }
+                    if let Some(id) = instance {
+                        cfg.insert("instance_id".into(), json!(id));
+                        c.instance_id = id;
+                    }
+                    if let Some(((text, mechanism), user, password)) = sasl {
+                        cfg.insert("sasl_mechanism".into(), json!(text));
+                        cfg.insert("sasl_user".into(), json!(user));
+                        cfg.insert("sasl_password".into(), json!(password));
+                        c.sasl = Some((mechanism, user, password));
+                    }
+                    if let Some((v5, root_ca, skip)) = tls {
+                        let pem = if root_ca.starts_with("-----BEGIN") {
+                            Pem::Text(root_ca.clone())
+                        } else {
+                            Pem::File(root_ca.clone())
+                        };
+                        let root_ca_pem = (!root_ca.is_empty()).then_some(pem);
+                        if v5 {
+                            cfg.insert("tls".into(), json!(true));
+                            cfg.insert("tls_root_ca".into(), json!(root_ca));
+                            cfg.insert("tls_insecure_skip_verify".into(), json!(skip));
+                        } else {
+                            cfg.insert(
+                                "tls".into(),
+                                json!({"enabled": true, "server_ca_pem": root_ca, "insecure_skip_verify": skip}),
+                            );
                         }
-                        c.publication_data_mode = Some(m);
+                        c.tls = Some(Tls { root_ca: root_ca_pem, insecure_skip_verify: skip, ..Tls::default() });
                     }
-                }
-                (json!({"type": "kafka", "kafka": Value::Object(cfg)}), ConsumerEntry::Kafka(c))
-            })
+                    if let Some(h) = method_header {
+                        cfg.insert("method_header".into(), json!(h));
+                        c.method_header = h;
+                    }
+                    match mode {
+                        None => {}
+                        Some(None) => {
+                            cfg.insert("publication_data_mode".into(), json!(true));
+                            c.publication_data_mode = Some(PublicationDataMode::default());
+                        }
+                        Some(Some((channels, prefix))) => {
+                            cfg.insert(
+                                "publication_data_mode".into(),
+                                json!({"enabled": true, "channels_header": channels, "tags_header_prefix": prefix}),
+                            );
+                            let mut m = PublicationDataMode { channels_header: channels, ..Default::default() };
+                            if !prefix.is_empty() {
+                                m.tags_header_prefix = prefix;
+                            }
+                            c.publication_data_mode = Some(m);
+                        }
+                    }
+                    (json!({"type": "kafka", "kafka": Value::Object(cfg)}), ConsumerEntry::Kafka(c))
+                },
+            )
     }
 
     /// A valid consumers array and the entries it must parse to (disabled ones left out).
@@ -1431,7 +1582,10 @@ mod consumers_json {
 /// `validate_api_url`, consumer names, the command size limit.
 mod table_names {
     use super::*;
-    use outbox_core::settings::{check_command_size, qualified_table_name, quoted_table_name, table_name_parts, valid_consumer_name, validate_api_url};
+    use outbox_core::settings::{
+        check_command_size, qualified_table_name, quoted_table_name, table_name_parts, valid_consumer_name,
+        validate_api_url,
+    };
     use proptest::collection::vec;
     use proptest::sample::select;
 
@@ -1465,7 +1619,8 @@ mod table_names {
 
     /// Text made mostly of the characters that matter in a table name.
     fn name_like() -> impl Strategy<Value = String> {
-        vec(select(vec!['"', '"', '.', 'a', 'Z', 'é', 'É', ' ', '_', '$', '1', ';', '\0', '\u{130}']), 0..16).prop_map(String::from_iter)
+        vec(select(vec!['"', '"', '.', 'a', 'Z', 'é', 'É', ' ', '_', '$', '1', ';', '\0', '\u{130}']), 0..16)
+            .prop_map(String::from_iter)
     }
 
     proptest! {
