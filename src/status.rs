@@ -70,6 +70,39 @@ fn stat_columns(s: &Stats, endpoints: &[String], running: bool) -> StatColumns {
     )
 }
 
+/// The columns of a status row before the counters: consumer, partition, pid, state, backlog,
+/// age of the oldest pending row.
+type RowHead = (String, Option<i32>, Option<i32>, String, Option<i64>, Option<pgrx::datum::Interval>);
+
+/// A `centrifugo_outbox_status` row: its head, then the counters.
+#[allow(clippy::type_complexity)] // the view's columns, in order
+fn outbox_row(
+    head: RowHead,
+    c: StatColumns,
+) -> (
+    String,
+    Option<i32>,
+    Option<i32>,
+    String,
+    Option<i64>,
+    Option<pgrx::datum::Interval>,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<TimestampWithTimeZone>,
+    Option<i32>,
+    Option<String>,
+    Option<TimestampWithTimeZone>,
+    i32,
+    JsonB,
+    Option<String>,
+    JsonB,
+) {
+    let (consumer, partition, pid, state, backlog, oldest) = head;
+    (consumer, partition, pid, state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
+}
+
 /// One row per partition worker: consumer, pid, state and counters since server start, and the
 /// outbox backlog of its partition (when its table is in this database).
 #[allow(clippy::type_complexity)] // a pgrx table of named columns
@@ -126,26 +159,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
                 stats.record_error(0, &worker_budget_message(slots.len()));
             }
             let c = stat_columns(&stats, &endpoints, s.pid != 0);
-            (
-                spec.name(),
-                Some(p),
-                (s.pid != 0).then_some(s.pid),
-                state,
-                backlog,
-                oldest,
-                c.0,
-                c.1,
-                c.2,
-                c.3,
-                c.4,
-                c.5,
-                c.6,
-                c.7,
-                c.8,
-                c.9,
-                c.10,
-                c.11,
-            )
+            outbox_row((spec.name(), Some(p), (s.pid != 0).then_some(s.pid), state, backlog, oldest), c)
         })
         .collect();
     // What the settings leave without a worker, and rows no worker will ever read.
@@ -153,26 +167,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         let mut stats = Stats::default();
         stats.record_error(0, why);
         let c = stat_columns(&stats, &[], false);
-        (
-            consumer,
-            partition,
-            None,
-            state.to_owned(),
-            backlog,
-            None,
-            c.0,
-            c.1,
-            c.2,
-            c.3,
-            c.4,
-            c.5,
-            c.6,
-            c.7,
-            c.8,
-            c.9,
-            c.10,
-            c.11,
-        )
+        outbox_row((consumer, partition, None, state.to_owned(), backlog, None), c)
     };
     for problem in worker::layout_problems() {
         rows.push(problem_row("(settings)".to_owned(), None, "invalid settings", None, &problem));
