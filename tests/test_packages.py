@@ -64,6 +64,12 @@ def dpkg_installed(package):
     return result.returncode == 0 and "install ok installed" in result.stdout
 
 
+def dpkg_known(package):
+    """Whether dpkg holds any state of `package` (installed, half-installed, unpacked, config-files)."""
+    result = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", package], capture_output=True, text=True)
+    return result.returncode == 0 and result.stdout[:2] not in ("un", "pn", "")
+
+
 def expected_extension_files():
     """What both package kinds hold under share/extension, besides the library."""
     upgrade = sorted(os.listdir(os.path.join(REPO, "sql", "upgrade")))
@@ -112,9 +118,13 @@ def test_deb_and_tarball_hold_the_same_files(major):
 def debian_package():
     """The PostgreSQL 15 .deb's name and files; removed again if a test left it installed."""
     package = "postgresql-15-centrifugo-outbox"
+    # A package an operator installed on this machine is not ours to remove.
+    if dpkg_known(package):
+        pytest.fail(f"{package} is already known to dpkg on this machine: remove it first (dpkg --purge {package})")
     yield package, deb_files(deb_path(15))
-    if dpkg_installed(package):
-        subprocess.run(["dpkg", "-r", package], check=False, capture_output=True)
+    # Whatever state a failed test left (half-installed, unpacked), leave dpkg clean.
+    if dpkg_known(package):
+        subprocess.run(["dpkg", "--purge", package], check=False, capture_output=True)
 
 
 @pytest.mark.skipif("15" not in MAJORS, reason="no PostgreSQL 15 package built")
@@ -125,7 +135,8 @@ def test_debian_package_installs_delivers_and_removes_cleanly(debian_package, ce
     for f in files:
         if os.path.exists(f):
             os.unlink(f)
-    subprocess.run(["dpkg", "-i", deb_path(15)], check=True, capture_output=True, text=True)
+    installed = subprocess.run(["dpkg", "-i", deb_path(15)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
     assert dpkg_installed(package)
     listed = subprocess.run(["dpkg", "-L", package], check=True, capture_output=True, text=True).stdout.split()
     for f in files:
