@@ -6,7 +6,7 @@
 #       Depends: postgresql-<major> and the shared libraries the module links to.
 #   centrifugo_outbox-<version>-pg<major>-linux-x86_64.tar.gz
 #       the same files relative to an install tree: lib/centrifugo_outbox.so and
-#       share/extension/*; unpack with `tar -xzf FILE -C <prefix>` where pkglibdir is <prefix>/lib and
+#       share/extension/*; unpack with `tar -xzf FILE -C <prefix> --no-same-owner` where pkglibdir is <prefix>/lib and
 #       sharedir is <prefix>/share, or copy lib/* to `pg_config --pkglibdir` and share/extension/* to
 #       `pg_config --sharedir`/extension.
 # Both hold the control file, the install script of this version, the earlier versions' install
@@ -32,6 +32,8 @@ description=$(sed -nE 's/^description = "([^"]+)"/\1/p' Cargo.toml | head -1)
 license=$(sed -nE '/^\[workspace.package\]/,/^\[/ s/^license = "([^"]+)"/\1/p' Cargo.toml)
 [ -n "$version" ] || { echo "no version in Cargo.toml" >&2; exit 1; }
 mkdir -p "$out"
+# The packages' directories and files get their modes from here, not from the caller's umask.
+umask 022
 
 pg_config_of() {
   if [ "$1" = 15 ]; then echo /usr/lib/postgresql/15/bin/pg_config; else echo "$cache/pg/$1/bin/pg_config"; fi
@@ -68,7 +70,9 @@ for major in "${majors[@]}"; do
     { echo "cargo pgrx package made no centrifugo_outbox--$version.sql" >&2; exit 1; }
 
   tarball=$out/centrifugo_outbox-$version-pg$major-linux-x86_64.tar.gz
-  tar --owner=0 --group=0 --numeric-owner --sort=name -czf "$tarball" -C "$tree" lib share
+  # Files only (no directory entries): unpacking into an existing prefix changes no directory.
+  (cd "$tree" && find lib share -type f | sort) |
+    tar --owner=0 --group=0 --numeric-owner --mode=u=rwX,go=rX -czf "$tarball" -C "$tree" --no-recursion -T -
 
   # The .deb: the same files in Debian's paths for this major.
   pkg=postgresql-$major-centrifugo-outbox

@@ -68,6 +68,11 @@ step() {
   set -e
   local count
   count=$(cat "$results/count" 2>/dev/null)
+  # A layer that ran no test (all skipped, or output not understood) proves nothing.
+  if [ $rc = 0 ] && [ "${count:-0}" = 0 ]; then
+    echo "==> $layer ($major): no test ran" >&2
+    rc=1
+  fi
   record "$layer" "$major" "${count:-0}" "$(($(date +%s) - start))" "$([ $rc = 0 ] && echo ok || echo FAILED)"
   [ $rc = 0 ] || failed=1
   return 0
