@@ -36,6 +36,14 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# One run at a time per machine: runs share PostgreSQL 15's library directory, the majors'
+# trees, dpkg and the cache. The script runs again under flock(1), which holds the lock itself
+# (-o: servers a test leaves behind do not inherit it); a nested run holds it already.
+if [ -z "${CENTRIFUGO_OUTBOX_LOCKED:-}" ] && command -v flock >/dev/null && [ -w /var/lock ]; then
+  export CENTRIFUGO_OUTBOX_LOCKED=1
+  exec flock -o -w 7200 /var/lock/centrifugo_outbox.lock bash "$here/setup.sh" "$@"
+fi
+
 apt_packages=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR libclang-dev clang sudo ca-certificates
   build-essential pkg-config libssl-dev zlib1g-dev cmake libcurl4-openssl-dev openssl redis-server)
 missing=()

@@ -21,8 +21,17 @@ cd "$repo"
 export PATH="$HOME/.cargo/bin:/usr/local/go/bin:$PATH"
 cache=${CENTRIFUGO_OUTBOX_CACHE:-/var/cache/centrifugo_outbox}
 MAJORS=${MAJORS:-14 16 17 18}
+# One run at a time per machine: runs share PostgreSQL 15's library directory, the majors'
+# trees, dpkg and the cache. The script runs again under flock(1), which holds the lock itself
+# (-o: servers a test leaves behind do not inherit it); a nested run holds it already.
+if [ -z "${CENTRIFUGO_OUTBOX_LOCKED:-}" ] && command -v flock >/dev/null && [ -w /var/lock ]; then
+  export CENTRIFUGO_OUTBOX_LOCKED=1
+  exec flock -o -w 7200 /var/lock/centrifugo_outbox.lock bash "$here/test.sh" "$@"
+fi
+
 layer=${1:-all}
 [ $# -gt 0 ] && shift
+
 
 [ "${SKIP_SETUP:-0}" = 1 ] || bash "$here/setup.sh"
 
@@ -144,7 +153,7 @@ run_e2e() {
   local major=${E2E_MAJOR:-15}
   install_into "$major"
   echo "==> end-to-end tests on PostgreSQL $major (real PostgreSQL, Centrifugo, Kafka)"
-  PG_BIN=$(dirname "$(pg_config_of "$major")") pytest_run "e2e$major" "$repo/tests" \
+  EXPECTED_PG_MAJOR=$major PG_BIN=$(dirname "$(pg_config_of "$major")") pytest_run "e2e$major" "$repo/tests" \
     --ignore="$repo/tests/test_packages.py" "$@"
 }
 
@@ -158,7 +167,7 @@ run_matrix_e2e() {
   echo "==> end-to-end subset on PostgreSQL $major (tests/matrix.txt)"
   local ids
   mapfile -t ids < <(matrix_ids)
-  PG_BIN="$cache/pg/$major/bin" pytest_run "e2e$major" "${ids[@]}" "$@"
+  EXPECTED_PG_MAJOR=$major PG_BIN="$cache/pg/$major/bin" pytest_run "e2e$major" "${ids[@]}" "$@"
 }
 
 run_packages() {

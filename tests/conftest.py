@@ -36,6 +36,11 @@ def make_cluster():
         clusters.append(cluster)
         if start:
             cluster.start()
+            # scripts/test.sh says which major it means to test: prove the binaries are that one.
+            expected = os.environ.get("EXPECTED_PG_MAJOR")
+            if expected:
+                actual = int(cluster.scalar("SHOW server_version_num")) // 10000
+                assert actual == int(expected), f"PostgreSQL {actual} runs, {expected} was meant (PG_BIN?)"
             if create_extension:
                 cluster.sql("CREATE EXTENSION centrifugo_outbox")
         return cluster
