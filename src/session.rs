@@ -200,18 +200,7 @@ pub fn check_outbox_owner(qualified: &str, lock_mode: u32) -> Result<Option<pg_s
     if table_oid(qualified) != Some(oid) {
         return Err(format!("{qualified} was replaced meanwhile"));
     }
-    // By the catalog caches, which the lock just brought up to date.
-    // SAFETY: a syscache lookup by oid; the tuple is released before the block ends.
-    let (kind, owner) = unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(oid));
-        if tuple.is_null() {
-            return Err(format!("{qualified} was dropped meanwhile"));
-        }
-        let class = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
-        let found = ((*class).relkind as u8, (*class).relowner);
-        pg_sys::ReleaseSysCache(tuple);
-        found
-    };
+    let Some((kind, owner)) = relation_class(oid) else { return Err(format!("{qualified} was dropped meanwhile")) };
     if kind != b'r' {
         return Err(format!("{qualified} is not a plain table"));
     }
@@ -286,6 +275,13 @@ pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
     // caches rather than by a query: the SQL API asks on every call.
     let parts = outbox_core::settings::table_name_parts(qualified).ok()?;
     let [schema, table] = parts.as_slice() else { return None };
+    relation_named(schema, table)
+}
+
+/// The relation `schema.name` names now, by the catalog caches (which a lock just taken brings
+/// up to date; an SQL query would see the transaction's first snapshot) and without
+/// to_regclass(), which needs USAGE on the schema.
+pub fn relation_named(schema: &str, name: &str) -> Option<pg_sys::Oid> {
     // As the parser does: names longer than NAMEDATALEN - 1 bytes are cut (at a character).
     let truncated = |name: &str| -> Option<std::ffi::CString> {
         let mut buffer = std::ffi::CString::new(name).ok()?.into_bytes_with_nul();
@@ -293,16 +289,31 @@ pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
         unsafe { pg_sys::truncate_identifier(buffer.as_mut_ptr().cast(), name.len() as i32, false) };
         CStr::from_bytes_until_nul(&buffer).ok().map(CStr::to_owned)
     };
-    let (schema, table) = (truncated(schema)?, truncated(table)?);
+    let (schema, name) = (truncated(schema)?, truncated(name)?);
     // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
     let oid = unsafe {
         let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
         if namespace == pg_sys::Oid::INVALID {
             return None;
         }
-        pg_sys::get_relname_relid(table.as_ptr(), namespace)
+        pg_sys::get_relname_relid(name.as_ptr(), namespace)
     };
     (oid != pg_sys::Oid::INVALID).then_some(oid)
+}
+
+/// The kind (`relkind`) and owner of relation `oid` as the catalog caches see it now.
+pub fn relation_class(oid: pg_sys::Oid) -> Option<(u8, pg_sys::Oid)> {
+    // SAFETY: a syscache lookup by oid; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(oid));
+        if tuple.is_null() {
+            return None;
+        }
+        let class = pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple);
+        let found = ((*class).relkind as u8, (*class).relowner);
+        pg_sys::ReleaseSysCache(tuple);
+        Some(found)
+    }
 }
 
 /// Raises ERROR 42501 (insufficient_privilege) with `message`.

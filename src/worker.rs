@@ -1140,16 +1140,7 @@ fn apply_outcomes(
 
 /// The oid of table `name` in schema `schema` as the catalog caches see it now.
 fn relation_named(schema: &str, name: &str) -> Option<i64> {
-    let (schema, name) = (std::ffi::CString::new(schema).ok()?, std::ffi::CString::new(name).ok()?);
-    // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
-    let oid = unsafe {
-        let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);
-        if namespace == pg_sys::Oid::INVALID {
-            return None;
-        }
-        pg_sys::get_relname_relid(name.as_ptr(), namespace)
-    };
-    (oid != pg_sys::Oid::INVALID).then(|| u32::from(oid) as i64)
+    crate::session::relation_named(schema, name).map(|oid| i64::from(u32::from(oid)))
 }
 
 /// Locks table `oid` (named `schema.name` when it was looked up) so that nobody can drop it and
@@ -1169,16 +1160,7 @@ fn lock_checked(schema: &str, name: &str, oid: i64, mode: u32) -> Result<pg_sys:
 
 /// The owner of relation `oid` as the catalog caches see it now.
 fn relation_owner(oid: i64) -> Option<pg_sys::Oid> {
-    // SAFETY: a syscache lookup by oid; the tuple is released before returning.
-    unsafe {
-        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(oid as u32));
-        if tuple.is_null() {
-            return None;
-        }
-        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
-        pg_sys::ReleaseSysCache(tuple);
-        Some(owner)
-    }
+    crate::session::relation_class(pg_sys::Oid::from(oid as u32)).map(|(_, owner)| owner)
 }
 
 /// Runs `body` as the outbox's owner (see `xact::as_owner`), its statements held to the table
