@@ -31,7 +31,7 @@ use pgrx::PgTryBuilder;
 
 use outbox_core::client::CentrifugoClient;
 use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
-use outbox_core::dispatch::{batch_body, prepare_text, scrub, Failure, OutboxKeys, Outcome, Prepared};
+use outbox_core::dispatch::{prepare_text, scrub, Failure, OutboxKeys, Outcome, Prepared};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
 use outbox_core::settings::table_name_parts;
@@ -675,6 +675,7 @@ impl Worker {
                 let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
                 let reader = BatchReader {
                     statements: table_statements,
+                    client,
                     partition,
                     limit,
                     exact_commit_ts,
@@ -944,7 +945,7 @@ struct Batch {
     sendable: Vec<usize>,
     commands: Vec<Prepared>,
     /// The `/api/batch` request body of `commands`, made ahead of sending.
-    body: Vec<u8>,
+    body: outbox_core::client::Body,
     /// The limit was reached: the partition may have more.
     full: bool,
 }
@@ -969,6 +970,8 @@ impl Batch {
 
 struct BatchReader<'s> {
     statements: &'s TableStatements,
+    /// Makes each batch's request while the previous one is in flight.
+    client: &'s CentrifugoClient,
     partition: i32,
     limit: i32,
     exact_commit_ts: bool,
@@ -1025,7 +1028,7 @@ impl BatchReader<'_> {
             outcomes: Vec::with_capacity(rows.len()),
             sendable: Vec::with_capacity(rows.len()),
             commands: Vec::with_capacity(rows.len()),
-            body: Vec::new(),
+            body: Default::default(),
             rows,
         };
         self.prepare(&mut batch);
@@ -1074,7 +1077,7 @@ impl BatchReader<'_> {
                 Err(failure) => batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
             }
         }
-        batch.body = batch_body(&batch.commands);
+        batch.body = self.client.body(&batch.commands);
     }
 }
 

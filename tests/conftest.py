@@ -57,11 +57,21 @@ def delivery_settings(api_url, api_key, **extra):
     return settings
 
 
+TRANSPORTS = os.environ.get("E2E_TRANSPORTS", "http,grpc").split(",")
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    """Each test that takes it runs once per transport to Centrifugo: HTTP and gRPC."""
+    return request.param
+
+
 @pytest.fixture
-def outbox(make_cluster, centrifugo):
-    """A started cluster with the extension, delivering to the session's real Centrifugo."""
+def outbox(make_cluster, centrifugo, transport):
+    """A started cluster with the extension, delivering to the session's real Centrifugo over
+    `transport`."""
     def make(**extra):
-        pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, **extra))
+        pg = make_cluster(delivery_settings(centrifugo.endpoint(transport), centrifugo.api_key, **extra))
         wait_for_workers(pg)
         return pg
     return make

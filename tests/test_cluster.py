@@ -47,9 +47,9 @@ def endpoints(pg):
     return pg.sql("SELECT partition, endpoint, endpoint_failures FROM centrifugo_outbox_status ORDER BY partition")
 
 
-def test_commands_sent_through_one_node_reach_subscribers_on_both(make_cluster, nodes):
+def test_commands_sent_through_one_node_reach_subscribers_on_both(make_cluster, nodes, transport):
     a, b = nodes
-    pg = make_cluster(cluster_settings([a.api_url, b.api_url], a.api_key, num_partitions=2))
+    pg = make_cluster(cluster_settings([a.endpoint(transport), b.endpoint(transport)], a.api_key, num_partitions=2))
     wait_for_workers(pg)
     channels = [f"chat:both{uid()}", f"chat:both{uid()}"]
     on_a, on_b = Subscriber(a, channels=channels).start(), Subscriber(b, channels=channels).start()
@@ -62,17 +62,17 @@ def test_commands_sent_through_one_node_reach_subscribers_on_both(make_cluster, 
         # Every command went through A, the preferred node; B only relayed them to its clients.
         assert a.api_commands() == 100 and b.api_commands() == 0
         for partition, endpoint, failures in endpoints(pg):
-            assert endpoint == a.api_url, partition
-            assert failures == {a.api_url: 0, b.api_url: 0}
+            assert endpoint == a.endpoint(transport), partition
+            assert failures == {a.endpoint(transport): 0, b.endpoint(transport): 0}
     finally:
         on_a.stop()
         on_b.stop()
 
 
-def test_a_node_killed_mid_backlog_fails_over_with_nothing_lost_or_published_twice(make_cluster, nodes):
+def test_a_node_killed_mid_backlog_fails_over_with_nothing_lost_or_published_twice(make_cluster, nodes, transport):
     a, b = nodes
     partitions = 4
-    pg = make_cluster(cluster_settings([a.api_url, b.api_url], a.api_key, num_partitions=partitions,
+    pg = make_cluster(cluster_settings([a.endpoint(transport), b.endpoint(transport)], a.api_key, num_partitions=partitions,
                                        request_timeout=2000))
     wait_for_workers(pg)
     channels = [f"chat:fo{uid()}" for _ in range(partitions)]
@@ -111,9 +111,9 @@ def test_a_node_killed_mid_backlog_fails_over_with_nothing_lost_or_published_twi
         assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
         # Every worker now sends to B and counted A's failures.
         for partition, endpoint, failures in endpoints(pg):
-            assert endpoint == b.api_url, partition
-            assert failures[a.api_url] >= 1 and failures[b.api_url] == 0, (partition, failures)
-        assert f"failed (" in pg.log() and f"sending to {b.api_url} from now on" in pg.log()
+            assert endpoint == b.endpoint(transport), partition
+            assert failures[a.endpoint(transport)] >= 1 and failures[b.endpoint(transport)] == 0, (partition, failures)
+        assert f"failed (" in pg.log() and f"sending to {b.endpoint(transport)} from now on" in pg.log()
         # How long delivery paused: the widest gap between publications after the kill.
         after = sorted(e.at for e in sub.publications() if e.at >= killed_at - 1)
         gap = max((y - x for x, y in zip(after, after[1:])), default=0)
@@ -158,9 +158,9 @@ def test_a_batch_the_dying_node_ran_is_not_published_again_by_the_next(make_clus
         dying.stop()
 
 
-def test_traffic_returns_to_the_preferred_node_once_it_answers_again(make_cluster, nodes):
+def test_traffic_returns_to_the_preferred_node_once_it_answers_again(make_cluster, nodes, transport):
     a, b = nodes
-    pg = make_cluster(cluster_settings([a.api_url, b.api_url], a.api_key))
+    pg = make_cluster(cluster_settings([a.endpoint(transport), b.endpoint(transport)], a.api_key))
     wait_for_workers(pg)
     channel = f"chat:back{uid()}"
     sub = Subscriber(b, channels=[channel]).start()
@@ -168,7 +168,7 @@ def test_traffic_returns_to_the_preferred_node_once_it_answers_again(make_cluste
         a.kill()
         pg.sql("SELECT centrifugo_publish(%s, to_jsonb(g)) FROM generate_series(1, 5) g", (channel,))
         sub.wait_for_publications(5, channel)
-        assert endpoints(pg)[0][1] == b.api_url
+        assert endpoints(pg)[0][1] == b.endpoint(transport)
         a.start()  # the same port and configuration
         # Traffic probes A (an empty batch) alongside its requests to B and returns to A.
         n = 5
@@ -176,23 +176,23 @@ def test_traffic_returns_to_the_preferred_node_once_it_answers_again(make_cluste
             nonlocal n
             n += 1
             pg.sql("SELECT centrifugo_publish(%s, to_jsonb(%s))", (channel, n))
-            return endpoints(pg)[0][1] == a.api_url
+            return endpoints(pg)[0][1] == a.endpoint(transport)
         wait_until(returned, 15, interval=0.2, what="the worker back on node A")
         before = a.api_commands()
         pg.sql("SELECT centrifugo_publish(%s, to_jsonb(g)) FROM generate_series(%s::int, %s::int) g", (channel, n + 1, n + 5))
         assert [x.data for x in sub.wait_for_publications(n + 5, channel)] == list(range(1, n + 6))
         assert a.api_commands() == before + 5, "the last five went through A"
         assert b.history(channel) == list(range(1, n + 6))
-        assert f"{a.api_url} answers again: sending to it instead of {b.api_url}" in pg.log()
+        assert f"{a.endpoint(transport)} answers again: sending to it instead of {b.endpoint(transport)}" in pg.log()
     finally:
         sub.stop()
 
 
-def test_a_node_that_refuses_the_key_is_reported_and_not_failed_over(make_cluster, nodes):
+def test_a_node_that_refuses_the_key_is_reported_and_not_failed_over(make_cluster, nodes, transport):
     a, b = nodes
     misconfigured = Centrifugo(api_key="some-other-key").start()
     try:
-        pg = make_cluster(cluster_settings([misconfigured.api_url, a.api_url], a.api_key))
+        pg = make_cluster(cluster_settings([misconfigured.endpoint(transport), a.endpoint(transport)], a.api_key))
         wait_for_workers(pg)
         channel = f"chat:refused{uid()}"
         pg.sql("SELECT centrifugo_publish(%s, to_jsonb(g)) FROM generate_series(1, 3) g", (channel,))
@@ -201,16 +201,16 @@ def test_a_node_that_refuses_the_key_is_reported_and_not_failed_over(make_cluste
                          what="the 401 in the status view")[0]
         state, last_error, endpoint, failures, backlog = row
         assert state == "backing off" and backlog == 3
-        assert f"{misconfigured.api_url}: unauthorized: check centrifugo.api_key" in last_error, last_error
-        assert endpoint == misconfigured.api_url
-        assert failures == {misconfigured.api_url: 0, a.api_url: 0}, "a refusal is not a node failure"
+        assert f"{misconfigured.endpoint(transport)}: unauthorized: check centrifugo.api_key" in last_error, last_error
+        assert endpoint == misconfigured.endpoint(transport)
+        assert failures == {misconfigured.endpoint(transport): 0, a.endpoint(transport): 0}, "a refusal is not a node failure"
         time.sleep(1)
         assert a.api_commands() == 0, "the other node was not used to hide the refusal"
-        wait_until(lambda: f"{misconfigured.api_url}: unauthorized" in pg.log(), 5, what="the refusal in the log")
+        wait_until(lambda: f"{misconfigured.endpoint(transport)}: unauthorized" in pg.log(), 5, what="the refusal in the log")
         # Reloadable: the operator fixes the list and the backlog goes out.
         sub = Subscriber(b, channels=[channel]).start()
         try:
-            pg.sql(f"ALTER SYSTEM SET centrifugo.api_url = '{a.api_url}, {b.api_url}'")
+            pg.sql(f"ALTER SYSTEM SET centrifugo.api_url = '{a.endpoint(transport)}, {b.endpoint(transport)}'")
             pg.sql("SELECT pg_reload_conf()")
             assert [x.data for x in sub.wait_for_publications(3, channel)] == [1, 2, 3]
         finally:
@@ -231,12 +231,12 @@ def test_a_bad_endpoint_list_is_refused_at_set_time(make_cluster, value, message
         pg.sql(f"ALTER SYSTEM SET centrifugo.api_url = '{value}'")
 
 
-def test_the_kafka_bridge_fails_over_between_the_same_endpoints(make_cluster, nodes, kafka):
+def test_the_kafka_bridge_fails_over_between_the_same_endpoints(make_cluster, nodes, kafka, transport):
     from test_kafka import bridge_cluster, produce, command
     a, b = nodes
     topic = f"fo{uid()}"
     kafka.create_topic(topic)
-    pg = bridge_cluster(make_cluster, a, kafka, [topic], api_url=f"{a.api_url},{b.api_url}")
+    pg = bridge_cluster(make_cluster, a, kafka, [topic], api_url=f"{a.endpoint(transport)},{b.endpoint(transport)}")
     channel = f"chat:kfo{uid()}"
     sub = Subscriber(b, channels=[channel]).start()
     try:
@@ -249,8 +249,8 @@ def test_the_kafka_bridge_fails_over_between_the_same_endpoints(make_cluster, no
         assert b.history(channel) == list(range(1, 201))
         endpoint, failures = wait_until(lambda: pg.sql(
             "SELECT endpoint, endpoint_failures FROM centrifugo_kafka_status WHERE topic = %s AND endpoint = %s",
-            (topic, b.api_url)), 10, what="the bridge on node B")[0]
-        assert failures[a.api_url] >= 1
-        assert f"sending to {b.api_url} from now on" in pg.log()
+            (topic, b.endpoint(transport))), 10, what="the bridge on node B")[0]
+        assert failures[a.endpoint(transport)] >= 1
+        assert f"sending to {b.endpoint(transport)} from now on" in pg.log()
     finally:
         sub.stop()

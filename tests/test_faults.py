@@ -49,10 +49,10 @@ def double_cluster(make_cluster):
         d.stop()
 
 
-def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster):
+def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster, transport):
     server = Centrifugo().start()
     try:
-        pg = make_cluster(delivery_settings(server.api_url, server.api_key, retry_backoff_max=1000))
+        pg = make_cluster(delivery_settings(server.endpoint(transport), server.api_key, retry_backoff_max=1000))
         wait_for_workers(pg)
         channel = f"chat:down{uid()}"
         publish_many(pg, channel, 50)

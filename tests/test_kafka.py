@@ -60,7 +60,7 @@ def committed(kafka, group, topic, partitions):
         c.close()
 
 
-def test_every_message_format_reaches_the_subscriber(make_cluster, centrifugo, kafka):
+def test_every_message_format_reaches_the_subscriber(make_cluster, centrifugo, kafka, transport):
     t_cmd, t_pdm = f"cmd{uid()}", f"pdm{uid()}"
     kafka.create_topic(t_cmd)
     kafka.create_topic(t_pdm)
@@ -71,7 +71,8 @@ def test_every_message_format_reaches_the_subscriber(make_cluster, centrifugo, k
             "publication_data_mode": {"enabled": True}}},
         {"name": "old_style_off", "type": "kafka", "disabled": True, "kafka": {}},
     ]
-    pg = bridge_cluster(make_cluster, centrifugo, kafka, [t_cmd], **{"consumers": json.dumps(consumers)})
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [t_cmd], api_url=centrifugo.endpoint(transport),
+                        **{"consumers": json.dumps(consumers)})
     sub = Subscriber(centrifugo, channels=[a, b]).start()
     try:
         produce(kafka, t_cmd, [
@@ -98,11 +99,12 @@ def test_every_message_format_reaches_the_subscriber(make_cluster, centrifugo, k
         sub.stop()
 
 
-def test_per_partition_order_over_thousands_of_records(make_cluster, centrifugo, kafka):
+def test_per_partition_order_over_thousands_of_records(make_cluster, centrifugo, kafka, transport):
     topic = f"order{uid()}"
     kafka.create_topic(topic, partitions=4)
     channels = [f"chat:kord{p}-{uid()}" for p in range(4)]
-    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], kafka_max_poll_records=50)
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], api_url=centrifugo.endpoint(transport),
+                        kafka_max_poll_records=50)
     sub = Subscriber(centrifugo, channels=channels).start()
     try:
         n = 1000
@@ -115,11 +117,11 @@ def test_per_partition_order_over_thousands_of_records(make_cluster, centrifugo,
         sub.stop()
 
 
-def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka):
+def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka, transport):
     topic, group = f"garbage{uid()}", f"g{uid()}"
     kafka.create_topic(topic)
     channel = f"chat:kg{uid()}"
-    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group)
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], group=group, api_url=centrifugo.endpoint(transport))
     sub = Subscriber(centrifugo, channels=[channel]).start()
     try:
         produce(kafka, topic, [
@@ -167,13 +169,13 @@ def test_at_least_once_when_the_bridge_is_stopped_mid_stream(make_cluster, centr
         assert seq == sorted(seq), "each Kafka partition in offset order"
 
 
-def test_centrifugo_down_pauses_then_resumes(make_cluster, kafka):
+def test_centrifugo_down_pauses_then_resumes(make_cluster, kafka, transport):
     server = Centrifugo().start()
     try:
         topic = f"down{uid()}"
         kafka.create_topic(topic, partitions=2)
         channel = f"chat:kdown{uid()}"
-        pg = bridge_cluster(make_cluster, server, kafka, [topic])
+        pg = bridge_cluster(make_cluster, server, kafka, [topic], api_url=server.endpoint(transport))
         produce(kafka, topic, [(command(channel, {"s": s}), None, s % 2) for s in range(20)])
         wait_until(lambda: len(server.history(channel)) == 20, 30, what="the first records")
         server.kill()

@@ -324,10 +324,10 @@ TRICKY = ('{"big": 123456789012345678901234567890, "dec": -0.1234567890123456789
           + "[" * 300 + "1" + "]" * 300 + "}")
 
 
-def test_every_path_delivers_data_byte_for_byte(make_cluster, centrifugo, kafka):
+def test_every_path_delivers_data_byte_for_byte(make_cluster, centrifugo, kafka, transport):
     topic = f"t{uid()}"
     kafka.create_topic(topic)
-    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, kafka_brokers=kafka.bootstrap,
+    pg = make_cluster(delivery_settings(centrifugo.endpoint(transport), centrifugo.api_key, kafka_brokers=kafka.bootstrap,
                                         kafka_topics=topic, kafka_consumer_group=f"g{uid()}"))
     wait_for_workers(pg)
     exact = pg.scalar("SELECT %s::jsonb::text", (TRICKY,))

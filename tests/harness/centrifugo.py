@@ -23,8 +23,9 @@ def _b64url(data: bytes) -> str:
 
 
 class Centrifugo:
-    def __init__(self, port=None, api_key=None, extra_config=None, hmac_secret=None):
+    def __init__(self, port=None, api_key=None, extra_config=None, hmac_secret=None, grpc_port=None):
         self.port = port or free_port()
+        self.grpc_port = grpc_port or free_port()
         self.api_key = api_key or "test-api-key-" + secrets.token_hex(8)
         self.hmac_secret = hmac_secret or secrets.token_hex(16)
         self.root = tempfile.mkdtemp(prefix="centrifugo_")
@@ -41,6 +42,8 @@ class Centrifugo:
         self.config = {
             "http_server": {"address": "127.0.0.1", "port": self.port},
             "http_api": {"key": self.api_key},
+            # The gRPC server API too, with the same key: tests run on both transports.
+            "grpc_api": {"enabled": True, "address": "127.0.0.1", "port": self.grpc_port, "key": self.api_key},
             "client": {"token": {"hmac_secret_key": self.hmac_secret}, "allowed_origins": ["*"]},
             "channel": {
                 "without_namespace": channel_options,
@@ -48,6 +51,8 @@ class Centrifugo:
             },
             "log": {"level": "info"},
             "usage_stats": {"disabled": True},
+            # /metrics counts API commands by protocol: which transport carried them.
+            "prometheus": {"enabled": True},
         }
         for key, value in (extra_config or {}).items():
             self.config[key] = value
@@ -55,6 +60,14 @@ class Centrifugo:
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    def endpoint(self, transport: str) -> str:
+        """What centrifugo.api_url is for `transport` ("http" or "grpc")."""
+        return {"http": self.api_url, "grpc": self.grpc_url}[transport]
 
     @property
     def ws_url(self) -> str:
@@ -84,16 +97,17 @@ class Centrifugo:
         history, presence and the idempotency cache, and accept each other's connection tokens."""
         return cls(api_key=api_key, hmac_secret=hmac_secret, extra_config={
             "engine": {"type": "redis", "redis": {"address": [redis.url], "prefix": prefix}},
-            "prometheus": {"enabled": True},
         })
 
-    def api_commands(self, method="publish") -> int:
-        """Server API commands `method` this node ran over HTTP (its Prometheus counter)."""
+    def api_commands(self, method="publish", protocol=None) -> int:
+        """Server API commands `method` this node ran (its Prometheus counter), over `protocol`
+        ("http" or "grpc") or over either."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         total = 0
         for line in text.splitlines():
-            if line.startswith("centrifugo_api_command_duration_seconds_count{") and f'method="{method}"' in line:
+            if (line.startswith("centrifugo_api_command_duration_seconds_count{") and f'method="{method}"' in line
+                    and (protocol is None or f'protocol="{protocol}"' in line)):
                 total += int(float(line.rsplit(" ", 1)[1]))
         return total
 

@@ -1,5 +1,6 @@
-//! The HTTP client towards Centrifugo's server API: keep-alive, bounded connect and request
-//! timeouts, `X-API-Key`, HTTPS verified by default (custom CA and client certificate optional).
+//! The client towards Centrifugo's server API, over HTTP (`/api/batch`, `X-API-Key`) or gRPC (the
+//! `Batch` RPC, see [`crate::grpc`]): keep-alive, bounded connect and request timeouts, TLS
+//! verified by default (custom CA and client certificate optional).
 //! One client per partition worker, and the worker sends one request at a time, so there is
 //! never more than one request in flight per partition.
 //!
@@ -36,11 +37,10 @@ pub struct ClientConfig {
 
 pub struct CentrifugoClient {
     config: ClientConfig,
-    http: reqwest::Client,
+    transport: Transport,
     runtime: Runtime,
-    /// The `/api/batch` URL of each endpoint, in the setting's order, and each endpoint as logs
-    /// and status views show it.
-    batch_urls: Vec<String>,
+    /// Each endpoint as the setting gives it, in its order, and as logs and status views show it.
+    urls: Vec<String>,
     names: Vec<String>,
     failover: RefCell<Failover>,
     /// The probe of a failed endpoint earlier in the list, while it runs.
@@ -51,6 +51,36 @@ pub struct CentrifugoClient {
     probe_statuses: RefCell<Vec<u16>>,
     /// Asked every [`STOP_POLL`] while a reply is awaited: true means the worker must stop.
     stop_requested: fn() -> bool,
+}
+
+/// How requests travel, chosen by the scheme of `centrifugo.api_url`.
+enum Transport {
+    /// JSON to the `/api/batch` URL of each endpoint.
+    Http { http: reqwest::Client, batch_urls: Vec<String> },
+    #[cfg(feature = "grpc")]
+    Grpc(crate::grpc::GrpcTransport),
+}
+
+/// A batch request ready to send, made by [`CentrifugoClient::body`] for the client's transport.
+#[derive(Debug)]
+pub enum Body {
+    Json(Vec<u8>),
+    #[cfg(feature = "grpc")]
+    Grpc(crate::grpc::proto::BatchRequest),
+    /// A command that the transport cannot carry (why): the batch is refused without a request.
+    Unsendable(String),
+}
+
+impl Default for Body {
+    fn default() -> Self {
+        Body::Json(Vec::new())
+    }
+}
+
+/// Whether `url` selects the gRPC transport.
+pub fn is_grpc_url(url: &str) -> bool {
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    scheme.eq_ignore_ascii_case("grpc") || scheme.eq_ignore_ascii_case("grpcs")
 }
 
 /// How often a wait for a reply checks whether the worker must stop.
@@ -118,6 +148,41 @@ impl CentrifugoClient {
     /// Builds a client; errors say which setting is wrong and never contain the API key.
     pub fn new(config: ClientConfig) -> Result<Self, String> {
         let urls = parse_api_urls(&config.api_url)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the client's runtime: {e}"))?;
+        let transport = if urls.first().is_some_and(|u| is_grpc_url(u)) {
+            Self::grpc_transport(&urls, &config, &runtime)?
+        } else {
+            Self::http_transport(&urls, &config)?
+        };
+        Ok(CentrifugoClient {
+            config,
+            transport,
+            runtime,
+            failover: RefCell::new(Failover::new(urls.len())),
+            names: urls.iter().map(|u| display_url(u)).collect(),
+            probe_statuses: RefCell::new(vec![0; urls.len()]),
+            urls,
+            probe: RefCell::new(None),
+            events: RefCell::new(Vec::new()),
+            stop_requested: || false,
+        })
+    }
+
+    #[cfg(feature = "grpc")]
+    fn grpc_transport(urls: &[String], config: &ClientConfig, runtime: &Runtime) -> Result<Transport, String> {
+        let _inside = runtime.enter();
+        crate::grpc::GrpcTransport::new(urls, config).map(Transport::Grpc)
+    }
+
+    #[cfg(not(feature = "grpc"))]
+    fn grpc_transport(_: &[String], _: &ClientConfig, _: &Runtime) -> Result<Transport, String> {
+        Err("centrifugo.api_url: this build has no gRPC transport (the grpc feature is off)".into())
+    }
+
+    fn http_transport(urls: &[String], config: &ClientConfig) -> Result<Transport, String> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
@@ -152,29 +217,14 @@ impl CentrifugoClient {
             _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
         }
         let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start the HTTP client's runtime: {e}"))?;
-        Ok(CentrifugoClient {
-            config,
-            http,
-            runtime,
-            failover: RefCell::new(Failover::new(urls.len())),
-            batch_urls: urls.iter().map(|u| crate::settings::batch_url(u)).collect(),
-            names: urls.iter().map(|u| display_url(u)).collect(),
-            probe: RefCell::new(None),
-            events: RefCell::new(Vec::new()),
-            probe_statuses: RefCell::new(vec![0; urls.len()]),
-            stop_requested: || false,
-        })
+        Ok(Transport::Http { http, batch_urls: urls.iter().map(|u| crate::settings::batch_url(u)).collect() })
     }
 
     /// Takes over what `previous` (the client this one replaces after a reload) knew of the
     /// endpoints, when both have the same list: a change of another setting must not send the
     /// worker back to a node it knows is down.
     pub fn carry_over(self, previous: Option<&CentrifugoClient>) -> Self {
-        if let Some(previous) = previous.filter(|p| p.batch_urls == self.batch_urls) {
+        if let Some(previous) = previous.filter(|p| p.urls == self.urls) {
             self.failover.borrow_mut().adopt(&previous.failover.borrow());
         }
         self
@@ -195,14 +245,23 @@ impl CentrifugoClient {
         &self.config
     }
 
-    /// Puts `commands` on the wire as one sequential `/api/batch` request and returns at once.
+    /// Puts `commands` on the wire as one sequential batch request and returns at once.
     pub fn start_batch(&self, commands: &[Prepared]) -> InFlight<'_> {
-        self.start_body(batch_body(commands))
+        self.start_body(self.body(commands))
     }
 
-    /// [`Self::start_batch`] with the request body already made by [`batch_body`], sent to the
+    /// The request of one sequential batch of `commands`, for this client's transport.
+    pub fn body(&self, commands: &[Prepared]) -> Body {
+        match &self.transport {
+            Transport::Http { .. } => Body::Json(batch_body(commands)),
+            #[cfg(feature = "grpc")]
+            Transport::Grpc(_) => crate::grpc::batch_request(commands).map_or_else(Body::Unsendable, Body::Grpc),
+        }
+    }
+
+    /// [`Self::start_batch`] with the request already made by [`Self::body`], sent to the
     /// endpoint in use.
-    pub fn start_body(&self, body: Vec<u8>) -> InFlight<'_> {
+    pub fn start_body(&self, body: Body) -> InFlight<'_> {
         self.check_probe();
         let endpoint = self.failover.borrow().current();
         self.start_at(endpoint, body)
@@ -243,14 +302,17 @@ impl CentrifugoClient {
         if let Some((endpoint, task)) = probe.take() {
             let status = match self.runtime.block_on(task) {
                 Ok(Response::Http { status, .. }) => status,
+                Ok(Response::Replies(_)) => 200,
+                Ok(Response::Grpc { code, .. }) => refusal_status(code),
                 _ => 0,
             };
             let healthy = status == 200;
             let before = std::mem::replace(&mut self.probe_statuses.borrow_mut()[endpoint], status);
             if status != before && (400..500).contains(&status) {
                 self.events.borrow_mut().push(format!(
-                    "{} refuses requests (HTTP {status} to a probe): check centrifugo.api_key and centrifugo.api_url against that node's configuration; not going back to it until it accepts them",
-                    self.endpoint_name(endpoint)
+                    "{} refuses requests ({} to a probe): check centrifugo.api_key and centrifugo.api_url against that node's configuration; not going back to it until it accepts them",
+                    self.endpoint_name(endpoint),
+                    if self.is_grpc() { format!("gRPC status {}", grpc_status_of(status)) } else { format!("HTTP {status}") }
                 ));
             }
             let before = self.failover.borrow().current();
@@ -263,51 +325,76 @@ impl CentrifugoClient {
             }
         }
         if let Some(endpoint) = self.failover.borrow().probe_due(Instant::now()) {
-            let request = self
-                .http
-                .post(&self.batch_urls[endpoint])
-                .header("X-API-Key", &self.config.api_key)
-                .header("Content-Type", "application/json")
-                .body(&b"{\"commands\":[]}"[..]);
-            let task = self.runtime.spawn(async move {
-                match request.send().await {
-                    Ok(resp) => Response::Http { status: resp.status().as_u16(), body: Vec::new() },
-                    Err(_) => Response::Transport("probe failed".into()),
+            let task = match &self.transport {
+                Transport::Http { http, batch_urls } => {
+                    let request = http
+                        .post(&batch_urls[endpoint])
+                        .header("X-API-Key", &self.config.api_key)
+                        .header("Content-Type", "application/json")
+                        .body(&b"{\"commands\":[]}"[..]);
+                    self.runtime.spawn(async move {
+                        match request.send().await {
+                            Ok(resp) => Response::Http { status: resp.status().as_u16(), body: Vec::new() },
+                            Err(_) => Response::Transport("probe failed".into()),
+                        }
+                    })
                 }
-            });
+                #[cfg(feature = "grpc")]
+                Transport::Grpc(grpc) => self.runtime.spawn(grpc.call(
+                    endpoint,
+                    crate::grpc::proto::BatchRequest::default(),
+                    self.config.timeout,
+                    String::new(),
+                )),
+            };
             *probe = Some((endpoint, task));
         }
     }
 
+    fn is_grpc(&self) -> bool {
+        !matches!(self.transport, Transport::Http { .. })
+    }
+
     /// Puts a batch on the wire to endpoint `endpoint` and returns at once.
-    fn start_at(&self, endpoint: usize, body: Vec<u8>) -> InFlight<'_> {
+    fn start_at(&self, endpoint: usize, body: Body) -> InFlight<'_> {
         self.start_at_within(endpoint, body, self.config.timeout)
     }
 
     /// [`Self::start_at`] with a request timeout of `timeout` (what is left of a call's).
-    fn start_at_within(&self, endpoint: usize, body: Vec<u8>, timeout: Duration) -> InFlight<'_> {
+    fn start_at_within(&self, endpoint: usize, body: Body, timeout: Duration) -> InFlight<'_> {
         let started = Instant::now();
-        let request = self
-            .http
-            .post(&self.batch_urls[endpoint])
-            .timeout(timeout.max(Duration::from_millis(1)))
-            .header("X-API-Key", &self.config.api_key)
-            .header("Content-Type", "application/json")
-            .body(body);
+        let timeout = timeout.max(Duration::from_millis(1));
         let api_key = self.config.api_key.clone();
         // The runtime sleeps while the worker does: first let idle connections see what happened
         // meanwhile (a server closes keep-alive connections after a while; a closed one must
         // leave the pool before the request picks it).
         self.drive();
-        let task = self.runtime.spawn(async move {
-            let result = async {
-                let resp = request.send().await?;
-                let status = resp.status().as_u16();
-                resp.bytes().await.map(|b| Response::Http { status, body: b.to_vec() })
+        let task = match (&self.transport, body) {
+            (_, Body::Unsendable(why)) => self.runtime.spawn(async move { Response::Unsendable(why) }),
+            (Transport::Http { http, batch_urls }, Body::Json(body)) => {
+                let request = http
+                    .post(&batch_urls[endpoint])
+                    .timeout(timeout)
+                    .header("X-API-Key", &self.config.api_key)
+                    .header("Content-Type", "application/json")
+                    .body(body);
+                self.runtime.spawn(async move {
+                    let result = async {
+                        let resp = request.send().await?;
+                        let status = resp.status().as_u16();
+                        resp.bytes().await.map(|b| Response::Http { status, body: b.to_vec() })
+                    }
+                    .await;
+                    result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
+                })
             }
-            .await;
-            result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
-        });
+            #[cfg(feature = "grpc")]
+            (Transport::Grpc(grpc), Body::Grpc(request)) => {
+                self.runtime.spawn(grpc.call(endpoint, request, timeout, api_key))
+            }
+            #[cfg(feature = "grpc")]
+            (_, _) => unreachable!("a body is made by the client that sends it"),
+        };
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
         InFlight { client: self, task: Some(task), endpoint, started }
@@ -345,7 +432,7 @@ impl CentrifugoClient {
     /// once the first request's `timeout` has passed.
     pub fn finish(&self, pending: InFlight<'_>, commands: &[Prepared], batches: &mut u64) -> Vec<Outcome> {
         *batches += 1;
-        let count = self.batch_urls.len();
+        let count = self.urls.len();
         let mut endpoint = pending.endpoint;
         let started = pending.started;
         let mut response = pending.wait();
@@ -364,6 +451,8 @@ impl CentrifugoClient {
                 let why = match &response {
                     Response::Transport(message) => message.clone(),
                     Response::Http { status, .. } => format!("HTTP {status}"),
+                    Response::Grpc { code, .. } => format!("gRPC status {code}"),
+                    Response::Replies(_) | Response::Unsendable(_) => "no failure".into(),
                 };
                 self.events.borrow_mut().push(format!(
                     "{} failed ({why}): sending to {} from now on",
@@ -385,7 +474,7 @@ impl CentrifugoClient {
             *batches += 1;
             endpoint = next;
             response = self
-                .start_at_within(endpoint, batch_body(commands), deadline.saturating_duration_since(Instant::now()))
+                .start_at_within(endpoint, self.body(commands), deadline.saturating_duration_since(Instant::now()))
                 .wait();
         }
         if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
@@ -424,6 +513,21 @@ impl CentrifugoClient {
                 outcomes
             }
         }
+    }
+}
+
+/// The HTTP status with the meaning of gRPC status `code` for a probe (0: none of the refusals).
+fn refusal_status(code: i32) -> u16 {
+    crate::dispatch::grpc_as_http_status(code).filter(|s| matches!(s, 401 | 403 | 404)).unwrap_or(0)
+}
+
+/// The gRPC status a probe's [`refusal_status`] stands for.
+fn grpc_status_of(status: u16) -> i32 {
+    use crate::dispatch::grpc_code::*;
+    match status {
+        401 => UNAUTHENTICATED,
+        403 => PERMISSION_DENIED,
+        _ => UNIMPLEMENTED,
     }
 }
 

@@ -211,13 +211,45 @@ pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u
     out
 }
 
-/// What came back from one HTTP exchange.
+/// What came back from one exchange with Centrifugo, over HTTP or gRPC.
 #[derive(Debug, Clone)]
 pub enum Response {
     /// An HTTP response with its status and body.
     Http { status: u16, body: Vec<u8> },
-    /// No HTTP response: connect refused, reset, timeout, TLS failure (already scrubbed of secrets).
+    /// A gRPC `Batch` reply, already decoded.
+    Replies(Vec<Reply>),
+    /// A gRPC status other than OK from the server (`code` as in gRPC: 16 unauthenticated, ...).
+    Grpc { code: i32, message: String },
+    /// The request could not be encoded for the transport (a command's payload does not fit
+    /// Centrifugo's gRPC messages): what Centrifugo's HTTP API answers with 400.
+    Unsendable(String),
+    /// No response: connect refused, reset, timeout, TLS failure (already scrubbed of secrets).
     Transport(String),
+}
+
+/// The HTTP status that means what gRPC status `code` means, where there is one.
+pub fn grpc_as_http_status(code: i32) -> Option<u16> {
+    use grpc_code::*;
+    match code {
+        INVALID_ARGUMENT => Some(400),
+        UNAUTHENTICATED => Some(401),
+        PERMISSION_DENIED => Some(403),
+        NOT_FOUND | UNIMPLEMENTED => Some(404),
+        RESOURCE_EXHAUSTED => Some(413),
+        // Internal, unknown, data loss: the server failed.
+        13 | 2 | 15 => Some(500),
+        _ => None,
+    }
+}
+
+/// gRPC status codes the classification tells apart.
+pub mod grpc_code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const NOT_FOUND: i32 = 5;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const UNIMPLEMENTED: i32 = 12;
+    pub const UNAUTHENTICATED: i32 = 16;
 }
 
 /// The verdict on one batch.
@@ -238,18 +270,14 @@ pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdic
     let (status, body) = match response {
         Response::Transport(message) => return BatchVerdict::RetryAll(Failure::http(None, message.clone())),
         Response::Http { status, body } => (*status, body),
+        Response::Replies(replies) => return classify_replies(replies.clone(), commands, 200),
+        Response::Unsendable(message) => return refused(Failure::http(Some(400), message.clone()), commands),
+        Response::Grpc { code, message } => return classify_grpc_status(*code, message, commands),
     };
     let snippet = || String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_owned();
     match status {
         200 => {}
-        400 | 413 => {
-            let failure = Failure::http(Some(status), format!("request refused: {}", snippet()));
-            return if commands.len() > 1 {
-                BatchVerdict::SplitAndResend(failure)
-            } else {
-                BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }])
-            };
-        }
+        400 | 413 => return refused(Failure::http(Some(status), format!("request refused: {}", snippet())), commands),
         401 | 403 => {
             return BatchVerdict::RetryAll(Failure::http(
                 Some(status),
@@ -276,17 +304,48 @@ pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdic
             _ => BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }]),
         };
     }
-    let replies = match parsed.replies {
-        Some(r) if r.len() == commands.len() => r,
-        Some(r) => {
-            return BatchVerdict::RetryAll(Failure::http(
-                Some(status),
-                format!("batch reply has {} replies for {} commands", r.len(), commands.len()),
-            ))
-        }
-        None => return BatchVerdict::RetryAll(Failure::http(Some(status), "batch reply without replies")),
-    };
+    match parsed.replies {
+        Some(replies) => classify_replies(replies, commands, status),
+        None => BatchVerdict::RetryAll(Failure::http(Some(status), "batch reply without replies")),
+    }
+}
+
+/// The request as a whole was refused: find the command at fault by sending one at a time.
+fn refused(failure: Failure, commands: &[Prepared]) -> BatchVerdict {
+    if commands.len() > 1 {
+        BatchVerdict::SplitAndResend(failure)
+    } else {
+        BatchVerdict::PerCommand(vec![Outcome::DeadLetter { failure, payload: None }])
+    }
+}
+
+fn classify_replies(replies: Vec<Reply>, commands: &[Prepared], status: u16) -> BatchVerdict {
+    if replies.len() != commands.len() {
+        return BatchVerdict::RetryAll(Failure::http(
+            Some(status),
+            format!("batch reply has {} replies for {} commands", replies.len(), commands.len()),
+        ));
+    }
     BatchVerdict::PerCommand(commands.iter().zip(replies).map(|(c, r)| classify_reply(c, r)).collect())
+}
+
+/// A gRPC status instead of replies, read as the HTTP status with the same meaning, which is
+/// also the failure's code (so `last_error_code = 401` means a refused key on both transports;
+/// the message names the gRPC status).
+fn classify_grpc_status(code: i32, message: &str, commands: &[Prepared]) -> BatchVerdict {
+    let failure = |text: String| Failure::http(grpc_as_http_status(code), text);
+    match code {
+        grpc_code::INVALID_ARGUMENT | grpc_code::RESOURCE_EXHAUSTED => {
+            refused(failure(format!("request refused: {message} (gRPC status {code})")), commands)
+        }
+        grpc_code::UNAUTHENTICATED | grpc_code::PERMISSION_DENIED => BatchVerdict::RetryAll(failure(format!(
+            "unauthorized: check centrifugo.api_key against Centrifugo's grpc_api.key (gRPC status {code})"
+        ))),
+        grpc_code::UNIMPLEMENTED | grpc_code::NOT_FOUND => BatchVerdict::RetryAll(failure(format!(
+            "API endpoint not found: check that centrifugo.api_url is the address of Centrifugo's grpc_api (gRPC status {code})"
+        ))),
+        _ => BatchVerdict::RetryAll(failure(format!("gRPC status {code}: {message}"))),
+    }
 }
 
 /// Centrifugo's answer to a batch, read only as far as outcomes need (results are skipped).
@@ -296,30 +355,31 @@ struct BatchReply {
     replies: Option<Vec<Reply>>,
 }
 
-/// One reply of a batch: `{"error": {...}}` or `{"<method>": result}`.
-#[derive(Deserialize)]
-struct Reply {
-    error: Option<ErrorBody>,
-    broadcast: Option<BroadcastResult>,
+/// One reply of a batch, as far as outcomes need: `{"error": {...}}` or `{"<method>": result}`
+/// over HTTP, the same fields of the protobuf `Reply` over gRPC.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reply {
+    pub error: Option<ErrorBody>,
+    pub broadcast: Option<BroadcastResult>,
 }
 
-#[derive(Deserialize)]
-struct BroadcastResult {
+#[derive(Debug, Clone, Deserialize)]
+pub struct BroadcastResult {
     #[serde(default)]
-    responses: Vec<ChannelResponse>,
+    pub responses: Vec<ChannelResponse>,
 }
 
-#[derive(Deserialize)]
-struct ChannelResponse {
-    error: Option<ErrorBody>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChannelResponse {
+    pub error: Option<ErrorBody>,
 }
 
-#[derive(Deserialize)]
-struct ErrorBody {
+#[derive(Debug, Clone, Deserialize)]
+pub struct ErrorBody {
     #[serde(default)]
-    code: u32,
+    pub code: u32,
     #[serde(default)]
-    message: String,
+    pub message: String,
 }
 
 impl ErrorBody {

@@ -115,7 +115,15 @@ pub fn node_failure(response: &Response) -> Option<NodeFailure> {
         }
         Response::Transport(_) => Some(NodeFailure::Unknown),
         Response::Http { status, .. } if *status >= 500 => Some(NodeFailure::Unknown),
-        Response::Http { .. } => None,
+        Response::Http { .. } | Response::Replies(_) | Response::Unsendable(_) => None,
+        // Refusals are the node's configuration (as 400, 401, 404 are); any other status is
+        // the node failing (internal, unknown, aborted).
+        Response::Grpc { code, .. } => {
+            use crate::dispatch::grpc_code::*;
+            let refusal =
+                [INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, UNAUTHENTICATED];
+            (!refusal.contains(code)).then_some(NodeFailure::Unknown)
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! Pure logic of centrifugo_outbox, free of PostgreSQL so that `cargo test -p outbox_core` covers
 //! it without a server: the command model and its validation, partition hashing, settings, batch
-//! dispatch and reply classification, the retry policy, and the HTTP client.
+//! dispatch and reply classification, the retry policy, and the HTTP and gRPC clients.
 
 pub mod client;
 pub mod command;
@@ -8,6 +8,8 @@ pub mod consumers;
 pub mod dispatch;
 pub mod endpoints;
 pub mod error;
+#[cfg(feature = "grpc")]
+pub mod grpc;
 pub mod histogram;
 pub mod kafka;
 pub mod partition;

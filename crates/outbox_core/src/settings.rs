@@ -126,8 +126,11 @@ pub fn validate_api_url(url: &str) -> Result<(), String> {
 /// What is wrong with the API base URL `url`, in words that do not repeat it (a list's entry
 /// may be a fragment of a credential).
 pub fn api_url_problem(url: &str) -> Option<String> {
+    if let Some(rest) = url.strip_prefix("grpc://").or_else(|| url.strip_prefix("grpcs://")) {
+        return grpc_url_problem(rest);
+    }
     let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
-        return Some("must start with http:// or https://".into());
+        return Some("must start with http://, https://, grpc:// or grpcs://".into());
     };
     if rest.is_empty() || rest.starts_with('/') {
         return Some("has no host".into());
@@ -135,6 +138,30 @@ pub fn api_url_problem(url: &str) -> Option<String> {
     // The URL the client posts to must parse: a host it cannot read ("http://a b/api", an empty
     // host before a port, a bad IDNA name) must fail the setting, not every request.
     reqwest::Url::parse(&batch_url(url)).err().map(|e| format!("is not a valid URL: {e}"))
+}
+
+/// What is wrong with a gRPC address (`rest` follows `grpc://`): a host and port, nothing else.
+fn grpc_url_problem(rest: &str) -> Option<String> {
+    if !cfg!(feature = "grpc") {
+        return Some("asks for gRPC, which this build does not have (the grpc feature is off)".into());
+    }
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.starts_with(':') {
+        return Some("has no host".into());
+    }
+    if authority.contains('@') {
+        return Some("has credentials, which gRPC does not send: give the key in centrifugo.api_key".into());
+    }
+    if authority.contains(['/', '?', '#']) {
+        return Some(
+            "has a path: a gRPC address is only host:port (Centrifugo's grpc_api port, 10000 by default)".into(),
+        );
+    }
+    match reqwest::Url::parse(&format!("http://{authority}/")) {
+        Err(e) => Some(format!("is not a valid address: {e}")),
+        Ok(parsed) if parsed.host_str().is_none_or(str::is_empty) => Some("has no host".into()),
+        Ok(_) => None,
+    }
 }
 
 /// The `/api/batch` endpoint under the API base URL `api_url`.
@@ -211,5 +238,30 @@ mod tests {
         assert_eq!(compact_json_len(r#"{"a": 1, "b": [1, 2]}"#), r#"{"a":1,"b":[1,2]}"#.len());
         assert_eq!(compact_json_len(r#"{"s": "a b \" c"}"#), r#"{"s":"a b \" c"}"#.len());
         assert_eq!(compact_json_len("\n\t{ }"), 2);
+    }
+}
+
+#[cfg(all(test, feature = "grpc"))]
+mod grpc_tests {
+    use super::api_url_problem;
+
+    #[test]
+    fn a_grpc_address_is_a_host_and_port_only() {
+        for ok in ["grpc://127.0.0.1:10000", "grpcs://centrifugo.internal:10000/", "grpc://[::1]:10000", "grpc://host"]
+        {
+            assert_eq!(api_url_problem(ok), None, "{ok}");
+        }
+        for (bad, problem) in [
+            ("grpc://", "has no host"),
+            ("grpc://:10000", "has no host"),
+            ("grpc://h:10000/api", "has a path"),
+            ("grpc://h:1?x=1", "has a path"),
+            ("grpc://u:secret@h:1", "has credentials"),
+            ("grpc://h:99999", "not a valid address"),
+            ("grpc://a b:1", "not a valid address"),
+        ] {
+            let got = api_url_problem(bad).unwrap_or_default();
+            assert!(got.contains(problem) && !got.contains("secret"), "{bad}: {got}");
+        }
     }
 }

@@ -1,0 +1,68 @@
+//! Generates the gRPC client and message types of Centrifugo's server API from
+//! `proto/centrifugo/api.proto` (see proto/centrifugo/README.md), when the `grpc` feature is on.
+
+fn main() {
+    println!("cargo:rerun-if-changed=proto/centrifugo/api.proto");
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "grpc")]
+    grpc::generate();
+}
+
+#[cfg(feature = "grpc")]
+mod grpc {
+    /// Request fields that carry JSON as raw bytes (Centrifugo's `Raw` type): over HTTP they are
+    /// JSON values written in place, over gRPC those values' text as bytes.
+    const RAW_JSON_FIELDS: &[&str] = &[
+        "PublishRequest.data",
+        "BroadcastRequest.data",
+        "SubscribeRequest.info",
+        "SubscribeRequest.data",
+        "RefreshRequest.info",
+    ];
+
+    /// The request messages an outbox command can hold, and the messages inside them: these
+    /// are read from a command's JSON payload as Centrifugo's HTTP API reads them.
+    const FROM_JSON: &[&str] = &[
+        "PublishRequest",
+        "BroadcastRequest",
+        "SubscribeRequest",
+        "UnsubscribeRequest",
+        "DisconnectRequest",
+        "RefreshRequest",
+        "HistoryRemoveRequest",
+        "Disconnect",
+        "StreamPosition",
+        "SubscribeOptionOverride",
+        "BoolValue",
+        "FilterNode",
+    ];
+
+    pub fn generate() {
+        let package = ".centrifugal.centrifugo.api";
+        let descriptors =
+            protox::compile(["proto/centrifugo/api.proto"], ["proto"]).expect("proto/centrifugo/api.proto compiles");
+        let mut config = tonic_prost_build::configure().build_server(false).build_transport(false);
+        for message in FROM_JSON {
+            config = config
+                .type_attribute(format!("{package}.{message}"), "#[derive(serde::Deserialize)] #[serde(default)]");
+        }
+        // Every field of those messages: a JSON null is the field's zero value (as Go reads it),
+        // except raw JSON fields, whose text (even `null`) is kept.
+        for message in descriptors.file.iter().flat_map(|f| f.message_type.iter()) {
+            let name = message.name();
+            if !FROM_JSON.contains(&name) {
+                continue;
+            }
+            for field in &message.field {
+                let path = format!("{package}.{name}.{}", field.name());
+                let with = if RAW_JSON_FIELDS.contains(&format!("{name}.{}", field.name()).as_str()) {
+                    "crate::grpc::raw_json"
+                } else {
+                    "crate::grpc::null_as_default"
+                };
+                config = config.field_attribute(path, format!("#[serde(deserialize_with = \"{with}\")]"));
+            }
+        }
+        config.compile_fds(descriptors).expect("generating the gRPC client");
+    }
+}
