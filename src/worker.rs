@@ -673,8 +673,10 @@ impl Worker {
                 }
                 let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
                 let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
+                let snapshot = RoundSnapshot::take();
                 let reader = BatchReader {
                     statements: table_statements,
+                    snapshot: &snapshot,
                     client,
                     partition,
                     limit,
@@ -712,7 +714,7 @@ impl Worker {
                 let mut batch = reader.read(spi, i64::MIN, budget)?;
                 let round = loop {
                     if batch.rows.is_empty() {
-                        break Round::Drained;
+                        break if batch.deferred { Round::Full } else { Round::Drained };
                     }
                     let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
                     let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
@@ -902,7 +904,8 @@ impl Statements {
                 .prepare_mut(
                     &format!(
                         "{marker}SELECT id, method, payload::pg_catalog.text,
-                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at
+                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at,
+                                xmin::pg_catalog.text::pg_catalog.int8
                          FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
                     ),
                     &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
@@ -948,6 +951,8 @@ struct Batch {
     body: outbox_core::client::Body,
     /// The limit was reached: the partition may have more.
     full: bool,
+    /// Rows were left for the next round (committed after the round's snapshot).
+    deferred: bool,
 }
 
 impl Batch {
@@ -970,6 +975,8 @@ impl Batch {
 
 struct BatchReader<'s> {
     statements: &'s TableStatements,
+    /// What the round may send: rows committed before it began (see [`RoundSnapshot`]).
+    snapshot: &'s RoundSnapshot,
     /// Makes each batch's request while the previous one is in flight.
     client: &'s CentrifugoClient,
     partition: i32,
@@ -985,6 +992,37 @@ struct BatchReader<'s> {
     max_command_size: i32,
 }
 
+/// The snapshot a round takes once it holds the partition's lock: every read of the round sends
+/// only rows it sees. Each read runs with a fresh snapshot (it must see what was committed before
+/// the lock), so without this a read ahead could see a transaction that committed after the
+/// previous read (a low id, skipped since the reads go on from the last id) together with a
+/// later transaction of the same writer (a higher id), and send the later one first.
+struct RoundSnapshot(pg_sys::Snapshot);
+
+impl RoundSnapshot {
+    fn take() -> Self {
+        // SAFETY: inside the round's transaction; registered with its resource owner, so an
+        // ERROR releases it with the transaction, and unregistered by `drop` otherwise.
+        RoundSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot()) })
+    }
+
+    /// Whether a committed row with `xmin` is visible to the snapshot.
+    fn sees(&self, xmin: u32) -> bool {
+        // SAFETY: the snapshot is registered for as long as `self` lives.
+        !unsafe { pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xmin), self.0) }
+    }
+}
+
+impl Drop for RoundSnapshot {
+    fn drop(&mut self) {
+        // During an ERROR's unwinding the transaction's abort releases it instead.
+        if !std::thread::panicking() {
+            // SAFETY: registered by `take`, unregistered once.
+            unsafe { pg_sys::UnregisterSnapshot(self.0) };
+        }
+    }
+}
+
 /// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
 const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
@@ -997,6 +1035,7 @@ impl BatchReader<'_> {
         // (a row's text is made only when it is fetched; at most one fetch goes past it), and
         // the first row always comes, however large.
         let mut rows_per_fetch: libc::c_long = 16;
+        let (mut fetched, mut deferred) = (0i64, false);
         let (rows, over_budget) =
             as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
                 let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
@@ -1006,12 +1045,22 @@ impl BatchReader<'_> {
                     if chunk.is_empty() {
                         return Ok((rows, false));
                     }
+                    fetched += chunk.len() as i64;
                     // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
                     let average = bytes / (rows.len() as i64).max(1);
                     if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
                         rows_per_fetch = (rows_per_fetch * 2).min(1024);
                     }
                     for row in chunk {
+                        // A row committed after the round began waits for the next round,
+                        // which reads the partition from its start: were it sent now, a row
+                        // of an earlier transaction with a lower id, invisible to the round's
+                        // first read, would go after it.
+                        let xmin = row.get::<i64>(7)?.unwrap_or(0);
+                        if !self.snapshot.sees(xmin as u32) {
+                            deferred = true;
+                            continue;
+                        }
                         let row = Self::row(&row)?;
                         let size = row.payload.len() as i64;
                         if !rows.is_empty() && bytes + size > budget {
@@ -1023,8 +1072,9 @@ impl BatchReader<'_> {
                 }
             })?;
         let mut batch = Batch {
-            // The limit was reached, or the budget left rows behind: there may be more.
-            full: over_budget || rows.len() as i64 >= i64::from(self.limit),
+            // The limit was reached, or the budget or the snapshot left rows behind: there may be more.
+            full: over_budget || deferred || fetched >= i64::from(self.limit),
+            deferred,
             outcomes: Vec::with_capacity(rows.len()),
             sendable: Vec::with_capacity(rows.len()),
             commands: Vec::with_capacity(rows.len()),

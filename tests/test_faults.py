@@ -5,6 +5,7 @@ resets, partial broadcast failures and final errors (dead letters that do not bl
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 
@@ -277,3 +278,37 @@ def test_unauthorized_is_retried_not_dead_lettered(double_cluster):
     assert "check centrifugo.api_key" in pg.log()
     assert all(r["key"] == "double-key" for r in double.requests)
     assert "double-key" not in pg.log()
+
+
+def test_a_writers_transaction_that_commits_while_a_round_reads_ahead_keeps_its_order(double_cluster):
+    """Writer A's first transaction (low id) is still open when the worker reads a batch; it
+    commits while that batch is in flight, and A's next transaction (higher id) commits right
+    after. A read ahead in the same round sees both, but must not send A's second command before
+    its first: Centrifugo's consumer, which reads from the partition's start every time, never does."""
+    pg, double = double_cluster(partition_select_limit=10)
+    channel = f"chat:gap{uid()}"
+    in_flight = threading.Event()
+
+    def script(request):
+        commands = request["body"]["commands"]
+        if not in_flight.is_set() and any(c.get("publish", {}).get("data") == {"f": 1} for c in commands):
+            in_flight.set()
+            # Within the round's 50 ms, long enough for writer A's two commits.
+            return ("delay", 0.03, ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode()))
+        return ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+
+    double.script = script
+    with pg.connect(autocommit=False) as writer_a:
+        writer_a.execute("SELECT centrifugo_publish(%s, '{\"a\": 0}', partition => 0)", (channel,))
+        # Twenty rows after A's open one: the first batch is in flight, the second read ahead.
+        pg.sql("SELECT centrifugo_publish(%s, jsonb_build_object('f', g), partition => 0) "
+               "FROM generate_series(1, 20) g", (channel,))
+        assert in_flight.wait(10), "the first batch never came"
+        writer_a.commit()
+        writer_a.execute("SELECT centrifugo_publish(%s, '{\"a\": 1}', partition => 0)", (channel,))
+        writer_a.commit()
+    wait_until(lambda: outbox_count(pg) == 0, 10,
+               what="an empty outbox")
+    sent = [payload["data"] for method, payload in double.commands() if payload.get("channel") == channel]
+    a = [d["a"] for d in sent if "a" in d]
+    assert a == [0, 1], f"writer A's commands were sent as {a}: {sent}"
