@@ -689,6 +689,7 @@ impl Worker {
                 };
                 // What one batch may hold, the next one read ahead included.
                 let budget = gucs::batch_max_bytes();
+                let budget = client.batch_bytes_cap(limit as usize).map_or(budget, |cap| budget.min(cap));
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();

@@ -174,7 +174,9 @@ def test_concurrent_writers_each_keep_their_own_order_per_partition(outbox, cent
             got = [(d.data["w"], d.data["s"]) for d in sub.publications(channel)]
             for w in range(writers):
                 seqs = [s for (ww, s) in got if ww == w]
-                assert seqs == list(range(len(seqs))), f"partition {p} writer {w}: out of order or missing"
+                assert seqs == list(range(len(seqs))), (
+                    f"partition {p} writer {w}: out of order or missing: "
+                    f"{[(i, s) for i, s in enumerate(seqs) if s != i][:10]}, {len(seqs)} received")
             assert len(got) == len(set(got)), f"partition {p}: duplicates"
         assert sum(len(sub.publications(c)) for c in channels) == total
         assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0

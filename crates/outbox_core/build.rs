@@ -48,21 +48,36 @@ mod grpc {
         }
         // Every field of those messages: a JSON null is the field's zero value (as Go reads it),
         // except raw JSON fields, whose text (even `null`) is kept.
+        // The field names of each of those messages, for reading JSON keys as Go does.
+        let mut fields = String::from(
+            "/// The JSON field names of the request messages.\npub const FIELDS: &[(&str, &[&str])] = &[\n",
+        );
         for message in descriptors.file.iter().flat_map(|f| f.message_type.iter()) {
             let name = message.name();
             if !FROM_JSON.contains(&name) {
                 continue;
             }
+            let names: Vec<String> = message.field.iter().map(|f| format!("{:?}", f.name())).collect();
+            fields.push_str(&format!("    ({name:?}, &[{}]),\n", names.join(", ")));
             for field in &message.field {
                 let path = format!("{package}.{name}.{}", field.name());
+                let repeated = field.label() == prost_types::field_descriptor_proto::Label::Repeated;
+                let is_map = repeated && field.type_name().ends_with("Entry");
                 let with = if RAW_JSON_FIELDS.contains(&format!("{name}.{}", field.name()).as_str()) {
                     "crate::grpc::raw_json"
+                } else if is_map {
+                    "crate::grpc::string_map"
+                } else if repeated && field.r#type() == prost_types::field_descriptor_proto::Type::String {
+                    "crate::grpc::strings"
                 } else {
                     "crate::grpc::null_as_default"
                 };
                 config = config.field_attribute(path, format!("#[serde(deserialize_with = \"{with}\")]"));
             }
         }
+        fields.push_str("];\n");
+        let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+        std::fs::write(out.join("request_fields.rs"), fields).expect("writing request_fields.rs");
         config.compile_fds(descriptors).expect("generating the gRPC client");
     }
 }

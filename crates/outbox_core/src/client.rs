@@ -93,6 +93,9 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// What a reply not awaited because the worker stops becomes: nothing is known to have run.
 pub const STOPPING: &str = "not awaited: the worker is stopping";
 
+/// What a request made for the other transport becomes (nothing was sent).
+const MISMATCHED_BODY: &str = "connect failed: request made for another transport, sent again next round";
+
 /// How a transport failure that never reached the server begins (no connection could be made).
 pub const CONNECT_FAILED: &str = "connect failed";
 
@@ -259,6 +262,22 @@ impl CentrifugoClient {
         }
     }
 
+    /// The most payload text one batch of `commands` commands may carry over this transport
+    /// (None: no limit of its own). Centrifugo's gRPC server refuses messages over 4 MiB by
+    /// default; HTTP has no such limit.
+    #[cfg_attr(not(feature = "grpc"), allow(unused_variables))]
+    pub fn batch_bytes_cap(&self, commands: usize) -> Option<i64> {
+        match &self.transport {
+            Transport::Http { .. } => None,
+            #[cfg(feature = "grpc")]
+            Transport::Grpc(_) => Some(
+                crate::grpc::DEFAULT_MAX_MESSAGE
+                    .saturating_sub(crate::grpc::PER_COMMAND_OVERHEAD * commands)
+                    .max(1 << 20) as i64,
+            ),
+        }
+    }
+
     /// [`Self::start_batch`] with the request already made by [`Self::body`], sent to the
     /// endpoint in use.
     pub fn start_body(&self, body: Body) -> InFlight<'_> {
@@ -392,8 +411,10 @@ impl CentrifugoClient {
             (Transport::Grpc(grpc), Body::Grpc(request)) => {
                 self.runtime.spawn(grpc.call(endpoint, request, timeout, api_key))
             }
-            #[cfg(feature = "grpc")]
-            (_, _) => unreachable!("a body is made by the client that sends it"),
+            // A body made by a client of the other transport (never today: a round keeps its
+            // client): nothing is sent, the commands are retried.
+            #[allow(unreachable_patterns)]
+            (_, _) => self.runtime.spawn(async { Response::Transport(MISMATCHED_BODY.into()) }),
         };
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
@@ -477,7 +498,10 @@ impl CentrifugoClient {
                 .start_at_within(endpoint, self.body(commands), deadline.saturating_duration_since(Instant::now()))
                 .wait();
         }
-        if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
+        if matches!(&response, Response::Unsendable(_)) {
+            // Nothing was sent: no request to count, nothing learned about the node.
+            *batches -= 1;
+        } else if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
             self.failover.borrow_mut().answered(endpoint, Instant::now());
         }
         let tried = tried.iter().filter(|t| **t).count();

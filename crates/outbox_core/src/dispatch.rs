@@ -227,6 +227,11 @@ pub enum Response {
     Transport(String),
 }
 
+/// Whether a RESOURCE_EXHAUSTED status is grpc-go's refusal of a message over its size limit.
+pub fn is_too_large(message: &str) -> bool {
+    message.contains("larger than max")
+}
+
 /// The HTTP status that means what gRPC status `code` means, where there is one.
 pub fn grpc_as_http_status(code: i32) -> Option<u16> {
     use grpc_code::*;
@@ -335,9 +340,21 @@ fn classify_replies(replies: Vec<Reply>, commands: &[Prepared], status: u16) -> 
 fn classify_grpc_status(code: i32, message: &str, commands: &[Prepared]) -> BatchVerdict {
     let failure = |text: String| Failure::http(grpc_as_http_status(code), text);
     match code {
-        grpc_code::INVALID_ARGUMENT | grpc_code::RESOURCE_EXHAUSTED => {
+        grpc_code::INVALID_ARGUMENT => {
             refused(failure(format!("request refused: {message} (gRPC status {code})")), commands)
         }
+        // The server's message size limit; any other exhaustion (a quota, a rate limiter in
+        // front of it) is temporary, as HTTP 429 is.
+        grpc_code::RESOURCE_EXHAUSTED if is_too_large(message) => refused(
+            failure(format!(
+                "request refused: {message} (gRPC status {code}; a single command this large needs Centrifugo's grpc_api.max_receive_message_size raised)"
+            )),
+            commands,
+        ),
+        grpc_code::RESOURCE_EXHAUSTED => BatchVerdict::RetryAll(Failure::http(
+            Some(429),
+            format!("too many requests: {message} (gRPC status {code})"),
+        )),
         grpc_code::UNAUTHENTICATED | grpc_code::PERMISSION_DENIED => BatchVerdict::RetryAll(failure(format!(
             "unauthorized: check centrifugo.api_key against Centrifugo's grpc_api.key (gRPC status {code})"
         ))),

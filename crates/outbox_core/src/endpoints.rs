@@ -116,8 +116,8 @@ pub fn node_failure(response: &Response) -> Option<NodeFailure> {
         Response::Transport(_) => Some(NodeFailure::Unknown),
         Response::Http { status, .. } if *status >= 500 => Some(NodeFailure::Unknown),
         Response::Http { .. } | Response::Replies(_) | Response::Unsendable(_) => None,
-        // Refusals are the node's configuration (as 400, 401, 404 are); any other status is
-        // the node failing (internal, unknown, aborted).
+        // Refusals are the node's configuration (as 400, 401, 404 are) and exhaustion is
+        // pushback (as 429 is); any other status is the node failing (internal, unknown, aborted).
         Response::Grpc { code, .. } => {
             use crate::dispatch::grpc_code::*;
             let refusal =

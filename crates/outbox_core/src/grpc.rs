@@ -26,6 +26,17 @@ pub mod proto {
 
 use proto::centrifugo_api_client::CentrifugoApiClient;
 
+include!(concat!(env!("OUT_DIR"), "/request_fields.rs"));
+
+/// What Centrifugo's gRPC server accepts by default (grpc-go's limit, `grpc_api.max_receive_message_size`).
+pub const DEFAULT_MAX_MESSAGE: usize = 4 << 20;
+
+/// The gRPC framing and idempotency key a row adds to a batch, beyond its payload text.
+pub const PER_COMMAND_OVERHEAD: usize = 128;
+
+/// How much of a reply is read (replies are small; a broadcast to many channels answers per channel).
+const MAX_REPLY: usize = 1 << 30;
+
 /// A raw JSON field (Centrifugo's `Raw`): the value's text, as bytes.
 pub(crate) fn raw_json<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
     <&'de RawValue>::deserialize(d).map(|raw| raw.get().as_bytes().to_vec())
@@ -36,21 +47,107 @@ pub(crate) fn null_as_default<'de, D: Deserializer<'de>, T: Deserialize<'de> + D
     Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
+/// A list of strings; a `null` element is an empty string, as in Go.
+pub(crate) fn strings<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Option::<Vec<Option<String>>>::deserialize(d)?.unwrap_or_default();
+    Ok(list.into_iter().map(Option::unwrap_or_default).collect())
+}
+
+/// A map of strings; a `null` value is an empty string, as in Go.
+pub(crate) fn string_map<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::HashMap<String, String>, D::Error> {
+    let map = Option::<std::collections::HashMap<String, Option<String>>>::deserialize(d)?.unwrap_or_default();
+    Ok(map.into_iter().map(|(k, v)| (k, v.unwrap_or_default())).collect())
+}
+
+/// The keys of a JSON object in order, duplicates kept.
+struct Entries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Entries<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Entries<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry::<String, &'de RawValue>()? {
+                    entries.push(entry);
+                }
+                Ok(Entries(entries))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// `payload` with its keys as Go's `encoding/json` matches them to the fields of `message`: an
+/// exact name, else the same name in another case; a later key for the same field wins; keys
+/// of no field are dropped.
+fn go_keys(payload: &str, message: &str) -> Result<String, String> {
+    let fields = FIELDS.iter().find(|(m, _)| *m == message).map_or(&[][..], |(_, f)| *f);
+    let Entries(entries) =
+        serde_json::from_str(payload).map_err(|e| short(format!("payload is not a JSON object: {e}")))?;
+    let mut chosen: Vec<Option<&RawValue>> = vec![None; fields.len()];
+    for (key, value) in entries {
+        let field =
+            fields.iter().position(|f| *f == key).or_else(|| fields.iter().position(|f| f.eq_ignore_ascii_case(&key)));
+        if let Some(i) = field {
+            chosen[i] = Some(value);
+        }
+    }
+    let mut out = String::with_capacity(payload.len());
+    out.push('{');
+    for (name, value) in fields.iter().zip(chosen) {
+        if let Some(value) = value {
+            if out.len() > 1 {
+                out.push(',');
+            }
+            out.push('"');
+            out.push_str(name);
+            out.push_str("\":");
+            out.push_str(value.get());
+        }
+    }
+    out.push('}');
+    Ok(out)
+}
+
+/// At most 200 bytes of `text` (a reason stored with a dead letter and logged: a rejected
+/// value may be large).
+fn short(mut text: String) -> String {
+    if text.len() > 200 {
+        let mut end = 200;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
 /// `command` as a protobuf `Command`; an error says why Centrifugo would refuse its JSON.
 pub fn command(command: &Prepared) -> Result<proto::Command, String> {
-    fn read<'a, T: Deserialize<'a>>(payload: &'a str) -> Result<Option<T>, String> {
-        serde_json::from_str(payload).map(Some).map_err(|e| format!("payload not valid for Centrifugo's API: {e}"))
+    fn read<T: for<'a> Deserialize<'a>>(payload: &str, message: &str) -> Result<Option<T>, String> {
+        let payload = go_keys(payload, message)?;
+        serde_json::from_str(&payload)
+            .map(Some)
+            .map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
     }
     let payload = command.payload.as_str();
     let mut out = proto::Command::default();
     match command.method {
-        Method::Publish => out.publish = read(payload)?,
-        Method::Broadcast => out.broadcast = read(payload)?,
-        Method::Subscribe => out.subscribe = read(payload)?,
-        Method::Unsubscribe => out.unsubscribe = read(payload)?,
-        Method::Disconnect => out.disconnect = read(payload)?,
-        Method::Refresh => out.refresh = read(payload)?,
-        Method::HistoryRemove => out.history_remove = read(payload)?,
+        Method::Publish => out.publish = read(payload, "PublishRequest")?,
+        Method::Broadcast => out.broadcast = read(payload, "BroadcastRequest")?,
+        Method::Subscribe => out.subscribe = read(payload, "SubscribeRequest")?,
+        Method::Unsubscribe => out.unsubscribe = read(payload, "UnsubscribeRequest")?,
+        Method::Disconnect => out.disconnect = read(payload, "DisconnectRequest")?,
+        Method::Refresh => out.refresh = read(payload, "RefreshRequest")?,
+        Method::HistoryRemove => out.history_remove = read(payload, "HistoryRemoveRequest")?,
     }
     Ok(out)
 }
@@ -97,6 +194,13 @@ pub fn status_response(status: &tonic::Status, secret: &str) -> Response {
         source = s.source();
     }
     let detail = crate::dispatch::scrub(&detail, &[secret]);
+    // Not a gRPC server's answer: a proxy's plain HTTP response, which tonic reports as a status
+    // "mapped from HTTP status code N". Read it as the HTTP transport reads that status.
+    if let Some(code) = status.message().split("mapped from HTTP status code ").nth(1) {
+        if let Ok(http) = code.trim().parse::<u16>() {
+            return Response::Http { status: http, body: detail.into_bytes() };
+        }
+    }
     match status.code() {
         // No answer from Centrifugo itself: the channel could not connect or lost the connection.
         Code::Unavailable if connect => Response::Transport(format!("{CONNECT_FAILED}: {detail}")),
@@ -165,7 +269,7 @@ impl GrpcTransport {
                 .map_err(|e| format!("centrifugo.api_url: TLS for {}: {e}", crate::endpoints::display_url(url)))?;
             }
             // Replies may be large (a batch of broadcasts answers per channel).
-            clients.push(CentrifugoApiClient::new(endpoint.connect_lazy()).max_decoding_message_size(64 << 20));
+            clients.push(CentrifugoApiClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY));
         }
         Ok(GrpcTransport { clients, authorization })
     }
@@ -204,7 +308,8 @@ fn tls_config(config: &ClientConfig) -> Result<Option<(ClientTlsConfig, bool)>, 
     } else {
         let pem = std::fs::read(&config.tls_root_ca)
             .map_err(|e| format!("centrifugo.http_tls_root_ca: cannot read {}: {e}", config.tls_root_ca))?;
-        tls = tls.ca_certificate(Certificate::from_pem(pem));
+        // Added to the system's roots, as over HTTPS.
+        tls = tls.with_native_roots().ca_certificate(Certificate::from_pem(pem));
     }
     match (config.tls_cert.is_empty(), config.tls_key.is_empty()) {
         (true, true) => {}
@@ -307,7 +412,7 @@ mod tests {
             ("history_remove", r#"{"channel":"c"}"#),
         ] {
             let c = command(&prepared(method, payload)).unwrap();
-            assert_eq!(c.encoded_len() > 0, true, "{method}");
+            assert!(c.encoded_len() > 0, "{method}");
         }
     }
 
@@ -332,6 +437,32 @@ mod tests {
             matches!(&verdict, BatchVerdict::PerCommand(o) if matches!(&o[0], Outcome::DeadLetter { failure, .. } if failure.code == Some(400))),
             "{verdict:?}"
         );
+    }
+
+    #[test]
+    fn keys_are_matched_as_go_matches_them() {
+        // Another case matches; a later key for the same field wins; unknown keys are dropped.
+        let p = command(&prepared("publish", r#"{"Channel":"a","DATA":1,"channel":"b","x":{"y":[1]}}"#))
+            .unwrap()
+            .publish
+            .unwrap();
+        assert_eq!((p.channel.as_str(), p.data.as_slice()), ("b", &b"1"[..]));
+        // (As a row's text is sent: `prepare` of a parsed object may order its keys.)
+        let raw = Prepared { method: Method::Publish, payload: r#"{"channel":"a","data":1,"Channel":"c"}"#.into() };
+        let p = command(&raw).unwrap().publish.unwrap();
+        assert_eq!(p.channel, "c");
+        // Null elements are zero values, as in Go.
+        let b = command(&prepared("broadcast", r#"{"channels":["a",null],"data":1,"tags":{"k":null}}"#))
+            .unwrap()
+            .broadcast
+            .unwrap();
+        assert_eq!(b.channels, vec!["a".to_owned(), String::new()]);
+        assert_eq!(b.tags.get("k").map(String::as_str), Some(""));
+        // A rejected value is not copied whole into the reason.
+        let long = "z".repeat(10_000);
+        let e =
+            command(&prepared("publish", &format!(r#"{{"channel":"a","data":1,"version":"{long}"}}"#))).unwrap_err();
+        assert!(e.len() < 300, "{}", e.len());
     }
 
     #[test]
@@ -392,7 +523,19 @@ mod tests {
         assert!(message.contains("grpc_api.key") && !message.contains("the-secret-key"), "{message}");
         assert_eq!(retry_code(verdict(tonic::Status::unimplemented("no"), 1)).0, Some(404));
         assert_eq!(retry_code(verdict(tonic::Status::internal("boom"), 1)).0, Some(500));
-        assert!(matches!(verdict(tonic::Status::resource_exhausted("too big"), 2), BatchVerdict::SplitAndResend(_)));
+        let too_large =
+            || tonic::Status::resource_exhausted("grpc: received message larger than max (5000000 vs. 4194304)");
+        assert!(matches!(verdict(too_large(), 2), BatchVerdict::SplitAndResend(_)));
+        // Exhaustion that is not the size limit (a quota, a rate limiter) is pushback: retried,
+        // never dead-lettered, and not the node failing.
+        let quota = || tonic::Status::resource_exhausted("rate limited");
+        assert_eq!(retry_code(verdict(quota(), 1)).0, Some(429));
+        // A proxy's plain HTTP answer reads as that HTTP status (413: split; 503: the node failing).
+        let proxied = |code: u16| {
+            tonic::Status::unknown(format!("grpc-status header missing, mapped from HTTP status code {code}"))
+        };
+        assert!(matches!(verdict(proxied(413), 2), BatchVerdict::SplitAndResend(_)));
+        assert_eq!(retry_code(verdict(proxied(503), 1)).0, Some(503));
         let timeout = status_response(&tonic::Status::deadline_exceeded("late"), "");
         assert!(matches!(&timeout, Response::Transport(m) if m.starts_with("timeout")), "{timeout:?}");
         let tonic_timeout = status_response(&tonic::Status::cancelled(tonic::TimeoutExpired(()).to_string()), "");
@@ -402,6 +545,9 @@ mod tests {
         assert_eq!(node_failure(&status_response(&tonic::Status::unauthenticated(""), "")), None);
         assert_eq!(node_failure(&status_response(&tonic::Status::internal(""), "")), Some(NodeFailure::Unknown));
         assert_eq!(node_failure(&timeout), Some(NodeFailure::Unknown));
+        assert_eq!(node_failure(&status_response(&too_large(), "")), None);
+        assert_eq!(node_failure(&status_response(&quota(), "")), None);
+        assert_eq!(node_failure(&status_response(&proxied(502), "")), Some(NodeFailure::Unknown));
     }
 
     #[test]

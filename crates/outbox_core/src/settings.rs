@@ -158,10 +158,19 @@ fn grpc_url_problem(rest: &str) -> Option<String> {
         );
     }
     match reqwest::Url::parse(&format!("http://{authority}/")) {
-        Err(e) => Some(format!("is not a valid address: {e}")),
-        Ok(parsed) if parsed.host_str().is_none_or(str::is_empty) => Some("has no host".into()),
-        Ok(_) => None,
+        Err(e) => return Some(format!("is not a valid address: {e}")),
+        Ok(parsed) if parsed.host_str().is_none_or(str::is_empty) => return Some("has no host".into()),
+        Ok(parsed) if parsed.port().is_none() => {
+            return Some("has no port: give Centrifugo's grpc_api port (10000 by default)".into())
+        }
+        Ok(_) => {}
     }
+    // What the gRPC client will parse: a host it cannot read fails the setting, not the worker.
+    #[cfg(feature = "grpc")]
+    if let Err(e) = tonic::transport::Endpoint::from_shared(format!("http://{authority}")) {
+        return Some(format!("is not a valid address: {e}"));
+    }
+    None
 }
 
 /// The `/api/batch` endpoint under the API base URL `api_url`.
@@ -247,8 +256,7 @@ mod grpc_tests {
 
     #[test]
     fn a_grpc_address_is_a_host_and_port_only() {
-        for ok in ["grpc://127.0.0.1:10000", "grpcs://centrifugo.internal:10000/", "grpc://[::1]:10000", "grpc://host"]
-        {
+        for ok in ["grpc://127.0.0.1:10000", "grpcs://centrifugo.internal:10000/", "grpc://[::1]:10000"] {
             assert_eq!(api_url_problem(ok), None, "{ok}");
         }
         for (bad, problem) in [
@@ -259,6 +267,8 @@ mod grpc_tests {
             ("grpc://u:secret@h:1", "has credentials"),
             ("grpc://h:99999", "not a valid address"),
             ("grpc://a b:1", "not a valid address"),
+            ("grpc://host", "has no port"),
+            ("grpcs://bücher.de:10000", "not a valid address"),
         ] {
             let got = api_url_problem(bad).unwrap_or_default();
             assert!(got.contains(problem) && !got.contains("secret"), "{bad}: {got}");
