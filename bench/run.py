@@ -1,16 +1,25 @@
 """Benchmarks: centrifugo_outbox workers against Centrifugo's own PostgreSQL consumer, on this
 machine, with the same real Centrifugo, the same outbox table shape and the same commands.
 
+Sides: ours over HTTP (`/api/batch`), ours over gRPC (the `Batch` RPC), Centrifugo's built-in
+PostgreSQL consumer, and the per-command baseline (ours with `strict_order = on`: one command per
+request, what a hand-written relay does).
+
 1. Drain throughput: N publish commands are committed to the outbox in one transaction while
    the drainer is already running (idle); we time from that COMMIT until the outbox is empty, and
-   count the machine's CPU time spent meanwhile. Both layouts: all processes sharing all cores,
-   and PostgreSQL / Centrifugo pinned to a core each (as on separate hosts).
-2. Commit → delivery latency: one publish per transaction, timed from COMMIT returning to a real
-   WebSocket subscriber receiving it (p50/p95/p99 over the samples).
+   count the CPU time spent meanwhile by Centrifugo, by PostgreSQL (workers and backends) and by
+   the rest of the machine. Both layouts: all processes sharing all cores, and PostgreSQL /
+   Centrifugo pinned to a core each (as on separate hosts). Runs are paired (every side back to
+   back, `--repeat` times) and ratios are medians of the ratios within a pair.
+2. Commit → delivery latency at a steady rate (`--rate`, 1 000 commands/s by default): one
+   publish per transaction, timed from COMMIT returning to a real WebSocket subscriber receiving
+   it; p50/p95/p99 and every sample (for the CDF plot).
+3. Kafka → Centrifugo through the bridge.
 
-Usage: python3 bench/run.py [--rows 200000] [--repeat 3] [--samples 200] [--partitions 1,4]
-                            [--limits 100,1000] [--layouts shared,split] [--skip kafka,latency]
-Writes bench/results.json; bench/REPORT.md quotes a run."""
+Usage: python3 bench/run.py [--rows 100000] [--repeat 3] [--partitions 1,4,8] [--limits 100,1000]
+                            [--layouts shared,split] [--sides http,grpc,builtin,per_command]
+                            [--rate 1000] [--seconds 10] [--skip throughput,kafka,latency]
+Writes bench/results.json; bench/plot.py draws bench/*.png from it; bench/REPORT.md quotes a run."""
 
 import argparse
 import json
@@ -80,6 +89,51 @@ def busy_cpu_seconds():
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def process_cpu_seconds(pid):
+    """user + system CPU time of a process (all its threads), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_pids(pg):
+    """The postmaster and its children (workers, backends, background processes)."""
+    with open(os.path.join(pg.data, "postmaster.pid")) as f:
+        postmaster = int(f.readline())
+    pids = [postmaster]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if ppid == postmaster:
+                pids.append(int(pid))
+    return pids
+
+
+def cpu_snapshot(pg, centrifugo_pid):
+    """CPU seconds so far: the machine, Centrifugo, PostgreSQL (per pid: a process that exits
+    between two snapshots takes its time with it, so the pids of the first are read again)."""
+    return {"machine": busy_cpu_seconds(), "centrifugo": process_cpu_seconds(centrifugo_pid),
+            "postgres": {pid: process_cpu_seconds(pid) for pid in cluster_pids(pg)}}
+
+
+def cpu_split(before, after, rows):
+    """CPU seconds per 100 000 commands between two snapshots, by process group."""
+    postgres = sum(after["postgres"].get(pid, t) - t for pid, t in before["postgres"].items())
+    postgres += sum(t for pid, t in after["postgres"].items() if pid not in before["postgres"])
+    machine = after["machine"] - before["machine"]
+    centrifugo = after["centrifugo"] - before["centrifugo"]
+    per = 100000 / rows
+    return {"machine": round(machine * per, 3), "centrifugo": round(centrifugo * per, 3),
+            "postgres": round(postgres * per, 3), "rest": round(max(machine - centrifugo - postgres, 0) * per, 3)}
+
+
 def pin(pid, cpus):
     """Pins every thread of a process (threads and children made later inherit it)."""
     try:
@@ -119,20 +173,22 @@ def apply_layout(layout, pg, centrifugo):
         os.sched_setaffinity(0, set(range(os.cpu_count())))
 
 
-def timed_drain(pg, rows):
+def timed_drain(pg, rows, centrifugo_pid):
     start, ids = release_backlog(pg)
-    cpu0 = busy_cpu_seconds()  # after the (CPU-heavy) release; a few ms of draining are not counted
+    before = cpu_snapshot(pg, centrifugo_pid)  # after the (CPU-heavy) release; a few ms of draining are not counted
     wait_empty(pg, ids)
     elapsed = time.monotonic() - start
-    cpu = busy_cpu_seconds() - cpu0
-    return {"seconds": round(elapsed, 3), "per_second": round(rows / elapsed),
-            "cpu_seconds_per_100k": round(cpu * 100000 / rows, 2)}
+    cpu = cpu_split(before, cpu_snapshot(pg, centrifugo_pid), rows)
+    return {"rows": rows, "seconds": round(elapsed, 3), "per_second": round(rows / elapsed), "cpu_per_100k": cpu}
 
 
-def ours_throughput(rows, partitions, limit=100, layout="shared"):
+def ours_throughput(rows, partitions, limit=100, layout="shared", transport="http", strict=False):
     centrifugo = Centrifugo().start()
-    pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key,
-                    "centrifugo.num_partitions": partitions, "centrifugo.partition_select_limit": limit},
+    pg = PgCluster({"centrifugo.api_url": centrifugo.endpoint(transport), "centrifugo.api_key": centrifugo.api_key,
+                    "centrifugo.num_partitions": partitions, "centrifugo.partition_select_limit": limit,
+                    "centrifugo.strict_order": "on" if strict else "off",
+                    # One worker per partition, on top of PostgreSQL's own background workers.
+                    "max_worker_processes": partitions + 8},
                    name="bench").init()
     try:
         pg.start()
@@ -140,7 +196,7 @@ def ours_throughput(rows, partitions, limit=100, layout="shared"):
         pg.sql("SELECT centrifugo_wait_until_running('30 seconds')")
         pg.sql(STAGE, {"p": partitions, "n": rows})
         apply_layout(layout, pg, centrifugo)
-        result = timed_drain(pg, rows)
+        result = timed_drain(pg, rows, centrifugo.proc.pid)
         result["batches"] = int(pg.scalar("SELECT sum(batches) FROM centrifugo_outbox_status"))
         return result
     finally:
@@ -163,44 +219,68 @@ def centrifugo_consumer_throughput(rows, partitions, limit=100, layout="shared")
         server = Centrifugo(extra_config={"consumers": [consumer]}).start()
         time.sleep(1)
         apply_layout(layout, pg, server)
-        return timed_drain(pg, rows)
+        return timed_drain(pg, rows, server.proc.pid)
     finally:
         if server:
             server.stop()
         pg.destroy()
 
 
-def latency(centrifugo_server, pg, samples, channel):
+# The per-command baseline sends one request per command: fewer rows keep its runs short (rates
+# are compared, not times).
+PER_COMMAND_ROWS = 10000
+
+
+def drain(side, rows, partitions, limit, layout):
+    if side == "builtin":
+        return centrifugo_consumer_throughput(rows, partitions, limit, layout)
+    if side == "per_command":
+        return ours_throughput(min(rows, PER_COMMAND_ROWS), partitions, limit, layout, "http", strict=True)
+    return ours_throughput(rows, partitions, limit, layout, side)
+
+
+def steady_latency(centrifugo_server, pg, rate, seconds, channel):
+    """One publish per transaction at `rate` per second for `seconds`; each timed from its COMMIT
+    returning to the subscriber receiving it. Returns the summary and every sample (ms)."""
     sub = Subscriber(centrifugo_server, channels=[channel]).start()
     try:
         time.sleep(0.5)
-        lat = []
+        n = int(rate * seconds)
+        committed = [0.0] * n
         with pg.connect() as conn:
-            for i in range(samples):
+            conn.execute("SELECT 1")
+            start = time.monotonic()
+            for i in range(n):
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
                 conn.execute("INSERT INTO centrifugo_outbox (method, payload) VALUES ('publish', %s)",
                              (json.dumps({"channel": channel, "data": {"i": i}}),))
-                committed = time.monotonic()
-                pub = sub.wait_for_publications(i + 1, channel, timeout=10)[i]
-                lat.append((pub.at - committed) * 1000)
-                time.sleep(0.01)
-        return {"samples": samples, "p50_ms": round(percentile(lat, 50), 2), "p95_ms": round(percentile(lat, 95), 2),
-                "p99_ms": round(percentile(lat, 99), 2), "mean_ms": round(statistics.mean(lat), 2)}
+                committed[i] = time.monotonic()
+            achieved = n / (time.monotonic() - start)
+        pubs = sub.wait_for_publications(n, channel, timeout=60)
+        received = {p.data["i"]: p.at for p in pubs}
+        lat = [(received[i] - committed[i]) * 1000 for i in range(n)]
+        return {"samples": n, "rate_per_second": round(achieved), "p50_ms": round(percentile(lat, 50), 3),
+                "p95_ms": round(percentile(lat, 95), 3), "p99_ms": round(percentile(lat, 99), 3),
+                "mean_ms": round(statistics.mean(lat), 3), "all_ms": [round(x, 3) for x in lat]}
     finally:
         sub.stop()
 
 
-def ours_latency(centrifugo, samples):
-    pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key},
+def ours_latency(centrifugo, rate, seconds, transport):
+    pg = PgCluster({"centrifugo.api_url": centrifugo.endpoint(transport), "centrifugo.api_key": centrifugo.api_key},
                    name="benchl").init()
     try:
         pg.start()
         pg.sql("CREATE EXTENSION centrifugo_outbox")
-        return latency(centrifugo, pg, samples, "chat:latency_ours")
+        pg.sql("SELECT centrifugo_wait_until_running('30 seconds')")
+        return steady_latency(centrifugo, pg, rate, seconds, f"chat:latency_{transport}")
     finally:
         pg.destroy()
 
 
-def centrifugo_consumer_latency(samples):
+def centrifugo_consumer_latency(rate, seconds):
     pg = PgCluster({}, preload=False, name="benchcl").init()
     pg.start()
     server = None
@@ -216,108 +296,169 @@ def centrifugo_consumer_latency(samples):
             "num_partitions": 1, "partition_select_limit": 100, "partition_poll_interval": "300ms",
             "partition_notification_channel": "centrifugo_partition_change"}}
         server = Centrifugo(extra_config={"consumers": [consumer]}).start()
-        return latency(server, pg, samples, "chat:latency_theirs")
+        time.sleep(1)
+        return steady_latency(server, pg, rate, seconds, "chat:latency_builtin")
     finally:
         if server:
             server.stop()
         pg.destroy()
 
 
-def kafka_throughput(centrifugo, rows, partitions=4, max_poll_records=100):
-    """Kafka → Centrifugo through the bridge: from the first produced record to the last committed offset."""
+def kafka_drain(rows, partitions, start_drainer, group, max_poll_records):
+    """Kafka → Centrifugo: from the first produced record to the last committed offset of `group`,
+    with `start_drainer(broker, topic)` consuming the topic (returns a cleanup function)."""
     from confluent_kafka import Consumer, TopicPartition
     from harness.kafka import KafkaBroker
     broker = KafkaBroker().start()
-    pg = None
+    cleanup = None
     try:
         topic = "bench"
         broker.create_topic(topic, partitions=partitions)
-        pg = PgCluster({"centrifugo.api_url": centrifugo.api_url, "centrifugo.api_key": centrifugo.api_key,
-                        "centrifugo.kafka_brokers": broker.bootstrap, "centrifugo.kafka_topics": topic,
-                        "centrifugo.kafka_consumer_group": "bench",
-                        "centrifugo.kafka_max_poll_records": max_poll_records}, name="benchk").init()
-        pg.start()
-        pg.sql("CREATE EXTENSION centrifugo_outbox")
         producer = broker.producer()
-        # A canary per partition: the bridge has joined the group once they are committed.
+        # A canary per partition: the drainer has joined the group once they are committed.
         for p in range(partitions):
             producer.produce(topic, json.dumps({"method": "publish", "payload": {"channel": "chat:canary", "data": 1}}).encode(), partition=p)
         producer.flush(30)
-        watcher = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "bench", "enable.auto.commit": False})
+        cleanup, centrifugo_pid = start_drainer(broker, topic)
+        watcher = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": group, "enable.auto.commit": False})
         tps = [TopicPartition(topic, p) for p in range(partitions)]
         committed = lambda: sum(max(tp.offset, 0) for tp in watcher.committed(tps, timeout=10))
         wait_until(lambda: committed() == partitions, 60, interval=0.2)
+        records = [json.dumps({"method": "publish", "payload": {
+            "channel": f"chat:kbench{i % partitions}", "data": {"i": i, "text": "benchmark message"}}}).encode()
+            for i in range(rows)]
+        centrifugo_cpu = process_cpu_seconds(centrifugo_pid)
         start = time.monotonic()
-        for i in range(rows):
-            producer.produce(topic, json.dumps({"method": "publish", "payload": {
-                "channel": f"chat:kbench{i % partitions}", "data": {"i": i, "text": "benchmark message"}}}).encode(),
-                partition=i % partitions)
+        for i, record in enumerate(records):
+            producer.produce(topic, record, partition=i % partitions)
             if i % 10000 == 0:
                 producer.poll(0)
         producer.flush(60)
         wait_until(lambda: committed() == rows + partitions, 600, interval=0.05)
         elapsed = time.monotonic() - start
+        centrifugo_cpu = process_cpu_seconds(centrifugo_pid) - centrifugo_cpu
         watcher.close()
         return {"rows": rows, "kafka_partitions": partitions, "max_poll_records": max_poll_records,
-                "seconds": round(elapsed, 3), "per_second": round(rows / elapsed)}
+                "seconds": round(elapsed, 3), "per_second": round(rows / elapsed),
+                "centrifugo_cpu_per_100k": round(centrifugo_cpu * 100000 / rows, 3)}
     finally:
-        if pg:
-            pg.destroy()
+        if cleanup:
+            cleanup()
         broker.destroy()
+
+
+def kafka_throughput(rows, partitions=4, max_poll_records=100, transport="http"):
+    """Through our bridge (a PostgreSQL worker) to a real Centrifugo over `transport`."""
+    def start(broker, topic):
+        centrifugo = Centrifugo().start()
+        pg = PgCluster({"centrifugo.api_url": centrifugo.endpoint(transport), "centrifugo.api_key": centrifugo.api_key,
+                        "centrifugo.kafka_brokers": broker.bootstrap, "centrifugo.kafka_topics": topic,
+                        "centrifugo.kafka_consumer_group": "bench",
+                        "centrifugo.kafka_max_poll_records": max_poll_records}, name="benchk").init()
+        pg.start()
+        pg.sql("CREATE EXTENSION centrifugo_outbox")
+
+        def cleanup():
+            pg.destroy()
+            centrifugo.stop()
+        return cleanup, centrifugo.proc.pid
+    return kafka_drain(rows, partitions, start, "bench", max_poll_records)
+
+
+def centrifugo_kafka_throughput(rows, partitions=4, max_poll_records=100):
+    """Through Centrifugo's own Kafka consumer, on the same records."""
+    def start(broker, topic):
+        consumer = {"name": "kbench", "type": "kafka", "enabled": True, "kafka": {
+            "brokers": [broker.bootstrap], "topics": [topic], "consumer_group": "cbench",
+            "max_poll_records": max_poll_records}}
+        centrifugo = Centrifugo(extra_config={"consumers": [consumer]}).start()
+        return centrifugo.stop, centrifugo.proc.pid
+    return kafka_drain(rows, partitions, start, "cbench", max_poll_records)
+
+
+def summarize(runs):
+    keys = runs[0]["cpu_per_100k"].keys()
+    return {"runs_per_second": [r["per_second"] for r in runs],
+            "median_per_second": round(statistics.median(r["per_second"] for r in runs)),
+            "median_cpu_per_100k": {k: round(statistics.median(r["cpu_per_100k"][k] for r in runs), 3) for k in keys}}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200000)
-    parser.add_argument("--repeat", type=int, default=5, help="runs per side and setting (alternating); medians are reported")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--partitions", default="1,4")
+    parser.add_argument("--rows", type=int, default=100000)
+    parser.add_argument("--repeat", type=int, default=3, help="paired runs per setting; medians are reported")
+    parser.add_argument("--partitions", default="1,4,8")
     parser.add_argument("--limits", default="100,1000", help="partition_select_limit values")
     parser.add_argument("--layouts", default="shared,split", help="shared: all cores for all; split: PostgreSQL core 0, Centrifugo core 1")
+    parser.add_argument("--sides", default="http,grpc,builtin,per_command")
+    parser.add_argument("--rate", type=int, default=1000, help="commands per second of the latency run")
+    parser.add_argument("--seconds", type=int, default=10, help="length of each latency run")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput,kafka,latency")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"))
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    results = {"machine": f"{os.cpu_count()} cores", "rows": args.rows, "repeat": args.repeat, "throughput": [], "latency": {}}
+    sides = args.sides.split(",")
+    results = {"machine": f"{os.cpu_count()} cores", "command": " ".join(["python3", "bench/run.py", *sys.argv[1:]]),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "rows": args.rows,
+               "repeat": args.repeat, "throughput": [], "latency": {}}
     if "throughput" not in skip:
         for layout in args.layouts.split(","):
             for limit in [int(x) for x in args.limits.split(",")]:
                 for p in [int(x) for x in args.partitions.split(",")]:
-                    ours, theirs = [], []
+                    runs = {side: [] for side in sides}
                     for _ in range(args.repeat):
-                        ours.append(ours_throughput(args.rows, p, limit, layout))
-                        theirs.append(centrifugo_consumer_throughput(args.rows, p, limit, layout))
+                        for side in sides:
+                            runs[side].append(drain(side, args.rows, p, limit, layout))
                     entry = {"layout": layout, "partitions": p, "select_limit": limit}
-                    for name, runs in (("centrifugo_outbox", ours), ("centrifugo_builtin_consumer", theirs)):
-                        entry[name] = {"runs_per_second": [r["per_second"] for r in runs],
-                                       "median_per_second": round(statistics.median(r["per_second"] for r in runs)),
-                                       "median_cpu_seconds_per_100k": statistics.median(r["cpu_seconds_per_100k"] for r in runs)}
-                    entry["centrifugo_outbox"]["batches"] = ours[-1]["batches"]
-                    # Runs are paired (ours, then theirs, back to back): the ratio within a pair is
+                    for side in sides:
+                        entry[side] = summarize(runs[side])
+                    # Runs are paired (every side back to back): the ratio within a pair is
                     # steadier than either rate when the machine's speed drifts.
-                    entry["median_ratio_ours_to_theirs"] = round(statistics.median(
-                        a["per_second"] / b["per_second"] for a, b in zip(ours, theirs)), 2)
+                    if "builtin" in sides:
+                        entry["median_ratio_to_builtin"] = {side: round(statistics.median(
+                            a["per_second"] / b["per_second"] for a, b in zip(runs[side], runs["builtin"])), 2)
+                            for side in sides if side != "builtin"}
                     results["throughput"].append(entry)
-                    o, t = entry["centrifugo_outbox"], entry["centrifugo_builtin_consumer"]
-                    print(f"throughput [{layout}] {p} partition(s), select limit {limit}: ours {o['median_per_second']}/s "
-                          f"{o['runs_per_second']} ({o['median_cpu_seconds_per_100k']} cpu-s/100k) | Centrifugo's consumer "
-                          f"{t['median_per_second']}/s {t['runs_per_second']} ({t['median_cpu_seconds_per_100k']} cpu-s/100k)"
-                          f" | ratio {entry['median_ratio_ours_to_theirs']}",
-                          flush=True)
+                    line = " | ".join(f"{side} {entry[side]['median_per_second']}/s "
+                                      f"(centrifugo {entry[side]['median_cpu_per_100k']['centrifugo']} cpu-s/100k)"
+                                      for side in sides)
+                    print(f"[{layout}] {p} partition(s), limit {limit}: {line} | ratios "
+                          f"{entry.get('median_ratio_to_builtin')}", flush=True)
     os.sched_setaffinity(0, set(range(os.cpu_count())))
-    centrifugo = Centrifugo().start()
-    try:
-        if "kafka" not in skip:
-            results["kafka"] = kafka_throughput(centrifugo, min(args.rows, 50000))
-            print(f"kafka -> centrifugo through the bridge: {results['kafka']['per_second']}/s "
-                  f"({results['kafka']['rows']} records, {results['kafka']['seconds']} s, 4 Kafka partitions)", flush=True)
-        if "latency" not in skip:
-            results["latency"]["centrifugo_outbox"] = ours_latency(centrifugo, args.samples)
-            results["latency"]["centrifugo_builtin_consumer_with_notify"] = centrifugo_consumer_latency(args.samples)
-            print("latency commit -> subscriber:", json.dumps(results["latency"]), flush=True)
-    finally:
-        centrifugo.stop()
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if "latency" not in skip:
+        for side in ("http", "grpc", "builtin"):
+            if side not in sides:
+                continue
+            if side == "builtin":
+                result = centrifugo_consumer_latency(args.rate, args.seconds)
+            else:
+                centrifugo = Centrifugo().start()
+                try:
+                    result = ours_latency(centrifugo, args.rate, args.seconds, side)
+                finally:
+                    centrifugo.stop()
+            results["latency"][side] = result
+            print(f"latency commit -> subscriber [{side}] at {result['rate_per_second']}/s: p50 {result['p50_ms']} ms, "
+                  f"p95 {result['p95_ms']}, p99 {result['p99_ms']}", flush=True)
+    if "kafka" not in skip:
+        n = min(args.rows, 50000)
+        runs = {"http": [], "grpc": [], "builtin": []}
+        for _ in range(args.repeat):
+            runs["http"].append(kafka_throughput(n, transport="http"))
+            runs["grpc"].append(kafka_throughput(n, transport="grpc"))
+            runs["builtin"].append(centrifugo_kafka_throughput(n))
+        results["kafka"] = {side: {"runs_per_second": [r["per_second"] for r in rs],
+                                   "median_per_second": round(statistics.median(r["per_second"] for r in rs)),
+                                   "median_centrifugo_cpu_per_100k": statistics.median(r["centrifugo_cpu_per_100k"] for r in rs)}
+                            for side, rs in runs.items()}
+        results["kafka"]["records"] = n
+        results["kafka"]["median_ratio_to_builtin"] = {side: round(statistics.median(
+            a["per_second"] / b["per_second"] for a, b in zip(runs[side], runs["builtin"])), 2) for side in ("http", "grpc")}
+        print(f"kafka -> centrifugo ({n} records, 4 Kafka partitions): " + " | ".join(
+            f"{side} {results['kafka'][side]['median_per_second']}/s" for side in runs) +
+            f" | ratios {results['kafka']['median_ratio_to_builtin']}", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
