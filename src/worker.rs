@@ -712,10 +712,12 @@ impl Worker {
                     partition,
                     payload_is_jsonb,
                 };
+                let mut any_deferred = false;
                 let mut batch = reader.read(spi, i64::MIN, budget)?;
                 let round = loop {
+                    any_deferred |= batch.deferred;
                     if batch.rows.is_empty() {
-                        break if batch.deferred { Round::Full } else { Round::Drained };
+                        break if any_deferred { Round::Full } else { Round::Drained };
                     }
                     let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
                     let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
@@ -767,7 +769,7 @@ impl Worker {
                         break retry;
                     }
                     if !batch.full {
-                        break Round::Drained;
+                        break if any_deferred { Round::Full } else { Round::Drained };
                     }
                     match next {
                         Some(next) => batch = next,
@@ -1007,10 +1009,25 @@ impl RoundSnapshot {
         RoundSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot()) })
     }
 
-    /// Whether a committed row with `xmin` is visible to the snapshot.
-    fn sees(&self, xmin: u32) -> bool {
+    /// The transaction id the next transaction will get (low 32 bits): read after a cursor is
+    /// opened, every row that cursor returns has an older `xmin`.
+    fn next_xid() -> u32 {
+        // SAFETY: reads shared memory under its lock; callable in any transaction.
+        unsafe { pg_sys::ReadNextFullTransactionId() }.value as u32
+    }
+
+    /// Whether a committed row with `xmin` is visible to the snapshot, `next_xid` being
+    /// [`Self::next_xid`] read after the row's cursor was opened. Only xids from the snapshot's
+    /// xmin up to `next_xid` are asked about: anything else finished before the snapshot, and a
+    /// frozen row keeps its original xmin, which may be more than 2^31 xids old and so would
+    /// look like a future one to a comparison modulo 2^32.
+    fn sees(&self, xmin: u32, next_xid: u32) -> bool {
         // SAFETY: the snapshot is registered for as long as `self` lives.
-        !unsafe { pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xmin), self.0) }
+        let snapshot_xmin = unsafe { (*self.0).xmin }.into_inner();
+        let recent = xmin >= pg_sys::FirstNormalTransactionId.into_inner()
+            && xmin.wrapping_sub(snapshot_xmin) < next_xid.wrapping_sub(snapshot_xmin);
+        // SAFETY: as above.
+        !recent || !unsafe { pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xmin), self.0) }
     }
 }
 
@@ -1040,6 +1057,7 @@ impl BatchReader<'_> {
         let (rows, over_budget) =
             as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
                 let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
+                let next_xid = RoundSnapshot::next_xid();
                 let (mut rows, mut bytes) = (Vec::new(), 0i64);
                 loop {
                     let chunk = cursor.fetch(rows_per_fetch)?;
@@ -1058,8 +1076,13 @@ impl BatchReader<'_> {
                         // of an earlier transaction with a lower id, invisible to the round's
                         // first read, would go after it.
                         let xmin = row.get::<i64>(7)?.unwrap_or(0);
-                        if !self.snapshot.sees(xmin as u32) {
+                        if !self.snapshot.sees(xmin as u32, next_xid) {
                             deferred = true;
+                            // Its text was made all the same: it counts against the budget.
+                            bytes += row.get::<String>(3)?.map_or(0, |p| p.len() as i64);
+                            if bytes > budget {
+                                return Ok((rows, true));
+                            }
                             continue;
                         }
                         let row = Self::row(&row)?;
