@@ -259,12 +259,10 @@ impl GrpcTransport {
                 .http2_keep_alive_interval(Duration::from_secs(15))
                 .keep_alive_timeout(config.timeout.max(Duration::from_secs(1)));
             if secure {
-                endpoint = match &tls {
-                    Some((tls, true)) => {
-                        endpoint.tls_config_with_verifier(tls.clone(), std::sync::Arc::new(AnyCertificate))
-                    }
-                    Some((tls, false)) => endpoint.tls_config(tls.clone()),
-                    None => unreachable!("tls_config always gives a configuration"),
+                endpoint = if config.tls_insecure_skip_verify {
+                    endpoint.tls_config_with_verifier(tls.clone(), std::sync::Arc::new(AnyCertificate))
+                } else {
+                    endpoint.tls_config(tls.clone())
                 }
                 .map_err(|e| format!("centrifugo.api_url: TLS for {}: {e}", crate::endpoints::display_url(url)))?;
             }
@@ -298,8 +296,8 @@ impl GrpcTransport {
     }
 }
 
-/// The TLS settings for `grpcs://` endpoints, and whether certificates go unchecked.
-fn tls_config(config: &ClientConfig) -> Result<Option<(ClientTlsConfig, bool)>, String> {
+/// The TLS settings for `grpcs://` endpoints.
+fn tls_config(config: &ClientConfig) -> Result<ClientTlsConfig, String> {
     let mut tls = ClientTlsConfig::new();
     if config.tls_insecure_skip_verify {
         // No roots: tonic refuses them next to a verifier of its own.
@@ -322,7 +320,7 @@ fn tls_config(config: &ClientConfig) -> Result<Option<(ClientTlsConfig, bool)>, 
         }
         _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
     }
-    Ok(Some((tls, config.tls_insecure_skip_verify)))
+    Ok(tls)
 }
 
 /// `centrifugo.http_tls_insecure_skip_verify`: any certificate is accepted (tests only).
