@@ -23,7 +23,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use outbox_core::client::CentrifugoClient;
+use outbox_core::client::{CentrifugoClient, InFlight};
 use outbox_core::consumers::{parse_consumers, ConsumerEntry};
 use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
@@ -195,6 +195,9 @@ struct Record {
 
 #[derive(Default)]
 struct PartitionQueue {
+    /// Which assignment of the partition this queue belongs to: a batch that was in flight while
+    /// the partition was revoked (and perhaps assigned again) must not touch the new queue.
+    generation: u64,
     records: VecDeque<Record>,
     retry_at: Option<Instant>,
     attempts: u32,
@@ -312,6 +315,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
 
     let mut client: Option<CentrifugoClient> = None;
     let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
+    let mut generations = 0u64;
     let mut jitter = Jitter::new(u64::from(pid as u32));
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_log: HashMap<&'static str, Instant> = HashMap::new();
@@ -349,59 +353,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         // Poll: wait only when nothing is ready to dispatch.
         let now = Instant::now();
         let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
-        let mut timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
-        for _ in 0..spec.max_poll_records {
-            let polled = consumer.poll(timeout);
-            // A rebalance inside that poll: drop what was revoked before taking the record, which
-            // may already come from the new assignment.
-            for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
-                let left = queues.remove(&key).map_or(0, |q| q.records.iter().filter(|r| !r.done).count());
-                consumer.context().done.lock().unwrap().remove(&key);
-                shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
-                log!(
-                    "centrifugo_outbox: kafka consumer {}: {}[{}] revoked; {left} record(s) not done are left to its new owner",
-                    spec.name,
-                    key.0,
-                    key.1
-                );
-            }
-            match polled {
-                None => break,
-                Some(Err(e)) => {
-                    warn("poll", scrubbed(&format!("poll: {e}")));
-                    break;
-                }
-                Some(Ok(msg)) => {
-                    let key = (msg.topic().to_owned(), msg.partition());
-                    let headers = record_headers(&msg);
-                    let record = Record {
-                        offset: msg.offset(),
-                        timestamp_ms: msg.timestamp().to_millis(),
-                        value: msg.payload().map(<[u8]>::to_vec),
-                        headers,
-                        done: false,
-                        dead_letter: None,
-                    };
-                    let queue = queues.entry(key.clone()).or_default();
-                    queue.records.push_back(record);
-                    if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&key.0, key.1);
-                        if consumer.pause(&tpl).is_ok() {
-                            queue.paused = true;
-                        }
-                    }
-                }
-            }
-            timeout = Duration::ZERO;
-        }
+        let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
+        poll_records(&consumer, &spec, index, &mut queues, &mut generations, timeout, spec.max_poll_records, &mut |e| {
+            warn("poll", scrubbed(&format!("poll: {e}")))
+        });
 
-        // Revoked during this poll: nothing of those partitions is sent or committed any more.
-        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
-            queues.remove(&key);
-            consumer.context().done.lock().unwrap().remove(&key);
-            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
-        }
         if !postmaster_alive() {
             // An orphan would go on consuming and committing offsets, and PostgreSQL cannot start
             // again while it lives.
@@ -416,9 +372,28 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             .filter(|(_, q)| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now))
             .map(|(k, _)| k.clone())
             .collect();
+        // Every ready partition's batch goes on the wire at once (partitions are independent;
+        // within one, a batch waits for the one before it), and the next records are read from
+        // Kafka while they are in flight.
+        let mut in_flight: Vec<Dispatching<'_>> = Vec::with_capacity(keys.len());
         for key in keys {
             let queue = queues.get_mut(&key).expect("key from the map");
-            let outcome = dispatch(&spec, client, &key, queue);
+            in_flight.push(start_dispatch(&spec, client, key, queue));
+        }
+        if in_flight.iter().any(|d| d.request.is_some()) {
+            let more = spec.max_poll_records.saturating_mul(in_flight.len());
+            poll_records(&consumer, &spec, index, &mut queues, &mut generations, Duration::ZERO, more, &mut |e| {
+                warn("poll", scrubbed(&format!("poll: {e}")))
+            });
+        }
+        for dispatching in in_flight {
+            let key = dispatching.key.clone();
+            let Some(queue) = queues.get_mut(&key).filter(|q| q.generation == dispatching.generation) else {
+                // Revoked while in flight: its new owner reads those records again (at least once).
+                drop(dispatching);
+                continue;
+            };
+            let outcome = complete_dispatch(&spec, client, queue, dispatching);
             for event in client.take_events() {
                 log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
             }
@@ -517,6 +492,73 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     Ok(())
 }
 
+/// Reads up to `max` records into the partitions' queues, waiting up to `timeout` for the first
+/// one, and drops the queues of partitions revoked meanwhile (nothing of them is sent or
+/// committed any more: their new owner reads them again). A full queue pauses its partition.
+#[allow(clippy::too_many_arguments)]
+fn poll_records(
+    consumer: &BaseConsumer<BridgeContext>,
+    spec: &KafkaConsumer,
+    index: usize,
+    queues: &mut HashMap<(String, i32), PartitionQueue>,
+    generations: &mut u64,
+    mut timeout: Duration,
+    max: usize,
+    poll_failed: &mut dyn FnMut(KafkaError),
+) {
+    let drop_revoked = |queues: &mut HashMap<(String, i32), PartitionQueue>| {
+        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
+            let left = queues.remove(&key).map_or(0, |q| q.records.iter().filter(|r| !r.done).count());
+            consumer.context().done.lock().unwrap().remove(&key);
+            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+            log!(
+                "centrifugo_outbox: kafka consumer {}: {}[{}] revoked; {left} record(s) not done are left to its new owner",
+                spec.name,
+                key.0,
+                key.1
+            );
+        }
+    };
+    for _ in 0..max {
+        let polled = consumer.poll(timeout);
+        // A rebalance inside that poll: drop what was revoked before taking the record, which
+        // may already come from the new assignment.
+        drop_revoked(queues);
+        match polled {
+            None => break,
+            Some(Err(e)) => {
+                poll_failed(e);
+                break;
+            }
+            Some(Ok(msg)) => {
+                let key = (msg.topic().to_owned(), msg.partition());
+                let record = Record {
+                    offset: msg.offset(),
+                    timestamp_ms: msg.timestamp().to_millis(),
+                    value: msg.payload().map(<[u8]>::to_vec),
+                    headers: record_headers(&msg),
+                    done: false,
+                    dead_letter: None,
+                };
+                let queue = queues.entry(key.clone()).or_insert_with(|| {
+                    *generations += 1;
+                    PartitionQueue { generation: *generations, ..Default::default() }
+                });
+                queue.records.push_back(record);
+                if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&key.0, key.1);
+                    if consumer.pause(&tpl).is_ok() {
+                        queue.paused = true;
+                    }
+                }
+            }
+        }
+        timeout = Duration::ZERO;
+    }
+    drop_revoked(queues);
+}
+
 /// What one dispatch did, for the shared-memory counters.
 #[derive(Default)]
 struct DispatchStats {
@@ -531,59 +573,93 @@ struct DispatchStats {
 /// its record's method), and the counters.
 type Dispatched = (Option<i64>, Option<(Failure, String)>, DispatchStats);
 
-/// Dispatches the head of one partition's queue (the records not done yet among the first
-/// `max_poll_records`, or just the first one in strict order). Every outcome is applied:
-/// Centrifugo ran every command of the batch, so a record that succeeded after a failed one is
-/// done and never sent again. Returns the offset of the last record of the done prefix (removed
-/// from the queue; its offset can be committed), the first temporary failure (with the method of
-/// that record), if any, and what it did.
-fn dispatch(
+/// One partition's batch: the queue records it carries (indexes stay valid while it is in
+/// flight: records are only appended meanwhile), what is already known of each, and the request.
+struct Dispatching<'c> {
+    key: (String, i32),
+    generation: u64,
+    pending: Vec<usize>,
+    outcomes: Vec<Option<Outcome>>,
+    methods: Vec<String>,
+    /// Which of `outcomes` the commands are, in order.
+    sendable: Vec<usize>,
+    commands: Vec<Prepared>,
+    request: Option<InFlight<'c>>,
+}
+
+/// Starts the dispatch of the head of one partition's queue: the records not done yet among the
+/// first `max_poll_records` (or just the first one in strict order), the sendable ones put on
+/// the wire as one batch; records that cannot be sent, or whose dead letter is still to be
+/// written, get their outcome at once.
+fn start_dispatch<'c>(
     spec: &KafkaConsumer,
-    client: &CentrifugoClient,
-    key: &(String, i32),
-    queue: &mut PartitionQueue,
-) -> Result<Dispatched, String> {
+    client: &'c CentrifugoClient,
+    key: (String, i32),
+    queue: &PartitionQueue,
+) -> Dispatching<'c> {
     let take = if gucs::strict_order() { 1 } else { spec.max_poll_records };
-    // Indexes into the queue of the records to dispatch now, with what each became.
-    let mut pending: Vec<usize> = Vec::with_capacity(take);
-    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(take);
-    let mut methods: Vec<String> = Vec::with_capacity(take);
-    let mut sendable = Vec::with_capacity(take);
-    let mut commands: Vec<Prepared> = Vec::with_capacity(take);
+    let mut d = Dispatching {
+        generation: queue.generation,
+        pending: Vec::with_capacity(take),
+        outcomes: Vec::with_capacity(take),
+        methods: Vec::with_capacity(take),
+        sendable: Vec::with_capacity(take),
+        commands: Vec::with_capacity(take),
+        request: None,
+        key,
+    };
     for (i, record) in queue.records.iter().enumerate().filter(|(_, r)| !r.done).take(take) {
         let pos = RecordPosition {
-            topic: &key.0,
-            partition: key.1,
+            topic: &d.key.0,
+            partition: d.key.1,
             offset: record.offset,
             timestamp_ms: record.timestamp_ms,
         };
-        pending.push(i);
+        d.pending.push(i);
         if let Some(dead) = &record.dead_letter {
             // Its dead letter could not be written last time: write it, do not send it again.
-            methods.push(dead.method.clone());
-            outcomes
+            d.methods.push(dead.method.clone());
+            d.outcomes
                 .push(Some(Outcome::DeadLetter { failure: dead.failure.clone(), payload: Some(dead.payload.clone()) }));
             continue;
         }
         match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
             Ok(p) => {
-                methods.push(p.method.as_str().to_owned());
-                outcomes.push(None);
-                sendable.push(outcomes.len() - 1);
-                commands.push(p);
+                d.methods.push(p.method.as_str().to_owned());
+                d.outcomes.push(None);
+                d.sendable.push(d.outcomes.len() - 1);
+                d.commands.push(p);
             }
             Err(failure) => {
-                methods.push(record_method(spec, record));
-                outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
+                d.methods.push(record_method(spec, record));
+                d.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
             }
         }
     }
+    if !d.commands.is_empty() {
+        d.request = Some(client.start_batch(&d.commands));
+    }
+    d
+}
+
+/// Waits for a dispatch started by [`start_dispatch`] and applies every outcome: Centrifugo ran
+/// every command of the batch, so a record that succeeded after a failed one is done and never
+/// sent again. Returns the offset of the last record of the done prefix (removed from the
+/// queue; its offset can be committed), the first temporary failure (with the method of that
+/// record), if any, and what it did.
+fn complete_dispatch(
+    spec: &KafkaConsumer,
+    client: &CentrifugoClient,
+    queue: &mut PartitionQueue,
+    mut d: Dispatching<'_>,
+) -> Result<Dispatched, String> {
     let mut stats = DispatchStats::default();
-    if !commands.is_empty() {
-        for (i, outcome) in sendable.iter().zip(client.send(&commands, &mut stats.batches)) {
-            outcomes[*i] = Some(outcome);
+    if let Some(request) = d.request.take() {
+        for (i, outcome) in d.sendable.iter().zip(client.finish(request, &d.commands, &mut stats.batches)) {
+            d.outcomes[*i] = Some(outcome);
         }
     }
+    let Dispatching { key, pending, outcomes, methods, sendable, commands, .. } = d;
     let acked_ms = shmem::unix_micros() / 1000;
     let mut dead: Vec<KafkaDeadLetter> = Vec::new();
     let mut retried = vec![false; pending.len()];
@@ -632,7 +708,7 @@ fn dispatch(
         }
     }
     if !dead.is_empty() {
-        insert_dead_letters(&spec.name, key, &dead, queue.attempts + 1)?;
+        insert_dead_letters(&spec.name, &key, &dead, queue.attempts + 1)?;
     }
     // Only now, with the dead letters committed, are those records done.
     for (n, &i) in pending.iter().enumerate() {

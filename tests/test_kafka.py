@@ -117,6 +117,34 @@ def test_per_partition_order_over_thousands_of_records(make_cluster, centrifugo,
         sub.stop()
 
 
+def test_partitions_are_dispatched_side_by_side_each_in_order(make_cluster, centrifugo, kafka):
+    """The bridge puts every ready Kafka partition's batch on the wire at once (and reads the
+    next records meanwhile) instead of waiting for one partition's reply before sending the
+    next partition's batch; within a partition a batch still waits for the one before it."""
+    topic = f"pipe{uid()}"
+    kafka.create_topic(topic, partitions=4)
+    channels = [f"chat:kpipe{p}-{uid()}" for p in range(4)]
+    double = FaultDouble(centrifugo.api_url).start()
+    # Every answer comes 300 ms late: one at a time, 4 partitions' batches would take 1.2 s a round.
+    double.script = lambda request: ("hold", 0.3)
+    try:
+        produce(kafka, topic, [(command(channels[p], {"s": s}), None, p) for s in range(60) for p in range(4)])
+        pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], api_url=double.api_url,
+                            kafka_max_poll_records=20)
+        for p in range(4):
+            wait_until(lambda: len(centrifugo.history(channels[p])) >= 60, 60, interval=0.2,
+                       what=f"partition {p}'s records")
+            got = [d["s"] for d in centrifugo.history(channels[p])]
+            assert got == list(range(60)), f"partition {p} out of order, lost or duplicated"
+        assert double.max_in_flight >= 2, "batches of different partitions should be in flight together"
+        per_request = [{c[1]["channel"] for c in ([next(iter(x.items())) for x in r["body"]["commands"]])}
+                       for r in double.requests]
+        assert all(len(chs) == 1 for chs in per_request), "a batch carries one partition's records"
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+    finally:
+        double.stop()
+
+
 def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka, transport):
     topic, group = f"garbage{uid()}", f"g{uid()}"
     kafka.create_topic(topic)

@@ -11,7 +11,8 @@ to a real Centrifugo, and a test-provided `script(request)` decides, per request
     ("forward_then_reset",)           pass to the upstream, then close without answering (a
                                       node that ran the batch and died before its reply)
 
-Every request is recorded (`requests`: parsed JSON bodies) so tests can count resends."""
+Every request is recorded (`requests`: parsed JSON bodies) so tests can count resends, and
+`max_in_flight` is the most requests it was handling at once."""
 
 import json
 import socket
@@ -31,6 +32,9 @@ class FaultDouble:
         self.requests = []
         self.keep_requests = True
         self.lock = threading.Lock()
+        # Requests being handled right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.script = lambda request: ("forward",)
         double = self
 
@@ -52,7 +56,13 @@ class FaultDouble:
                     if double.keep_requests:
                         double.requests.append(request)
                     action = double.script(request)
-                double._act(self, action, request)
+                    double.in_flight += 1
+                    double.max_in_flight = max(double.max_in_flight, double.in_flight)
+                try:
+                    double._act(self, action, request)
+                finally:
+                    with double.lock:
+                        double.in_flight -= 1
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
