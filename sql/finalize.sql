@@ -1,8 +1,9 @@
 -- Runs after every function exists: wake-at-commit trigger and privileges.
 
 -- API: Public
--- Wakes the partition's worker when the inserting transaction commits (no polling). Attach the
--- same trigger to your own outbox table when centrifugo.outbox_table_name points at it.
+-- Wakes the partition's worker when the inserting transaction commits (no polling), and sends
+-- Centrifugo's NOTIFY when centrifugo.partition_notification_channel is set. Attach the same
+-- trigger to your own outbox table when centrifugo.outbox_table_name points at it.
 CREATE TRIGGER centrifugo_wake_at_commit_trigger
     AFTER INSERT ON centrifugo_outbox
     FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit();

@@ -41,7 +41,9 @@ ALTER TABLE centrifugo_outbox SET (
 -- API: Public
 -- Centrifugo's documented trigger function: NOTIFY <channel> with the partition number as text.
 -- The channel is the trigger's first argument when given (for a table of your own), otherwise
--- centrifugo.partition_notification_channel; an empty channel sends nothing.
+-- centrifugo.partition_notification_channel; an empty channel sends nothing. The outbox's own
+-- trigger (centrifugo_wake_at_commit) sends the same NOTIFY for that setting: this function is
+-- for a table of your own that wants another channel.
 CREATE FUNCTION centrifugo_notify_partition_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 -- Every name is qualified: this runs with the inserting session's search_path.
@@ -54,10 +56,6 @@ BEGIN
     RETURN NEW;
 END;
 $$;
-
-CREATE TRIGGER centrifugo_notify_partition_trigger
-    AFTER INSERT ON centrifugo_outbox
-    FOR EACH ROW EXECUTE FUNCTION centrifugo_notify_partition_change();
 
 -- API: Public
 -- Applications get the SQL API through this role instead of PUBLIC.

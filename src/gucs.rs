@@ -580,6 +580,10 @@ pub fn retry_backoff_max_ms() -> i32 {
 pub fn partition_notification_channel() -> String {
     text(&PARTITION_NOTIFICATION_CHANNEL)
 }
+/// The NOTIFY channel as PostgreSQL takes it; None when empty (no NOTIFY).
+pub fn partition_notification_channel_c() -> Option<CString> {
+    PARTITION_NOTIFICATION_CHANNEL.get().filter(|c| !c.is_empty())
+}
 
 /// The outbox table setting as written (`table` or `schema.table`).
 pub fn outbox_table_name() -> String {

@@ -354,9 +354,16 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let now = Instant::now();
         let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
         let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
-        poll_records(&consumer, &spec, index, &mut queues, &mut generations, timeout, spec.max_poll_records, &mut |e| {
-            warn("poll", scrubbed(&format!("poll: {e}")))
-        });
+        poll_records(
+            &consumer,
+            &spec,
+            index,
+            &mut queues,
+            &mut generations,
+            timeout,
+            spec.max_poll_records,
+            &mut |e| warn("poll", scrubbed(&format!("poll: {e}"))),
+        );
 
         if !postmaster_alive() {
             // An orphan would go on consuming and committing offsets, and PostgreSQL cannot start

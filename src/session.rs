@@ -124,19 +124,27 @@ impl ConnectSlot {
 /// The extension's schema in the current database (unquoted); None when it is not installed.
 pub fn extension_schema() -> Option<String> {
     thread_local! {
-        /// The schema oid of the extension as installed now (by the extension's oid: a DROP and
-        /// CREATE EXTENSION elsewhere makes a new one). Its name is read on each call: a schema
-        /// can be renamed. The SQL API asks on every call.
+        /// The extension's oid and schema oid as installed now. Its schema's name is read on each
+        /// call: a schema can be renamed. The SQL API asks on every call, and the extension's oid
+        /// is a catalog scan (pg_extension has no syscache before PostgreSQL 16), so the pair is
+        /// kept until a pg_proc invalidation: DROP EXTENSION drops the extension's functions,
+        /// ALTER EXTENSION changes them, and other backends see that at their next transaction.
         static KNOWN: std::cell::Cell<Option<(pg_sys::Oid, pg_sys::Oid)>> = const { std::cell::Cell::new(None) };
     }
-    // SAFETY: a catalog index lookup by name; InvalidOid when the extension is missing.
-    let extension = unsafe { pg_sys::get_extension_oid(c"centrifugo_outbox".as_ptr(), true) };
-    if extension == pg_sys::Oid::INVALID {
-        return None;
+    if !KNOWN_VALID.load(std::sync::atomic::Ordering::Relaxed) {
+        KNOWN.set(None);
     }
-    let namespace = match KNOWN.get().filter(|(oid, _)| *oid == extension) {
+    let namespace = match KNOWN.get() {
         Some((_, namespace)) => namespace,
         None => {
+            watch_pg_proc();
+            // Valid from before the lookup: an invalidation while it runs makes the next call look again.
+            KNOWN_VALID.store(true, std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: a catalog index lookup by name; InvalidOid when the extension is missing.
+            let extension = unsafe { pg_sys::get_extension_oid(c"centrifugo_outbox".as_ptr(), true) };
+            if extension == pg_sys::Oid::INVALID {
+                return None;
+            }
             // A read-only query: it also runs on a hot standby (status views).
             let namespace = Spi::connect(|c| {
                 c.select(
@@ -150,7 +158,9 @@ pub fn extension_schema() -> Option<String> {
             .ok()
             .flatten()
             .map(|oid| pg_sys::Oid::from(oid as u32))?;
-            KNOWN.set(Some((extension, namespace)));
+            if KNOWN_VALID.load(std::sync::atomic::Ordering::Relaxed) {
+                KNOWN.set(Some((extension, namespace)));
+            }
             namespace
         }
     };
@@ -158,6 +168,29 @@ pub fn extension_schema() -> Option<String> {
     let name = unsafe { pg_sys::get_namespace_name(namespace) };
     // SAFETY: a NUL-terminated string from get_namespace_name.
     (!name.is_null()).then(|| unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned())
+}
+
+/// Whether the extension's oid and schema kept by [`extension_schema`] may still be used.
+static KNOWN_VALID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Registers (once per process) the pg_proc invalidation callback that drops what
+/// [`extension_schema`] keeps.
+fn watch_pg_proc() {
+    static REGISTERED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    #[pg_guard]
+    unsafe extern "C-unwind" fn forget(_arg: pg_sys::Datum, _cache: std::ffi::c_int, _hash: u32) {
+        KNOWN_VALID.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+    if !REGISTERED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: a callback with no argument, for the life of the process.
+        unsafe {
+            pg_sys::CacheRegisterSyscacheCallback(
+                pg_sys::SysCacheIdentifier::PROCOID as std::ffi::c_int,
+                Some(forget),
+                pg_sys::Datum::from(0usize),
+            )
+        };
+    }
 }
 
 fn require_extension_schema() -> String {

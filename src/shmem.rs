@@ -431,26 +431,46 @@ fn wake_partitions(low: u64, high: u64) {
     for slot in slots.slots.iter() {
         let p = slot.partition as u32;
         let bit = if p < 64 { low >> p & 1 } else { high >> (p - 64) & 1 };
-        if bit == 1 && slot.latch != 0 {
+        // A worker backing off sleeps its full time whatever commits (and then reads everything
+        // committed): waking it would only cost both processes a context switch per commit.
+        if bit == 1 && slot.latch != 0 && slot.state() != WorkerState::BackingOff {
             // SAFETY: the address is a PGPROC latch in shared memory, valid for the server's life.
             unsafe { pg_sys::SetLatch(slot.latch as *mut pg_sys::Latch) };
         }
     }
 }
 
+unsafe extern "C-unwind" {
+    /// commands/async.h (not in pgrx's bindings): queues a NOTIFY sent at commit, as NOTIFY does.
+    fn Async_Notify(channel: *const std::ffi::c_char, payload: *const std::ffi::c_char);
+}
+
 /// Row trigger on the outbox (and on a user's own outbox table): wakes the partition's worker
-/// when the inserting transaction commits, and refuses partitions no worker drains.
+/// when the inserting transaction commits, refuses partitions no worker drains, and sends the
+/// NOTIFY of Centrifugo's documented trigger (`centrifugo.partition_notification_channel`, the
+/// partition number as payload) when that channel is set: one trigger call per row instead of a
+/// second, PL/pgSQL one.
 #[pg_trigger]
 fn centrifugo_wake_at_commit<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     if let Some(new) = trigger.new() {
         let partition = new.get_by_name::<i32>("partition").ok().flatten().unwrap_or(0);
-        let num = crate::worker::partitions_of_table(&trigger.table_schema()?, &trigger.table_name()?);
+        let num = if crate::worker::only_the_default_consumer() {
+            crate::gucs::num_partitions()
+        } else {
+            crate::worker::partitions_of_table(&trigger.table_schema()?, &trigger.table_name()?)
+        };
         if !(0..num).contains(&partition) {
             crate::errors::raise(outbox_core::partition::check_partition(partition, num).expect_err("out of range"));
         }
         wake_at_commit(partition);
+        if let Some(channel) = crate::gucs::partition_notification_channel_c() {
+            let payload = std::ffi::CString::new(partition.to_string()).expect("digits");
+            // SAFETY: NUL-terminated strings that PostgreSQL copies; an ERROR it raises (a channel
+            // name too long, as pg_notify() refuses it) crosses back as a Rust panic.
+            unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| Async_Notify(channel.as_ptr(), payload.as_ptr())) };
+        }
     }
     Ok(None)
 }

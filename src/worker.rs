@@ -166,11 +166,15 @@ pub fn worker_slots() -> Vec<(usize, i32)> {
     configured_partitions().into_iter().take(MAX_PARTITIONS as usize).collect()
 }
 
+/// Whether the default consumer is the only outbox consumer (the usual case): every outbox
+/// table then has its partition count, and the trigger need not look up its table's name.
+pub fn only_the_default_consumer() -> bool {
+    layout().entries.is_empty()
+}
+
 /// The most partitions any consumer drains from the table `schema.table` (for the outbox trigger).
 pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
-    // This runs for every inserted row: with only the default consumer (the usual case) the
-    // answer is its partition count, whatever the table, so skip building and matching specs.
-    if layout().entries.is_empty() {
+    if only_the_default_consumer() {
         return gucs::num_partitions();
     }
     outbox_specs()

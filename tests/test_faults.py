@@ -50,7 +50,7 @@ def double_cluster(make_cluster):
         d.stop()
 
 
-def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster, transport):
+def test_centrifugo_down_for_8s_then_backlog_drains_in_order(make_cluster, transport):
     server = Centrifugo().start()
     try:
         pg = make_cluster(delivery_settings(server.endpoint(transport), server.api_key, retry_backoff_max=1000))
@@ -60,7 +60,7 @@ def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster, tran
         wait_until(lambda: len(server.history(channel)) == 50, 10, what="the first 50")
         server.kill()
         publish_many(pg, channel, 200, start=50)
-        time.sleep(20)
+        time.sleep(8)
         assert outbox_count(pg) == 200, "commands must wait in the outbox while Centrifugo is down"
         assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
         assert pg.scalar("SELECT sum(retries) FROM centrifugo_worker_status()") > 5
@@ -72,6 +72,32 @@ def test_centrifugo_down_for_20s_then_backlog_drains_in_order(make_cluster, tran
         assert "retrying in" in pg.log() and server.api_key not in pg.log()
     finally:
         server.stop()
+
+
+def voluntary_context_switches(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_a_worker_backing_off_is_not_woken_by_every_commit(make_cluster):
+    """While a worker sleeps out its back-off, commits do not set its latch: each wake-up would
+    cost it and the committing backend a context switch, for nothing (it reads everything
+    committed once the back-off ends)."""
+    pg = make_cluster(delivery_settings("http://127.0.0.1:9/api", "k", retry_backoff_base=20000,
+                                        retry_backoff_max=60000))
+    wait_for_workers(pg)
+    pg.sql("SELECT centrifugo_publish('chat:x', '1')")
+    wait_until(lambda: pg.scalar("SELECT state FROM centrifugo_outbox_status") == "backing off", 10,
+               what="the worker to back off")
+    pid = pg.scalar("SELECT pid FROM centrifugo_outbox_status")
+    before = voluntary_context_switches(pid)
+    with pg.connect() as conn:
+        for i in range(500):
+            conn.execute("SELECT centrifugo_publish('chat:x', %s::jsonb)", (str(i),))
+    woken = voluntary_context_switches(pid) - before
+    assert woken < 50, f"the backing-off worker was woken {woken} times by 500 commits"
+    assert pg.scalar("SELECT state FROM centrifugo_outbox_status") == "backing off"
+    assert outbox_count(pg) == 501
 
 
 def test_worker_killed_mid_batch_loses_nothing_and_duplicates_are_suppressed(double_cluster, centrifugo):

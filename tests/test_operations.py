@@ -228,6 +228,10 @@ def test_alter_extension_update_from_0_1_0_through_0_2_0_with_data(make_cluster,
                     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
                     "WHERE c.relkind = 'v' AND c.relname LIKE 'centrifugo%' AND a.attnum > 0 ORDER BY 1, a.attnum")
     assert pg.sql(view_columns) == fresh.sql(view_columns)
+    # And the outbox's triggers (0.6.0 drops the PL/pgSQL NOTIFY trigger: the wake trigger notifies).
+    triggers = ("SELECT tgname::text, pg_get_triggerdef(oid) FROM pg_trigger "
+                "WHERE tgrelid = 'centrifugo_outbox'::regclass AND NOT tgisinternal ORDER BY 1")
+    assert pg.sql(triggers) == fresh.sql(triggers)
     assert [r[0] for r in pg.sql("SELECT relacl::text FROM pg_class WHERE relkind = 'v' AND relname LIKE 'centrifugo%' ORDER BY relname")] == \
         [r[0] for r in fresh.sql("SELECT relacl::text FROM pg_class WHERE relkind = 'v' AND relname LIKE 'centrifugo%' ORDER BY relname")]
 
