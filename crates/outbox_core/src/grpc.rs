@@ -86,18 +86,27 @@ impl<'de> Deserialize<'de> for Entries<'de> {
 
 /// `payload` with its keys as Go's `encoding/json` matches them to the fields of `message`: an
 /// exact name, else the same name in another case; a later key for the same field wins; keys
-/// of no field are dropped.
-fn go_keys(payload: &str, message: &str) -> Result<String, String> {
+/// of no field are dropped. None when `payload` already reads that way (every key names a field
+/// exactly, once: what the SQL API writes), so it is read as it is.
+fn go_keys(payload: &str, message: &str) -> Result<Option<String>, String> {
     let fields = FIELDS.iter().find(|(m, _)| *m == message).map_or(&[][..], |(_, f)| *f);
     let Entries(entries) =
         serde_json::from_str(payload).map_err(|e| short(format!("payload is not a JSON object: {e}")))?;
     let mut chosen: Vec<Option<&RawValue>> = vec![None; fields.len()];
+    let mut as_is = true;
     for (key, value) in entries {
-        let field =
-            fields.iter().position(|f| *f == key).or_else(|| fields.iter().position(|f| f.eq_ignore_ascii_case(&key)));
-        if let Some(i) = field {
-            chosen[i] = Some(value);
+        let exact = fields.iter().position(|f| *f == key);
+        let field = exact.or_else(|| fields.iter().position(|f| f.eq_ignore_ascii_case(&key)));
+        match field {
+            Some(i) => {
+                as_is &= exact.is_some() && chosen[i].is_none();
+                chosen[i] = Some(value);
+            }
+            None => as_is = false,
         }
+    }
+    if as_is {
+        return Ok(None);
     }
     let mut out = String::with_capacity(payload.len());
     out.push('{');
@@ -113,7 +122,7 @@ fn go_keys(payload: &str, message: &str) -> Result<String, String> {
         }
     }
     out.push('}');
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// At most 200 bytes of `text` (a reason stored with a dead letter and logged: a rejected
@@ -132,10 +141,10 @@ fn short(mut text: String) -> String {
 
 /// `command` as a protobuf `Command`; an error says why Centrifugo would refuse its JSON.
 pub fn command(command: &Prepared) -> Result<proto::Command, String> {
-    fn read<T: for<'a> Deserialize<'a>>(payload: &str, message: &str) -> Result<Option<T>, String> {
-        let payload = go_keys(payload, message)?;
-        serde_json::from_str(&payload)
-            .map(Some)
+    fn read<T: for<'a> Deserialize<'a>>(payload: &str, message: &str) -> Result<Option<Box<T>>, String> {
+        let rewritten = go_keys(payload, message)?;
+        serde_json::from_str(rewritten.as_deref().unwrap_or(payload))
+            .map(|m| Some(Box::new(m)))
             .map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
     }
     let payload = command.payload.as_str();
@@ -166,7 +175,7 @@ pub fn replies(response: proto::BatchResponse) -> Vec<Reply> {
         .replies
         .into_iter()
         .map(|reply| Reply {
-            error: error(reply.error),
+            error: error(reply.error.map(|e| *e)),
             broadcast: reply.broadcast.map(|b| crate::dispatch::BroadcastResult {
                 responses: b.responses.into_iter().map(|r| ChannelResponse { error: error(r.error) }).collect(),
             }),
@@ -474,18 +483,18 @@ mod tests {
         let error = |code: u32| Some(proto::Error { code, message: format!("e{code}") });
         let reply = proto::BatchResponse {
             replies: vec![
-                proto::Reply { publish: Some(proto::PublishResult::default()), ..Default::default() },
-                proto::Reply { error: error(102), ..Default::default() },
+                proto::Reply { publish: Some(Box::default()), ..Default::default() },
+                proto::Reply { error: error(102).map(Box::new), ..Default::default() },
                 proto::Reply {
-                    broadcast: Some(proto::BroadcastResult {
+                    broadcast: Some(Box::new(proto::BroadcastResult {
                         responses: vec![
                             proto::PublishResponse { error: None, result: Some(Default::default()) },
                             proto::PublishResponse { error: error(102), result: None },
                         ],
-                    }),
+                    })),
                     ..Default::default()
                 },
-                proto::Reply { error: error(100), ..Default::default() },
+                proto::Reply { error: error(100).map(Box::new), ..Default::default() },
             ],
         };
         // Through the wire format, as it comes back.
