@@ -15,6 +15,7 @@ from conftest import delivery_settings, wait_for_workers
 from harness.centrifugo import Centrifugo
 from harness.common import wait_until
 from harness.fault_double import FaultDouble, ok_replies
+from harness.grpc_double import GrpcFaultDouble
 
 FAST_RETRY = {"retry_backoff_base": 10, "retry_backoff_max": 200, "http_timeout": 500, "http_connect_timeout": 300}
 
@@ -34,11 +35,15 @@ def publish_many(pg, channel, n, start=0, partition=0):
 
 @pytest.fixture
 def double_cluster(make_cluster):
-    """A cluster delivering to a fault double (answering by itself unless given an upstream)."""
+    """A cluster delivering to a fault double (answering by itself unless given an upstream), over
+    HTTP or, with transport="grpc", over Centrifugo's gRPC API."""
     doubles = []
 
-    def make(upstream=None, **extra):
-        double = FaultDouble(upstream.api_url if upstream else None).start()
+    def make(upstream=None, transport="http", **extra):
+        if transport == "grpc":
+            double = GrpcFaultDouble(upstream.endpoint("grpc") if upstream else None).start()
+        else:
+            double = FaultDouble(upstream.api_url if upstream else None).start()
         doubles.append(double)
         key = upstream.api_key if upstream else "double-key"
         pg = make_cluster(delivery_settings(double.api_url, key, **{**FAST_RETRY, **extra}))
@@ -100,8 +105,8 @@ def test_a_worker_backing_off_is_not_woken_by_every_commit(make_cluster):
     assert outbox_count(pg) == 501
 
 
-def test_worker_killed_mid_batch_loses_nothing_and_duplicates_are_suppressed(double_cluster, centrifugo):
-    pg, double = double_cluster(upstream=centrifugo, http_timeout=10000)
+def test_worker_killed_mid_batch_loses_nothing_and_duplicates_are_suppressed(double_cluster, centrifugo, transport):
+    pg, double = double_cluster(upstream=centrifugo, transport=transport, http_timeout=10000)
     channel = f"chat:kill{uid()}"
     held = {"first": True}
 
@@ -177,8 +182,8 @@ def test_postgres_restart_keeps_the_backlog(double_cluster):
 
 
 @pytest.mark.parametrize("fault", ["code100", "http500", "slow", "reset"])
-def test_temporary_faults_are_retried_in_order(double_cluster, fault):
-    pg, double = double_cluster(partition_select_limit=5)
+def test_temporary_faults_are_retried_in_order(double_cluster, fault, transport):
+    pg, double = double_cluster(transport=transport, partition_select_limit=5)
     failures = {"left": 3}
     # What the double ran, in order, as Centrifugo would: every command of a batch it answers,
     # except one it fails with code 100 (a slow reply ran too: the worker just stopped waiting).
@@ -233,8 +238,8 @@ def test_temporary_faults_are_retried_in_order(double_cluster, fault):
     assert pg.scalar("SELECT retries FROM centrifugo_worker_status() WHERE partition = 0") >= 3
 
 
-def test_broadcast_with_one_internal_error_is_retried_whole(double_cluster):
-    pg, double = double_cluster()
+def test_broadcast_with_one_internal_error_is_retried_whole(double_cluster, transport):
+    pg, double = double_cluster(transport=transport)
     attempts = {"n": 0}
 
     def script(request):
@@ -255,8 +260,8 @@ def test_broadcast_with_one_internal_error_is_retried_whole(double_cluster):
     assert broadcasts[0]["channels"] == ["a", "b", "c"]
 
 
-def test_final_errors_become_dead_letters_and_do_not_block_the_partition(double_cluster):
-    pg, double = double_cluster()
+def test_final_errors_become_dead_letters_and_do_not_block_the_partition(double_cluster, transport):
+    pg, double = double_cluster(transport=transport)
 
     def script(request):
         replies = ok_replies(request)
@@ -295,8 +300,8 @@ def test_final_errors_become_dead_letters_and_do_not_block_the_partition(double_
     assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 3
 
 
-def test_unauthorized_is_retried_not_dead_lettered(double_cluster):
-    pg, double = double_cluster()
+def test_unauthorized_is_retried_not_dead_lettered(double_cluster, transport):
+    pg, double = double_cluster(transport=transport)
     double.script = lambda r: ("reply", 401, b"")
     publish_many(pg, "c", 3)
     time.sleep(1.5)
@@ -306,12 +311,12 @@ def test_unauthorized_is_retried_not_dead_lettered(double_cluster):
     assert "double-key" not in pg.log()
 
 
-def test_a_writers_transaction_that_commits_while_a_round_reads_ahead_keeps_its_order(double_cluster):
+def test_a_writers_transaction_that_commits_while_a_round_reads_ahead_keeps_its_order(double_cluster, transport):
     """Writer A's first transaction (low id) is still open when the worker reads a batch; it
     commits while that batch is in flight, and A's next transaction (higher id) commits right
     after. A read ahead in the same round sees both, but must not send A's second command before
     its first: Centrifugo's consumer, which reads from the partition's start every time, never does."""
-    pg, double = double_cluster(partition_select_limit=10)
+    pg, double = double_cluster(transport=transport, partition_select_limit=10)
     channel = f"chat:gap{uid()}"
     in_flight = threading.Event()
 

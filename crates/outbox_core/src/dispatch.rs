@@ -149,7 +149,7 @@ pub fn prepare_text(
             }
             if key.is_none() {
                 let fields = fields.trim_start_matches([' ', '\t', '\n', '\r']);
-                let key = Value::String(idempotency_key()).to_string();
+                let key = json_string(idempotency_key());
                 let mut text = String::with_capacity(object.len() + key.len() + 20);
                 text.push_str("{\"idempotency_key\":");
                 text.push_str(&key);
@@ -162,6 +162,19 @@ pub fn prepare_text(
         }
     }
     prepare(method, payload, idempotency_key)
+}
+
+/// `text` as a JSON string; the derived keys (letters, digits, `-`) need no escaping.
+fn json_string(text: String) -> String {
+    if text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        let mut quoted = String::with_capacity(text.len() + 2);
+        quoted.push('"');
+        quoted.push_str(&text);
+        quoted.push('"');
+        quoted
+    } else {
+        Value::String(text).to_string()
+    }
 }
 
 fn needs_key(method: Method) -> bool {
