@@ -912,7 +912,7 @@ impl Statements {
                     &format!(
                         "{marker}SELECT id, method, payload::pg_catalog.text,
                                 coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at,
-                                xmin::pg_catalog.text::pg_catalog.int8
+                                xmin
                          FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
                     ),
                     &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
@@ -1079,8 +1079,8 @@ impl BatchReader<'_> {
                         // which reads the partition from its start: were it sent now, a row
                         // of an earlier transaction with a lower id, invisible to the round's
                         // first read, would go after it.
-                        let xmin = row.get::<i64>(7)?.unwrap_or(0);
-                        if !self.snapshot.sees(xmin as u32, next_xid) {
+                        let xmin = row.get::<pg_sys::TransactionId>(7)?.map_or(0, |x| x.into_inner());
+                        if !self.snapshot.sees(xmin, next_xid) {
                             deferred = true;
                             // Its text was made all the same: it counts against the budget.
                             bytes += row.get::<String>(3)?.map_or(0, |p| p.len() as i64);
