@@ -3,7 +3,9 @@
 //! policy and dead-letter table as the outbox workers.
 //!
 //! Per Kafka partition, records are dispatched in offset order (up to `max_poll_records` per
-//! `/api/batch`); a temporary failure pauses only that partition while it backs off. An offset is
+//! `/api/batch`), one batch at a time; the batches of different partitions are in flight
+//! together, and the next records are polled meanwhile. A temporary failure pauses only that
+//! partition while it backs off. An offset is
 //! committed only after its record is done: delivered, or written to the dead letters in a
 //! committed transaction. Queues are bounded (`partition_queue_max_size`): a full partition is
 //! paused at the broker until it drains. On revocation, what is done is committed and the rest
