@@ -182,12 +182,12 @@ pub fn init() {
         Sighup,
         MS,
     );
-    string(
+    string_checked(
         c"centrifugo.partition_notification_channel",
         c"NOTIFY channel the outbox trigger notifies (empty: none).",
         &PARTITION_NOTIFICATION_CHANNEL,
         Sighup,
-        none,
+        check_notification_channel,
     );
     int(
         c"centrifugo.max_command_size",
@@ -514,6 +514,15 @@ unsafe extern "C-unwind" fn check_table_name(
     _source: pg_sys::GucSource::Type,
 ) -> bool {
     unsafe { check_string(newval, |v| settings::quoted_table_name(v).map(|_| ())) }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_notification_channel(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_string(newval, settings::notification_channel) }
 }
 
 fn text(s: &GucSetting<Option<CString>>) -> String {

@@ -4,7 +4,7 @@
 //!
 //! Per Kafka partition, records are dispatched in offset order (up to `max_poll_records` per
 //! `/api/batch`), one batch at a time; the batches of different partitions are in flight
-//! together, and the next records are polled meanwhile. A temporary failure pauses only that
+//! together while librdkafka fetches the next records. A temporary failure pauses only that
 //! partition while it backs off. An offset is
 //! committed only after its record is done: delivered, or written to the dead letters in a
 //! committed transaction. Queues are bounded (`partition_queue_max_size`): a full partition is
@@ -197,9 +197,6 @@ struct Record {
 
 #[derive(Default)]
 struct PartitionQueue {
-    /// Which assignment of the partition this queue belongs to: a batch that was in flight while
-    /// the partition was revoked (and perhaps assigned again) must not touch the new queue.
-    generation: u64,
     records: VecDeque<Record>,
     retry_at: Option<Instant>,
     attempts: u32,
@@ -317,7 +314,6 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
 
     let mut client: Option<CentrifugoClient> = None;
     let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
-    let mut generations = 0u64;
     let mut jitter = Jitter::new(u64::from(pid as u32));
     let mut last_status = Instant::now() - Duration::from_secs(10);
     let mut last_log: HashMap<&'static str, Instant> = HashMap::new();
@@ -356,16 +352,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let now = Instant::now();
         let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
         let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
-        poll_records(
-            &consumer,
-            &spec,
-            index,
-            &mut queues,
-            &mut generations,
-            timeout,
-            spec.max_poll_records,
-            &mut |e| warn("poll", scrubbed(&format!("poll: {e}"))),
-        );
+        // Enough for a full batch of every partition known (queues are bounded by pausing).
+        let most = spec.max_poll_records.saturating_mul(queues.len().max(1));
+        poll_records(&consumer, &spec, index, &mut queues, timeout, most, &mut |e| {
+            warn("poll", scrubbed(&format!("poll: {e}")))
+        });
 
         if !postmaster_alive() {
             // An orphan would go on consuming and committing offsets, and PostgreSQL cannot start
@@ -382,26 +373,24 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             .map(|(k, _)| k.clone())
             .collect();
         // Every ready partition's batch goes on the wire at once (partitions are independent;
-        // within one, a batch waits for the one before it), and the next records are read from
-        // Kafka while they are in flight.
+        // within one, a batch waits for the one before it); librdkafka's fetcher keeps reading
+        // the next records meanwhile. The consumer is not polled while batches are in flight:
+        // a rebalance callback runs inside a poll, and a partition revoked with its batch in
+        // flight would be sent again by its new owner while Centrifugo may still be running it.
         let mut in_flight: Vec<Dispatching<'_>> = Vec::with_capacity(keys.len());
         for key in keys {
             let queue = queues.get_mut(&key).expect("key from the map");
             in_flight.push(start_dispatch(&spec, client, key, queue));
         }
-        if in_flight.iter().any(|d| d.request.is_some()) {
-            let more = spec.max_poll_records.saturating_mul(in_flight.len());
-            poll_records(&consumer, &spec, index, &mut queues, &mut generations, Duration::ZERO, more, &mut |e| {
-                warn("poll", scrubbed(&format!("poll: {e}")))
-            });
+        // Every answer is read before any is handled: none waits unread (and times out) while
+        // another partition's dead letters are written.
+        for request in in_flight.iter_mut().filter_map(|d| d.request.as_mut()) {
+            request.settle();
         }
         for dispatching in in_flight {
             let key = dispatching.key.clone();
-            let Some(queue) = queues.get_mut(&key).filter(|q| q.generation == dispatching.generation) else {
-                // Revoked while in flight: its new owner reads those records again (at least once).
-                drop(dispatching);
-                continue;
-            };
+            // Queues change only in polls, and none runs while batches are in flight.
+            let queue = queues.get_mut(&key).expect("not polled while in flight");
             let outcome = complete_dispatch(&spec, client, queue, dispatching);
             for event in client.take_events() {
                 log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
@@ -504,13 +493,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
 /// Reads up to `max` records into the partitions' queues, waiting up to `timeout` for the first
 /// one, and drops the queues of partitions revoked meanwhile (nothing of them is sent or
 /// committed any more: their new owner reads them again). A full queue pauses its partition.
-#[allow(clippy::too_many_arguments)]
 fn poll_records(
     consumer: &BaseConsumer<BridgeContext>,
     spec: &KafkaConsumer,
     index: usize,
     queues: &mut HashMap<(String, i32), PartitionQueue>,
-    generations: &mut u64,
     mut timeout: Duration,
     max: usize,
     poll_failed: &mut dyn FnMut(KafkaError),
@@ -549,10 +536,7 @@ fn poll_records(
                     done: false,
                     dead_letter: None,
                 };
-                let queue = queues.entry(key.clone()).or_insert_with(|| {
-                    *generations += 1;
-                    PartitionQueue { generation: *generations, ..Default::default() }
-                });
+                let queue = queues.entry(key.clone()).or_default();
                 queue.records.push_back(record);
                 if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
                     let mut tpl = TopicPartitionList::new();
@@ -582,11 +566,11 @@ struct DispatchStats {
 /// its record's method), and the counters.
 type Dispatched = (Option<i64>, Option<(Failure, String)>, DispatchStats);
 
-/// One partition's batch: the queue records it carries (indexes stay valid while it is in
-/// flight: records are only appended meanwhile), what is already known of each, and the request.
+/// One partition's batch: the queue records it carries (indexes into a queue that does not
+/// change while the batch is in flight: no poll runs then), what is already known of each, and
+/// the request.
 struct Dispatching<'c> {
     key: (String, i32),
-    generation: u64,
     pending: Vec<usize>,
     outcomes: Vec<Option<Outcome>>,
     methods: Vec<String>,
@@ -608,7 +592,6 @@ fn start_dispatch<'c>(
 ) -> Dispatching<'c> {
     let take = if gucs::strict_order() { 1 } else { spec.max_poll_records };
     let mut d = Dispatching {
-        generation: queue.generation,
         pending: Vec::with_capacity(take),
         outcomes: Vec::with_capacity(take),
         methods: Vec::with_capacity(take),

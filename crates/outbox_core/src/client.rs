@@ -1,8 +1,9 @@
 //! The client towards Centrifugo's server API, over HTTP (`/api/batch`, `X-API-Key`) or gRPC (the
 //! `Batch` RPC, see [`crate::grpc`]): keep-alive, bounded connect and request timeouts, TLS
 //! verified by default (custom CA and client certificate optional).
-//! One client per partition worker, and the worker sends one request at a time, so there is
-//! never more than one request in flight per partition.
+//! One client per partition worker, which sends one request at a time, so there is never more
+//! than one request in flight per partition. The Kafka bridge's client has one in flight per
+//! ready Kafka partition at once.
 //!
 //! The client owns a current-thread runtime, driven only by the worker's own thread (no extra
 //! thread, no cross-thread wake-ups): [`CentrifugoClient::start_body`] runs it just long enough
@@ -107,6 +108,8 @@ pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at
 pub struct InFlight<'c> {
     client: &'c CentrifugoClient,
     task: Option<JoinHandle<Response>>,
+    /// The answer, once read by [`InFlight::settle`].
+    answer: Option<Response>,
     endpoint: usize,
     started: Instant,
 }
@@ -115,7 +118,21 @@ impl InFlight<'_> {
     /// Blocks until Centrifugo answers (or the request times out / fails), or until the
     /// worker must stop: then the request is abandoned and reported as a transport failure.
     pub fn wait(mut self) -> Response {
-        let mut task = self.task.take().expect("waited once");
+        self.settle();
+        self.answer.take().expect("settled")
+    }
+
+    /// Reads the answer now and keeps it for [`InFlight::wait`]. With several requests in
+    /// flight, settling all of them before handling any answer keeps an answer from waiting
+    /// unread (and timing out) while another one's outcome is written to the database.
+    pub fn settle(&mut self) {
+        if self.answer.is_none() {
+            self.answer = Some(self.read_answer());
+        }
+    }
+
+    fn read_answer(&mut self) -> Response {
+        let mut task = self.task.take().expect("read once");
         let stop_requested = self.client.stop_requested;
         let done = self.client.runtime.block_on(async {
             let mut stop_seen: Option<std::time::Instant> = None;
@@ -189,7 +206,7 @@ impl CentrifugoClient {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
-            .pool_max_idle_per_host(1)
+            .pool_max_idle_per_host(32)
             // Below Centrifugo's own 30 s (its HTTP server closes idle keep-alive connections then).
             .pool_idle_timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
@@ -418,7 +435,7 @@ impl CentrifugoClient {
         };
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
-        InFlight { client: self, task: Some(task), endpoint, started }
+        InFlight { client: self, task: Some(task), answer: None, endpoint, started }
     }
 
     /// Runs the runtime for a moment without blocking: each yield polls the socket events once
@@ -502,7 +519,12 @@ impl CentrifugoClient {
             // Nothing was sent: no request to count, nothing learned about the node.
             *batches -= 1;
         } else if node_failure(&response).is_none() && !matches!(&response, Response::Transport(_)) {
-            self.failover.borrow_mut().answered(endpoint, Instant::now());
+            let mut failover = self.failover.borrow_mut();
+            // A request sent before another one failed over from this node, answering late:
+            // the node stays down until its probe, which brings it back.
+            if endpoint == failover.current() || !failover.is_down(endpoint) {
+                failover.answered(endpoint, Instant::now());
+            }
         }
         let tried = tried.iter().filter(|t| **t).count();
         let mut verdict = classify_batch(&response, commands);

@@ -183,6 +183,15 @@ pub fn valid_consumer_name(name: &str) -> bool {
     name.len() >= 2 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// A NOTIFY channel is an identifier: PostgreSQL refuses one of NAMEDATALEN (64) bytes or more
+/// at NOTIFY time, which would make every outbox INSERT fail; refused at SET instead.
+pub fn notification_channel(channel: &str) -> Result<(), String> {
+    if channel.len() >= 64 {
+        return Err(format!("a NOTIFY channel name has at most 63 bytes, this one has {}", channel.len()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,6 +256,13 @@ mod tests {
         assert_eq!(compact_json_len(r#"{"a": 1, "b": [1, 2]}"#), r#"{"a":1,"b":[1,2]}"#.len());
         assert_eq!(compact_json_len(r#"{"s": "a b \" c"}"#), r#"{"s":"a b \" c"}"#.len());
         assert_eq!(compact_json_len("\n\t{ }"), 2);
+    }
+
+    #[test]
+    fn notification_channels_are_identifiers() {
+        assert!(notification_channel("").is_ok());
+        assert!(notification_channel(&"c".repeat(63)).is_ok());
+        assert!(notification_channel(&"c".repeat(64)).unwrap_err().contains("at most 63 bytes"));
     }
 }
 
