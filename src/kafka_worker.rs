@@ -352,9 +352,15 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let now = Instant::now();
         let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
         let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
-        // Enough for a full batch of every partition known (queues are bounded by pausing).
-        let most = spec.max_poll_records.saturating_mul(queues.len().max(1));
-        poll_records(&consumer, &spec, index, &mut queues, timeout, most, &mut |e| {
+        // A batch's worth per assigned partition, so that several partitions have a batch ready
+        // at once. Records come partition by partition (a fetched set at a time), so a poll stops
+        // once one queue holds half its bound: a queue that reached the bound would pause its
+        // partition, and a paused partition is fetched anew. (A queue that does not drain, its
+        // partition backing off, still gains a record per poll: it is paused at its bound.)
+        let assigned = consumer.assignment().map_or(1, |a| a.count().max(1));
+        let most = spec.max_poll_records.saturating_mul(assigned);
+        let queue_bound = (spec.partition_queue_max_size / 2).max(1);
+        poll_records(&consumer, &spec, index, &mut queues, timeout, most, queue_bound, &mut |e| {
             warn("poll", scrubbed(&format!("poll: {e}")))
         });
 
@@ -491,8 +497,9 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
 }
 
 /// Reads up to `max` records into the partitions' queues, waiting up to `timeout` for the first
-/// one, and drops the queues of partitions revoked meanwhile (nothing of them is sent or
+/// one and stopping once a queue holds `queue_bound` records, and drops the queues of partitions revoked meanwhile (nothing of them is sent or
 /// committed any more: their new owner reads them again). A full queue pauses its partition.
+#[allow(clippy::too_many_arguments)]
 fn poll_records(
     consumer: &BaseConsumer<BridgeContext>,
     spec: &KafkaConsumer,
@@ -500,6 +507,7 @@ fn poll_records(
     queues: &mut HashMap<(String, i32), PartitionQueue>,
     mut timeout: Duration,
     max: usize,
+    queue_bound: usize,
     poll_failed: &mut dyn FnMut(KafkaError),
 ) {
     let drop_revoked = |queues: &mut HashMap<(String, i32), PartitionQueue>| {
@@ -544,6 +552,9 @@ fn poll_records(
                     if consumer.pause(&tpl).is_ok() {
                         queue.paused = true;
                     }
+                }
+                if queue.records.len() >= queue_bound {
+                    break;
                 }
             }
         }
