@@ -316,6 +316,8 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
     let mut jitter = Jitter::new(u64::from(pid as u32));
     let mut last_status = Instant::now() - Duration::from_secs(10);
+    // Partitions assigned, as of the last status update (a blocking call into librdkafka).
+    let mut assigned = 1usize;
     let mut last_log: HashMap<&'static str, Instant> = HashMap::new();
     let mut warn = |kind: &'static str, message: String| {
         let now = Instant::now();
@@ -346,18 +348,20 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         if last_status.elapsed() >= Duration::from_secs(1) {
             last_status = Instant::now();
             publish_assignment(&consumer, index, pid);
+            assigned = consumer.assignment().map_or(1, |a| a.count().max(1));
         }
 
         // Poll: wait only when nothing is ready to dispatch.
         let now = Instant::now();
-        let ready = queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
+        // Without a client nothing is dispatched: wait in the poll rather than spin.
+        let ready =
+            client.is_some() && queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
         let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
         // A batch's worth per assigned partition, so that several partitions have a batch ready
         // at once. Records come partition by partition (a fetched set at a time), so a poll stops
         // once one queue holds half its bound: a queue that reached the bound would pause its
         // partition, and a paused partition is fetched anew. (A queue that does not drain, its
         // partition backing off, still gains a record per poll: it is paused at its bound.)
-        let assigned = consumer.assignment().map_or(1, |a| a.count().max(1));
         let most = spec.max_poll_records.saturating_mul(assigned);
         let queue_bound = (spec.partition_queue_max_size / 2).max(1);
         poll_records(&consumer, &spec, index, &mut queues, timeout, most, queue_bound, &mut |e| {

@@ -5,7 +5,9 @@ TLS listeners, and invalid settings."""
 
 import json
 import os
+import shutil
 import signal
+import tempfile
 import time
 import uuid
 
@@ -217,6 +219,42 @@ def test_centrifugo_down_pauses_then_resumes(make_cluster, kafka, transport):
         assert "retrying in" in pg.log()
     finally:
         server.stop()
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_bridge_without_a_client_waits_instead_of_spinning(make_cluster, centrifugo, kafka):
+    """Records queued while the client cannot be built (a CA file that is missing): the bridge
+    waits in its poll, and delivers once the file is there after a reload."""
+    topic = f"noclient{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:knoclient{uid()}"
+    ca_dir = tempfile.mkdtemp(prefix="centrifugo_outbox_ca_", dir="/var/tmp")
+    os.chmod(ca_dir, 0o755)
+    ca = os.path.join(ca_dir, "ca.pem")
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], http_tls_root_ca=ca)
+    wait_until(lambda: "cannot reach Centrifugo" in pg.log(), 30, what="the client error")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_kafka_status WHERE assigned AND topic = %s",
+                                 (topic,)) == 1, 30, what="the partition to be assigned")
+    produce(kafka, topic, [(command(channel, {"s": s}), None, None) for s in range(5)])
+    wait_until(lambda: pg.scalar("SELECT high_watermark FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) == 5,
+               30, what="the bridge to fetch the records")
+    time.sleep(0.5)
+    pid = kafka_worker_pid(pg)
+    before = cpu_seconds(pid)
+    time.sleep(3)
+    used = cpu_seconds(pid) - before
+    assert used < 1.0, f"the bridge used {used:.2f} s of CPU in 3 s without a client"
+    assert centrifugo.history(channel) == []
+    # A reload with a readable CA file (any PEM certificate will do for plain HTTP) fixes it.
+    shutil.copy("/etc/ssl/certs/ISRG_Root_X1.pem", ca)
+    os.chmod(ca, 0o644)
+    pg.sql("SELECT pg_reload_conf()")
+    wait_until(lambda: len(centrifugo.history(channel)) == 5, 30, what="delivery after the reload")
 
 
 def test_broker_restart_reconnects(make_cluster, centrifugo, kafka):

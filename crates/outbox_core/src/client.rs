@@ -52,6 +52,9 @@ pub struct CentrifugoClient {
     probe_statuses: RefCell<Vec<u16>>,
     /// Asked every [`STOP_POLL`] while a reply is awaited: true means the worker must stop.
     stop_requested: fn() -> bool,
+    /// When a wait first saw the stop request: every later wait shares its [`STOP_GRACE`], so
+    /// a bridge waiting for many partitions' answers stops within one grace, not one each.
+    stop_seen: std::cell::Cell<Option<Instant>>,
 }
 
 /// How requests travel, chosen by the scheme of `centrifugo.api_url`.
@@ -134,14 +137,18 @@ impl InFlight<'_> {
     fn read_answer(&mut self) -> Response {
         let mut task = self.task.take().expect("read once");
         let stop_requested = self.client.stop_requested;
+        let stop_seen = &self.client.stop_seen;
         let done = self.client.runtime.block_on(async {
-            let mut stop_seen: Option<std::time::Instant> = None;
             loop {
                 if let Ok(result) = tokio::time::timeout(STOP_POLL, &mut task).await {
                     return Some(result);
                 }
-                if stop_requested() && stop_seen.get_or_insert_with(std::time::Instant::now).elapsed() >= STOP_GRACE {
-                    return None;
+                if stop_requested() {
+                    let since = stop_seen.get().unwrap_or_else(Instant::now);
+                    stop_seen.set(Some(since));
+                    if since.elapsed() >= STOP_GRACE {
+                        return None;
+                    }
                 }
             }
         });
@@ -188,6 +195,7 @@ impl CentrifugoClient {
             probe: RefCell::new(None),
             events: RefCell::new(Vec::new()),
             stop_requested: || false,
+            stop_seen: std::cell::Cell::new(None),
         })
     }
 
@@ -206,7 +214,6 @@ impl CentrifugoClient {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
-            .pool_max_idle_per_host(32)
             // Below Centrifugo's own 30 s (its HTTP server closes idle keep-alive connections then).
             .pool_idle_timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
