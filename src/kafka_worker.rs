@@ -347,8 +347,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         }
         if last_status.elapsed() >= Duration::from_secs(1) {
             last_status = Instant::now();
-            publish_assignment(&consumer, index, pid);
-            assigned = consumer.assignment().map_or(1, |a| a.count().max(1));
+            assigned = publish_assignment(&consumer, index, pid).max(1);
         }
 
         // Poll: wait only when nothing is ready to dispatch.
@@ -500,9 +499,10 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads up to `max` records into the partitions' queues, waiting up to `timeout` for the first
-/// one and stopping once a queue holds `queue_bound` records, and drops the queues of partitions revoked meanwhile (nothing of them is sent or
-/// committed any more: their new owner reads them again). A full queue pauses its partition.
+/// Reads up to `max` (at least one) records into the partitions' queues, waiting up to
+/// `timeout` for the first one and stopping once a queue holds `queue_bound` records; drops the
+/// queues of partitions revoked by each poll (nothing of them is sent or committed any more:
+/// their new owner reads them again). A full queue pauses its partition.
 #[allow(clippy::too_many_arguments)]
 fn poll_records(
     consumer: &BaseConsumer<BridgeContext>,
@@ -564,7 +564,6 @@ fn poll_records(
         }
         timeout = Duration::ZERO;
     }
-    drop_revoked(queues);
 }
 
 /// What one dispatch did, for the shared-memory counters.
@@ -766,9 +765,10 @@ fn cached_high_watermark(consumer: &BaseConsumer<BridgeContext>, topic: &str, pa
     }
 }
 
-/// Publishes this worker's current assignment and the client's cached high watermarks.
-fn publish_assignment(consumer: &BaseConsumer<BridgeContext>, index: usize, pid: i32) {
-    let Ok(assignment) = consumer.assignment() else { return };
+/// Publishes this worker's current assignment and the client's cached high watermarks; returns
+/// how many partitions are assigned.
+fn publish_assignment(consumer: &BaseConsumer<BridgeContext>, index: usize, pid: i32) -> usize {
+    let Ok(assignment) = consumer.assignment() else { return 0 };
     for e in assignment.elements() {
         let high = cached_high_watermark(consumer, e.topic(), e.partition());
         shmem::update_kafka(index, e.topic(), e.partition(), |s| {
@@ -782,6 +782,7 @@ fn publish_assignment(consumer: &BaseConsumer<BridgeContext>, index: usize, pid:
             }
         });
     }
+    assignment.count()
 }
 
 /// A record value as JSON for the dead letters: itself, verbatim, when it is JSON, else a JSON

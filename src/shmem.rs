@@ -456,11 +456,9 @@ fn centrifugo_wake_at_commit<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
     if let Some(new) = trigger.new() {
         let partition = new.get_by_name::<i32>("partition").ok().flatten().unwrap_or(0);
-        let num = if crate::worker::only_the_default_consumer() {
-            crate::gucs::num_partitions()
-        } else {
-            crate::worker::partitions_of_table(&trigger.table_schema()?, &trigger.table_name()?)
-        };
+        let num = crate::worker::partitions_of_table(|| -> Result<_, pgrx::PgTriggerError> {
+            Ok((trigger.table_schema()?, trigger.table_name()?))
+        })?;
         if !(0..num).contains(&partition) {
             crate::errors::raise(outbox_core::partition::check_partition(partition, num).expect_err("out of range"));
         }

@@ -166,30 +166,29 @@ pub fn worker_slots() -> Vec<(usize, i32)> {
     configured_partitions().into_iter().take(MAX_PARTITIONS as usize).collect()
 }
 
-/// Whether the default consumer is the only outbox consumer (the usual case): every outbox
-/// table then has its partition count, and the trigger need not look up its table's name.
-pub fn only_the_default_consumer() -> bool {
-    layout().entries.is_empty()
-}
-
-/// The most partitions any consumer drains from the table `schema.table` (for the outbox trigger).
-pub fn partitions_of_table(schema: &str, table: &str) -> i32 {
-    if only_the_default_consumer() {
-        return gucs::num_partitions();
+/// The most partitions any consumer drains from the table `table()` names, as (schema, name)
+/// (for the outbox trigger). With only the default consumer (the usual case) the answer is its
+/// partition count whatever the table, so the name is not looked up: this runs for every row.
+pub fn partitions_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) -> Result<i32, E> {
+    if layout().entries.is_empty() {
+        return Ok(gucs::num_partitions());
     }
-    outbox_specs()
+    let (schema, table) = table()?;
+    Ok(outbox_specs()
         .iter()
         .filter(|spec| match table_name_parts(&spec.table_setting()) {
             Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
             // Unqualified means the table in the extension's schema.
             Ok(parts) => {
-                parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema)
+                parts.len() == 1
+                    && parts[0] == table
+                    && crate::session::extension_schema().as_deref() == Some(schema.as_str())
             }
             Err(_) => false,
         })
         .map(OutboxSpec::num_partitions)
         .max()
-        .unwrap_or_else(gucs::num_partitions)
+        .unwrap_or_else(gucs::num_partitions))
 }
 
 /// Registers one worker per partition of every outbox consumer; called from `_PG_init`.

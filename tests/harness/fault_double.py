@@ -24,9 +24,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .common import free_port
 
 
-class FaultDouble:
-    def __init__(self, upstream_api_url=None, api_key=None):
-        self.upstream = upstream_api_url
+class RecordingDouble:
+    """What both doubles share: the script, every request recorded, and how many were handled
+    at once. `handle(request, act)` records `request`, asks the script and runs `act(action)`."""
+
+    def __init__(self, upstream, api_key):
+        self.upstream = upstream
         self.api_key = api_key
         self.port = free_port()
         self.requests = []
@@ -36,6 +39,34 @@ class FaultDouble:
         self.in_flight = 0
         self.max_in_flight = 0
         self.script = lambda request: ("forward",)
+
+    def handle(self, request, act):
+        with self.lock:
+            if self.keep_requests:
+                self.requests.append(request)
+            action = self.script(request)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return act(action)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def commands(self):
+        """Every command received, in arrival order (batches flattened), as (method, payload)."""
+        with self.lock:
+            out = []
+            for r in self.requests:
+                for c in (r["body"] or {}).get("commands", []):
+                    (method, payload), = c.items()
+                    out.append((method, payload))
+            return out
+
+
+class FaultDouble(RecordingDouble):
+    def __init__(self, upstream_api_url=None, api_key=None):
+        super().__init__(upstream_api_url, api_key)
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,17 +83,7 @@ class FaultDouble:
                 except ValueError:
                     body = None
                 request = {"path": self.path, "body": body, "raw": raw, "key": self.headers.get("X-API-Key"), "at": time.time()}
-                with double.lock:
-                    if double.keep_requests:
-                        double.requests.append(request)
-                    action = double.script(request)
-                    double.in_flight += 1
-                    double.max_in_flight = max(double.max_in_flight, double.in_flight)
-                try:
-                    double._act(self, action, request)
-                finally:
-                    with double.lock:
-                        double.in_flight -= 1
+                double.handle(request, lambda action: double._act(self, action, request))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.server.daemon_threads = True
@@ -79,16 +100,6 @@ class FaultDouble:
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
-
-    def commands(self):
-        """Every command received, in arrival order (batches flattened), as (method, payload)."""
-        with self.lock:
-            out = []
-            for r in self.requests:
-                for c in (r["body"] or {}).get("commands", []):
-                    (method, payload), = c.items()
-                    out.append((method, payload))
-            return out
 
     def _forward(self, request):
         req = urllib.request.Request(self.upstream + request["path"][len("/api"):], data=request["raw"],

@@ -22,14 +22,13 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from concurrent import futures
 
 import grpc
 from google.protobuf import json_format
 
-from .common import free_port
+from .fault_double import RecordingDouble
 
 PROTO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "crates", "outbox_core", "proto")
 BATCH = "/centrifugal.centrifugo.api.CentrifugoApi/Batch"
@@ -69,18 +68,10 @@ def as_http_json(request_message):
     return body
 
 
-class GrpcFaultDouble:
+class GrpcFaultDouble(RecordingDouble):
     def __init__(self, upstream_grpc_url=None, api_key=None):
+        super().__init__(upstream_grpc_url, api_key)
         api = api_pb2()
-        self.upstream = upstream_grpc_url
-        self.api_key = api_key
-        self.port = free_port()
-        self.requests = []
-        self.keep_requests = True
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.script = lambda request: ("forward",)
         self._upstream_call = None
         if upstream_grpc_url:
             channel = grpc.insecure_channel(upstream_grpc_url.removeprefix("grpc://"))
@@ -104,32 +95,12 @@ class GrpcFaultDouble:
     def stop(self):
         self.server.stop(grace=0)
 
-    def commands(self):
-        """Every command received, in arrival order (batches flattened), as (method, payload)."""
-        with self.lock:
-            out = []
-            for r in self.requests:
-                for c in (r["body"] or {}).get("commands", []):
-                    (method, payload), = c.items()
-                    out.append((method, payload))
-            return out
-
     def _batch(self, message, context):
         metadata = dict(context.invocation_metadata())
         key = metadata.get("authorization", "").removeprefix("apikey ")
         request = {"path": "/api/batch", "body": as_http_json(message), "raw": message.SerializeToString(),
                    "key": key, "at": time.time(), "message": message}
-        with self.lock:
-            if self.keep_requests:
-                self.requests.append(request)
-            action = self.script(request)
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return self._act(context, action, request)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
+        return self.handle(request, lambda action: self._act(context, action, request))
 
     def _forward(self, request):
         return self._upstream_call(request["message"], metadata=(("authorization", f"apikey {request['key']}"),),
