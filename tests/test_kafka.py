@@ -236,25 +236,28 @@ def test_a_bridge_without_a_client_waits_instead_of_spinning(make_cluster, centr
     ca_dir = tempfile.mkdtemp(prefix="centrifugo_outbox_ca_", dir="/var/tmp")
     os.chmod(ca_dir, 0o755)
     ca = os.path.join(ca_dir, "ca.pem")
-    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], http_tls_root_ca=ca)
-    wait_until(lambda: "cannot reach Centrifugo" in pg.log(), 30, what="the client error")
-    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_kafka_status WHERE assigned AND topic = %s",
-                                 (topic,)) == 1, 30, what="the partition to be assigned")
-    produce(kafka, topic, [(command(channel, {"s": s}), None, None) for s in range(5)])
-    wait_until(lambda: pg.scalar("SELECT high_watermark FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) == 5,
-               30, what="the bridge to fetch the records")
-    time.sleep(0.5)
-    pid = kafka_worker_pid(pg)
-    before = cpu_seconds(pid)
-    time.sleep(3)
-    used = cpu_seconds(pid) - before
-    assert used < 1.0, f"the bridge used {used:.2f} s of CPU in 3 s without a client"
-    assert centrifugo.history(channel) == []
-    # A reload with a readable CA file (any PEM certificate will do for plain HTTP) fixes it.
-    shutil.copy("/etc/ssl/certs/ISRG_Root_X1.pem", ca)
-    os.chmod(ca, 0o644)
-    pg.sql("SELECT pg_reload_conf()")
-    wait_until(lambda: len(centrifugo.history(channel)) == 5, 30, what="delivery after the reload")
+    try:
+        pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], http_tls_root_ca=ca)
+        wait_until(lambda: "cannot reach Centrifugo" in pg.log(), 30, what="the client error")
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_kafka_status WHERE assigned AND topic = %s",
+                                     (topic,)) == 1, 30, what="the partition to be assigned")
+        produce(kafka, topic, [(command(channel, {"s": s}), None, None) for s in range(5)])
+        wait_until(lambda: pg.scalar("SELECT high_watermark FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) == 5,
+                   30, what="the bridge to fetch the records")
+        time.sleep(0.5)
+        pid = kafka_worker_pid(pg)
+        before = cpu_seconds(pid)
+        time.sleep(3)
+        used = cpu_seconds(pid) - before
+        assert used < 1.0, f"the bridge used {used:.2f} s of CPU in 3 s without a client"
+        assert centrifugo.history(channel) == []
+        # A reload with a readable CA file (any PEM certificate will do for plain HTTP) fixes it.
+        shutil.copy("/etc/ssl/certs/ISRG_Root_X1.pem", ca)
+        os.chmod(ca, 0o644)
+        pg.sql("SELECT pg_reload_conf()")
+        wait_until(lambda: len(centrifugo.history(channel)) == 5, 30, what="delivery after the reload")
+    finally:
+        shutil.rmtree(ca_dir, ignore_errors=True)
 
 
 def test_broker_restart_reconnects(make_cluster, centrifugo, kafka):
