@@ -2,7 +2,7 @@
 //! owner can create: the workers pin their session settings (as PostgreSQL's autovacuum does)
 //! and every table is named by schema, an unqualified outbox name meaning the extension's schema.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::time::Duration;
 
 use pgrx::bgworkers::BackgroundWorker;
@@ -210,8 +210,21 @@ pub fn dead_letters_table() -> String {
 /// The outbox table setting `setting` as a schema-qualified quoted name (the extension's schema
 /// when unqualified).
 pub fn qualified_outbox(setting: &str) -> String {
-    outbox_core::settings::qualified_table_name(setting, &require_extension_schema())
-        .unwrap_or_else(|e| error!("centrifugo_outbox: centrifugo.outbox_table_name: {e}"))
+    thread_local! {
+        /// The last (setting, schema) and their qualified name: the SQL API asks on every call,
+        /// and the schema is still looked up each time (it can be renamed).
+        static LAST: std::cell::RefCell<Option<(String, String, String)>> = const { std::cell::RefCell::new(None) };
+    }
+    let schema = require_extension_schema();
+    if let Some(known) = LAST.with(|last| {
+        last.borrow().as_ref().filter(|(s, sc, _)| s == setting && *sc == schema).map(|(_, _, q)| q.clone())
+    }) {
+        return known;
+    }
+    let qualified = outbox_core::settings::qualified_table_name(setting, &schema)
+        .unwrap_or_else(|e| error!("centrifugo_outbox: centrifugo.outbox_table_name: {e}"));
+    LAST.with(|last| *last.borrow_mut() = Some((setting.to_owned(), schema, qualified.clone())));
+    qualified
 }
 
 /// Makes sure the outbox `qualified` may be touched by a calling superuser: it is a table (not
@@ -302,27 +315,47 @@ pub fn raw_value_column(dead_letters: pg_sys::Oid) -> (&'static str, &'static st
     }
 }
 
+/// A relation's schema and name as the catalog caches are asked for them.
+type SchemaAndName = (CString, CString);
+
 /// The oid `qualified` names now, if any.
 pub fn table_oid(qualified: &str) -> Option<pg_sys::Oid> {
     // The name as `qualified_table_name` writes it ("schema"."table"), looked up in the catalog
     // caches rather than by a query: the SQL API asks on every call.
-    let parts = outbox_core::settings::table_name_parts(qualified).ok()?;
-    let [schema, table] = parts.as_slice() else { return None };
-    relation_named(schema, table)
+    thread_local! {
+        /// The last name looked up, split, with its parts as C strings cut as the parser cuts them.
+        static LAST: std::cell::RefCell<Option<(String, Option<SchemaAndName>)>> = const { std::cell::RefCell::new(None) };
+    }
+    let known =
+        LAST.with(|last| last.borrow().as_ref().filter(|(q, _)| q == qualified).map(|(_, parts)| parts.clone()));
+    let parts = known.unwrap_or_else(|| {
+        let parts = outbox_core::settings::table_name_parts(qualified).ok().and_then(|parts| match parts.as_slice() {
+            [schema, table] => Some((identifier(schema)?, identifier(table)?)),
+            _ => None,
+        });
+        LAST.with(|last| *last.borrow_mut() = Some((qualified.to_owned(), parts.clone())));
+        parts
+    });
+    let (schema, table) = parts?;
+    relation_named_c(&schema, &table)
 }
 
 /// The relation `schema.name` names now, by the catalog caches (which a lock just taken brings
 /// up to date; an SQL query would see the transaction's first snapshot) and without
 /// to_regclass(), which needs USAGE on the schema.
 pub fn relation_named(schema: &str, name: &str) -> Option<pg_sys::Oid> {
-    // As the parser does: names longer than NAMEDATALEN - 1 bytes are cut (at a character).
-    let truncated = |name: &str| -> Option<std::ffi::CString> {
-        let mut buffer = std::ffi::CString::new(name).ok()?.into_bytes_with_nul();
-        // SAFETY: in-place truncation of a NUL-terminated buffer we own.
-        unsafe { pg_sys::truncate_identifier(buffer.as_mut_ptr().cast(), name.len() as i32, false) };
-        CStr::from_bytes_until_nul(&buffer).ok().map(CStr::to_owned)
-    };
-    let (schema, name) = (truncated(schema)?, truncated(name)?);
+    relation_named_c(&identifier(schema)?, &identifier(name)?)
+}
+
+/// `name` as the parser keeps it: longer than NAMEDATALEN - 1 bytes, it is cut (at a character).
+fn identifier(name: &str) -> Option<CString> {
+    let mut buffer = CString::new(name).ok()?.into_bytes_with_nul();
+    // SAFETY: in-place truncation of a NUL-terminated buffer we own.
+    unsafe { pg_sys::truncate_identifier(buffer.as_mut_ptr().cast(), name.len() as i32, false) };
+    CStr::from_bytes_until_nul(&buffer).ok().map(CStr::to_owned)
+}
+
+fn relation_named_c(schema: &CStr, name: &CStr) -> Option<pg_sys::Oid> {
     // SAFETY: catalog cache lookups with NUL-terminated names; missing objects give InvalidOid.
     let oid = unsafe {
         let namespace = pg_sys::get_namespace_oid(schema.as_ptr(), true);

@@ -654,7 +654,9 @@ impl PayloadBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        Command::new(method, &write_object(&self.object))
+        // What Command::new would check, without writing the object out and reading it back.
+        validate(method, &validation_view(method, &self.object)?)?;
+        Ok(Command { method, payload: write_object(&self.object) })
     }
 }
 
@@ -712,6 +714,53 @@ pub(crate) mod builder_tests {
             PayloadBuilder::new().raw("data", Some("{bad")).build(Method::Publish).unwrap_err().class,
             ErrorClass::InvalidJson
         );
+    }
+
+    /// `build` validates the object in place; it must accept, refuse and write exactly what
+    /// Command::new does for the same object written out.
+    #[test]
+    fn build_agrees_with_command_new() {
+        let builders: Vec<(Method, PayloadBuilder)> = vec![
+            (Method::Publish, PayloadBuilder::new().field("channel", Some("c")).raw("data", Some(r#"{"b": [1.50]}"#))),
+            (Method::Publish, PayloadBuilder::new().field("channel", Some("")).raw("data", Some("1"))),
+            (Method::Publish, PayloadBuilder::new().field("channel", Some("c"))),
+            (
+                Method::Publish,
+                PayloadBuilder::new().field("channel", Some("c")).raw("data", Some("1")).field("b64data", Some("AA==")),
+            ),
+            (
+                Method::Publish,
+                PayloadBuilder::new().field("channel", Some("c")).raw("data", Some("null")).raw("tags", Some("[1]")),
+            ),
+            (
+                Method::Broadcast,
+                PayloadBuilder::new()
+                    .field("channels", Some(vec!["a", "b"]))
+                    .raw("data", Some("2"))
+                    .field("version", Some(3)),
+            ),
+            (
+                Method::Subscribe,
+                PayloadBuilder::new().field("channel", Some("c")).override_flag("presence", Some(true)),
+            ),
+            (
+                Method::Subscribe,
+                PayloadBuilder::new()
+                    .field("user", Some("u"))
+                    .field("channel", Some("c"))
+                    .override_flag("presence", Some(true)),
+            ),
+            (
+                Method::Disconnect,
+                PayloadBuilder::new().field("user", Some("u")).raw("disconnect", Some(r#"{"code": 4000}"#)),
+            ),
+            (Method::Refresh, PayloadBuilder::new().field("user", Some("u")).raw("expired", Some("1"))),
+        ];
+        for (method, builder) in builders {
+            let written = write_object(&builder.object);
+            let built = builder.build(method);
+            assert_eq!(built, Command::new(method, &written), "{method} {written}");
+        }
     }
 
     /// serde_json skips a raw value with a loop and a stack on the heap (`ignore_value`), so a
