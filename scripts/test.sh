@@ -153,8 +153,9 @@ run_e2e() {
   local major=${E2E_MAJOR:-15}
   install_into "$major"
   echo "==> end-to-end tests on PostgreSQL $major (real PostgreSQL, Centrifugo, Kafka)"
+  # The slowest tests are listed at the end: where to look when the layer grows.
   EXPECTED_PG_MAJOR=$major PG_BIN=$(dirname "$(pg_config_of "$major")") pytest_run "e2e$major" "$repo/tests" \
-    --ignore="$repo/tests/test_packages.py" "$@"
+    --ignore="$repo/tests/test_packages.py" --durations=15 "$@"
 }
 
 matrix_ids() {
