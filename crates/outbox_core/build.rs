@@ -50,6 +50,11 @@ mod grpc {
         for message in FROM_JSON {
             config = config
                 .type_attribute(format!("{package}.{message}"), "#[derive(serde::Deserialize)] #[serde(default)]");
+            // A command's own message refuses an unknown or repeated key, so a payload whose keys
+            // already read as Go reads them is read in one pass (crate::grpc::command).
+            if message.ends_with("Request") {
+                config = config.type_attribute(format!("{package}.{message}"), "#[serde(deny_unknown_fields)]");
+            }
         }
         // Every field of those messages: a JSON null is the field's zero value (as Go reads it),
         // except raw JSON fields, whose text (even `null`) is kept.

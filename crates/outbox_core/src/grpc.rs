@@ -142,10 +142,17 @@ fn short(mut text: String) -> String {
 /// `command` as a protobuf `Command`; an error says why Centrifugo would refuse its JSON.
 pub fn command(command: &Prepared) -> Result<proto::Command, String> {
     fn read<T: for<'a> Deserialize<'a>>(payload: &str, message: &str) -> Result<Option<Box<T>>, String> {
-        let rewritten = go_keys(payload, message)?;
-        serde_json::from_str(rewritten.as_deref().unwrap_or(payload))
-            .map(|m| Some(Box::new(m)))
-            .map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
+        // One pass where every key names a field exactly, once (what the SQL API writes): the
+        // request messages refuse unknown and repeated keys, so what they accept reads as in Go.
+        // Anything else is read again with its keys as Go matches them.
+        let parsed = match serde_json::from_str::<T>(payload) {
+            Ok(message) => Ok(message),
+            Err(first) => match go_keys(payload, message)? {
+                Some(rewritten) => serde_json::from_str::<T>(&rewritten),
+                None => Err(first),
+            },
+        };
+        parsed.map(|m| Some(Box::new(m))).map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
     }
     let payload = command.payload.as_str();
     let mut out = proto::Command::default();
@@ -470,6 +477,47 @@ mod tests {
         let e =
             command(&prepared("publish", &format!(r#"{{"channel":"a","data":1,"version":"{long}"}}"#))).unwrap_err();
         assert!(e.len() < 300, "{}", e.len());
+    }
+
+    #[test]
+    fn one_pass_reads_what_rewriting_the_keys_first_reads() {
+        // What `command` did before it tried one pass: keys rewritten as Go matches them, always.
+        fn by_rewriting<T: for<'a> Deserialize<'a>>(payload: &str, message: &str) -> Result<T, String> {
+            let rewritten = go_keys(payload, message)?;
+            serde_json::from_str(rewritten.as_deref().unwrap_or(payload))
+                .map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
+        }
+        let publishes = [
+            r#"{"channel":"a","data":{"x":[1,2]}}"#,
+            r#"{"channel":"a","data":1,"tags":{"k":"v"},"skip_history":true,"idempotency_key":"i"}"#,
+            r#"{"Channel":"a","data":1}"#,
+            r#"{"channel":"a","channel":"b","data":1}"#,
+            r#"{"channel":"a","data":1,"unknown":{"deep":[null]}}"#,
+            r#"{"channel":"a","data":1,"version":"x"}"#,
+            r#"{"channel":"a","data":1,"tags":{"k":1}}"#,
+            r#"{"channel":7,"data":1}"#,
+            r#"{"channel":null,"data":null}"#,
+            r#"{"channel":"a","data":1} trailing"#,
+            r#"{"channel":"a","data":1,"delta":true,"version":3,"version_epoch":"e"}"#,
+            r#"[1]"#,
+            r#""text""#,
+            r#"{}"#,
+        ];
+        for payload in publishes {
+            let one = command(&Prepared { method: Method::Publish, payload: payload.into() }).map(|c| c.publish);
+            let two = by_rewriting::<proto::PublishRequest>(payload, "PublishRequest").map(|m| Some(Box::new(m)));
+            assert_eq!(one, two, "{payload}");
+        }
+        let subscribes = [
+            r#"{"user":"u","channel":"c","override":{"presence":{"value":true}}}"#,
+            r#"{"user":"u","channel":"c","override":{"presence":{"value":true},"x":1}}"#,
+            r#"{"user":"u","channel":"c","recover_since":{"offset":1,"epoch":"e"},"USER":"v"}"#,
+        ];
+        for payload in subscribes {
+            let one = command(&Prepared { method: Method::Subscribe, payload: payload.into() }).map(|c| c.subscribe);
+            let two = by_rewriting::<proto::SubscribeRequest>(payload, "SubscribeRequest").map(|m| Some(Box::new(m)));
+            assert_eq!(one, two, "{payload}");
+        }
     }
 
     #[test]
