@@ -218,6 +218,10 @@ impl CentrifugoClient {
             .pool_idle_timeout(Duration::from_secs(15))
             .tcp_nodelay(true)
             .no_proxy()
+            // A redirect would take the API key (a custom header, which reqwest keeps across
+            // hosts) and the batch to wherever it points, and its answer would count as
+            // Centrifugo's: it is an answer of its own, retried with its status shown.
+            .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(config.tls_insecure_skip_verify);
         if !config.tls_root_ca.is_empty() {
             let pem = std::fs::read(&config.tls_root_ca)
@@ -618,6 +622,29 @@ mod tests {
             timeout: Duration::from_millis(500),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_redirect_is_not_followed_and_the_batch_is_retried() {
+        // Where the redirect points: it must never see the key or the batch.
+        let elsewhere = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let location = format!("http://{}/steal", elsewhere.server_addr().to_ip().unwrap());
+        let node = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", node.server_addr().to_ip().unwrap());
+        let redirecting = std::thread::spawn(move || {
+            let req = node.recv().unwrap();
+            let header = tiny_http::Header::from_bytes(&b"Location"[..], location.as_bytes()).unwrap();
+            req.respond(tiny_http::Response::from_string("").with_status_code(307).with_header(header)).unwrap();
+        });
+        let client = CentrifugoClient::new(config(url)).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k1".into()).unwrap();
+        let outcomes = client.send(std::slice::from_ref(&cmd), &mut 0);
+        redirecting.join().unwrap();
+        assert!(
+            matches!(&outcomes[..], [Outcome::Retry(f)] if f.code == Some(307) && f.message.contains("redirect")),
+            "{outcomes:?}"
+        );
+        assert!(elsewhere.recv_timeout(Duration::from_millis(300)).unwrap().is_none(), "the redirect was followed");
     }
 
     #[test]

@@ -308,6 +308,12 @@ pub fn classify_batch(response: &Response, commands: &[Prepared]) -> BatchVerdic
                 "API endpoint not found: check centrifugo.api_url (it should end with Centrifugo's API prefix, usually /api)",
             ))
         }
+        300..=399 => {
+            return BatchVerdict::RetryAll(Failure::http(
+                Some(status),
+                format!("HTTP {status}: redirects are not followed (the API key would go with them): point centrifugo.api_url at Centrifugo's API itself"),
+            ))
+        }
         _ => return BatchVerdict::RetryAll(Failure::http(Some(status), format!("HTTP {status}: {}", snippet()))),
     }
     let parsed: BatchReply = match serde_json::from_slice(body) {

@@ -187,7 +187,9 @@ impl Failover {
         let health = &mut self.health[endpoint];
         health.failures += 1;
         health.up_since = None;
-        if health.next_probe.is_none() {
+        // A node already down that failed again once its wait was over (tried as a fallback)
+        // waits again, longer: else every request would try it again, a full timeout each.
+        if health.next_probe.is_none_or(|at| at <= now) {
             health.next_probe = Some(now + health.wait());
             health.strikes += 1;
         }
@@ -346,6 +348,21 @@ mod tests {
         assert_eq!(f.probe_due(t0 + PROBE_FIRST), Some(0));
         assert!(f.probed(0, true, t0 + PROBE_FIRST));
         assert_eq!(f.current(), 0);
+    }
+
+    #[test]
+    fn a_down_node_that_fails_again_as_a_fallback_waits_again() {
+        let t0 = Instant::now();
+        let mut f = Failover::new(2);
+        f.failed(0, t0);
+        f.failed(1, t0);
+        // Node 1's wait is over: a request may go there as a fallback, and fails (it hangs).
+        let later = t0 + PROBE_FIRST;
+        assert!(f.may_try(1, later));
+        f.failed(1, later);
+        // Not again at once: the next fallback would wait a full timeout on it too.
+        assert!(!f.may_try(1, later));
+        assert!(f.may_try(1, later + PROBE_FIRST * 2));
     }
 
     #[test]

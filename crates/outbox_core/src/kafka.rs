@@ -305,19 +305,29 @@ pub fn duration_ms(v: Option<&Value>) -> Result<u64, String> {
     }
 }
 
+/// The largest `max_poll_records` and `partition_queue_max_size` (as for their flat settings).
+pub const MAX_RECORDS_SETTING: i64 = 1_000_000;
+
 pub(crate) fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<KafkaConsumer, String> {
     let who = |e: String| format!("kafka consumer \"{name}\": {e}");
     let text = |k: &str| cfg.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let mut c =
         KafkaConsumer::new(name, strings(cfg.get("brokers")), strings(cfg.get("topics")), &text("consumer_group"));
+    // Bounded as the flat settings are: each is allocated per partition and round.
+    let bounded = |key: &str, n: i64| -> Result<usize, String> {
+        if n > MAX_RECORDS_SETTING {
+            return Err(who(format!("{key} {n} is above {MAX_RECORDS_SETTING}")));
+        }
+        Ok(n.max(1) as usize)
+    };
     if let Some(n) = cfg.get("max_poll_records").and_then(Value::as_u64) {
-        c.max_poll_records = n.max(1) as usize;
+        c.max_poll_records = bounded("max_poll_records", i64::try_from(n).unwrap_or(i64::MAX))?;
     }
     c.fetch_max_bytes = cfg.get("fetch_max_bytes").and_then(Value::as_u64).unwrap_or(0);
     c.fetch_max_wait_ms = duration_ms(cfg.get("fetch_max_wait")).map_err(who)?;
     c.fetch_read_uncommitted = cfg.get("fetch_read_uncommitted").and_then(Value::as_bool).unwrap_or(false);
     if let Some(n) = cfg.get("partition_queue_max_size").and_then(Value::as_i64) {
-        c.partition_queue_max_size = n.max(1) as usize;
+        c.partition_queue_max_size = bounded("partition_queue_max_size", n)?;
     }
     c.dial_timeout_ms = duration_ms(cfg.get("dial_timeout")).map_err(who)?;
     c.instance_id = text("instance_id");
@@ -748,6 +758,15 @@ mod tests {
             (
                 r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "sasl_mechanism": "aws-msk-iam"}}]"#,
                 "aws-msk-iam",
+            ),
+            // Bounded as the flat settings are (a huge value would be allocated per round).
+            (
+                r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "max_poll_records": 1000000000000}}]"#,
+                "max_poll_records 1000000000000 is above 1000000",
+            ),
+            (
+                r#"[{"name": "aa", "type": "kafka", "kafka": {"brokers": ["b"], "topics": ["t"], "consumer_group": "g", "partition_queue_max_size": 1000001}}]"#,
+                "partition_queue_max_size 1000001 is above 1000000",
             ),
         ] {
             let e = parse_consumers(json).unwrap_err();
