@@ -248,6 +248,35 @@ fn seed_insert_and_documented_trigger_work_on_our_table() {
 }
 
 #[pg_test]
+fn the_wake_trigger_refuses_to_lose_rows() {
+    install_expect_error();
+    let refused = |sql: &str, sqlstate: &str| {
+        Spi::get_one_with_args::<String>("SELECT pg_temp.expect_error($1, $2)", &[sql.into(), sqlstate.into()])
+            .unwrap()
+            .unwrap()
+    };
+    Spi::run("CREATE TABLE chat_outbox (LIKE centrifugo_outbox INCLUDING DEFAULTS)").unwrap();
+    let row = "INSERT INTO chat_outbox (id, method, payload, partition) VALUES (1, 'publish', '{\"channel\": \"c\", \"data\": 1}', ";
+    // No worker reads a NULL partition: the row would never be sent.
+    Spi::run("ALTER TABLE chat_outbox ALTER COLUMN partition DROP NOT NULL").unwrap();
+    Spi::run("CREATE TRIGGER wake AFTER INSERT ON chat_outbox FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit()")
+        .unwrap();
+    let msg = refused(&format!("{row}NULL)"), "23502");
+    assert!(msg.contains("partition must not be NULL"), "{msg}");
+    // Attached BEFORE, its NULL result would drop every row; per statement, it would wake nobody.
+    for attach in ["BEFORE INSERT ON chat_outbox FOR EACH ROW", "AFTER INSERT ON chat_outbox FOR EACH STATEMENT"] {
+        Spi::run(&format!("DROP TRIGGER wake ON chat_outbox; CREATE TRIGGER wake {attach} EXECUTE FUNCTION centrifugo_wake_at_commit()"))
+            .unwrap();
+        let msg = refused(&format!("{row}0)"), "39P01");
+        assert!(msg.contains("AFTER INSERT ... FOR EACH ROW"), "{attach}: {msg}");
+    }
+    Spi::run("DROP TRIGGER wake ON chat_outbox; CREATE TRIGGER wake AFTER INSERT ON chat_outbox FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit()")
+        .unwrap();
+    Spi::run(&format!("{row}0)")).unwrap();
+    assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM chat_outbox").unwrap(), Some(1));
+}
+
+#[pg_test]
 fn the_sql_api_is_granted_to_centrifugo_publisher_not_public() {
     install_expect_error();
     Spi::run("CREATE ROLE test_app; CREATE ROLE test_writer IN ROLE centrifugo_publisher").unwrap();

@@ -71,10 +71,9 @@ fn enqueue(command: Result<Command, CommandError>, partition: Option<i32>, parti
     let checked = crate::session::check_outbox_owner(&outbox, pg_sys::RowExclusiveLock)
         .unwrap_or_else(|reason| refuse(&format!("centrifugo_outbox: not enqueueing into {reason}")));
     let insert = || insert_row(&outbox, checked, command.method.as_str(), payload, partition);
-    let inserted = match checked {
-        Some(oid) => crate::pinned::pinned(&[oid], insert),
-        None => insert(),
-    };
+    // An unprivileged caller's INSERT is not pinned, even when it runs inside a pinned statement
+    // (a trigger on the dead-letter table that publishes): that pin holds other tables.
+    let inserted = crate::pinned::pinned(checked.as_slice(), insert);
     inserted
         .unwrap_or_else(|e| error!("centrifugo_outbox: could not insert into the outbox: {e}"))
         .unwrap_or_else(|| error!("centrifugo_outbox: the outbox insert returned no id"))

@@ -454,8 +454,27 @@ unsafe extern "C-unwind" {
 fn centrifugo_wake_at_commit<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    // Attached BEFORE, its NULL result would drop every row; per statement, it would wake nobody.
+    if !matches!(trigger.when()?, pgrx::PgTriggerWhen::After) || !matches!(trigger.level(), pgrx::PgTriggerLevel::Row) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            "centrifugo_wake_at_commit() must run AFTER INSERT ... FOR EACH ROW"
+        );
+    }
     if let Some(new) = trigger.new() {
-        let partition = new.get_by_name::<i32>("partition").ok().flatten().unwrap_or(0);
+        let partition = match new.get_by_name::<i32>("partition") {
+            Ok(Some(partition)) => partition,
+            // No worker reads `partition = NULL`: such a row would wait forever, unseen.
+            Ok(None) => {
+                ereport!(
+                    ERROR,
+                    PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+                    "an outbox row's partition must not be NULL"
+                );
+            }
+            Err(_) => 0,
+        };
         let num = crate::worker::partitions_of_table(|| -> Result<_, pgrx::PgTriggerError> {
             Ok((trigger.table_schema()?, trigger.table_name()?))
         })?;

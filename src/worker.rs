@@ -722,19 +722,24 @@ impl Worker {
                     if batch.rows.is_empty() {
                         break if any_deferred { Round::Full } else { Round::Drained };
                     }
-                    let next_from = batch.rows.last().map_or(i64::MAX, |r| r.id.saturating_add(1));
+                    // None after the largest id there can be: nothing can follow it.
+                    let next_from = batch.rows.last().and_then(|r| r.id.checked_add(1));
                     let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
                     let mut in_flight =
                         (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
-                    let more = batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested();
+                    let next_from =
+                        next_from.filter(|_| batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested());
                     let mut on_error =
                         std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
                     let overlap =
                         PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
                             delete(spi, &mut done)?;
-                            Ok(if more { Some(reader.read(spi, next_from, budget - in_flight_bytes)?) } else { None })
+                            Ok(match next_from {
+                                Some(from) => Some(reader.read(spi, from, budget - in_flight_bytes)?),
+                                None => None,
+                            })
                         }))
                         .catch_others(move |error| {
                             // The batch is on its way and will run: learn what became of each command

@@ -343,3 +343,15 @@ def test_a_writers_transaction_that_commits_while_a_round_reads_ahead_keeps_its_
     sent = [payload["data"] for method, payload in double.commands() if payload.get("channel") == channel]
     a = [d["a"] for d in sent if "a" in d]
     assert a == [0, 1], f"writer A's commands were sent as {a}: {sent}"
+
+
+def test_the_largest_id_there_can_be_is_sent_once(double_cluster):
+    # After a full batch the worker reads on from the last id + 1; at the bigint maximum that
+    # stayed the same id (saturated), so the row still on its way was read and sent again.
+    pg, double = double_cluster(partition_select_limit=1)
+    double.script = lambda request: ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+    pg.sql("SELECT setval('centrifugo_outbox_id_seq', 9223372036854775806)")
+    pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('disconnect', '{\"user\": \"u-max\"}')")
+    wait_until(lambda: outbox_count(pg) == 0, 10, what="the last row to drain")
+    time.sleep(0.5)
+    assert [p["user"] for m, p in double.commands() if m == "disconnect"] == ["u-max"]

@@ -662,3 +662,28 @@ def test_superuser_sessions_do_not_touch_an_outbox_a_role_without_superuser_owns
            "GRANT INSERT ON box.fired TO app_user", dbname="app")
     as_role(pg, "app_user", "SELECT centrifugo_publish('c', '1')")
     assert pg.scalar("SELECT count(*) FROM box.outbox", dbname="app") == 1
+
+
+def test_a_dead_letter_trigger_that_publishes_under_the_worker_role(make_cluster, centrifugo):
+    # An alert published by a trigger on the dead-letter table, with the workers under a role
+    # without superuser rights: the SQL API's INSERT runs inside the worker's dead-letter INSERT,
+    # which is held to the dead-letter table, and must not inherit that pin (the round failed
+    # and was retried forever, the dead letter never written).
+    pg = owned_app_database(make_cluster, delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                                            worker_role="cfo_worker", retry_backoff_max=200))
+    pg.sql(WORKER_ROLE_GRANTS + "GRANT centrifugo_publisher TO cfo_worker;", dbname="app")
+    alerts = f"chat:alerts{uid()}"
+    pg.sql(f"""CREATE FUNCTION public.alert() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   PERFORM public.centrifugo_publish('{alerts}', pg_catalog.jsonb_build_object('outbox_id', NEW.outbox_id));
+                   RETURN NULL;
+               END $$;
+               CREATE TRIGGER alert AFTER INSERT ON centrifugo_dead_letters FOR EACH ROW EXECUTE FUNCTION public.alert()""",
+           dbname="app")
+    wait_until(lambda: pg.scalar("SELECT bool_and(state = 'idle') FROM centrifugo_outbox_status", dbname="app"), 20,
+               what="the workers to connect as cfo_worker")
+    bad = pg.scalar("INSERT INTO centrifugo_outbox (method, payload) VALUES ('nope', '{}') RETURNING id", dbname="app")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters", dbname="app") == 1, 15,
+               what="the dead letter (and its trigger's publication) to be written")
+    wait_until(lambda: centrifugo.history(alerts) == [{"outbox_id": bad}], 15, what="the alert to be delivered")
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox", dbname="app") == 0

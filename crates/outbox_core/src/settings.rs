@@ -25,6 +25,9 @@ pub fn qualified_table_name(name: &str, default_schema: &str) -> Result<String, 
     })
 }
 
+/// The longest identifier PostgreSQL keeps whole (NAMEDATALEN - 1).
+pub const MAX_IDENTIFIER_BYTES: usize = 63;
+
 /// The parts of `table` or `schema.table` as PostgreSQL resolves them (unquoted parts folded
 /// to lower case).
 pub fn table_name_parts(name: &str) -> Result<Vec<String>, String> {
@@ -68,6 +71,13 @@ pub fn table_name_parts(name: &str) -> Result<Vec<String>, String> {
         // PostgreSQL identifiers are C strings: a quoted NUL would name no table and break the query text.
         if part.contains('\0') {
             return Err(format!("\"{name}\" contains a NUL character"));
+        }
+        // PostgreSQL would cut a longer one short where it parses it, but the workers look the
+        // table up by its whole name: one name must mean one table everywhere.
+        if part.len() > MAX_IDENTIFIER_BYTES {
+            return Err(format!(
+                "\"{name}\" has a name part longer than {MAX_IDENTIFIER_BYTES} bytes (PostgreSQL's identifier limit)"
+            ));
         }
         parts.push(part);
         rest = match tail.strip_prefix('.') {
@@ -217,6 +227,15 @@ mod tests {
 
     /// Found by tests/fuzz.rs: unquoted parts were folded by Unicode rules (PostgreSQL folds only
     /// A-Z in UTF-8), and a quoted NUL was taken (no PostgreSQL identifier holds one).
+    #[test]
+    fn table_names_longer_than_postgresql_keeps_are_refused() {
+        let longest = "t".repeat(63);
+        assert_eq!(table_name_parts(&format!("s.{longest}")).unwrap(), vec!["s".to_owned(), longest.clone()]);
+        for bad in [format!("{longest}x"), format!("\"{longest}x\""), format!("{longest}x.t"), "é".repeat(32)] {
+            assert!(table_name_parts(&bad).unwrap_err().contains("longer than 63 bytes"), "{bad}");
+        }
+    }
+
     #[test]
     fn table_names_fold_ascii_only_and_refuse_nul() {
         assert_eq!(table_name_parts("aÀ").unwrap(), vec!["aÀ"]);
