@@ -263,8 +263,8 @@ fn the_wake_trigger_refuses_to_lose_rows() {
         .unwrap();
     let msg = refused(&format!("{row}NULL)"), "23502");
     assert!(msg.contains("partition must not be NULL"), "{msg}");
-    // Attached BEFORE, its NULL result would drop every row; per statement, it would wake nobody.
-    for attach in ["BEFORE INSERT ON chat_outbox FOR EACH ROW", "AFTER INSERT ON chat_outbox FOR EACH STATEMENT"] {
+    // Attached BEFORE, its NULL result would drop every row.
+    for attach in ["BEFORE INSERT ON chat_outbox FOR EACH ROW", "BEFORE INSERT ON chat_outbox FOR EACH STATEMENT"] {
         Spi::run(&format!("DROP TRIGGER wake ON chat_outbox; CREATE TRIGGER wake {attach} EXECUTE FUNCTION centrifugo_wake_at_commit()"))
             .unwrap();
         let msg = refused(&format!("{row}0)"), "39P01");

@@ -454,8 +454,9 @@ unsafe extern "C-unwind" {
 fn centrifugo_wake_at_commit<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    // Attached BEFORE, its NULL result would drop every row; per statement, it would wake nobody.
-    if !matches!(trigger.when()?, pgrx::PgTriggerWhen::After) || !matches!(trigger.level(), pgrx::PgTriggerLevel::Row) {
+    // Attached BEFORE, its NULL result would drop every row. (Per statement it has no row and
+    // wakes nobody; the workers' poll still finds the rows, as before.)
+    if !matches!(trigger.when()?, pgrx::PgTriggerWhen::After) {
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,

@@ -145,11 +145,16 @@ pub fn command(command: &Prepared) -> Result<proto::Command, String> {
         // One pass where every key names a field exactly, once (what the SQL API writes): the
         // request messages refuse unknown and repeated keys, so what they accept reads as in Go.
         // Anything else is read again with its keys as Go matches them.
-        let parsed = match serde_json::from_str::<T>(payload) {
-            Ok(message) => Ok(message),
-            Err(first) => match go_keys(payload, message)? {
+        // (serde would also read a struct from a JSON array: only an object is tried in one pass.)
+        let direct = payload.trim_start().starts_with('{').then(|| serde_json::from_str::<T>(payload));
+        let parsed = match direct {
+            Some(Ok(message)) => Ok(message),
+            first => match go_keys(payload, message)? {
                 Some(rewritten) => serde_json::from_str::<T>(&rewritten),
-                None => Err(first),
+                None => match first {
+                    Some(Err(e)) => Err(e),
+                    _ => serde_json::from_str::<T>(payload),
+                },
             },
         };
         parsed.map(|m| Some(Box::new(m))).map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
@@ -500,6 +505,7 @@ mod tests {
             r#"{"channel":"a","data":1} trailing"#,
             r#"{"channel":"a","data":1,"delta":true,"version":3,"version_epoch":"e"}"#,
             r#"[1]"#,
+            r#"["a", 1]"#,
             r#""text""#,
             r#"{}"#,
         ];

@@ -225,8 +225,6 @@ mod tests {
         assert!(qualified_table_name("a;b", "public").is_err());
     }
 
-    /// Found by tests/fuzz.rs: unquoted parts were folded by Unicode rules (PostgreSQL folds only
-    /// A-Z in UTF-8), and a quoted NUL was taken (no PostgreSQL identifier holds one).
     #[test]
     fn table_names_longer_than_postgresql_keeps_are_refused() {
         let longest = "t".repeat(63);
@@ -236,6 +234,8 @@ mod tests {
         }
     }
 
+    /// Found by tests/fuzz.rs: unquoted parts were folded by Unicode rules (PostgreSQL folds only
+    /// A-Z in UTF-8), and a quoted NUL was taken (no PostgreSQL identifier holds one).
     #[test]
     fn table_names_fold_ascii_only_and_refuse_nul() {
         assert_eq!(table_name_parts("aÀ").unwrap(), vec!["aÀ"]);

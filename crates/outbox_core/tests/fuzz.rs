@@ -1348,13 +1348,14 @@ mod consumers_json {
                 list(),
                 list(),
                 "[a-zA-Z0-9_.-]{1,12}",
-                proptest::option::of(any::<u64>()),
+                // Larger values are refused (kafka::MAX_RECORDS_SETTING; a unit test checks it).
+                proptest::option::of(0u64..=1_000_000),
                 proptest::option::of(any::<u64>()),
             ),
             (
                 proptest::option::of(duration()),
                 proptest::option::of(any::<bool>()),
-                proptest::option::of(any::<i64>()),
+                proptest::option::of(i64::MIN..=1_000_000),
                 proptest::option::of(duration()),
             ),
             (proptest::option::of("[a-z0-9]{0,8}"), sasl, tls, proptest::option::of("[a-z-]{1,12}"), headers),
