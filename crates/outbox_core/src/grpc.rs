@@ -146,18 +146,15 @@ pub fn command(command: &Prepared) -> Result<proto::Command, String> {
         // request messages refuse unknown and repeated keys, so what they accept reads as in Go.
         // Anything else is read again with its keys as Go matches them.
         // (serde would also read a struct from a JSON array: only an object is tried in one pass.)
-        let direct = payload.trim_start().starts_with('{').then(|| serde_json::from_str::<T>(payload));
-        let parsed = match direct {
-            Some(Ok(message)) => Ok(message),
-            first => match go_keys(payload, message)? {
-                Some(rewritten) => serde_json::from_str::<T>(&rewritten),
-                None => match first {
-                    Some(Err(e)) => Err(e),
-                    _ => serde_json::from_str::<T>(payload),
-                },
-            },
-        };
-        parsed.map(|m| Some(Box::new(m))).map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
+        if payload.trim_start().starts_with('{') {
+            if let Ok(message) = serde_json::from_str::<T>(payload) {
+                return Ok(Some(Box::new(message)));
+            }
+        }
+        let rewritten = go_keys(payload, message)?;
+        serde_json::from_str::<T>(rewritten.as_deref().unwrap_or(payload))
+            .map(|m| Some(Box::new(m)))
+            .map_err(|e| short(format!("payload not valid for Centrifugo's API: {e}")))
     }
     let payload = command.payload.as_str();
     let mut out = proto::Command::default();
