@@ -38,9 +38,13 @@ def test_outbox_status_follows_deliveries_failures_and_replays(make_cluster):
         assert pg.scalar("SELECT centrifugo_wait_until_running('10 seconds')") is True
         double.script = lambda r: ("reply", 503, b"maintenance")
         pg.sql("SELECT centrifugo_publish('c', to_jsonb(g)) FROM generate_series(1, 5) g")
-        wait_until(lambda: status(pg)["retries"] >= 2, 10, what="retries")
-        s = status(pg)
-        assert s["state"] == "backing off" and s["backlog"] == 5 and s["oldest_pending_age"].total_seconds() > 0
+        # Between two back-offs the worker is briefly "sending": wait for a snapshot taken while it waits.
+        def backing_off_after_retries():
+            s = status(pg)
+            return s if s["retries"] >= 2 and s["state"] == "backing off" else None
+
+        s = wait_until(backing_off_after_retries, 10, what="retries, seen while backing off")
+        assert s["backlog"] == 5 and s["oldest_pending_age"].total_seconds() > 0
         assert s["last_error_code"] == 503 and "503" in s["last_error"] and s["last_error_at"] is not None
         assert s["backoff_ms"] > 0 and s["delivered"] == 0 and s["last_success_at"] is None
 
@@ -52,9 +56,10 @@ def test_outbox_status_follows_deliveries_failures_and_replays(make_cluster):
             return ("reply", 200, json.dumps({"replies": replies}).encode())
 
         double.script = reply
-        wait_until(lambda: status(pg)["backlog"] == 0, 10, what="the backlog to drain")
-        s = status(pg)
-        assert s["delivered"] == 5 and s["state"] == "idle" and s["backoff_ms"] == 0 and s["last_success_at"] is not None
+        # The rows are gone at COMMIT; the worker says "idle" a moment later.
+        s = wait_until(lambda: (lambda s: s if s["backlog"] == 0 and s["state"] == "idle" else None)(status(pg)),
+                       10, what="the backlog to drain and the worker to be idle")
+        assert s["delivered"] == 5 and s["backoff_ms"] == 0 and s["last_success_at"] is not None
         assert sum(s["latency_histogram"].values()) == 5
         pg.sql("SELECT centrifugo_publish('bad', '1') FROM generate_series(1, 3)")
         wait_until(lambda: status(pg)["dead_lettered"] == 3, 10, what="3 dead letters")
