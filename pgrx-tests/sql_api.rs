@@ -344,3 +344,32 @@ fn every_function_keeps_data_exact() {
         assert_eq!(exact, Some(true), "{call}");
     }
 }
+
+#[pg_test]
+fn a_jsonb_is_measured_as_long_as_its_compact_text() {
+    let values = [
+        r#"{"a": 1, "b": [1, 2.50, -3e-5, {"c": null}], "d": {}, "e": [], "f": true, "g": false}"#,
+        r#""a raw scalar with \" and \\ and \n and \u0001 and \u001f""#,
+        "12345.678",
+        "-0.000",
+        "1e40",
+        "1e131071",
+        "true",
+        "null",
+        "[]",
+        "{}",
+        r#"[[[]], {"k": [true, false, null]}, "x", {"": ""}]"#,
+        r#"{"é": "✓ \t", "nested": {"deeper": {"deepest": [1, [2, [3]]]}}}"#,
+    ];
+    Spi::connect(|client| {
+        for value in values {
+            let table = client
+                .select("SELECT $1::jsonb, $1::jsonb::text", None, &[value.into()])
+                .unwrap()
+                .first();
+            let datum = table.get::<crate::payload::PayloadDatum>(1).unwrap().unwrap();
+            let text = table.get::<String>(2).unwrap().unwrap();
+            assert_eq!(datum.compact_len(), outbox_core::settings::compact_json_len(&text), "{value} printed as {text}");
+        }
+    });
+}

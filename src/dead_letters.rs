@@ -7,7 +7,8 @@ use crate::worker::outbox_specs;
 
 /// Moves dead letters back into the outbox they came from (Kafka ones into the default outbox),
 /// in their original order and partition, and returns how many. Filters combine with AND; no
-/// filter replays them all.
+/// filter replays them all. Only the outboxes of consumers in this database take rows (the others'
+/// tables are elsewhere).
 #[pg_extern(volatile, parallel_unsafe)]
 #[search_path(pg_catalog, pg_temp)]
 fn centrifugo_replay_dead_letters(
@@ -20,8 +21,11 @@ fn centrifugo_replay_dead_letters(
     let dead_letters = session::dead_letters_table();
     let specs = outbox_specs();
     let others: Vec<String> = specs.iter().skip(1).map(|s| s.name()).collect();
+    let this_database = Spi::get_one::<String>("SELECT pg_catalog.current_database()::pg_catalog.text")
+        .unwrap_or_else(|e| error!("centrifugo_outbox: replay failed: {e}"))
+        .unwrap_or_default();
     let mut replayed = 0;
-    for (i, spec) in specs.iter().enumerate() {
+    for (i, spec) in specs.iter().enumerate().filter(|(_, spec)| spec.database() == this_database) {
         // The default outbox takes its own rows, Kafka's, and those of consumers no longer configured.
         let mine = if i == 0 {
             "(d.source = 'kafka' OR d.consumer IS NULL OR NOT (d.consumer = ANY($7)))"

@@ -14,6 +14,7 @@ mod errors;
 pub mod gucs;
 #[cfg(feature = "kafka")]
 mod kafka_worker;
+mod payload;
 mod pinned;
 mod session;
 mod shmem;

@@ -37,6 +37,7 @@ use outbox_core::retry::{Backoff, Jitter};
 use outbox_core::settings::table_name_parts;
 
 use crate::gucs;
+use crate::payload::{PayloadDatum, PayloadText, Scratch};
 use crate::session::{self, quote_ident, ConnectSlot};
 use crate::shmem::{self, WorkerState};
 use crate::xact::{self, DbError};
@@ -669,7 +670,9 @@ impl Worker {
                 };
                 let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
                 // Parsed as the owner too: the worker needs no rights on the table or its schema.
-                let table_statements = as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid))?;
+                let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
+                let table_statements =
+                    as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid, payload_is_jsonb))?;
                 if settled.table_oid != table_oid {
                     settled.outcomes.clear();
                     settled.table_oid = table_oid;
@@ -707,7 +710,6 @@ impl Worker {
                     }
                     Ok(())
                 };
-                let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
                 let dead_letter_target = DeadLetterTarget {
                     dead_letters: &dead_letters,
                     oid: dead_letters_oid,
@@ -858,6 +860,8 @@ struct Statements {
 struct TableStatements {
     name: String,
     oid: i64,
+    /// The select reads the payload as jsonb (made text by the worker, see `payload`), else as text.
+    payload_is_jsonb: bool,
     /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
     select: OwnedPreparedStatement,
     /// `$1` the ctids of the rows done.
@@ -901,20 +905,32 @@ impl Statements {
         Ok(self.head.as_ref().expect("prepared above"))
     }
 
-    fn for_table(&mut self, spi: &SpiClient<'_>, name: &str, oid: i64) -> Result<&TableStatements, pgrx::spi::Error> {
-        if !self.table.as_ref().is_some_and(|t| t.name == name && t.oid == oid) {
+    fn for_table(
+        &mut self,
+        spi: &SpiClient<'_>,
+        name: &str,
+        oid: i64,
+        payload_is_jsonb: bool,
+    ) -> Result<&TableStatements, pgrx::spi::Error> {
+        if !self
+            .table
+            .as_ref()
+            .is_some_and(|t| t.name == name && t.oid == oid && t.payload_is_jsonb == payload_is_jsonb)
+        {
             self.table = None;
             let oids = |list: &[PgBuiltInOids]| list.iter().map(|o| PgOid::BuiltIn(*o)).collect::<Vec<_>>();
             let marker = crate::pinned::MARKER;
             // The commit time of each row, for the latency histogram: exact with
             // track_commit_timestamp = on, else created_at (the inserting transaction's start).
             // Read through a cursor (see `BatchReader::read`): rows past the byte budget are
-            // never converted to text. Prepared as "mutating" so that each read takes a fresh
-            // snapshot: the first one must see what a drainer that held the lock before us committed.
+            // never made text. A jsonb payload is made text by the worker (see `payload`).
+            // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
+            // see what a drainer that held the lock before us committed.
+            let payload = if payload_is_jsonb { "payload" } else { "payload::pg_catalog.text" };
             let select = spi
                 .prepare_mut(
                     &format!(
-                        "{marker}SELECT id, method, payload::pg_catalog.text,
+                        "{marker}SELECT id, method, {payload},
                                 coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at,
                                 xmin
                          FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
@@ -931,7 +947,7 @@ impl Statements {
                     &oids(&[PgBuiltInOids::TIDARRAYOID]),
                 )?
                 .keep();
-            self.table = Some(TableStatements { name: name.to_owned(), oid, select, delete });
+            self.table = Some(TableStatements { name: name.to_owned(), oid, payload_is_jsonb, select, delete });
         }
         Ok(self.table.as_ref().expect("prepared above"))
     }
@@ -942,7 +958,10 @@ struct Row {
     id: i64,
     ctid: pg_sys::ItemPointerData,
     method: String,
+    /// Empty when the payload was not made text.
     payload: String,
+    /// A jsonb payload not made text (see `payload`): the dead letter's reason, and the value.
+    dead_letter: Option<(String, pg_sys::Datum)>,
     /// Unix microseconds.
     committed_at: i64,
     /// Unix microseconds; with the id, what makes the row's idempotency key unique.
@@ -1055,54 +1074,59 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 impl BatchReader<'_> {
     /// The next rows of the partition with `id >= from`, at most the limit and, past the first
     /// row, at most `budget` bytes of payload text.
-    fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, pgrx::spi::Error> {
+    fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, DbError> {
         let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
         // Fetches of 16 rows, then more while the rows are small: the scan stops at the budget
-        // (a row's text is made only when it is fetched; at most one fetch goes past it), and
-        // the first row always comes, however large.
+        // (a fetched row is made text only if it fits, by its detoasted size and then by its
+        // text), and the first row always comes, however large.
         let mut rows_per_fetch: libc::c_long = 16;
         let (mut fetched, mut deferred) = (0i64, false);
-        let (rows, over_budget) =
-            as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), pgrx::spi::Error> {
-                let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
-                let next_xid = RoundSnapshot::next_xid();
-                let (mut rows, mut bytes) = (Vec::new(), 0i64);
-                loop {
-                    let chunk = cursor.fetch(rows_per_fetch)?;
-                    if chunk.is_empty() {
-                        return Ok((rows, false));
-                    }
-                    fetched += chunk.len() as i64;
-                    // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
-                    let average = bytes / (rows.len() as i64).max(1);
-                    if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
-                        rows_per_fetch = (rows_per_fetch * 2).min(1024);
-                    }
-                    for row in chunk {
-                        // A row committed after the round began waits for the next round,
-                        // which reads the partition from its start: were it sent now, a row
-                        // of an earlier transaction with a lower id, invisible to the round's
-                        // first read, would go after it.
-                        let xmin = row.get::<pg_sys::TransactionId>(7)?.map_or(0, |x| x.into_inner());
-                        if !self.snapshot.sees(xmin, next_xid) {
-                            deferred = true;
-                            // Its text was made all the same: it counts against the budget.
-                            bytes += row.get::<String>(3)?.map_or(0, |p| p.len() as i64);
-                            if bytes > budget {
-                                return Ok((rows, true));
-                            }
-                            continue;
-                        }
-                        let row = Self::row(&row)?;
-                        let size = row.payload.len() as i64;
-                        if !rows.is_empty() && bytes + size > budget {
+        let (rows, over_budget) = as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), DbError> {
+            let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
+            let mut scratch = Scratch::new();
+            let next_xid = RoundSnapshot::next_xid();
+            let (mut rows, mut bytes) = (Vec::new(), 0i64);
+            loop {
+                let chunk = cursor.fetch(rows_per_fetch)?;
+                if chunk.is_empty() {
+                    return Ok((rows, false));
+                }
+                fetched += chunk.len() as i64;
+                // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
+                let average = bytes / (rows.len() as i64).max(1);
+                if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
+                    rows_per_fetch = (rows_per_fetch * 2).min(1024);
+                }
+                for row in chunk {
+                    // A row committed after the round began waits for the next round,
+                    // which reads the partition from its start: were it sent now, a row
+                    // of an earlier transaction with a lower id, invisible to the round's
+                    // first read, would go after it.
+                    let xmin = row.get::<pg_sys::TransactionId>(7)?.map_or(0, |x| x.into_inner());
+                    let payload = row.get::<PayloadDatum>(3)?;
+                    let raw_size = payload.as_ref().map_or(0, |p| p.raw_size() as i64);
+                    if !self.snapshot.sees(xmin, next_xid) {
+                        deferred = true;
+                        // Read all the same: it counts against the budget.
+                        bytes += raw_size;
+                        if bytes > budget {
                             return Ok((rows, true));
                         }
-                        bytes += size;
-                        rows.push(row);
+                        continue;
                     }
+                    if !rows.is_empty() && bytes + raw_size > budget {
+                        return Ok((rows, true));
+                    }
+                    let row = self.row(&row, payload, &mut scratch)?;
+                    let size = row.payload.len() as i64;
+                    if !rows.is_empty() && bytes + size > budget {
+                        return Ok((rows, true));
+                    }
+                    bytes += size;
+                    rows.push(row);
                 }
-            })?;
+            }
+        })?;
         let mut batch = Batch {
             // The limit was reached, or the budget or the snapshot left rows behind: there may be more.
             full: over_budget || deferred || fetched >= i64::from(self.limit),
@@ -1117,12 +1141,24 @@ impl BatchReader<'_> {
         Ok(batch)
     }
 
-    fn row(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<Row, pgrx::spi::Error> {
+    fn row(
+        &self,
+        row: &pgrx::spi::SpiHeapTupleData<'_>,
+        payload: Option<PayloadDatum>,
+        scratch: &mut Scratch,
+    ) -> Result<Row, DbError> {
+        let max_command_size = self.max_command_size.max(0) as usize;
+        let (payload, dead_letter) = match payload.map(|p| p.text(scratch, max_command_size)).transpose()? {
+            None => (String::new(), None),
+            Some(PayloadText::Text(text)) => (text, None),
+            Some(PayloadText::DeadLetter { why, jsonb }) => (String::new(), Some((why, jsonb))),
+        };
         Ok(Row {
             id: row.get::<i64>(1)?.unwrap_or(0),
             ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
             method: row.get::<String>(2)?.unwrap_or_default(),
-            payload: row.get::<String>(3)?.unwrap_or_default(),
+            payload,
+            dead_letter,
             committed_at: row
                 .get::<TimestampWithTimeZone>(4)?
                 .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
@@ -1140,7 +1176,12 @@ impl BatchReader<'_> {
                 batch.outcomes.push(Some(outcome.clone()));
                 continue;
             }
-            // The SQL API refuses such commands at call time; a plain INSERT is caught here.
+            // The SQL API refuses both at call time; a plain INSERT is caught here.
+            if let Some((why, _)) = &row.dead_letter {
+                let failure = Failure::malformed(why.clone());
+                batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
+                continue;
+            }
             let size = outbox_core::settings::compact_json_len(&row.payload);
             if self.max_command_size > 0 && size > self.max_command_size as usize {
                 let failure = Failure::malformed(format!(
@@ -1204,6 +1245,7 @@ fn apply_outcomes(
                     outbox_id: row.id,
                     method: &row.method,
                     payload,
+                    jsonb_not_made_text: row.dead_letter.as_ref().map(|(_, jsonb)| *jsonb),
                     failure,
                     attempts: attempts_of(row.id),
                     created_at: row.created_at,
@@ -1269,6 +1311,9 @@ struct DeadRow<'a> {
     outbox_id: i64,
     method: &'a str,
     payload: &'a str,
+    /// Instead of `payload`: a jsonb value not made text (see `payload`), valid until the round's
+    /// transaction ends.
+    jsonb_not_made_text: Option<pg_sys::Datum>,
     failure: &'a Failure,
     attempts: u32,
     /// The row's created_at (Unix µs), already read: a lookup by id alone could find several rows.
@@ -1293,11 +1338,13 @@ fn insert_dead_letter(
         "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at{raw_column})
          VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10{raw_value})"
     );
-    let args = |payload: String, raw: Option<Vec<u8>>| -> Vec<pgrx::datum::DatumWithOid<'static>> {
+    let args = |payload: pgrx::datum::DatumWithOid<'static>,
+                raw: Option<Vec<u8>>|
+     -> Vec<pgrx::datum::DatumWithOid<'static>> {
         vec![
             row.outbox_id.into(),
             row.method.to_owned().into(),
-            payload.into(),
+            payload,
             partition.into(),
             row.failure.kind.as_str().into(),
             row.failure.code.map(|c| c as i32).into(),
@@ -1308,20 +1355,26 @@ fn insert_dead_letter(
             raw.into(),
         ]
     };
+    if let Some(jsonb) = row.jsonb_not_made_text {
+        // SAFETY: a jsonb value copied into the transaction's memory (see `DeadRow`).
+        let payload = unsafe { pgrx::datum::DatumWithOid::new(jsonb, pg_sys::JSONBOID) };
+        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload, None)))?;
+        return Ok(());
+    }
     // The outbox's payload is jsonb, so this holds: a table of one's own may have json or text
     // with what jsonb refuses (`\u0000`, huge numbers). Then the bytes go to raw_value.
     if payload_is_jsonb {
-        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)))?;
+        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json.into(), None)))?;
         return Ok(());
     }
     let exact = xact::subtransaction(|| {
-        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json, None)).map(|_| ()))
+        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json.into(), None)).map(|_| ()))
     });
     match exact {
         Ok(result) => result?,
         Err(e) if xact::refused_as_jsonb(&e) => {
             crate::pinned::pinned(&[oid], || {
-                spi.update(&insert, None, &args("null".to_owned(), Some(row.payload.as_bytes().to_vec())))
+                spi.update(&insert, None, &args("null".to_owned().into(), Some(row.payload.as_bytes().to_vec())))
             })?;
         }
         Err(e) => return Err(e),

@@ -286,6 +286,21 @@ def test_hot_standby_does_no_work_until_promoted(make_cluster, centrifugo):
         standby.destroy()
 
 
+def test_dead_letters_are_replayed_while_another_consumer_drains_another_database(make_cluster, centrifugo):
+    import json as _json
+    from conftest import delivery_settings
+    consumers = [{"name": "elsewhere", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://user:secret@db.example:5432/other_db", "outbox_table_name": "other_outbox"}}]
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, consumers=_json.dumps(consumers)))
+    pg.sql("SELECT centrifugo_publish('nope:x', '1')")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 1, 15, what="the dead letter")
+    # The other consumer's table is in its own database: this one's replay does not look for it here.
+    with pg.connect(autocommit=False) as conn:
+        assert conn.execute("SELECT centrifugo_replay_dead_letters()").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM centrifugo_outbox").fetchone()[0] == 1
+        conn.rollback()
+
+
 def test_postgresql_entries_of_centrifugo_consumers_get_their_own_workers(make_cluster, centrifugo):
     import json as _json
     from conftest import delivery_settings

@@ -255,6 +255,56 @@ def test_a_backlog_of_large_rows_drains_with_bounded_worker_memory(make_cluster)
         double.stop()
 
 
+def test_small_rows_then_large_ones_in_one_fetch_keep_the_worker_small(make_cluster):
+    # 48 small rows grow the fetch to 64 rows; the 64 rows of 8 MiB after them must not all be
+    # made text at once (512 MiB): only what the byte budget lets into a batch is.
+    double = executing_double(lambda m, p: False, times=0)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=10000, max_command_size=0))
+        wait_for_workers(pg)
+        pid = partition_worker_pid(pg)
+        baseline = rss_anon_kib(pid)
+        with pg.connect() as conn:
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
+                         "jsonb_build_object('channel', 'small', 'data', g) FROM generate_series(1, 48) g")
+            conn.execute("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
+                         "jsonb_build_object('channel', 'big', 'data', repeat(chr(65 + g % 26), 8 * 1024 * 1024)) "
+                         "FROM generate_series(1, 64) g")
+            conn.execute("COMMIT")
+        peak = baseline
+        deadline = time.monotonic() + 120
+        while pg.scalar("SELECT count(*) FROM centrifugo_outbox") > 0:
+            peak = max(peak, rss_anon_kib(pid))
+            assert time.monotonic() < deadline, "the backlog drained"
+            time.sleep(0.01)
+        assert [json.loads(p)["channel"] for _, p in double.executed] == ["small"] * 48 + ["big"] * 64
+        growth_mib = (peak - baseline) / 1024
+        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
+        assert growth_mib < 160, f"the worker grew by {growth_mib:.1f} MiB"
+    finally:
+        double.stop()
+
+
+def test_a_payload_postgresql_cannot_make_text_of_is_a_dead_letter_and_the_partition_moves_on(outbox, centrifugo):
+    # 8,300 numbers of 131,072 digits each: 130 KiB of jsonb whose text would pass 1 GiB, which
+    # PostgreSQL refuses ("out of memory", 54000). Written by a plain INSERT (centrifugo_publish()
+    # refuses it at call time), it must not fail every round of the partition forever; with no
+    # max_command_size, only its text's length says it cannot be sent.
+    pg = outbox(max_command_size=0)
+    channel = f"chat:huge{uid()}"
+    huge = "(SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 8300))"
+    pg.sql(f"INSERT INTO centrifugo_outbox (method, payload) VALUES "
+           f"('publish', jsonb_build_object('channel', %s::text, 'data', {huge})), "
+           f"('publish', jsonb_build_object('channel', %s::text, 'data', 'after'))", (channel, channel))
+    wait_until(lambda: centrifugo.history(channel) == ["after"], 30, what="the command after the unreadable one")
+    kind, reason, kept = pg.sql(f"SELECT error_kind, error_message, payload = jsonb_build_object('channel', %s::text, 'data', {huge}) "
+                                "FROM centrifugo_dead_letters", (channel,))[0]
+    assert kind == "malformed" and "cannot be made text: its text would pass 1 GB" in reason, reason
+    assert kept, "the payload is kept whole in the dead letter"
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0
+
+
 # -- Found by the review of this change ------------------------------------------------------------
 
 def test_a_partitioned_outbox_is_refused_and_loses_no_row(make_cluster):

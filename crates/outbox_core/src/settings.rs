@@ -128,6 +128,20 @@ pub fn compact_json_len(text: &str) -> usize {
     len
 }
 
+/// The length of the JSON string literal PostgreSQL writes for `bytes`, quotes included: a quote,
+/// a backslash and the C escapes (`\b \f \n \r \t`) take two bytes, other control characters
+/// six (`\u001f`), the rest one. What a jsonb's strings add to its compact text.
+pub fn json_string_literal_len(bytes: &[u8]) -> usize {
+    2 + bytes
+        .iter()
+        .map(|b| match b {
+            b'"' | b'\\' | 0x08 | 0x0c | b'\n' | b'\r' | b'\t' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// Checks the Centrifugo API base URL: http(s), with a host.
 pub fn validate_api_url(url: &str) -> Result<(), String> {
     api_url_problem(url).map_or(Ok(()), |problem| Err(format!("centrifugo.api_url \"{url}\" {problem}")))
@@ -275,6 +289,14 @@ mod tests {
         assert_eq!(compact_json_len(r#"{"a": 1, "b": [1, 2]}"#), r#"{"a":1,"b":[1,2]}"#.len());
         assert_eq!(compact_json_len(r#"{"s": "a b \" c"}"#), r#"{"s":"a b \" c"}"#.len());
         assert_eq!(compact_json_len("\n\t{ }"), 2);
+    }
+
+    #[test]
+    fn json_string_literal_length_is_what_the_escaped_text_takes() {
+        // serde_json escapes exactly what PostgreSQL's escape_json does.
+        for s in ["", "plain", "a \"quoted\" \\ path", "\u{8}\u{c}\n\r\t", "\u{0}\u{1}\u{1f}", "é ✓ \u{7f}", "/"] {
+            assert_eq!(json_string_literal_len(s.as_bytes()), serde_json::to_string(s).unwrap().len(), "{s:?}");
+        }
     }
 
     #[test]
