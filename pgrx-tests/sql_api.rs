@@ -346,30 +346,44 @@ fn every_function_keeps_data_exact() {
 }
 
 #[pg_test]
-fn a_jsonb_is_measured_as_long_as_its_compact_text() {
+fn the_worker_writes_a_jsonb_as_jsonb_out_does_and_no_further_than_its_limits() {
+    use crate::payload::{PayloadDatum, PayloadText, Scratch};
     let values = [
         r#"{"a": 1, "b": [1, 2.50, -3e-5, {"c": null}], "d": {}, "e": [], "f": true, "g": false}"#,
-        r#""a raw scalar with \" and \\ and \n and \u0001 and \u001f""#,
+        r#""a raw scalar with \" and \\ and / and \n \r \t \b \f and \u0001 \u001f \u007f""#,
         "12345.678",
         "-0.000",
         "1e40",
-        "1e131071",
+        "1e1000",
         "true",
         "null",
         "[]",
         "{}",
+        "[{}]",
+        r#"{"k": {}}"#,
         r#"[[[]], {"k": [true, false, null]}, "x", {"": ""}]"#,
-        r#"{"é": "✓ \t", "nested": {"deeper": {"deepest": [1, [2, [3]]]}}}"#,
+        r#"{"é": "✓ \t", "nested": {"deeper": {"deepest": [1, [2, [3]], {"x": [{}]}]}}, "z": 0}"#,
     ];
     Spi::connect(|client| {
+        let mut scratch = Scratch::new();
         for value in values {
-            let table = client
-                .select("SELECT $1::jsonb, $1::jsonb::text", None, &[value.into()])
-                .unwrap()
-                .first();
-            let datum = table.get::<crate::payload::PayloadDatum>(1).unwrap().unwrap();
+            let table = client.select("SELECT $1::jsonb, $1::jsonb::text", None, &[value.into()]).unwrap().first();
+            let datum = table.get::<PayloadDatum>(1).unwrap().unwrap();
             let text = table.get::<String>(2).unwrap().unwrap();
-            assert_eq!(datum.compact_len(), outbox_core::settings::compact_json_len(&text), "{value} printed as {text}");
+            let compact = outbox_core::settings::compact_json_len(&text);
+            match datum.text(&mut scratch, 0).unwrap() {
+                PayloadText::Text(written) => assert_eq!(written, text, "{value}"),
+                PayloadText::DeadLetter { why, .. } => panic!("{value}: {why}"),
+            }
+            // At the limit it is written; one byte under, it is a dead letter with the reason.
+            assert!(matches!(datum.text(&mut scratch, compact).unwrap(), PayloadText::Text(t) if t == text), "{value}");
+            match datum.text(&mut scratch, compact - 1).unwrap() {
+                PayloadText::DeadLetter { why, .. } => assert!(
+                    why.contains(&format!("exceeds centrifugo.max_command_size ({} bytes)", compact - 1)),
+                    "{value}: {why}"
+                ),
+                PayloadText::Text(t) => panic!("{value} written past its limit: {t}"),
+            }
         }
     });
 }

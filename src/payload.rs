@@ -2,7 +2,9 @@
 //! a few compressed bytes), made text only when a batch takes the row. A `::text` in the query
 //! would make every fetched row text at once (a fetch of many large rows after small ones), and
 //! a jsonb whose text PostgreSQL cannot make (over 1 GB: numbers of 131,072 digits, escapes)
-//! would fail the query, and with it every round of the partition, forever.
+//! would fail the query, and with it every round of the partition, forever. So the worker writes
+//! a jsonb's text itself, exactly as `jsonb_out` does, and stops as soon as it is too long for
+//! `max_command_size`: no payload, however its text would grow, costs more than the limit.
 
 use std::ffi::CStr;
 
@@ -11,15 +13,10 @@ use pgrx::PgMemoryContexts;
 
 use outbox_core::settings::json_string_literal_len;
 
-use crate::xact::{self, DbError};
+use crate::xact::DbError;
 
-/// A jsonb value stored in fewer bytes has a text under 1 GB and within any sensible
-/// `max_command_size` check: the most a byte of jsonb grows to is a number's digits (a 16-byte
-/// number prints at most 147,457 of them), so 32 KiB print under 300 MB. A larger value is
-/// measured first, without making its text.
-const JSONB_TEXT_SURELY_FITS: usize = 32 * 1024;
-
-/// The longest text PostgreSQL can make (MaxAllocSize, less the terminating zero).
+/// The longest text PostgreSQL can make (MaxAllocSize, less the terminating zero): a jsonb whose
+/// text would be longer is not sent (Centrifugo would refuse far less anyway).
 const MAX_TEXT: usize = 0x3fff_fffe;
 
 /// Memory for making one payload text at a time, emptied after each.
@@ -90,8 +87,8 @@ impl PayloadDatum {
         unsafe { pg_sys::toast_raw_datum_size(self.datum) }
     }
 
-    /// The payload's text. A large jsonb is measured first: over `max_command_size` (0: no
-    /// limit) or over what PostgreSQL can make, it is a dead letter without its text ever made.
+    /// The payload's text. A jsonb whose compact text passes `max_command_size` (0: no limit)
+    /// or whose text would pass 1 GB is a dead letter, its text written no further than that.
     pub fn text(&self, scratch: &mut Scratch, max_command_size: usize) -> Result<PayloadText, DbError> {
         let (datum, type_oid) = (self.datum, self.type_oid);
         if type_oid == pg_sys::TEXTOID {
@@ -103,54 +100,21 @@ impl PayloadDatum {
             // The column's type changed under the prepared statement: the next round prepares it again.
             return Err(DbError::new(format!("the outbox's payload column changed type (to oid {type_oid})")));
         }
-        let measured = if self.raw_size() < JSONB_TEXT_SURELY_FITS {
-            None
-        } else {
-            // Detoasted into the scratch memory.
-            Some(scratch.run(|| self.compact_len()))
-        };
-        match measured {
-            Some(len) if len > MAX_TEXT => {
-                return Ok(self.dead_letter(format!(
-                    "payload cannot be made text: its text would pass 1 GB, more than PostgreSQL can make ({len} bytes without spaces)"
-                )))
-            }
-            Some(len) if max_command_size > 0 && len > max_command_size => {
-                return Ok(self.dead_letter(format!(
-                    "payload of {len} bytes exceeds centrifugo.max_command_size ({max_command_size} bytes)"
-                )))
-            }
-            _ => {}
-        }
-        // jsonb's text has a space after each ',' and ':', so under twice the compact length:
-        // only past half of the limit can it still be refused (54000), then caught, not repeated.
-        let made = if measured.is_some_and(|len| len >= MAX_TEXT / 2) {
-            // SAFETY: as above.
-            let made = xact::subtransaction(|| scratch.run(|| unsafe { output_text(datum, type_oid) }));
-            scratch.reset();
-            match made {
-                Ok(text) => text,
-                Err(e) if e.sqlstate == "54000" => {
-                    return Ok(self.dead_letter(format!("payload cannot be made text: {e}")));
-                }
-                Err(e) => return Err(e),
-            }
-        } else {
-            // SAFETY: as above.
-            scratch.run(|| unsafe { output_text(datum, type_oid) })
-        };
-        Ok(match made {
-            Some(text) => PayloadText::Text(text),
-            None => self.dead_letter("payload cannot be made text: it is not UTF-8".to_owned()),
+        let max_compact = if max_command_size > 0 { max_command_size } else { usize::MAX };
+        // SAFETY: a jsonb datum, valid while its fetch is; detoasted into the scratch memory.
+        let written = scratch.run(|| unsafe { write_jsonb_text(datum, max_compact) })?;
+        Ok(match written {
+            Written::Text(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => PayloadText::Text(text),
+                Err(_) => self.dead_letter("payload cannot be made text: it is not UTF-8".to_owned()),
+            },
+            Written::OverLimit => self.dead_letter(format!(
+                "payload of over {max_command_size} bytes exceeds centrifugo.max_command_size ({max_command_size} bytes)"
+            )),
+            Written::OverMaxText => self.dead_letter(
+                "payload cannot be made text: its text would pass 1 GB, more than PostgreSQL can make".to_owned(),
+            ),
         })
-    }
-
-    /// The length of a jsonb's text without spaces between tokens (what `compact_json_len`
-    /// measures of its text), counted without making it; counting stops past 1 GB.
-    pub fn compact_len(&self) -> usize {
-        assert_eq!(self.type_oid, pg_sys::JSONBOID, "only a jsonb is measured");
-        // SAFETY: a jsonb datum, valid while its fetch is.
-        unsafe { compact_text_len(self.datum) }
     }
 
     fn dead_letter(&self, why: String) -> PayloadText {
@@ -167,91 +131,206 @@ impl PayloadDatum {
     }
 }
 
-/// The value's text by its type's output function; None if it is not UTF-8.
-///
-/// # Safety
-/// `datum` must be a valid value of `type_oid`.
-unsafe fn output_text(datum: pg_sys::Datum, type_oid: pg_sys::Oid) -> Option<String> {
-    let (mut function, mut is_varlena) = (pg_sys::InvalidOid, false);
-    pg_sys::getTypeOutputInfo(type_oid, &mut function, &mut is_varlena);
-    let text = pg_sys::OidOutputFunctionCall(function, datum);
-    let owned = CStr::from_ptr(text).to_str().map(str::to_owned).ok();
-    pg_sys::pfree(text.cast());
-    owned
+/// What writing a jsonb's text gave.
+enum Written {
+    Text(Vec<u8>),
+    /// Its compact text (no spaces between tokens) passed the limit.
+    OverLimit,
+    /// Its text passed [`MAX_TEXT`].
+    OverMaxText,
 }
 
-/// See [`PayloadDatum::compact_len`].
+/// The jsonb's text as `jsonb_out` writes it (", " and ": " between tokens), written only while
+/// its compact length (what `compact_json_len` measures) stays within `max_compact` and the text
+/// within [`MAX_TEXT`].
 ///
 /// # Safety
 /// `datum` must be a valid jsonb value.
-unsafe fn compact_text_len(datum: pg_sys::Datum) -> usize {
+unsafe fn write_jsonb_text(datum: pg_sys::Datum, max_compact: usize) -> Result<Written, DbError> {
     use pg_sys::JsonbIteratorToken::*;
     let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
     let mut iterator = pg_sys::JsonbIteratorInit(&mut (*jsonb).root);
     let mut value: pg_sys::JsonbValue = std::mem::zeroed();
-    // Per open container: whether it is a scalar's wrapper (no brackets), and whether it has an
-    // entry yet (the next one is preceded by a comma).
-    let mut open: Vec<(bool, bool)> = Vec::new();
-    let mut after_key = false;
-    let (mut numeric_out, mut is_varlena) = (pg_sys::InvalidOid, false);
-    pg_sys::getTypeOutputInfo(pg_sys::NUMERICOID, &mut numeric_out, &mut is_varlena);
-    let mut len = 0usize;
-    // A comma before every entry of a container but its first; none between a key and its value.
-    fn separate(open: &mut [(bool, bool)], after_key: &mut bool) -> usize {
-        if std::mem::take(after_key) {
-            return 0;
-        }
-        open.last_mut().map_or(0, |(_, seen)| usize::from(std::mem::replace(seen, true)))
-    }
-    while len <= MAX_TEXT {
-        match pg_sys::JsonbIteratorNext(&mut iterator, &mut value, false) {
-            WJB_DONE => break,
+    let mut out = Text { bytes: Vec::new(), spaces: 0, max_compact, over: None, numeric_out: None };
+    // As jsonb_out: `first` is whether the next entry opens its container (no comma before it).
+    let (mut first, mut raw_scalar) = (true, false);
+    let mut token = pg_sys::JsonbIteratorNext(&mut iterator, &mut value, false);
+    while token != WJB_DONE {
+        pgrx::check_for_interrupts!();
+        match token {
             WJB_BEGIN_ARRAY => {
-                len += separate(&mut open, &mut after_key);
-                let raw_scalar = value.val.array.rawScalar;
-                len += usize::from(!raw_scalar);
-                open.push((raw_scalar, false));
+                if !first {
+                    out.separator(b',')?;
+                }
+                if value.val.array.rawScalar {
+                    raw_scalar = true;
+                } else {
+                    out.push(b"[")?;
+                }
+                first = true;
             }
             WJB_BEGIN_OBJECT => {
-                len += separate(&mut open, &mut after_key) + 1;
-                open.push((false, false));
-            }
-            WJB_END_ARRAY | WJB_END_OBJECT => {
-                let (raw_scalar, _) = open.pop().unwrap_or_default();
-                len += usize::from(!raw_scalar);
+                if !first {
+                    out.separator(b',')?;
+                }
+                out.push(b"{")?;
+                first = true;
             }
             WJB_KEY => {
-                len += separate(&mut open, &mut after_key) + scalar_len(&value, numeric_out) + 1;
-                after_key = true;
+                if !first {
+                    out.separator(b',')?;
+                }
+                first = true;
+                out.scalar(&value)?;
+                out.separator(b':')?;
+                // A nested container right after its key is written by the next turn, comma-less.
+                token = pg_sys::JsonbIteratorNext(&mut iterator, &mut value, false);
+                if token == WJB_VALUE {
+                    first = false;
+                    out.scalar(&value)?;
+                } else {
+                    continue;
+                }
             }
-            _ => len += separate(&mut open, &mut after_key) + scalar_len(&value, numeric_out),
+            WJB_ELEM => {
+                if !first {
+                    out.separator(b',')?;
+                }
+                first = false;
+                out.scalar(&value)?;
+            }
+            WJB_END_ARRAY => {
+                if !raw_scalar {
+                    out.push(b"]")?;
+                }
+                first = false;
+            }
+            WJB_END_OBJECT => {
+                out.push(b"}")?;
+                first = false;
+            }
+            _ => {}
         }
+        if out.over.is_some() {
+            break;
+        }
+        token = pg_sys::JsonbIteratorNext(&mut iterator, &mut value, false);
     }
-    len
+    Ok(out.finish())
 }
 
-/// The text length of a jsonb scalar.
-///
-/// # Safety
-/// `value` must be a scalar the jsonb iterator returned, `numeric_out` numeric's output function.
-unsafe fn scalar_len(value: &pg_sys::JsonbValue, numeric_out: pg_sys::Oid) -> usize {
-    match value.type_ {
-        pg_sys::jbvType::jbvNull => 4,
-        pg_sys::jbvType::jbvBool if value.val.boolean => 4,
-        pg_sys::jbvType::jbvBool => 5,
-        pg_sys::jbvType::jbvString => {
-            let string = value.val.string;
-            let bytes = std::slice::from_raw_parts(string.val.cast::<u8>(), string.len.max(0) as usize);
-            json_string_literal_len(bytes)
+/// A jsonb's text being written, with its limits.
+struct Text {
+    bytes: Vec<u8>,
+    /// The spaces after separators: the compact length is the rest.
+    spaces: usize,
+    max_compact: usize,
+    /// Set once something did not fit: nothing more is written.
+    over: Option<Over>,
+    numeric_out: Option<pg_sys::FmgrInfo>,
+}
+
+#[derive(Clone, Copy)]
+enum Over {
+    Limit,
+    MaxText,
+}
+
+impl Text {
+    /// Whether `more` bytes, `spaces` of them spaces after separators, fit within both limits
+    /// (memory for them reserved); if not, says which limit they pass and writes nothing more.
+    fn fits(&mut self, more: usize, spaces: usize) -> Result<bool, DbError> {
+        if self.over.is_some() {
+            return Ok(false);
         }
-        pg_sys::jbvType::jbvNumeric => {
-            // As jsonb's text prints it; freed at once (there may be many long ones).
-            let text = pg_sys::OidOutputFunctionCall(numeric_out, pg_sys::Datum::from(value.val.numeric));
-            let len = CStr::from_ptr(text).to_bytes().len();
-            pg_sys::pfree(text.cast());
-            len
+        let len = self.bytes.len().saturating_add(more);
+        if len - (self.spaces + spaces) > self.max_compact {
+            self.over = Some(Over::Limit);
+        } else if len > MAX_TEXT {
+            self.over = Some(Over::MaxText);
+        } else {
+            // Not enough memory is the machine's state, not the row's: the round is retried.
+            self.bytes.try_reserve(more).map_err(|_| DbError {
+                sqlstate: "53200".into(),
+                message: format!("out of memory writing a payload's text of {len} bytes"),
+            })?;
+            self.spaces += spaces;
         }
-        // Stored jsonb holds no other scalar; counted generously.
-        _ => 64,
+        Ok(self.over.is_none())
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Result<(), DbError> {
+        if self.fits(bytes.len(), 0)? {
+            self.bytes.extend_from_slice(bytes);
+        }
+        Ok(())
+    }
+
+    fn separator(&mut self, which: u8) -> Result<(), DbError> {
+        if self.fits(2, 1)? {
+            self.bytes.extend_from_slice(&[which, b' ']);
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Written {
+        match self.over {
+            None => Written::Text(self.bytes),
+            Some(Over::Limit) => Written::OverLimit,
+            Some(Over::MaxText) => Written::OverMaxText,
+        }
+    }
+
+    /// A jsonb scalar as jsonb_out writes it.
+    ///
+    /// # Safety
+    /// `value` must be a scalar the jsonb iterator returned.
+    unsafe fn scalar(&mut self, value: &pg_sys::JsonbValue) -> Result<(), DbError> {
+        match value.type_ {
+            pg_sys::jbvType::jbvNull => self.push(b"null"),
+            pg_sys::jbvType::jbvBool if value.val.boolean => self.push(b"true"),
+            pg_sys::jbvType::jbvBool => self.push(b"false"),
+            pg_sys::jbvType::jbvString => {
+                let string = value.val.string;
+                let bytes = std::slice::from_raw_parts(string.val.cast::<u8>(), string.len.max(0) as usize);
+                self.string(bytes)
+            }
+            pg_sys::jbvType::jbvNumeric => {
+                let numeric_out = self.numeric_out.get_or_insert_with(|| {
+                    let mut info = pg_sys::FmgrInfo::default();
+                    pg_sys::fmgr_info(pg_sys::Oid::from(pg_sys::F_NUMERIC_OUT), &mut info);
+                    info
+                });
+                let text = pg_sys::OutputFunctionCall(numeric_out, pg_sys::Datum::from(value.val.numeric));
+                let result = self.push(CStr::from_ptr(text).to_bytes());
+                // Freed at once: there may be many long ones.
+                pg_sys::pfree(text.cast());
+                result
+            }
+            other => Err(DbError::new(format!("a jsonb scalar of unknown type {other}"))),
+        }
+    }
+
+    /// A JSON string literal as PostgreSQL's escape_json writes it.
+    fn string(&mut self, bytes: &[u8]) -> Result<(), DbError> {
+        if !self.fits(json_string_literal_len(bytes), 0)? {
+            return Ok(());
+        }
+        self.bytes.push(b'"');
+        for &b in bytes {
+            match b {
+                b'"' => self.bytes.extend_from_slice(b"\\\""),
+                b'\\' => self.bytes.extend_from_slice(b"\\\\"),
+                0x08 => self.bytes.extend_from_slice(b"\\b"),
+                0x0c => self.bytes.extend_from_slice(b"\\f"),
+                b'\n' => self.bytes.extend_from_slice(b"\\n"),
+                b'\r' => self.bytes.extend_from_slice(b"\\r"),
+                b'\t' => self.bytes.extend_from_slice(b"\\t"),
+                0..=0x1f => self.bytes.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+                _ => self.bytes.push(b),
+            }
+        }
+        self.bytes.push(b'"');
+        Ok(())
     }
 }

@@ -305,6 +305,34 @@ def test_a_payload_postgresql_cannot_make_text_of_is_a_dead_letter_and_the_parti
     assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0
 
 
+def test_a_small_jsonb_with_a_huge_text_is_a_dead_letter_at_little_cost(make_cluster):
+    # 2,000 numbers of 131,072 digits: 32 KiB of jsonb, 262 MB of text. Under the default
+    # max_command_size (1 MiB) its text is written no further than the limit.
+    double = executing_double(lambda m, p: False, times=0)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k"))
+        wait_for_workers(pg)
+        pid = partition_worker_pid(pg)
+        baseline = rss_anon_kib(pid)
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES "
+               "('publish', jsonb_build_object('channel', 'huge', 'data', "
+               "(SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 2000))))")
+        peak = baseline
+        deadline = time.monotonic() + 30
+        while pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0:
+            peak = max(peak, rss_anon_kib(pid))
+            assert time.monotonic() < deadline, "the dead letter"
+            time.sleep(0.005)
+        reason = pg.scalar("SELECT error_message FROM centrifugo_dead_letters")
+        assert "exceeds centrifugo.max_command_size (1048576 bytes)" in reason, reason
+        assert double.executed == []
+        growth_mib = (peak - baseline) / 1024
+        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
+        assert growth_mib < 64, f"the worker grew by {growth_mib:.1f} MiB"
+    finally:
+        double.stop()
+
+
 # -- Found by the review of this change ------------------------------------------------------------
 
 def test_a_partitioned_outbox_is_refused_and_loses_no_row(make_cluster):
