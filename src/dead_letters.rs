@@ -78,7 +78,51 @@ fn centrifugo_replay_dead_letters(
         })
         .unwrap_or(0);
     }
+    if specs.first().is_some_and(|default| default.database() != this_database) {
+        let filters = [
+            ids.into(),
+            method.into(),
+            error_code.into(),
+            error_kind.into(),
+            failed_after.into(),
+            others.clone().into(),
+        ];
+        tell_about_the_default_consumers_rows(&dead_letters, filters, &specs[0].database());
+    }
     replayed
+}
+
+/// The default consumer takes the rows of no configured consumer (Kafka's, removed consumers'):
+/// when it drains another database, such rows here are not replayed, and the caller is told.
+/// `filters`: the replay's five, then the names of the other consumers.
+fn tell_about_the_default_consumers_rows(
+    dead_letters: &str,
+    filters: [pgrx::datum::DatumWithOid<'_>; 6],
+    database: &str,
+) {
+    let marker = crate::pinned::MARKER;
+    let left = crate::pinned::pinned(&[session::dead_letters_oid()], || {
+        Spi::get_one_with_args::<i64>(
+            &format!(
+                "{marker}SELECT count(*) FROM {dead_letters} d
+                 WHERE (d.source = 'kafka' OR d.consumer IS NULL OR NOT (d.consumer = ANY($6)))
+                   AND ($1::bigint[] IS NULL OR d.id = ANY($1))
+                   AND ($2::text IS NULL OR d.method = $2)
+                   AND ($3::int IS NULL OR d.error_code = $3)
+                   AND ($4::text IS NULL OR d.error_kind = $4)
+                   AND ($5::timestamptz IS NULL OR d.failed_at > $5)"
+            ),
+            &filters,
+        )
+    })
+    .unwrap_or_else(|e| error!("centrifugo_outbox: replay failed: {e}"))
+    .unwrap_or(0);
+    if left > 0 {
+        notice!(
+            "centrifugo_outbox: {left} dead letter(s) of Kafka or of consumers no longer configured are not replayed: \
+             the default consumer, which takes them, drains database \"{database}\""
+        );
+    }
 }
 
 /// Deletes dead letters for good and returns how many. Filters combine with AND; at least one is

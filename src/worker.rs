@@ -1245,7 +1245,12 @@ fn apply_outcomes(
                     outbox_id: row.id,
                     method: &row.method,
                     payload,
-                    jsonb_not_made_text: row.dead_letter.as_ref().map(|(_, jsonb)| *jsonb),
+                    // A replacement (the channels of a broadcast that failed) is what is kept.
+                    jsonb_not_made_text: row
+                        .dead_letter
+                        .as_ref()
+                        .filter(|_| replacement.is_none())
+                        .map(|(_, jsonb)| *jsonb),
                     failure,
                     attempts: attempts_of(row.id),
                     created_at: row.created_at,

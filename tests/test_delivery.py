@@ -301,6 +301,23 @@ def test_dead_letters_are_replayed_while_another_consumer_drains_another_databas
         conn.rollback()
 
 
+def test_dead_letters_the_default_consumer_takes_are_not_replayed_where_it_does_not_drain(make_cluster):
+    from conftest import delivery_settings
+    # The default consumer drains another database: a Kafka dead letter here has no outbox here
+    # a worker drains, so it stays, and the caller is told why.
+    pg = make_cluster(delivery_settings("http://127.0.0.1:9/api", "k", database="elsewhere"))
+    pg.sql("INSERT INTO centrifugo_dead_letters (source, method, payload, error_kind, error_message) "
+           "VALUES ('kafka', 'publish', '{\"channel\": \"c\", \"data\": 1}', 'centrifugo', 'unknown channel')")
+    notices = []
+    with pg.connect() as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        assert conn.execute("SELECT centrifugo_replay_dead_letters()").fetchone()[0] == 0
+    assert any("1 dead letter(s) of Kafka or of consumers no longer configured are not replayed" in n
+               and 'drains database "elsewhere"' in n for n in notices), notices
+    assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 1
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0
+
+
 def test_postgresql_entries_of_centrifugo_consumers_get_their_own_workers(make_cluster, centrifugo):
     import json as _json
     from conftest import delivery_settings

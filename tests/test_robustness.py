@@ -3,6 +3,7 @@ on (same process, a visible reason, a rate-limited log line), without sending ag
 Centrifugo already ran; Kafka records jsonb cannot hold are dead-lettered with their bytes and the
 partition moves on; the Kafka bridge leaves when the postmaster dies."""
 
+import contextlib
 import json
 import os
 import signal
@@ -230,40 +231,49 @@ def rss_anon_kib(pid):
     return 0
 
 
-def test_a_backlog_of_large_rows_drains_with_bounded_worker_memory(make_cluster):
-    # 400 rows of 512 KiB (200 MiB of payload text) behind a limit of 10 000 rows per batch: only
-    # the byte budget (4 MiB by default, the batch read ahead included) keeps the worker small.
+@contextlib.contextmanager
+def measured_worker(make_cluster, **settings):
+    """A cluster delivering to a double that accepts everything, and `growth(done_sql, timeout,
+    what)`: polls its partition worker's RssAnon until `done_sql` is true and returns the peak's
+    growth in MiB over the worker at rest."""
     double = executing_double(lambda m, p: False, times=0)
     try:
-        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=10000, max_command_size=0))
+        pg = make_cluster(delivery_settings(double.api_url, "k", **settings))
         wait_for_workers(pg)
         pid = partition_worker_pid(pg)
         baseline = rss_anon_kib(pid)
-        pg.sql("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
-               "jsonb_build_object('channel', 'big', 'data', repeat(chr(65 + g % 26), 512 * 1024)) FROM generate_series(1, 400) g")
-        peak = baseline
-        deadline = time.monotonic() + 120
-        while pg.scalar("SELECT count(*) FROM centrifugo_outbox") > 0:
-            peak = max(peak, rss_anon_kib(pid))
-            assert time.monotonic() < deadline, "the backlog drained"
-            time.sleep(0.02)
-        assert len(double.executed) == 400
-        growth_mib = (peak - baseline) / 1024
-        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
-        assert growth_mib < 48, f"the worker grew by {growth_mib:.1f} MiB"
+        yield pg, double, lambda done_sql, timeout, what: rss_growth_mib(pg, pid, baseline, done_sql, timeout, what)
     finally:
         double.stop()
+
+
+def rss_growth_mib(pg, pid, baseline, done_sql, timeout, what):
+    peak = baseline
+    deadline = time.monotonic() + timeout
+    while not pg.scalar(done_sql):
+        peak = max(peak, rss_anon_kib(pid))
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+    growth_mib = (peak - baseline) / 1024
+    print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
+    return growth_mib
+
+
+def test_a_backlog_of_large_rows_drains_with_bounded_worker_memory(make_cluster):
+    # 400 rows of 512 KiB (200 MiB of payload text) behind a limit of 10 000 rows per batch: only
+    # the byte budget (4 MiB by default, the batch read ahead included) keeps the worker small.
+    with measured_worker(make_cluster, partition_select_limit=10000, max_command_size=0) as (pg, double, growth):
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
+               "jsonb_build_object('channel', 'big', 'data', repeat(chr(65 + g % 26), 512 * 1024)) FROM generate_series(1, 400) g")
+        growth_mib = growth("SELECT count(*) = 0 FROM centrifugo_outbox", 120, "the backlog drained")
+        assert len(double.executed) == 400
+        assert growth_mib < 48, f"the worker grew by {growth_mib:.1f} MiB"
 
 
 def test_small_rows_then_large_ones_in_one_fetch_keep_the_worker_small(make_cluster):
     # 48 small rows grow the fetch to 64 rows; the 64 rows of 8 MiB after them must not all be
     # made text at once (512 MiB): only what the byte budget lets into a batch is.
-    double = executing_double(lambda m, p: False, times=0)
-    try:
-        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=10000, max_command_size=0))
-        wait_for_workers(pg)
-        pid = partition_worker_pid(pg)
-        baseline = rss_anon_kib(pid)
+    with measured_worker(make_cluster, partition_select_limit=10000, max_command_size=0) as (pg, double, growth):
         with pg.connect() as conn:
             conn.execute("BEGIN")
             conn.execute("INSERT INTO centrifugo_outbox (method, payload) SELECT 'publish', "
@@ -272,18 +282,9 @@ def test_small_rows_then_large_ones_in_one_fetch_keep_the_worker_small(make_clus
                          "jsonb_build_object('channel', 'big', 'data', repeat(chr(65 + g % 26), 8 * 1024 * 1024)) "
                          "FROM generate_series(1, 64) g")
             conn.execute("COMMIT")
-        peak = baseline
-        deadline = time.monotonic() + 120
-        while pg.scalar("SELECT count(*) FROM centrifugo_outbox") > 0:
-            peak = max(peak, rss_anon_kib(pid))
-            assert time.monotonic() < deadline, "the backlog drained"
-            time.sleep(0.01)
+        growth_mib = growth("SELECT count(*) = 0 FROM centrifugo_outbox", 120, "the backlog drained")
         assert [json.loads(p)["channel"] for _, p in double.executed] == ["small"] * 48 + ["big"] * 64
-        growth_mib = (peak - baseline) / 1024
-        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
         assert growth_mib < 160, f"the worker grew by {growth_mib:.1f} MiB"
-    finally:
-        double.stop()
 
 
 def test_a_payload_postgresql_cannot_make_text_of_is_a_dead_letter_and_the_partition_moves_on(outbox, centrifugo):
@@ -308,29 +309,15 @@ def test_a_payload_postgresql_cannot_make_text_of_is_a_dead_letter_and_the_parti
 def test_a_small_jsonb_with_a_huge_text_is_a_dead_letter_at_little_cost(make_cluster):
     # 2,000 numbers of 131,072 digits: 32 KiB of jsonb, 262 MB of text. Under the default
     # max_command_size (1 MiB) its text is written no further than the limit.
-    double = executing_double(lambda m, p: False, times=0)
-    try:
-        pg = make_cluster(delivery_settings(double.api_url, "k"))
-        wait_for_workers(pg)
-        pid = partition_worker_pid(pg)
-        baseline = rss_anon_kib(pid)
+    with measured_worker(make_cluster) as (pg, double, growth):
         pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES "
                "('publish', jsonb_build_object('channel', 'huge', 'data', "
                "(SELECT jsonb_agg('1e131071'::numeric) FROM generate_series(1, 2000))))")
-        peak = baseline
-        deadline = time.monotonic() + 30
-        while pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0:
-            peak = max(peak, rss_anon_kib(pid))
-            assert time.monotonic() < deadline, "the dead letter"
-            time.sleep(0.005)
+        growth_mib = growth("SELECT count(*) > 0 FROM centrifugo_dead_letters", 30, "the dead letter")
         reason = pg.scalar("SELECT error_message FROM centrifugo_dead_letters")
         assert "exceeds centrifugo.max_command_size (1048576 bytes)" in reason, reason
         assert double.executed == []
-        growth_mib = (peak - baseline) / 1024
-        print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
         assert growth_mib < 64, f"the worker grew by {growth_mib:.1f} MiB"
-    finally:
-        double.stop()
 
 
 # -- Found by the review of this change ------------------------------------------------------------

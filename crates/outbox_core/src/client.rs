@@ -103,6 +103,11 @@ const MISMATCHED_BODY: &str = "connect failed: request made for another transpor
 /// How a transport failure that never reached the server begins (no connection could be made).
 pub const CONNECT_FAILED: &str = "connect failed";
 
+/// The most of a reply that is read, over either transport. Centrifugo answers a batch with a
+/// few dozen bytes per command (a broadcast, per channel); a reply near this is not its answer,
+/// and reading on would only take the worker's memory.
+pub const MAX_REPLY_BYTES: usize = 256 << 20;
+
 /// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
 /// (see [`crate::dispatch::Failure::is_deferred`]).
 pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
@@ -427,12 +432,12 @@ impl CentrifugoClient {
                     .body(body);
                 self.runtime.spawn(async move {
                     let result = async {
-                        let resp = request.send().await?;
+                        let resp = request.send().await.map_err(|e| describe(&e))?;
                         let status = resp.status().as_u16();
-                        resp.bytes().await.map(|b| Response::Http { status, body: b.to_vec() })
+                        read_reply(resp, MAX_REPLY_BYTES).await.map(|body| Response::Http { status, body })
                     }
                     .await;
-                    result.unwrap_or_else(|e| Response::Transport(scrub(&describe(&e), &[&api_key])))
+                    result.unwrap_or_else(|e| Response::Transport(scrub(&e, &[&api_key])))
                 })
             }
             #[cfg(feature = "grpc")]
@@ -588,6 +593,24 @@ fn grpc_status_of(status: u16) -> i32 {
     }
 }
 
+/// The body of `resp`, or why it was not read whole: longer than `max` bytes (announced or as
+/// it came; nothing past it is read), or a transport error.
+async fn read_reply(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
+    let too_long =
+        || format!("the reply is longer than {max} bytes, not Centrifugo's answer (check centrifugo.api_url)");
+    if resp.content_length().is_some_and(|len| len > max as u64) {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+        if body.len() + chunk.len() > max {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// A one-line description of a transport error, with its causes.
 fn describe(e: &reqwest::Error) -> String {
     // A connect timeout is a connect failure: the request never went out.
@@ -645,6 +668,32 @@ mod tests {
             "{outcomes:?}"
         );
         assert!(elsewhere.recv_timeout(Duration::from_millis(300)).unwrap().is_none(), "the redirect was followed");
+    }
+
+    #[test]
+    fn a_reply_longer_than_centrifugo_would_send_is_not_read_and_the_batch_is_retried() {
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/api", server.server_addr().to_ip().unwrap());
+        let too_long = MAX_REPLY_BYTES + 1;
+        let serving = std::thread::spawn(move || {
+            // Sent as it comes (chunked, no length said), then with a length said up front.
+            let req = server.recv().unwrap();
+            let stream = std::io::repeat(b' ').take(too_long as u64);
+            let _ = req.respond(tiny_http::Response::new(200.into(), vec![], stream, None, None));
+            let req = server.recv().unwrap();
+            let announced = tiny_http::Response::new(200.into(), vec![], std::io::empty(), Some(too_long), None);
+            let _ = req.respond(announced.with_chunked_threshold(usize::MAX));
+        });
+        let client = CentrifugoClient::new(ClientConfig { timeout: Duration::from_secs(60), ..config(url) }).unwrap();
+        let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k1".into()).unwrap();
+        for attempt in 0..2 {
+            let outcomes = client.send(std::slice::from_ref(&cmd), &mut 0);
+            assert!(
+                matches!(&outcomes[..], [Outcome::Retry(f)] if f.message.contains(&format!("longer than {MAX_REPLY_BYTES} bytes"))),
+                "{attempt}: {outcomes:?}"
+            );
+        }
+        serving.join().unwrap();
     }
 
     #[test]

@@ -34,8 +34,8 @@ pub const DEFAULT_MAX_MESSAGE: usize = 4 << 20;
 /// The gRPC framing and idempotency key a row adds to a batch, beyond its payload text.
 pub const PER_COMMAND_OVERHEAD: usize = 128;
 
-/// How much of a reply is read (replies are small; a broadcast to many channels answers per channel).
-const MAX_REPLY: usize = 1 << 30;
+/// How much of a reply is read: as over HTTP.
+const MAX_REPLY: usize = crate::client::MAX_REPLY_BYTES;
 
 /// A raw JSON field (Centrifugo's `Raw`): the value's text, as bytes.
 pub(crate) fn raw_json<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
