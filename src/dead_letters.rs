@@ -101,22 +101,24 @@ fn tell_about_the_default_consumers_rows(
     database: &str,
 ) {
     let marker = crate::pinned::MARKER;
-    let left = crate::pinned::pinned(&[session::dead_letters_oid()], || {
-        Spi::get_one_with_args::<i64>(
-            &format!(
-                "{marker}SELECT count(*) FROM {dead_letters} d
+    // Only a hint: a failure to count (a caller who may not read the table) undoes no replay.
+    let count = crate::xact::subtransaction(|| {
+        crate::pinned::pinned(&[session::dead_letters_oid()], || {
+            Spi::get_one_with_args::<i64>(
+                &format!(
+                    "{marker}SELECT count(*) FROM {dead_letters} d
                  WHERE (d.source = 'kafka' OR d.consumer IS NULL OR NOT (d.consumer = ANY($6)))
                    AND ($1::bigint[] IS NULL OR d.id = ANY($1))
                    AND ($2::text IS NULL OR d.method = $2)
                    AND ($3::int IS NULL OR d.error_code = $3)
                    AND ($4::text IS NULL OR d.error_kind = $4)
                    AND ($5::timestamptz IS NULL OR d.failed_at > $5)"
-            ),
-            &filters,
-        )
-    })
-    .unwrap_or_else(|e| error!("centrifugo_outbox: replay failed: {e}"))
-    .unwrap_or(0);
+                ),
+                &filters,
+            )
+        })
+    });
+    let left = count.ok().and_then(|counted| counted.ok().flatten()).unwrap_or(0);
     if left > 0 {
         notice!(
             "centrifugo_outbox: {left} dead letter(s) of Kafka or of consumers no longer configured are not replayed: \

@@ -73,6 +73,10 @@ static KAFKA_FETCH_READ_UNCOMMITTED: GucSetting<bool> = GucSetting::<bool>::new(
 static KAFKA_PARTITION_QUEUE_MAX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Broker connect timeout (0: the client's default); Centrifugo's `dial_timeout`.
 static KAFKA_DIAL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// How long the Kafka group waits for a silent bridge before giving its partitions away (0: librdkafka's 45 s); librdkafka's `session.timeout.ms`.
+static KAFKA_SESSION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Longest the bridge may go between polls before the group drops it (0: librdkafka's 5 min); librdkafka's `max.poll.interval.ms`.
+static KAFKA_MAX_POLL_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Static group membership id (empty: dynamic membership); Centrifugo's `instance_id`.
 static KAFKA_INSTANCE_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 /// SASL mechanism: plain, scram-sha-256 or scram-sha-512 (empty: none); Centrifugo's `sasl_mechanism`.
@@ -309,6 +313,24 @@ pub fn init() {
         &KAFKA_DIAL_TIMEOUT,
         0,
         3_600_000,
+        Postmaster,
+        MS,
+    );
+    int(
+        c"centrifugo.kafka_session_timeout",
+        c"Kafka group session timeout, session.timeout.ms (0: client default).",
+        &KAFKA_SESSION_TIMEOUT,
+        0,
+        3_600_000,
+        Postmaster,
+        MS,
+    );
+    int(
+        c"centrifugo.kafka_max_poll_interval",
+        c"Longest time between Kafka polls, max.poll.interval.ms (0: client default).",
+        &KAFKA_MAX_POLL_INTERVAL,
+        0,
+        86_400_000,
         Postmaster,
         MS,
     );
@@ -648,6 +670,12 @@ pub mod kafka {
     }
     pub fn dial_timeout_ms() -> i32 {
         KAFKA_DIAL_TIMEOUT.get()
+    }
+    pub fn session_timeout_ms() -> i32 {
+        KAFKA_SESSION_TIMEOUT.get()
+    }
+    pub fn max_poll_interval_ms() -> i32 {
+        KAFKA_MAX_POLL_INTERVAL.get()
     }
     pub fn instance_id() -> String {
         text(&KAFKA_INSTANCE_ID)

@@ -48,6 +48,8 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
         c.fetch_read_uncommitted = gucs::kafka::fetch_read_uncommitted();
         c.partition_queue_max_size = gucs::kafka::partition_queue_max_size().max(1) as usize;
         c.dial_timeout_ms = gucs::kafka::dial_timeout_ms() as u64;
+        c.session_timeout_ms = gucs::kafka::session_timeout_ms() as u64;
+        c.max_poll_interval_ms = gucs::kafka::max_poll_interval_ms() as u64;
         c.instance_id = gucs::kafka::instance_id();
         if let Some(m) =
             SaslMechanism::parse(&gucs::kafka::sasl_mechanism()).map_err(|e| format!("centrifugo.kafka_{e}"))?

@@ -476,14 +476,15 @@ fn centrifugo_wake_at_commit<'a>(
             }
             Err(_) => 0,
         };
-        let num = crate::worker::partitions_of_table(|| -> Result<_, pgrx::PgTriggerError> {
+        let routing = crate::worker::routing_of_table(|| -> Result<_, pgrx::PgTriggerError> {
             Ok((trigger.table_schema()?, trigger.table_name()?))
         })?;
+        let num = routing.num_partitions;
         if !(0..num).contains(&partition) {
             crate::errors::raise(outbox_core::partition::check_partition(partition, num).expect_err("out of range"));
         }
         wake_at_commit(partition);
-        if let Some(channel) = crate::gucs::partition_notification_channel_c() {
+        for channel in &routing.channels {
             let payload = std::ffi::CString::new(partition.to_string()).expect("digits");
             // SAFETY: NUL-terminated strings that PostgreSQL copies; an ERROR it raises (a channel
             // name too long, as pg_notify() refuses it) crosses back as a Rust panic.

@@ -183,12 +183,15 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     }
     for spec in specs.iter().filter(|s| s.database() == this_db) {
         for (p, count) in stranded(&spec.qualified_table(), spec.num_partitions()) {
-            let why = format!(
-                "rows in partition {p}, outside 0..{} (num_partitions = {}): no worker drains them; raise num_partitions or move them",
-                spec.num_partitions() - 1,
-                spec.num_partitions()
-            );
-            rows.push(problem_row(spec.name(), Some(p), "stranded", Some(count), &why));
+            let why = match p {
+                Some(p) => format!(
+                    "rows in partition {p}, outside 0..{} (num_partitions = {}): no worker drains them; raise num_partitions or move them",
+                    spec.num_partitions() - 1,
+                    spec.num_partitions()
+                ),
+                None => "rows with a NULL partition (written before the outbox trigger existed, or with it disabled): no worker reads them; set their partition".to_owned(),
+            };
+            rows.push(problem_row(spec.name(), p, "stranded", Some(count), &why));
         }
     }
     TableIterator::new(rows)
@@ -205,8 +208,9 @@ fn worker_budget_message(partition_workers: usize) -> String {
     )
 }
 
-/// Partitions of `table` outside 0..num_partitions that hold rows, with their row counts.
-fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
+/// Partitions of `table` outside 0..num_partitions that hold rows, with their row counts; None
+/// for rows with a NULL partition (no worker reads `partition = NULL`).
+fn stranded(table: &str, num_partitions: i32) -> Vec<(Option<i32>, i64)> {
     let Ok(checked) = crate::session::check_outbox_owner(table, pg_sys::AccessShareLock) else {
         return Vec::new();
     };
@@ -219,12 +223,12 @@ fn stranded(table: &str, num_partitions: i32) -> Vec<(i32, i64)> {
         Spi::connect(|c| {
             c.select(
                 &format!(
-                    "{marker}SELECT partition, count(*) FROM {table} WHERE partition < 0 OR partition >= $1 GROUP BY partition ORDER BY partition"
+                    "{marker}SELECT partition, count(*) FROM {table} WHERE partition IS NULL OR partition < 0 OR partition >= $1 GROUP BY partition ORDER BY partition NULLS FIRST"
                 ),
                 None,
                 &[num_partitions.into()],
             )?
-            .map(|row| Ok::<_, pgrx::spi::Error>((row.get::<i32>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0))))
+            .map(|row| Ok::<_, pgrx::spi::Error>((row.get::<i32>(1)?, row.get::<i64>(2)?.unwrap_or(0))))
             .collect::<Result<Vec<_>, _>>()
         })
     })

@@ -90,6 +90,24 @@ impl OutboxSpec {
     fn select_limit(&self) -> i32 {
         self.entry.as_ref().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
     }
+    /// The NOTIFY channel the outbox trigger notifies for this consumer; None: none.
+    fn notification_channel(&self) -> Option<std::ffi::CString> {
+        match &self.entry {
+            None => gucs::partition_notification_channel_c(),
+            Some(e) => std::ffi::CString::new(e.notification_channel.clone()).ok().filter(|c| !c.is_empty()),
+        }
+    }
+    /// Whether this consumer drains the table `schema.table`.
+    fn drains(&self, schema: &str, table: &str) -> bool {
+        match table_name_parts(&self.table_setting()) {
+            Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
+            // Unqualified means the table in the extension's schema.
+            Ok(parts) => {
+                parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema)
+            }
+            Err(_) => false,
+        }
+    }
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(
             self.entry.as_ref().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms),
@@ -167,29 +185,35 @@ pub fn worker_slots() -> Vec<(usize, i32)> {
     configured_partitions().into_iter().take(MAX_PARTITIONS as usize).collect()
 }
 
-/// The most partitions any consumer drains from the table `table()` names, as (schema, name)
-/// (for the outbox trigger). With only the default consumer (the usual case) the answer is its
-/// partition count whatever the table, so the name is not looked up: this runs for every row.
-pub fn partitions_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) -> Result<i32, E> {
+/// What the outbox trigger needs to know of the table a row went into.
+pub struct TableRouting {
+    /// The most partitions any consumer drains from it.
+    pub num_partitions: i32,
+    /// The NOTIFY channels of the consumers that drain it (Centrifugo's
+    /// `partition_notification_channel`, per consumer), each once.
+    pub channels: Vec<std::ffi::CString>,
+}
+
+/// The routing of the table `table()` names, as (schema, name). With only the default consumer
+/// (the usual case) the answer is its settings whatever the table, so the name is not looked up:
+/// this runs for every row. A table no consumer names gets the default consumer's settings.
+pub fn routing_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) -> Result<TableRouting, E> {
+    let default_routing = || TableRouting {
+        num_partitions: gucs::num_partitions(),
+        channels: gucs::partition_notification_channel_c().into_iter().collect(),
+    };
     if layout().entries.is_empty() {
-        return Ok(gucs::num_partitions());
+        return Ok(default_routing());
     }
     let (schema, table) = table()?;
-    Ok(outbox_specs()
-        .iter()
-        .filter(|spec| match table_name_parts(&spec.table_setting()) {
-            Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
-            // Unqualified means the table in the extension's schema.
-            Ok(parts) => {
-                parts.len() == 1
-                    && parts[0] == table
-                    && crate::session::extension_schema().as_deref() == Some(schema.as_str())
-            }
-            Err(_) => false,
-        })
-        .map(OutboxSpec::num_partitions)
-        .max()
-        .unwrap_or_else(gucs::num_partitions))
+    let mut routing = TableRouting { num_partitions: 0, channels: Vec::new() };
+    for spec in outbox_specs().iter().filter(|spec| spec.drains(&schema, &table)) {
+        routing.num_partitions = routing.num_partitions.max(spec.num_partitions());
+        if let Some(channel) = spec.notification_channel().filter(|c| !routing.channels.contains(c)) {
+            routing.channels.push(channel);
+        }
+    }
+    Ok(if routing.num_partitions == 0 { default_routing() } else { routing })
 }
 
 /// Registers one worker per partition of every outbox consumer; called from `_PG_init`.
@@ -520,8 +544,8 @@ impl Worker {
             let Ok(owner) = lock_checked(&schema, &table_name, oid, pg_sys::AccessShareLock) else { return Ok(None) };
             let marker = crate::pinned::MARKER;
             let sql = format!(
-                "{marker}SELECT count(*), min(partition), max(partition) FROM {table}
-                 WHERE partition OPERATOR(pg_catalog.<) 0 OR partition OPERATOR(pg_catalog.>=) $1"
+                "{marker}SELECT count(partition), min(partition), max(partition), count(*) FILTER (WHERE partition IS NULL) FROM {table}
+                 WHERE partition IS NULL OR partition OPERATOR(pg_catalog.<) 0 OR partition OPERATOR(pg_catalog.>=) $1"
             );
             let counts = as_owner_of(owner, oid, || {
                 Spi::connect(|c| {
@@ -530,13 +554,21 @@ impl Worker {
                         row.get::<i64>(1)?.unwrap_or(0),
                         row.get::<i32>(2)?,
                         row.get::<i32>(3)?,
+                        row.get::<i64>(4)?.unwrap_or(0),
                         table.clone(),
                     ))
                 })
             })?;
             Ok(Some(counts))
         });
-        if let Ok(Some((count, Some(low), Some(high), table))) = found {
+        let Ok(Some((count, low, high, null_count, table))) = found else { return };
+        if null_count > 0 {
+            warning!(
+                "centrifugo_outbox: consumer {}: {null_count} row(s) of {table} have a NULL partition (written before the outbox trigger existed, or with it disabled): no worker reads them; set their partition (see centrifugo_outbox_status)",
+                self.spec.name()
+            );
+        }
+        if let (Some(low), Some(high)) = (low, high) {
             if count > 0 {
                 warning!(
                     "centrifugo_outbox: consumer {}: {count} row(s) of {table} are in partitions {low}..{high}, outside 0..{} (num_partitions = {num_partitions}): no worker drains them; raise num_partitions or move them (see centrifugo_outbox_status)",

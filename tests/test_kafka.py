@@ -354,8 +354,29 @@ def test_tls_with_an_unknown_ca_fails_clearly(make_cluster, centrifugo, kafka):
                what="a TLS verification error in the log")
 
 
+def test_session_timeout_and_max_poll_interval_are_taken(make_cluster, centrifugo, kafka):
+    # librdkafka checks both at client creation: values it takes, in Centrifugo's duration
+    # style in the consumers JSON, let the bridge join its group and deliver. (The broker here
+    # takes any session timeout a classic member asks for, so its refusal cannot show them.)
+    topic = f"sess{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:sess{uid()}"
+    consumers = [{"name": "tuned", "type": "kafka", "enabled": True, "kafka": {
+        "brokers": [kafka.bootstrap], "topics": [topic], "consumer_group": f"g{uid()}",
+        "session_timeout": "7s", "max_poll_interval": "20s"}}]
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key, consumers=json.dumps(consumers)))
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [(command(channel, "tuned"), None, None)])
+        assert sub.wait_for_publications(1, channel, timeout=30)[0].data == "tuned"
+    finally:
+        sub.stop()
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"consumers": "[not json"}, "centrifugo.consumers is not valid JSON"),
+    ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_session_timeout": 60000,
+      "kafka_max_poll_interval": 30000}, "must not be shorter than session_timeout"),
     ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_sasl_mechanism": "aws-msk-iam"}, "aws-msk-iam"),
     ({"consumers": json.dumps([{"name": "x", "type": "kafka"}])}, "must match"),
     ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_tls": True, "kafka_tls_server_name": "kafka.example"},

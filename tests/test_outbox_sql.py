@@ -138,3 +138,47 @@ def test_centrifugo_own_consumer_drains_our_table(make_cluster):
     finally:
         sub.stop()
         server.stop()
+
+
+def test_a_consumer_entrys_own_notification_channel_wakes_centrifugos_consumer(make_cluster):
+    """Each consumer's trigger notifies its own entry's channel (not the global one): Centrifugo's
+    own consumer, listening on that channel with a 60 s poll, drains the entry's table at once."""
+    ours = {"name": "ours_chat", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://x@h/postgres", "outbox_table_name": "chat_outbox", "num_partitions": 2,
+        "partition_notification_channel": "chat_outbox_change"}}
+    # Our workers cannot reach a Centrifugo (port 9), and take another lock key (another name):
+    # whatever arrives was delivered by Centrifugo's consumer.
+    pg = make_cluster({"centrifugo.api_url": "http://127.0.0.1:9/api", "centrifugo.retry_backoff_base": 60000,
+                       "centrifugo.partition_notification_channel": "global_change",
+                       "centrifugo.consumers": json.dumps([ours])})
+    pg.sql("""CREATE TABLE chat_outbox (id BIGSERIAL PRIMARY KEY, method text NOT NULL, payload JSONB NOT NULL,
+                  partition INTEGER NOT NULL default 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now());
+              CREATE TRIGGER wake AFTER INSERT ON chat_outbox FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit()""")
+    with pg.connect() as listener:
+        listener.execute("LISTEN chat_outbox_change")
+        listener.execute("LISTEN global_change")
+        pg.sql("INSERT INTO chat_outbox (method, payload, partition) VALUES ('publish', '{\"channel\": \"x\", \"data\": 0}', 1)")
+        got = [(n.channel, n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
+        assert got == [("chat_outbox_change", "1")], got
+    pg.sql("DELETE FROM chat_outbox")
+    theirs = {"name": "cf_chat", "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": f"postgresql://postgres@127.0.0.1:{pg.port}/postgres", "outbox_table_name": "chat_outbox",
+        "num_partitions": 2, "partition_select_limit": 100, "partition_poll_interval": "60s",
+        "partition_notification_channel": "chat_outbox_change"}}
+    server = Centrifugo(extra_config={"consumers": [theirs]}).start()
+    channel = f"chat:own{uuid.uuid4().hex[:8]}"
+    sub = Subscriber(server, channels=[channel]).start()
+    try:
+        # Centrifugo's consumer polls once at start: let that pass, then only a NOTIFY wakes it.
+        import time
+        time.sleep(2)
+        start = time.monotonic()
+        for n, partition in [(1, 0), (2, 1), (3, 0)]:
+            pg.sql("INSERT INTO chat_outbox (method, payload, partition) VALUES ('publish', "
+                   "jsonb_build_object('channel', %s::text, 'data', %s::int), %s)", (channel, n, partition))
+        got = sub.wait_for_publications(3, channel, timeout=20)
+        assert time.monotonic() - start < 10, "woken by the entry's channel, not by the 60 s poll"
+        assert sorted(p.data for p in got) == [1, 2, 3]
+    finally:
+        sub.stop()
+        server.stop()

@@ -176,6 +176,23 @@ def test_rows_left_in_partitions_beyond_a_lowered_num_partitions_are_reported(ma
                what="the warning at start")
 
 
+def test_rows_with_a_null_partition_written_before_the_trigger_are_reported(make_cluster):
+    # A table of one's own whose partition column allows NULL, filled before the wake trigger
+    # was attached: no worker reads `partition = NULL`.
+    pg = make_cluster(delivery_settings("http://127.0.0.1:9/api", "k", outbox_table_name="public.own_outbox",
+                                        num_partitions=2, retry_backoff_max=200))
+    pg.sql("CREATE TABLE public.own_outbox (id bigserial PRIMARY KEY, method text NOT NULL, payload jsonb NOT NULL, "
+           "partition integer, created_at timestamptz NOT NULL DEFAULT now())")
+    pg.sql("INSERT INTO public.own_outbox (method, payload, partition) "
+           "SELECT 'publish', '{\"channel\": \"c\", \"data\": 1}', p FROM (VALUES (NULL::int), (NULL), (5)) v(p)")
+    pg.restart()
+    stranded = [r for r in status_rows(pg) if r[2] == "stranded"]
+    assert [(r[1], r[3]) for r in stranded] == [(5, 1), (None, 2)], stranded
+    assert "NULL partition" in stranded[1][4]
+    wait_until(lambda: "2 row(s) of \"public\".\"own_outbox\" have a NULL partition" in pg.log(), 15,
+               what="the warning at start")
+
+
 def test_more_partitions_than_worker_slots_and_too_few_background_workers_are_reported(make_cluster):
     consumers = [{"name": "second", "type": "postgresql", "enabled": True, "postgresql": {
         "dsn": "postgresql://x@h/postgres", "outbox_table_name": "centrifugo_outbox", "num_partitions": 40}}]
@@ -250,10 +267,11 @@ def measured_worker(make_cluster, **settings):
 def rss_growth_mib(pg, pid, baseline, done_sql, timeout, what):
     peak = baseline
     deadline = time.monotonic() + timeout
-    while not pg.scalar(done_sql):
-        peak = max(peak, rss_anon_kib(pid))
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)
+    with pg.connect() as conn:
+        while not conn.execute(done_sql).fetchone()[0]:
+            peak = max(peak, rss_anon_kib(pid))
+            assert time.monotonic() < deadline, what
+            time.sleep(0.01)
     growth_mib = (peak - baseline) / 1024
     print(f"worker RssAnon: baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB")
     return growth_mib

@@ -103,10 +103,22 @@ const MISMATCHED_BODY: &str = "connect failed: request made for another transpor
 /// How a transport failure that never reached the server begins (no connection could be made).
 pub const CONNECT_FAILED: &str = "connect failed";
 
-/// The most of a reply that is read, over either transport. Centrifugo answers a batch with a
-/// few dozen bytes per command (a broadcast, per channel); a reply near this is not its answer,
-/// and reading on would only take the worker's memory.
+/// The most of a reply that is read for a small batch, over either transport. Centrifugo answers
+/// a batch with a few dozen bytes per command; only a broadcast's answer grows with its request
+/// (per channel, up to ~51 bytes for the 4 of `"a",`): see [`reply_cap`].
 pub const MAX_REPLY_BYTES: usize = 256 << 20;
+
+/// Bytes of reply allowed per byte of request, above [`MAX_REPLY_BYTES`].
+const REPLY_BYTES_PER_REQUEST_BYTE: usize = 32;
+
+/// Of a reply that is not a 200, what is read: its text is only quoted in the reason.
+const ERROR_REPLY_BYTES: usize = 64 << 10;
+
+/// The most of the reply to a request of `request_bytes` that is read: more than Centrifugo
+/// can answer to it (a longer reply is not its answer, and reading on would only take memory).
+pub fn reply_cap(request_bytes: usize) -> usize {
+    MAX_REPLY_BYTES.max(request_bytes.saturating_mul(REPLY_BYTES_PER_REQUEST_BYTE))
+}
 
 /// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
 /// (see [`crate::dispatch::Failure::is_deferred`]).
@@ -424,6 +436,7 @@ impl CentrifugoClient {
         let task = match (&self.transport, body) {
             (_, Body::Unsendable(why)) => self.runtime.spawn(async move { Response::Unsendable(why) }),
             (Transport::Http { http, batch_urls }, Body::Json(body)) => {
+                let cap = reply_cap(body.len());
                 let request = http
                     .post(&batch_urls[endpoint])
                     .timeout(timeout)
@@ -434,7 +447,7 @@ impl CentrifugoClient {
                     let result = async {
                         let resp = request.send().await.map_err(|e| describe(&e))?;
                         let status = resp.status().as_u16();
-                        read_reply(resp, MAX_REPLY_BYTES).await.map(|body| Response::Http { status, body })
+                        read_reply(resp, status, cap).await.map(|body| Response::Http { status, body })
                     }
                     .await;
                     result.unwrap_or_else(|e| Response::Transport(scrub(&e, &[&api_key])))
@@ -593,16 +606,24 @@ fn grpc_status_of(status: u16) -> i32 {
     }
 }
 
-/// The body of `resp`, or why it was not read whole: longer than `max` bytes (announced or as
-/// it came; nothing past it is read), or a transport error.
-async fn read_reply(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, String> {
-    let too_long =
-        || format!("the reply is longer than {max} bytes, not Centrifugo's answer (check centrifugo.api_url)");
-    if resp.content_length().is_some_and(|len| len > max as u64) {
+/// The body of `resp` (HTTP `status`), or why it was not read whole: a 200 longer than `max`
+/// bytes (announced or as it came; nothing past it is read), or a transport error. Of another
+/// status, the first [`ERROR_REPLY_BYTES`] are read: the status is what counts.
+async fn read_reply(mut resp: reqwest::Response, status: u16, max: usize) -> Result<Vec<u8>, String> {
+    let too_long = || {
+        format!(
+            "a reply (HTTP {status}) longer than {max} bytes, more than Centrifugo answers to this batch, was not read"
+        )
+    };
+    if status == 200 && resp.content_length().is_some_and(|len| len > max as u64) {
         return Err(too_long());
     }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
+        if status != 200 && body.len() + chunk.len() > ERROR_REPLY_BYTES {
+            body.extend_from_slice(&chunk[..ERROR_REPLY_BYTES - body.len()]);
+            break;
+        }
         if body.len() + chunk.len() > max {
             return Err(too_long());
         }
@@ -683,17 +704,33 @@ mod tests {
             let req = server.recv().unwrap();
             let announced = tiny_http::Response::new(200.into(), vec![], std::io::empty(), Some(too_long), None);
             let _ = req.respond(announced.with_chunked_threshold(usize::MAX));
+            // Of a 503, however long, the status is what counts.
+            let req = server.recv().unwrap();
+            let stream = std::io::repeat(b' ').take(too_long as u64);
+            let _ = req.respond(tiny_http::Response::new(503.into(), vec![], stream, None, None));
         });
         let client = CentrifugoClient::new(ClientConfig { timeout: Duration::from_secs(60), ..config(url) }).unwrap();
         let cmd = prepare("publish", &json!({"channel": "a", "data": 1}).to_string(), || "k1".into()).unwrap();
         for attempt in 0..2 {
             let outcomes = client.send(std::slice::from_ref(&cmd), &mut 0);
             assert!(
-                matches!(&outcomes[..], [Outcome::Retry(f)] if f.message.contains(&format!("longer than {MAX_REPLY_BYTES} bytes"))),
+                matches!(&outcomes[..], [Outcome::Retry(f)] if f.message.contains(&format!("(HTTP 200) longer than {MAX_REPLY_BYTES} bytes"))),
                 "{attempt}: {outcomes:?}"
             );
         }
+        let outcomes = client.send(std::slice::from_ref(&cmd), &mut 0);
+        assert!(matches!(&outcomes[..], [Outcome::Retry(f)] if f.code == Some(503)), "{outcomes:?}");
         serving.join().unwrap();
+    }
+
+    #[test]
+    fn the_reply_read_grows_with_the_request_a_broadcast_answers_per_channel() {
+        assert_eq!(reply_cap(0), MAX_REPLY_BYTES);
+        assert_eq!(reply_cap(1 << 20), MAX_REPLY_BYTES);
+        // A broadcast to 20 MiB of channel names ("a", is 4 bytes) answers up to ~51 bytes each.
+        let request = 20 << 20;
+        assert!(reply_cap(request) >= request / 4 * 51, "{}", reply_cap(request));
+        assert_eq!(reply_cap(usize::MAX), usize::MAX);
     }
 
     #[test]

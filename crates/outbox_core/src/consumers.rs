@@ -114,6 +114,10 @@ fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsum
         None | Some(Value::Null) => 300,
         v => duration_ms(v).map_err(|e| format!("{who}: partition_poll_interval: {e}"))?.max(1),
     };
+    let notification_channel =
+        cfg.get("partition_notification_channel").and_then(Value::as_str).unwrap_or("").to_owned();
+    crate::settings::notification_channel(&notification_channel)
+        .map_err(|e| format!("{who}: partition_notification_channel: {e}"))?;
     Ok(OutboxConsumer {
         name: name.to_owned(),
         database: cfg.get("dsn").and_then(Value::as_str).and_then(dsn_database),
@@ -121,11 +125,7 @@ fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsum
         num_partitions: num_partitions as i32,
         select_limit: select_limit as i32,
         poll_interval_ms: poll,
-        notification_channel: cfg
-            .get("partition_notification_channel")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned(),
+        notification_channel,
     })
 }
 
@@ -209,10 +209,13 @@ mod tests {
                 notification_channel: String::new()
             })]
         );
+        let long_channel =
+            format!(r#"{{"outbox_table_name": "t", "partition_notification_channel": "{}"}}"#, "c".repeat(64));
         for (cfg, needle) in [
             (r#"{}"#, "outbox_table_name is required"),
             (r#"{"outbox_table_name": "a;b"}"#, "not a valid table name"),
             (r#"{"outbox_table_name": "t", "num_partitions": 0}"#, "num_partitions"),
+            (long_channel.as_str(), "partition_notification_channel"),
         ] {
             let json = format!(r#"[{{"name": "pg", "type": "postgresql", "postgresql": {cfg}}}]"#);
             let e = parse_consumers(&json).unwrap_err();

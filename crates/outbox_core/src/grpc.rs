@@ -34,9 +34,6 @@ pub const DEFAULT_MAX_MESSAGE: usize = 4 << 20;
 /// The gRPC framing and idempotency key a row adds to a batch, beyond its payload text.
 pub const PER_COMMAND_OVERHEAD: usize = 128;
 
-/// How much of a reply is read: as over HTTP.
-const MAX_REPLY: usize = crate::client::MAX_REPLY_BYTES;
-
 /// A raw JSON field (Centrifugo's `Raw`): the value's text, as bytes.
 pub(crate) fn raw_json<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
     <&'de RawValue>::deserialize(d).map(|raw| raw.get().as_bytes().to_vec())
@@ -284,8 +281,7 @@ impl GrpcTransport {
                 }
                 .map_err(|e| format!("centrifugo.api_url: TLS for {}: {e}", crate::endpoints::display_url(url)))?;
             }
-            // Replies may be large (a batch of broadcasts answers per channel).
-            clients.push(CentrifugoApiClient::new(endpoint.connect_lazy()).max_decoding_message_size(MAX_REPLY));
+            clients.push(CentrifugoApiClient::new(endpoint.connect_lazy()));
         }
         Ok(GrpcTransport { clients, authorization })
     }
@@ -298,7 +294,9 @@ impl GrpcTransport {
         timeout: Duration,
         secret: String,
     ) -> impl std::future::Future<Output = Response> + Send + 'static {
-        let mut client = self.clients[endpoint].clone();
+        // Replies may be large (a batch of broadcasts answers per channel), up to what the request allows.
+        let cap = crate::client::reply_cap(prost::Message::encoded_len(&request));
+        let mut client = self.clients[endpoint].clone().max_decoding_message_size(cap);
         let mut request = tonic::Request::new(request);
         request.set_timeout(timeout);
         if let Some(value) = &self.authorization {

@@ -121,6 +121,13 @@ pub struct KafkaConsumer {
     pub fetch_read_uncommitted: bool,
     pub partition_queue_max_size: usize,
     pub dial_timeout_ms: u64,
+    /// librdkafka's `session.timeout.ms` (0: its default): how long the group waits for a
+    /// silent member before giving its partitions to others. Not an option of Centrifugo's.
+    pub session_timeout_ms: u64,
+    /// librdkafka's `max.poll.interval.ms` (0: its default): the longest a member may go
+    /// between polls (the bridge does not poll while batches are in flight, so this bounds a
+    /// round of resends). Not an option of Centrifugo's.
+    pub max_poll_interval_ms: u64,
     pub instance_id: String,
     pub sasl: Option<(SaslMechanism, String, String)>,
     pub tls: Option<Tls>,
@@ -156,6 +163,8 @@ impl KafkaConsumer {
             fetch_read_uncommitted: false,
             partition_queue_max_size: 1000,
             dial_timeout_ms: 0,
+            session_timeout_ms: 0,
+            max_poll_interval_ms: 0,
             instance_id: String::new(),
             sasl: None,
             tls: None,
@@ -177,6 +186,20 @@ impl KafkaConsumer {
         }
         if self.consumer_group.is_empty() {
             return Err(format!("{who}: consumer_group is required"));
+        }
+        // librdkafka's ranges, checked here so that a bad value is this consumer's error.
+        if self.session_timeout_ms > 0 && !(1..=3_600_000).contains(&self.session_timeout_ms) {
+            return Err(format!("{who}: session_timeout must be at most 1h"));
+        }
+        if self.max_poll_interval_ms > 0 && !(1..=86_400_000).contains(&self.max_poll_interval_ms) {
+            return Err(format!("{who}: max_poll_interval must be at most 24h"));
+        }
+        let effective_session = if self.session_timeout_ms > 0 { self.session_timeout_ms } else { 45_000 };
+        let effective_poll = if self.max_poll_interval_ms > 0 { self.max_poll_interval_ms } else { 300_000 };
+        if effective_poll < effective_session {
+            return Err(format!(
+                "{who}: max_poll_interval ({effective_poll} ms) must not be shorter than session_timeout ({effective_session} ms)"
+            ));
         }
         if let Some((_, user, _)) = &self.sasl {
             if user.is_empty() {
@@ -221,6 +244,12 @@ impl KafkaConsumer {
         }
         if self.dial_timeout_ms > 0 {
             c.push(("socket.connection.setup.timeout.ms".into(), self.dial_timeout_ms.max(1000).to_string()));
+        }
+        if self.session_timeout_ms > 0 {
+            c.push(("session.timeout.ms".into(), self.session_timeout_ms.to_string()));
+        }
+        if self.max_poll_interval_ms > 0 {
+            c.push(("max.poll.interval.ms".into(), self.max_poll_interval_ms.to_string()));
         }
         if !self.instance_id.is_empty() {
             c.push(("group.instance.id".into(), self.instance_id.clone()));
@@ -330,6 +359,8 @@ pub(crate) fn kafka_from_json(name: &str, cfg: &Map<String, Value>) -> Result<Ka
         c.partition_queue_max_size = bounded("partition_queue_max_size", n)?;
     }
     c.dial_timeout_ms = duration_ms(cfg.get("dial_timeout")).map_err(who)?;
+    c.session_timeout_ms = duration_ms(cfg.get("session_timeout")).map_err(who)?;
+    c.max_poll_interval_ms = duration_ms(cfg.get("max_poll_interval")).map_err(who)?;
     c.instance_id = text("instance_id");
     if let Some(m) = SaslMechanism::parse(&text("sasl_mechanism")).map_err(who)? {
         c.sasl = Some((m, text("sasl_user"), text("sasl_password")));
@@ -737,6 +768,34 @@ mod tests {
         assert!(matches!(k6.tls.as_ref().unwrap().root_ca, Some(Pem::Text(_))));
         assert_eq!(k6.publication_data_mode.as_ref().unwrap().channels_header, "ch");
         assert_eq!(k6.method_header, "m");
+    }
+
+    #[test]
+    fn session_timeout_and_max_poll_interval_reach_librdkafka_and_are_checked_together() {
+        use crate::consumers::{parse_consumers, ConsumerEntry};
+        let json = |extra: &str| {
+            format!(
+                r#"[{{"name": "k1", "type": "kafka", "kafka": {{"brokers": ["b"], "topics": ["t"], "consumer_group": "g"{extra}}}}}]"#
+            )
+        };
+        let entries = parse_consumers(&json(r#", "session_timeout": "10s", "max_poll_interval": "2m""#)).unwrap();
+        let ConsumerEntry::Kafka(k) = &entries[0] else { panic!() };
+        let cfg = k.librdkafka_config();
+        assert!(cfg.contains(&("session.timeout.ms".into(), "10000".into())), "{cfg:?}");
+        assert!(cfg.contains(&("max.poll.interval.ms".into(), "120000".into())), "{cfg:?}");
+        // Unset: librdkafka's defaults, not named.
+        let entries = parse_consumers(&json("")).unwrap();
+        let ConsumerEntry::Kafka(k) = &entries[0] else { panic!() };
+        assert!(!k
+            .librdkafka_config()
+            .iter()
+            .any(|(key, _)| key == "session.timeout.ms" || key == "max.poll.interval.ms"));
+        // librdkafka refuses a poll interval below the session timeout: this entry's error, at parse time.
+        let e = parse_consumers(&json(r#", "session_timeout": "60s", "max_poll_interval": "30s""#)).unwrap_err();
+        assert!(e.contains("max_poll_interval (30000 ms) must not be shorter than session_timeout (60000 ms)"), "{e}");
+        let e = parse_consumers(&json(r#", "max_poll_interval": "10s""#)).unwrap_err();
+        assert!(e.contains("session_timeout (45000 ms)"), "{e}");
+        assert!(parse_consumers(&json(r#", "session_timeout": "2h""#)).unwrap_err().contains("at most 1h"));
     }
 
     #[test]
