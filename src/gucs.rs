@@ -1,9 +1,11 @@
 //! Every `centrifugo.*` setting: one static each, a doc line saying why it exists, one `init()`
 //! that registers them all, and typed accessors. Contexts are deliberate:
-//! - `Postmaster`: shapes shared memory or worker registration, or is a secret (PostgreSQL logs
-//!   the new value of a reloadable setting when it changes, so secrets must not be reloadable);
+//! - `Postmaster`: shapes shared memory or worker registration, or the Kafka bridge's connection;
 //! - `Sighup`: tunables the workers pick up on `pg_reload_conf()`;
 //! - `Suset`: per-session limits an administrator may raise.
+//!
+//! Secrets, and the userinfo of `api_url`, are kept by this process and shown to PostgreSQL
+//! masked (see `Hidden`), so they can be reloadable: nothing of them is ever logged or shown.
 
 use std::ffi::{CStr, CString};
 
@@ -123,14 +125,27 @@ pub fn init() {
     let none = GucFlags::default();
 
     // Centrifugo and the outbox.
-    string_checked(
-        c"centrifugo.api_url",
-        c"Base URL of Centrifugo's HTTP server API, or several (a cluster's nodes) separated by commas.",
-        &API_URL,
+    // SAFETY: the hooks are pg_guard'ed; they keep the real value (see `Hidden`).
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"centrifugo.api_url",
+            c"Base URL of Centrifugo's HTTP server API, or several (a cluster's nodes) separated by commas.",
+            c"Shown with the userinfo of each URL masked.",
+            &API_URL,
+            Sighup,
+            none,
+            Some(check_api_url),
+            Some(assign_api_url),
+            None,
+        )
+    };
+    secret(
+        c"centrifugo.api_key",
+        c"Centrifugo HTTP API key (superuser-only, never shown).",
+        &API_KEY,
         Sighup,
-        check_api_url,
+        assign_api_key,
     );
-    secret(c"centrifugo.api_key", c"Centrifugo HTTP API key (superuser-only, never shown).", &API_KEY);
     string(c"centrifugo.database", c"Database whose outbox the workers drain.", &DATABASE, Postmaster, none);
     string(
         c"centrifugo.worker_role",
@@ -347,6 +362,8 @@ pub fn init() {
         c"centrifugo.kafka_sasl_password",
         c"Kafka SASL password (superuser-only, never shown).",
         &KAFKA_SASL_PASSWORD,
+        Sighup,
+        assign_kafka_sasl_password,
     );
     boolean(c"centrifugo.kafka_tls", c"Connect to Kafka over TLS.", &KAFKA_TLS, Postmaster);
     string(c"centrifugo.kafka_tls_cert", c"Kafka client certificate file.", &KAFKA_TLS_CERT, Postmaster, none);
@@ -362,6 +379,8 @@ pub fn init() {
         c"centrifugo.kafka_tls_key_pem",
         c"Kafka client key, PEM text (superuser-only, never shown).",
         &KAFKA_TLS_KEY_PEM,
+        Postmaster,
+        assign_kafka_tls_key_pem,
     );
     string(
         c"centrifugo.kafka_tls_root_ca",
@@ -421,6 +440,8 @@ pub fn init() {
         c"centrifugo.consumers",
         c"Centrifugo's consumers JSON array, verbatim (may hold passwords: superuser-only, never shown).",
         &CONSUMERS,
+        Sighup,
+        assign_consumers,
     );
 
     // SAFETY: called from _PG_init in the postmaster, as PostgreSQL requires.
@@ -462,23 +483,244 @@ fn boolean(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<bool
     GucRegistry::define_bool_guc(name, desc, c"", s, ctx, GucFlags::default());
 }
 
-/// A secret: set only in postgresql.conf at start (so PostgreSQL never logs a changed value on
-/// reload), readable only by superusers, and shown masked even to them.
-fn secret(name: &'static CStr, desc: &'static CStr, s: &'static GucSetting<Option<CString>>) {
-    // SAFETY: the show hook cannot panic (pg_guard) and returns a static string.
+/// A secret: readable only by superusers (and `pg_read_all_settings`), and even to them shown,
+/// stored and compared by PostgreSQL only as `********` (see `Hidden`): a reload that changes it
+/// logs nothing, since PostgreSQL logs a change only when the stored value differs.
+fn secret(
+    name: &'static CStr,
+    desc: &'static CStr,
+    s: &'static GucSetting<Option<CString>>,
+    ctx: GucContext,
+    assign: unsafe extern "C-unwind" fn(*const std::ffi::c_char, *mut std::ffi::c_void),
+) {
+    // SAFETY: the hooks are pg_guard'ed and only copy the proposed value.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(
             name,
             desc,
             c"",
             s,
-            GucContext::Postmaster,
+            ctx,
             SECRET,
+            Some(check_secret),
+            Some(assign),
             None,
-            None,
-            Some(show_masked),
         )
     };
+}
+
+/// The real values of the settings PostgreSQL keeps masked, in this process. A check hook hands
+/// the value it was given to its assign hook as the setting's `extra` and gives PostgreSQL the
+/// masked form instead; the assign hook keeps it here. So SHOW, `current_setting()`,
+/// `pg_settings` (reset value included) and PostgreSQL's "parameter changed" log line only ever
+/// see the masked form, for every role.
+struct Hidden {
+    api_url: String,
+    api_key: String,
+    kafka_sasl_password: String,
+    kafka_tls_key_pem: String,
+    consumers: String,
+    /// Secrets this process held before (newest last, bounded): an error about a request made
+    /// with a rotated key is scrubbed too.
+    past: Vec<String>,
+}
+
+static HIDDEN: std::sync::RwLock<Hidden> = std::sync::RwLock::new(Hidden {
+    api_url: String::new(),
+    api_key: String::new(),
+    kafka_sasl_password: String::new(),
+    kafka_tls_key_pem: String::new(),
+    consumers: String::new(),
+    past: Vec::new(),
+});
+
+/// How many rotated-out secrets are still scrubbed.
+const PAST_SECRETS: usize = 16;
+
+impl Hidden {
+    /// Every value that must never reach a log line or an error, current and past.
+    fn secrets(&self) -> Vec<String> {
+        let mut all = vec![self.api_key.clone(), self.kafka_sasl_password.clone(), self.kafka_tls_key_pem.clone()];
+        all.extend(outbox_core::endpoints::userinfo_secrets(&self.api_url));
+        all.extend(outbox_core::consumers::consumers_secrets(&self.consumers));
+        all.extend(self.past.iter().cloned());
+        all.retain(|s| !s.is_empty());
+        all
+    }
+
+    fn set(&mut self, field: fn(&mut Hidden) -> &mut String, value: String) {
+        let before = self.secrets();
+        *field(self) = value;
+        let now = self.secrets();
+        for old in before.into_iter().filter(|old| !now.contains(old)) {
+            self.past.push(old);
+        }
+        let excess = self.past.len().saturating_sub(PAST_SECRETS);
+        self.past.drain(..excess);
+    }
+}
+
+fn hidden<R>(read: impl FnOnce(&Hidden) -> R) -> R {
+    read(&HIDDEN.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// Every secret value this process knows (API key, SASL password, key PEM, the userinfo of
+/// `api_url`, the passwords in `consumers`, and those rotated out since start).
+pub fn secrets() -> Vec<String> {
+    hidden(Hidden::secrets)
+}
+
+/// `text` without any secret this process knows.
+pub fn scrub(text: &str) -> String {
+    let secrets = secrets();
+    outbox_core::dispatch::scrub(text, &secrets.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// A copy of `bytes` with a NUL, allocated as PostgreSQL's GUC machinery frees it (malloc up to
+/// 15, its GUC memory context from 16 on). Null when out of memory.
+unsafe fn guc_copy(bytes: &[u8]) -> *mut std::ffi::c_char {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    // SAFETY: a plain allocation, checked for null below.
+    let p = unsafe { libc::malloc(bytes.len() + 1) }.cast::<std::ffi::c_char>();
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    // SAFETY: guc_malloc at LOG returns null instead of raising when out of memory.
+    let p = unsafe { pg_sys::guc_malloc(pg_sys::LOG as i32, bytes.len() + 1) }.cast::<std::ffi::c_char>();
+    if !p.is_null() {
+        // SAFETY: p has room for the bytes and the NUL.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr().cast(), p, bytes.len());
+            *p.add(bytes.len()) = 0;
+        }
+    }
+    p
+}
+
+/// Frees what PostgreSQL's GUC machinery allocated (the proposed value a check hook replaces).
+unsafe fn guc_release(p: *mut std::ffi::c_char) {
+    if p.is_null() {
+        return;
+    }
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    // SAFETY: up to 15, a proposed string value is malloc'd.
+    unsafe {
+        libc::free(p.cast())
+    };
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    // SAFETY: from 16, it is guc_malloc'd.
+    unsafe {
+        pg_sys::guc_free(p.cast())
+    };
+}
+
+/// Hands the proposed value to the assign hook as `extra` and puts `masked` in its place.
+/// False when out of memory (PostgreSQL then refuses the value).
+unsafe fn hide(newval: *mut *mut std::ffi::c_char, extra: *mut *mut std::ffi::c_void, masked: &str) -> bool {
+    // SAFETY: PostgreSQL hands valid pointers; the value may be null (no boot value).
+    let real = unsafe { (*newval).as_ref().map(|p| CStr::from_ptr(p).to_bytes().to_vec()) }.unwrap_or_default();
+    // SAFETY: allocations as the GUC machinery frees them.
+    let (kept, shown) = unsafe { (guc_copy(&real), guc_copy(masked.as_bytes())) };
+    if kept.is_null() || shown.is_null() {
+        // SAFETY: ours, not handed over.
+        unsafe {
+            guc_release(kept);
+            guc_release(shown);
+        }
+        return false;
+    }
+    // SAFETY: the proposed value is the GUC machinery's to free, and we replace it.
+    unsafe {
+        guc_release(*newval);
+        *newval = shown;
+        *extra = kept.cast();
+    }
+    true
+}
+
+/// The real value an assign hook was handed (see `hide`).
+unsafe fn hidden_value(extra: *mut std::ffi::c_void) -> String {
+    // SAFETY: `extra` is null or the NUL-terminated copy `hide` made.
+    unsafe { extra.cast::<std::ffi::c_char>().as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) }
+        .unwrap_or_default()
+}
+
+/// The mask of every secret, whatever its value (so no change of it is ever logged).
+const MASK: &str = "********";
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn check_secret(
+    newval: *mut *mut std::ffi::c_char,
+    extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    // SAFETY: as PostgreSQL calls a check hook.
+    unsafe { hide(newval, extra, MASK) }
+}
+
+/// One assign hook per hidden setting: keeps the real value in `HIDDEN`.
+macro_rules! assign_hidden {
+    ($($hook:ident => $field:ident),* $(,)?) => {$(
+        #[pgrx::pg_guard]
+        unsafe extern "C-unwind" fn $hook(_newval: *const std::ffi::c_char, extra: *mut std::ffi::c_void) {
+            // SAFETY: `extra` is what the check hook made.
+            let value = unsafe { hidden_value(extra) };
+            HIDDEN.write().unwrap_or_else(std::sync::PoisonError::into_inner).set(|h| &mut h.$field, value);
+        }
+    )*};
+}
+assign_hidden!(
+    assign_api_url => api_url,
+    assign_api_key => api_key,
+    assign_kafka_sasl_password => kafka_sasl_password,
+    assign_kafka_tls_key_pem => kafka_tls_key_pem,
+    assign_consumers => consumers,
+);
+
+/// Installed from `_PG_init`: every log line and error of every process is scrubbed of the
+/// secrets it knows, and a line about a `centrifugo.*` setting of the userinfo of any URL (a
+/// reload logs a changed `api_url` as written in the file; a refused one is quoted).
+pub fn install_log_scrubber() {
+    // SAFETY: called once in the postmaster while preloading; the previous hook is chained.
+    unsafe {
+        PREVIOUS_EMIT_LOG_HOOK = pg_sys::emit_log_hook;
+        pg_sys::emit_log_hook = Some(scrub_log_line);
+    }
+}
+
+static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
+    // Not while this process updates the secrets (an assign hook never logs; never wait here).
+    if let Ok(hidden) = HIDDEN.try_read() {
+        let secrets = hidden.secrets();
+        drop(hidden);
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        // SAFETY: PostgreSQL hands the report being emitted; its strings are NUL-terminated.
+        let edata = unsafe { &mut *edata };
+        for field in [&mut edata.message, &mut edata.detail, &mut edata.detail_log, &mut edata.hint, &mut edata.context]
+        {
+            // SAFETY: null or a NUL-terminated string of the report.
+            let Some(text) = (unsafe { field.as_ref() }).map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy()) else {
+                continue;
+            };
+            let mut clean = outbox_core::dispatch::scrub(&text, &secrets);
+            if clean.contains("centrifugo") {
+                clean = outbox_core::endpoints::mask_userinfo(&clean);
+            }
+            if clean != text {
+                // The statement that led here may quote the same value.
+                edata.hide_stmt = true;
+                if let Ok(clean) = CString::new(clean) {
+                    // SAFETY: copied into the current (error) memory context, where the report lives.
+                    *field = unsafe { pg_sys::pstrdup(clean.as_ptr()) };
+                }
+            }
+        }
+    }
+    // SAFETY: a hook installed before ours, called as PostgreSQL would.
+    if let Some(previous) = unsafe { PREVIOUS_EMIT_LOG_HOOK } {
+        unsafe { previous(edata) };
+    }
 }
 
 type StringCheck = unsafe extern "C-unwind" fn(
@@ -500,11 +742,6 @@ fn string_checked(
     };
 }
 
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn show_masked() -> *const std::ffi::c_char {
-    c"********".as_ptr()
-}
-
 /// Runs `validate` on a proposed string value; on failure PostgreSQL reports the detail at SET or reload.
 unsafe fn check_string(newval: *mut *mut std::ffi::c_char, validate: fn(&str) -> Result<(), String>) -> bool {
     // SAFETY: PostgreSQL hands a valid pointer to a (possibly NULL) C string.
@@ -523,10 +760,18 @@ unsafe fn check_string(newval: *mut *mut std::ffi::c_char, validate: fn(&str) ->
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn check_api_url(
     newval: *mut *mut std::ffi::c_char,
-    _extra: *mut *mut std::ffi::c_void,
+    extra: *mut *mut std::ffi::c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
-    unsafe { check_string(newval, |v| outbox_core::endpoints::parse_api_urls(v).map(|_| ())) }
+    // SAFETY: as PostgreSQL calls a check hook.
+    if !unsafe { check_string(newval, |v| outbox_core::endpoints::parse_api_urls(v).map(|_| ())) } {
+        return false;
+    }
+    // SAFETY: as above; the value may be null.
+    let real = unsafe { (*newval).as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) };
+    let masked = outbox_core::endpoints::mask_userinfo(real.as_deref().unwrap_or(""));
+    // SAFETY: as above.
+    unsafe { hide(newval, extra, &masked) }
 }
 
 #[pgrx::pg_guard]
@@ -552,10 +797,10 @@ fn text(s: &GucSetting<Option<CString>>) -> String {
 }
 
 pub fn api_url() -> String {
-    text(&API_URL)
+    hidden(|h| h.api_url.clone())
 }
 pub fn api_key() -> String {
-    text(&API_KEY)
+    hidden(|h| h.api_key.clone())
 }
 pub fn database() -> String {
     text(&DATABASE)
@@ -687,7 +932,7 @@ pub mod kafka {
         text(&KAFKA_SASL_USER)
     }
     pub fn sasl_password() -> String {
-        text(&KAFKA_SASL_PASSWORD)
+        hidden(|h| h.kafka_sasl_password.clone())
     }
     pub fn tls() -> bool {
         KAFKA_TLS.get()
@@ -702,7 +947,7 @@ pub mod kafka {
         text(&KAFKA_TLS_CERT_PEM)
     }
     pub fn tls_key_pem() -> String {
-        text(&KAFKA_TLS_KEY_PEM)
+        hidden(|h| h.kafka_tls_key_pem.clone())
     }
     pub fn tls_root_ca() -> String {
         text(&KAFKA_TLS_ROOT_CA)
@@ -729,6 +974,6 @@ pub mod kafka {
         KAFKA_PUBLICATION_DATA_MODE.get()
     }
     pub fn consumers() -> String {
-        text(&CONSUMERS)
+        hidden(|h| h.consumers.clone())
     }
 }

@@ -26,8 +26,8 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
 use outbox_core::client::{CentrifugoClient, InFlight};
-use outbox_core::consumers::{parse_consumers, ConsumerEntry};
-use outbox_core::dispatch::{scrub, Failure, Outcome, Prepared};
+use outbox_core::consumers::{parse_consumers_each, ConsumerEntry};
+use outbox_core::dispatch::{Failure, Outcome, Prepared};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
 use outbox_core::retry::{Backoff, Jitter};
 
@@ -81,7 +81,7 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
         c.validate()?;
         out.push(c);
     }
-    for entry in parse_consumers(&gucs::kafka::consumers())? {
+    for entry in parse_consumers_each(&gucs::kafka::consumers())?.into_iter().filter_map(|e| e.entry.ok()) {
         if let ConsumerEntry::Kafka(c) = entry {
             if out.iter().any(|o| o.name == c.name) {
                 return Err(format!("kafka consumer name \"{}\" is used twice", c.name));
@@ -90,6 +90,17 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
         }
     }
     Ok(out)
+}
+
+/// The kafka entries of `centrifugo.consumers` that are refused, with why (each stops only itself).
+pub fn refused_entries() -> Vec<String> {
+    let Ok(list) = parse_consumers_each(&gucs::kafka::consumers()) else { return Vec::new() };
+    list.into_iter()
+        .filter_map(|e| match e.entry {
+            Err(why) => Some(why),
+            Ok(_) => None,
+        })
+        .collect()
 }
 
 /// Registers one bridge worker per Kafka consumer; with invalid settings, one worker that logs
@@ -103,6 +114,7 @@ pub fn register() {
             .set_library("centrifugo_outbox")
             .set_function("centrifugo_kafka_worker_main")
             .set_argument(index.into_datum())
+            .set_extra(name)
             .enable_spi_access()
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
             .set_restart_time(Some(Duration::from_secs(1)))
@@ -124,15 +136,13 @@ struct BridgeContext {
     /// Offsets done per partition (next offset to read), committed synchronously on revocation.
     done: Mutex<HashMap<(String, i32), i64>>,
     revoked: Mutex<Vec<(String, i32)>>,
-    secrets: Vec<String>,
 }
 
 impl BridgeContext {
     fn push(&self, line: String) {
-        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
         if let Ok(mut e) = self.events.lock() {
             if e.len() < 1000 {
-                e.push(scrub(&line, &secrets));
+                e.push(gucs::scrub(&line));
             }
         }
     }
@@ -211,20 +221,43 @@ pub extern "C-unwind" fn centrifugo_kafka_worker_main(arg: pg_sys::Datum) {
     // SAFETY: the argument is the consumer index set at registration.
     let index = unsafe { i32::from_datum(arg, false) }.unwrap_or(-1);
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let consumer_spec = match consumers() {
-        Ok(list) if index >= 0 && (index as usize) < list.len() => list[index as usize].clone(),
-        Ok(_) => {
-            log!("centrifugo_outbox: kafka bridge: the consumer settings changed; waiting for a restart");
+    let name = BackgroundWorker::get_extra().to_owned();
+    // Found by name: a reload may have reordered, broken or removed the entries.
+    let mut said = None;
+    let consumer_spec = loop {
+        let why = match consumers() {
+            Ok(list) if index >= 0 => match list.into_iter().find(|c| c.name == name) {
+                Some(spec) => break spec,
+                None => refused_entries()
+                    .into_iter()
+                    .find(|why| why.contains(&format!("\"{name}\"")))
+                    .unwrap_or_else(|| format!("centrifugo.consumers no longer has an enabled kafka entry \"{name}\"")),
+            },
+            Ok(_) => {
+                log!("centrifugo_outbox: kafka bridge: the consumer settings changed; waiting for a restart");
+                return;
+            }
+            Err(e) if index < 0 => {
+                // Exit code 0: the postmaster does not restart a worker whose settings are wrong.
+                warning!("centrifugo_outbox: kafka bridge not started: {e}");
+                return;
+            }
+            Err(e) => e,
+        };
+        // This consumer alone waits for a reload that mends it; the others run on.
+        if said.as_ref() != Some(&why) {
+            warning!("centrifugo_outbox: kafka consumer {name} not running: {why}");
+            said = Some(why);
+        }
+        if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) || shutdown_requested() {
             return;
         }
-        Err(e) => {
-            // Exit code 0: the postmaster does not restart a worker whose settings are wrong.
-            warning!("centrifugo_outbox: kafka bridge not started: {e}");
-            return;
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: reloading the configuration file in a backend, as PostgreSQL's own workers do.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
     };
     crate::session::connect_worker(&gucs::database(), crate::session::ConnectSlot::Kafka(index as usize));
-    let name = consumer_spec.name.clone();
     match run(index as usize, consumer_spec) {
         Ok(()) => log!("centrifugo_outbox: kafka consumer {name} stopped"),
         Err(e) => {
@@ -284,23 +317,25 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     // SAFETY: MyProcPid is set for every backend.
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::unassign_kafka(index, 0);
-    let mut secrets = spec.secrets();
-    secrets.push(gucs::api_key());
-    let secret_refs = secrets.clone();
-    let scrubbed = move |text: &str| scrub(text, &secret_refs.iter().map(String::as_str).collect::<Vec<_>>());
+    // The secrets scrubbed are those of now: a reload that rotates one is followed.
+    let scrubbed = gucs::scrub;
 
     let mut config = KafkaConfig::new();
     for (k, v) in spec.librdkafka_config() {
         config.set(k, v);
     }
-    // Group joins and rebalances within seconds rather than tens of seconds.
-    config.set("session.timeout.ms", "6000").set("heartbeat.interval.ms", "1000");
+    // Group joins and rebalances within seconds rather than tens of seconds, unless the
+    // settings say otherwise.
+    if spec.session_timeout_ms == 0 {
+        config.set("session.timeout.ms", "6000");
+    }
+    let session_ms = if spec.session_timeout_ms == 0 { 6000 } else { spec.session_timeout_ms };
+    config.set("heartbeat.interval.ms", (session_ms / 6).clamp(1, 1000).to_string());
     config.set_log_level(RDKafkaLogLevel::Warning);
     let context = BridgeContext {
         events: Mutex::new(Vec::new()),
         done: Mutex::new(HashMap::new()),
         revoked: Mutex::new(Vec::new()),
-        secrets: secrets.clone(),
     };
     let consumer: BaseConsumer<BridgeContext> =
         config.create_with_context(context).map_err(|e| scrubbed(&format!("cannot create the Kafka client: {e}")))?;
@@ -333,6 +368,13 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file in a backend, as PostgreSQL's own workers do.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            // A rotated SASL password or a changed consumers entry: leave the group cleanly (what
+            // is done is committed below) and start again with the new settings.
+            if consumers().ok().and_then(|list| list.into_iter().find(|c| c.name == spec.name)).as_ref() != Some(&spec)
+            {
+                log!("centrifugo_outbox: kafka consumer {}: its settings changed; restarting the bridge", spec.name);
+                break;
+            }
         }
         let wanted = gucs::client_config();
         if client.as_ref().is_none_or(|c| *c.config() != wanted) {
@@ -820,7 +862,6 @@ fn insert_dead_letters(
     attempts: u32,
 ) -> Result<(), String> {
     let (topic, partition) = (key.0.as_str(), key.1);
-    let api_key = gucs::api_key();
     crate::xact::transaction(|| {
         Spi::connect_mut(|spi| -> Result<(), crate::xact::DbError> {
             let Some(schema) = crate::session::extension_schema() else {
@@ -848,7 +889,7 @@ fn insert_dead_letters(
                         row.offset.into(),
                         row.failure.kind.as_str().into(),
                         row.failure.code.map(|c| c as i32).into(),
-                        scrub(&row.failure.message, &[&api_key]).into(),
+                        gucs::scrub(&row.failure.message).into(),
                         (attempts as i32).into(),
                         consumer.into(),
                         row.raw.clone().into(),

@@ -45,6 +45,7 @@ pub extern "C-unwind" fn _PG_init() {
         );
     }
     gucs::init();
+    gucs::install_log_scrubber();
     shmem::init();
     pinned::init();
     worker::register();

@@ -30,8 +30,8 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgTryBuilder;
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::consumers::{parse_consumers, ConsumerEntry, OutboxConsumer};
-use outbox_core::dispatch::{prepare_text, scrub, Failure, OutboxKeys, Outcome, Prepared};
+use outbox_core::consumers::{ConsumerEntry, OutboxConsumer};
+use outbox_core::dispatch::{prepare_text, Failure, OutboxKeys, Outcome, Prepared};
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
 use outbox_core::settings::table_name_parts;
@@ -50,7 +50,69 @@ pub struct OutboxSpec {
     entry: Option<OutboxConsumer>,
 }
 
+/// The `postgresql` entries of `centrifugo.consumers` as the settings say now (a reload may
+/// change an entry's table, limit, poll interval and channel, or break it), parsed once per
+/// value in each process: the outbox trigger asks for every row.
+struct LiveEntries {
+    json: String,
+    /// Err: the text is not a JSON array, and every entry keeps the settings it started with.
+    entries: Result<HashMap<String, Result<OutboxConsumer, String>>, String>,
+}
+
+fn live_entries<R>(read: impl FnOnce(&LiveEntries) -> R) -> R {
+    thread_local! {
+        static LIVE: std::cell::RefCell<Option<LiveEntries>> = const { std::cell::RefCell::new(None) };
+    }
+    let json = gucs::kafka::consumers();
+    LIVE.with(|cell| {
+        let mut live = cell.borrow_mut();
+        if live.as_ref().is_none_or(|l| l.json != json) {
+            let entries = outbox_core::consumers::parse_consumers_each(&json).map(|list| {
+                list.into_iter()
+                    .filter_map(|e| match e.entry {
+                        Ok(ConsumerEntry::Postgresql(c)) => Some((e.name, Ok(c))),
+                        Ok(ConsumerEntry::Kafka(_)) => None,
+                        Err(why) => Some((e.name, Err(why))),
+                    })
+                    .collect()
+            });
+            *live = Some(LiveEntries { json, entries });
+        }
+        read(live.as_ref().expect("set above"))
+    })
+}
+
 impl OutboxSpec {
+    /// This consumer's settings now: None for the default consumer (read from the flat
+    /// settings); an entry as the settings say now, its name, database and partition count as
+    /// at start (they shape the workers); Err when a reload broke or removed the entry.
+    fn current(&self) -> Result<Option<OutboxConsumer>, String> {
+        let Some(start) = &self.entry else { return Ok(None) };
+        live_entries(|live| {
+            match &live.entries {
+            Err(_) => Ok(Some(start.clone())),
+            Ok(map) => match map.get(&start.name) {
+                Some(Ok(now)) => Ok(Some(OutboxConsumer {
+                    name: start.name.clone(),
+                    database: start.database.clone(),
+                    num_partitions: start.num_partitions,
+                    ..now.clone()
+                })),
+                Some(Err(why)) => Err(why.clone()),
+                None => Err(format!(
+                    "centrifugo.consumers no longer has an enabled entry \"{}\": not draining (its workers go at the next restart)",
+                    start.name
+                )),
+            },
+        }
+        })
+    }
+
+    /// The entry's settings now, or as at start when a reload broke it (for what is not delivery).
+    fn settings(&self) -> Option<OutboxConsumer> {
+        self.current().unwrap_or_else(|_| self.entry.clone())
+    }
+
     pub fn name(&self) -> String {
         match &self.entry {
             Some(e) => e.name.clone(),
@@ -69,7 +131,7 @@ impl OutboxSpec {
         self.entry.as_ref().and_then(|e| e.database.clone()).unwrap_or_else(gucs::database)
     }
     pub fn table_setting(&self) -> String {
-        self.entry.as_ref().map_or_else(gucs::outbox_table_name, |e| e.table.clone())
+        self.settings().map_or_else(gucs::outbox_table_name, |e| e.table)
     }
     /// The outbox table as a schema-qualified quoted SQL name; unqualified means the extension's
     /// schema (ERROR when the extension is missing). For SQL run in a backend.
@@ -88,13 +150,13 @@ impl OutboxSpec {
         self.entry.as_ref().map_or_else(gucs::num_partitions, |e| e.num_partitions)
     }
     fn select_limit(&self) -> i32 {
-        self.entry.as_ref().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
+        self.settings().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
     }
     /// The NOTIFY channel the outbox trigger notifies for this consumer; None: none.
     fn notification_channel(&self) -> Option<std::ffi::CString> {
-        match &self.entry {
+        match self.settings() {
             None => gucs::partition_notification_channel_c(),
-            Some(e) => std::ffi::CString::new(e.notification_channel.clone()).ok().filter(|c| !c.is_empty()),
+            Some(e) => std::ffi::CString::new(e.notification_channel).ok().filter(|c| !c.is_empty()),
         }
     }
     /// Whether this consumer drains the table `schema.table`.
@@ -110,7 +172,7 @@ impl OutboxSpec {
     }
     fn poll_interval(&self) -> Duration {
         Duration::from_millis(
-            self.entry.as_ref().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms),
+            self.settings().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms),
         )
     }
 }
@@ -122,42 +184,57 @@ struct Layout {
     entries: Vec<OutboxConsumer>,
     /// The default consumer's name at start.
     default_name: String,
-    /// Why `centrifugo.consumers` was not used, or which entries were left out.
-    problems: Vec<String>,
 }
 
 fn layout() -> &'static Layout {
     static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
     LAYOUT.get_or_init(|| {
         let default_name = gucs::consumer_name();
-        let mut problems = Vec::new();
-        let entries = match parse_consumers(&gucs::kafka::consumers()) {
+        let entries = match outbox_core::consumers::parse_consumers_each(&gucs::kafka::consumers()) {
             Ok(list) => list
                 .into_iter()
-                .filter_map(|e| match e {
-                    ConsumerEntry::Postgresql(c) if c.name == default_name => {
-                        problems.push(format!(
-                            "centrifugo.consumers entry \"{}\" has the name of the default consumer (centrifugo.consumer_name) and does not run",
-                            c.name
-                        ));
-                        None
-                    }
-                    ConsumerEntry::Postgresql(c) => Some(c),
-                    ConsumerEntry::Kafka(_) => None,
+                .filter_map(|e| match e.entry {
+                    Ok(ConsumerEntry::Postgresql(c)) if c.name != default_name => Some(c),
+                    _ => None,
                 })
                 .collect(),
-            Err(e) => {
-                problems.push(format!("centrifugo.consumers is invalid, none of its consumers runs: {e}"));
-                Vec::new()
-            }
+            Err(_) => Vec::new(),
         };
-        Layout { entries, default_name, problems }
+        Layout { entries, default_name }
     })
 }
 
 /// What the server could not start from the settings, for the log at start and the status view.
 pub fn layout_problems() -> Vec<String> {
-    let mut problems = layout().problems.clone();
+    let mut problems = Vec::new();
+    let started = |name: &str| layout().entries.iter().any(|e| e.name == name);
+    match outbox_core::consumers::parse_consumers_each(&gucs::kafka::consumers()) {
+        Err(e) if layout().entries.is_empty() => {
+            problems.push(format!("centrifugo.consumers is invalid, none of its consumers runs: {e}"))
+        }
+        Err(e) => problems
+            .push(format!("centrifugo.consumers is invalid, its consumers keep the settings they started with: {e}")),
+        Ok(list) => {
+            for e in list {
+                match e.entry {
+                    Err(why) if started(&e.name) => problems.push(format!(
+                        "centrifugo.consumers entry \"{}\" is refused and does not drain: {why}",
+                        e.name
+                    )),
+                    Err(why) => problems.push(format!("centrifugo.consumers entry \"{}\" does not run: {why}", e.name)),
+                    Ok(ConsumerEntry::Postgresql(c)) if c.name == layout().default_name => problems.push(format!(
+                        "centrifugo.consumers entry \"{}\" has the name of the default consumer (centrifugo.consumer_name) and does not run",
+                        c.name
+                    )),
+                    Ok(ConsumerEntry::Postgresql(c)) if !started(&c.name) => problems.push(format!(
+                        "centrifugo.consumers entry \"{}\" was added or mended after the server started: its workers start at the next restart",
+                        c.name
+                    )),
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
     let configured = configured_partitions().len();
     if configured > MAX_PARTITIONS as usize {
         problems.push(format!(
@@ -308,6 +385,8 @@ struct Worker {
     settled: Settled,
     /// Delivered and dead-lettered rows of the current round, with their outcomes.
     applied: Vec<(RowKey, Outcome)>,
+    /// Why this consumer's entry is refused since a reload (logged once per reason).
+    refused: Option<String>,
 }
 
 #[pg_guard]
@@ -350,6 +429,7 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         statements: Statements::default(),
         settled: Settled::default(),
         applied: Vec::new(),
+        refused: None,
     };
     log!(
         "centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")",
@@ -414,6 +494,30 @@ fn wait_for(timeout: Duration, full: bool) -> bool {
 impl Worker {
     /// One pass of the state machine: a round, and what it means for the next wait.
     fn step(&mut self) -> Next {
+        // A reload that broke (or removed) this consumer's entry stops only this consumer.
+        match self.spec.current() {
+            Err(why) => {
+                if self.refused.as_deref() != Some(why.as_str()) {
+                    warning!(
+                        "centrifugo_outbox: consumer {} partition {}: not draining: {why}",
+                        self.spec.name(),
+                        self.partition
+                    );
+                    self.refused = Some(why.clone());
+                }
+                shmem::update(self.slot, |s| s.stats.record_error(0, &why));
+                shmem::set_state(self.slot, WorkerState::Waiting);
+                return Next::Wait;
+            }
+            Ok(_) if self.refused.take().is_some() => {
+                log!(
+                    "centrifugo_outbox: consumer {} partition {}: settings valid again, draining",
+                    self.spec.name(),
+                    self.partition
+                );
+            }
+            Ok(_) => {}
+        }
         self.refresh_client();
         if self.partition == 0 && self.stranded_checked_at.is_none_or(|t| t.elapsed() >= STRANDED_CHECK_EVERY) {
             self.stranded_checked_at = Some(Instant::now());
@@ -430,7 +534,7 @@ impl Worker {
                     "centrifugo_outbox: consumer {} partition {}: {}",
                     self.spec.name(),
                     self.partition,
-                    scrub(&event, &[&gucs::api_key()])
+                    gucs::scrub(&event)
                 );
             }
             shmem::update(self.slot, |s| s.stats.record_endpoints(client));
@@ -457,7 +561,7 @@ impl Worker {
                 Next::DrainNow
             }
             Round::NotReady(reason) => {
-                let reason = scrub(&reason, &[&gucs::api_key()]);
+                let reason = gucs::scrub(&reason);
                 self.log.warn(&self.spec.name(), self.partition, &reason, &format!("not draining: {reason}"));
                 shmem::update(self.slot, |s| s.stats.record_error(0, &reason));
                 shmem::set_state(self.slot, WorkerState::Waiting);
@@ -476,24 +580,19 @@ impl Worker {
                 shmem::update(self.slot, |s| {
                     s.stats.retries += 1;
                     s.stats.backoff_ms = delay.as_millis() as u32;
-                    s.stats.record_error(
-                        failure.code.map(|c| c as i32).unwrap_or(-1),
-                        &scrub(&failure.to_string(), &[&gucs::api_key()]),
-                    );
+                    s.stats
+                        .record_error(failure.code.map(|c| c as i32).unwrap_or(-1), &gucs::scrub(&failure.to_string()));
                 });
                 shmem::set_state(self.slot, WorkerState::BackingOff);
                 self.log.warn(
                     &self.spec.name(),
                     self.partition,
                     "retry",
-                    &scrub(
-                        &format!(
-                            "outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})",
-                            delay.as_millis(),
-                            self.attempts
-                        ),
-                        &[&gucs::api_key()],
-                    ),
+                    &gucs::scrub(&format!(
+                        "outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})",
+                        delay.as_millis(),
+                        self.attempts
+                    )),
                 );
                 Next::BackOff(delay)
             }
@@ -504,7 +603,7 @@ impl Worker {
                     max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
                 };
                 let delay = backoff.delay(self.db_errors, self.jitter.next_fraction());
-                let error = scrub(&error.to_string(), &[&gucs::api_key()]);
+                let error = gucs::scrub(&error.to_string());
                 shmem::update(self.slot, |s| {
                     s.stats.backoff_ms = delay.as_millis() as u32;
                     s.stats.record_error(0, &format!("database error, round rolled back: {error}"));
@@ -841,10 +940,7 @@ impl Worker {
                             s.stats.record_success(stats.delivered, stats.latencies_ms.iter().copied());
                         }
                         if let Some(f) = &stats.last_dead {
-                            s.stats.record_error(
-                                f.code.map(|c| c as i32).unwrap_or(0),
-                                &scrub(&f.message, &[&gucs::api_key()]),
-                            );
+                            s.stats.record_error(f.code.map(|c| c as i32).unwrap_or(0), &gucs::scrub(&f.message));
                         }
                     });
                 }
@@ -853,10 +949,10 @@ impl Worker {
                         &self.spec.name(),
                         self.partition,
                         "dead letter",
-                        &scrub(
-                            &format!("moved {} command(s) to centrifugo_dead_letters, the last: {f}", stats.dead),
-                            &[&gucs::api_key()],
-                        ),
+                        &gucs::scrub(&format!(
+                            "moved {} command(s) to centrifugo_dead_letters, the last: {f}",
+                            stats.dead
+                        )),
                     );
                 }
                 round
@@ -1385,7 +1481,7 @@ fn insert_dead_letter(
             partition.into(),
             row.failure.kind.as_str().into(),
             row.failure.code.map(|c| c as i32).into(),
-            scrub(&row.failure.message, &[&gucs::api_key()]).into(),
+            gucs::scrub(&row.failure.message).into(),
             (row.attempts as i32).into(),
             consumer.to_owned().into(),
             TimestampWithTimeZone::try_from(row.created_at - PG_EPOCH_UNIX_MICROS).ok().into(),

@@ -103,14 +103,70 @@ def test_secrets_are_superuser_only_masked_and_never_logged(make_cluster):
         assert app.execute("SELECT count(*) FROM pg_settings WHERE name = 'centrifugo.api_key'").fetchone()[0] == 0
         # The publisher role can use the API.
         assert app.execute("SELECT centrifugo_publish('c', '1')").fetchone()[0] > 0
-    # Changing a secret takes a restart, so a reload never logs its value.
-    pg.set(**{"centrifugo.api_key": key + "-rotated"})
-    pg.reload()
-    wait_until(lambda: "cannot be changed without restarting" in pg.log(), 10, what="the reload to be logged")
     pg.restart()
     pg.sql("SELECT 1")
     log = pg.log()
     assert key not in log and password not in log
+
+
+def test_secrets_rotate_on_reload_and_no_role_or_log_ever_sees_them(make_cluster):
+    """The API key, the SASL password and the userinfo of api_url follow pg_reload_conf(); what
+    scrubs logs and errors follows too; no unprivileged role sees any of them, in any way a
+    setting can be read, nor in an error or the status views."""
+    from harness.fault_double import FaultDouble
+    tag = uuid.uuid4().hex[:8]
+    key1, key2 = f"key-one-{tag}", f"key-two-{tag}"
+    sasl1, sasl2 = f"sasl-one-{tag}", f"sasl-two-{tag}"
+    url_pass = f"urlpass-{tag}"
+    double = FaultDouble(None).start()
+    # Centrifugo's error text echoes the key it was sent (a proxy's might): it must be scrubbed.
+    double.script = lambda r: ("reply", 200, json.dumps(
+        {"error": {"code": 100, "message": f"internal: rejected key {r['key']}"}}).encode())
+    url = double.api_url.replace("http://", f"http://proxyuser:{url_pass}@")
+    pg = make_cluster({"centrifugo.api_url": url, "centrifugo.api_key": key1,
+                       "centrifugo.kafka_sasl_password": sasl1, "centrifugo.retry_backoff_max": 200,
+                       "log_min_messages": "debug1"})
+    try:
+        pg.sql("SELECT centrifugo_publish('chat:rot', '1')")
+        wait_until(lambda: any(r["key"] == key1 for r in double.requests), 15, what="a request with the first key")
+        pg.set(**{"centrifugo.api_key": key2, "centrifugo.kafka_sasl_password": sasl2,
+                  "centrifugo.api_url": url.replace("127.0.0.1", "localhost")})
+        pg.reload()
+        wait_until(lambda: any(r["key"] == key2 for r in double.requests[-5:]), 15,
+                   what="the rotated key in use without a restart")
+        wait_until(lambda: "rejected key ********" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status") or ""),
+                   15, what="the echoed key scrubbed in the status view")
+        # A refused value quotes what was written: that is scrubbed too.
+        with pytest.raises(psycopg.Error) as refused:
+            pg.sql(f"ALTER SYSTEM SET centrifugo.api_url = 'ftp://u:{url_pass}@h/api'")
+        assert url_pass not in str(refused.value)
+        pg.sql("CREATE ROLE app LOGIN IN ROLE centrifugo_publisher")
+        pg.sql("GRANT SELECT ON centrifugo_outbox_status, centrifugo_kafka_status TO app; "
+               "GRANT EXECUTE ON FUNCTION centrifugo_outbox_status_rows, centrifugo_kafka_status_rows TO app")
+        with pg.connect(user="app") as app:
+            seen = [app.execute("SHOW centrifugo.api_url").fetchone()[0],
+                    app.execute("SELECT current_setting('centrifugo.api_url')").fetchone()[0]]
+            seen += [str(row) for row in app.execute(
+                "SELECT name, setting, reset_val, boot_val FROM pg_settings WHERE name LIKE 'centrifugo.%'")]
+            seen += [str(row) for row in app.execute("SELECT * FROM centrifugo_outbox_status")]
+            seen += [str(row) for row in app.execute("SELECT * FROM centrifugo_kafka_status")]
+            for secret in ("centrifugo.api_key", "centrifugo.kafka_sasl_password", "centrifugo.consumers"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as denied:
+                    app.execute(f"SHOW {secret}")
+                seen.append(str(denied.value))
+            with pytest.raises(psycopg.Error) as denied:
+                app.execute("SET centrifugo.api_url = 'http://x/api'")
+            seen.append(str(denied.value))
+        assert seen[0] == "http://********@localhost:%d/api" % double.port, seen[0]
+        # Superusers see the masked forms too.
+        assert pg.scalar("SHOW centrifugo.api_key") == "********"
+        assert url_pass not in pg.scalar("SHOW centrifugo.api_url")
+        log = pg.log()
+        for secret in (key1, key2, sasl1, sasl2, url_pass):
+            assert not any(secret in text for text in seen), (secret, seen)
+            assert secret not in log, secret
+    finally:
+        double.stop()
 
 
 def test_centrifugo_own_consumer_drains_our_table(make_cluster):

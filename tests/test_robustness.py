@@ -482,3 +482,44 @@ def test_a_revoked_kafka_partition_is_not_sent_by_its_old_owner(make_cluster, ce
         assert any(r["at"] > revoked_at for r in down.requests), "the old owner kept retrying its own partition"
     finally:
         down.stop()
+
+
+def test_one_bad_consumers_entry_stops_only_itself_at_start_and_after_a_reload(make_cluster, centrifugo):
+    table = ("CREATE TABLE {t} (id BIGSERIAL PRIMARY KEY, method text NOT NULL, payload JSONB NOT NULL, "
+             "partition INTEGER NOT NULL default 0, created_at TIMESTAMPTZ NOT NULL DEFAULT now()); "
+             "CREATE TRIGGER wake AFTER INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION centrifugo_wake_at_commit()")
+    entry = lambda name, **pg: {"name": name, "type": "postgresql", "enabled": True, "postgresql": {
+        "dsn": "postgresql://x@h/postgres", "partition_poll_interval": "100ms", **pg}}
+    good_a, good_b = entry("box_a", outbox_table_name="box_a"), entry("box_b", outbox_table_name="box_b")
+    broken = entry("broken", num_partitions=2)  # no outbox_table_name
+    pg = make_cluster(delivery_settings(centrifugo.api_url, centrifugo.api_key,
+                                        consumers=json.dumps([good_a, broken, good_b])))
+    pg.sql(table.format(t="box_a") + "; " + table.format(t="box_b"))
+    wait_for_workers(pg)
+    rows = status_rows(pg)
+    assert any(r[0] == "(settings)" and 'entry "broken" does not run' in r[4] and "outbox_table_name is required" in r[4]
+               for r in rows), rows
+    assert pg.log().count('centrifugo.consumers entry "broken" does not run') == 1
+    channel = f"chat:bad{uid()}"
+    publish = "INSERT INTO {t} (method, payload) VALUES ('publish', jsonb_build_object('channel', %s::text, 'data', %s::int))"
+    pg.sql(publish.format(t="box_a"), (channel, 1))
+    pg.sql(publish.format(t="box_b"), (channel, 2))
+    wait_until(lambda: sorted(centrifugo.history(channel)) == [1, 2], 15, what="both good entries delivering")
+    # A reload breaks box_a (its partition count becomes invalid); box_b drains on.
+    pg.set(**{"centrifugo.consumers": json.dumps([entry("box_a", outbox_table_name="box_a", partition_select_limit=0),
+                                                  broken, good_b])})
+    pg.reload()
+    wait_until(lambda: pg.scalar("SELECT last_error FROM centrifugo_outbox_status WHERE consumer = 'box_a'") and
+               "partition_select_limit" in pg.scalar("SELECT last_error FROM centrifugo_outbox_status WHERE consumer = 'box_a'"),
+               15, what="box_a's reason in its status row")
+    pg.sql(publish.format(t="box_a"), (channel, 3))
+    pg.sql(publish.format(t="box_b"), (channel, 4))
+    wait_until(lambda: 4 in centrifugo.history(channel), 15, what="box_b still delivering")
+    time.sleep(1)
+    assert 3 not in centrifugo.history(channel), "the refused entry does not drain"
+    assert pg.log().count("consumer box_a partition 0: not draining: postgresql consumer \"box_a\": partition_select_limit") == 1, \
+        "one log line"
+    # Mended by the next reload: the row waiting in box_a goes out.
+    pg.set(**{"centrifugo.consumers": json.dumps([good_a, broken, good_b])})
+    pg.reload()
+    wait_until(lambda: 3 in centrifugo.history(channel), 15, what="box_a draining again")

@@ -129,6 +129,40 @@ fn outbox_from_json(name: &str, cfg: &Map<String, Value>) -> Result<OutboxConsum
     })
 }
 
+/// Values in a `consumers` JSON text that must never be logged: every string under a key that
+/// names a password or a private key, and the password of every DSN. Read from the text as
+/// written, whatever else is wrong with it.
+pub fn consumers_secrets(json: &str) -> Vec<String> {
+    fn walk(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, v) in map {
+                    match (key.as_str(), v) {
+                        ("sasl_password" | "password" | "key_pem" | "tls_key_pem", Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        ("dsn", Value::String(dsn)) => {
+                            out.extend(crate::endpoints::userinfo_secrets(dsn));
+                            out.extend(
+                                conninfo_pairs(dsn).into_iter().filter(|(k, _)| k == "password").map(|(_, v)| v),
+                            );
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(value) = serde_json::from_str::<Value>(json) {
+        walk(&value, &mut out);
+    }
+    out.retain(|s| !s.is_empty());
+    out
+}
+
 /// An entry of Centrifugo's `consumers` array that the bridge runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 // A handful of entries, read once at start-up: boxing the Kafka variant would buy nothing.
@@ -140,8 +174,23 @@ pub enum ConsumerEntry {
 }
 
 /// Parses Centrifugo's `consumers` JSON array (v5 `disabled` or v6 `enabled`, v5 flat `tls_*`
-/// options or the v6 `tls` object), skipping disabled entries and checking names.
+/// options or the v6 `tls` object), skipping disabled entries and checking names: all entries,
+/// or the first error.
 pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
+    parse_consumers_each(json)?.into_iter().map(|e| e.entry).collect()
+}
+
+/// One enabled entry of the `consumers` array: what it is, or why it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryResult {
+    /// The entry's name as written, or `consumers[i]` when it has no valid one.
+    pub name: String,
+    pub entry: Result<ConsumerEntry, String>,
+}
+
+/// As [`parse_consumers`], each entry on its own: one bad entry refuses only itself (a second
+/// entry of a name is the one refused). Err only when the text is not a JSON array.
+pub fn parse_consumers_each(json: &str) -> Result<Vec<EntryResult>, String> {
     if json.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -151,36 +200,48 @@ pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
     let mut names = std::collections::HashSet::new();
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let obj = item.as_object().ok_or_else(|| format!("centrifugo.consumers[{i}] must be an object"))?;
+        let Some(obj) = item.as_object() else {
+            out.push(EntryResult {
+                name: format!("consumers[{i}]"),
+                entry: Err(format!("centrifugo.consumers[{i}] must be an object")),
+            });
+            continue;
+        };
         let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
         if !valid_consumer_name(name) {
-            return Err(format!("centrifugo.consumers[{i}]: name \"{name}\" must match ^[a-zA-Z0-9_]{{2,}}$"));
+            out.push(EntryResult {
+                name: format!("consumers[{i}]"),
+                entry: Err(format!("centrifugo.consumers[{i}]: name \"{name}\" must match ^[a-zA-Z0-9_]{{2,}}$")),
+            });
+            continue;
         }
         if !names.insert(name.to_owned()) {
-            return Err(format!("centrifugo.consumers: name \"{name}\" is used twice"));
+            out.push(EntryResult {
+                name: name.to_owned(),
+                entry: Err(format!("centrifugo.consumers: name \"{name}\" is used twice")),
+            });
+            continue;
         }
         let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
             || obj.get("enabled").and_then(Value::as_bool) == Some(false);
         if disabled {
             continue;
         }
-        match obj.get("type").and_then(Value::as_str).unwrap_or("") {
+        let entry = match obj.get("type").and_then(Value::as_str).unwrap_or("") {
             "kafka" => {
                 let cfg = obj.get("kafka").and_then(Value::as_object).cloned().unwrap_or_default();
-                let consumer = crate::kafka::kafka_from_json(name, &cfg)?;
-                consumer.validate()?;
-                out.push(ConsumerEntry::Kafka(consumer));
+                crate::kafka::kafka_from_json(name, &cfg)
+                    .and_then(|consumer| consumer.validate().map(|()| ConsumerEntry::Kafka(consumer)))
             }
             "postgresql" => {
                 let cfg = obj.get("postgresql").and_then(Value::as_object).cloned().unwrap_or_default();
-                out.push(ConsumerEntry::Postgresql(outbox_from_json(name, &cfg)?));
+                outbox_from_json(name, &cfg).map(ConsumerEntry::Postgresql)
             }
-            other => {
-                return Err(format!(
-                    "centrifugo.consumers[{i}] (\"{name}\"): type \"{other}\" is not supported here (kafka, postgresql)"
-                ))
-            }
-        }
+            other => Err(format!(
+                "centrifugo.consumers[{i}] (\"{name}\"): type \"{other}\" is not supported here (kafka, postgresql)"
+            )),
+        };
+        out.push(EntryResult { name: name.to_owned(), entry });
     }
     Ok(out)
 }
@@ -221,6 +282,40 @@ mod tests {
             let e = parse_consumers(&json).unwrap_err();
             assert!(e.contains(needle), "{e}");
         }
+    }
+
+    #[test]
+    fn secrets_of_the_consumers_json() {
+        let json = r#"[{"name": "k", "type": "kafka", "kafka": {"sasl_password": "sasl-pw", "tls": {"key_pem": "KEY"}}},
+            {"name": "p", "type": "postgresql", "postgresql": {"dsn": "postgresql://u:dsn-pw@h/db"}},
+            {"name": "q", "type": "postgresql", "postgresql": {"dsn": "host=h password='kv pw' dbname=x"}}]"#;
+        let mut secrets = consumers_secrets(json);
+        secrets.sort();
+        assert_eq!(secrets, vec!["KEY", "dsn-pw", "kv pw", "sasl-pw", "u:dsn-pw"]);
+        assert!(consumers_secrets("[not json").is_empty());
+    }
+
+    #[test]
+    fn one_bad_entry_refuses_only_itself() {
+        let each = parse_consumers_each(
+            r#"[{"name": "good", "type": "postgresql", "postgresql": {"outbox_table_name": "t"}},
+                {"name": "bad", "type": "postgresql", "postgresql": {"num_partitions": 2}},
+                {"name": "good", "type": "postgresql", "postgresql": {"outbox_table_name": "u"}},
+                7,
+                {"name": "kbad", "type": "kafka", "kafka": {"topics": ["t"]}}]"#,
+        )
+        .unwrap();
+        let names: Vec<_> = each.iter().map(|e| (e.name.as_str(), e.entry.is_ok())).collect();
+        assert_eq!(
+            names,
+            vec![("good", true), ("bad", false), ("good", false), ("consumers[3]", false), ("kbad", false)]
+        );
+        assert!(each[1].entry.as_ref().unwrap_err().contains("outbox_table_name is required"));
+        assert!(each[2].entry.as_ref().unwrap_err().contains("used twice"));
+        assert!(each[4].entry.as_ref().unwrap_err().contains("brokers are required"));
+        assert!(parse_consumers_each("[not json").is_err());
+        // All or the first error, as before.
+        assert!(parse_consumers(r#"[{"name": "bad", "type": "postgresql"}]"#).is_err());
     }
 
     #[test]

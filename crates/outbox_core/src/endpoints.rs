@@ -92,6 +92,52 @@ pub fn display_url(url: &str) -> String {
     }
 }
 
+/// `text` with the userinfo of every URL in it (`scheme://user:password@host`) replaced by
+/// `********`: what a setting of URLs shows, and what a log line about one says. Only an `@`
+/// within the authority counts (before the next `/`, `?`, `#`, `,`, quote or white space).
+pub fn mask_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let authority_end =
+            after.find(|c: char| matches!(c, '/' | '?' | '#' | ',' | '"' | '\'' | '@') || c.is_whitespace());
+        match authority_end {
+            Some(i) if after[i..].starts_with('@') && i > 0 => {
+                // The last `@` of the authority ends the userinfo (a password may hold one).
+                let authority_len = after
+                    .find(|c: char| matches!(c, '/' | '?' | '#' | ',' | '"' | '\'') || c.is_whitespace())
+                    .unwrap_or(after.len());
+                let userinfo_end = after[..authority_len].rfind('@').unwrap_or(i);
+                out.push_str("********");
+                rest = &after[userinfo_end..];
+            }
+            _ => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The userinfo parts of the URLs in `urls` (`user:password`, and the password alone), for
+/// scrubbing them from anything logged.
+pub fn userinfo_secrets(urls: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for url in urls.split(',') {
+        let Some((_, rest)) = url.trim().split_once("://") else { continue };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            let userinfo = &rest[..at];
+            secrets.push(userinfo.to_owned());
+            if let Some((_, password)) = userinfo.split_once(':') {
+                secrets.push(password.to_owned());
+            }
+        }
+    }
+    secrets
+}
+
 /// What a failed request says of its node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeFailure {
@@ -248,6 +294,24 @@ impl Failover {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn userinfo_is_masked_wherever_a_url_stands() {
+        assert_eq!(mask_userinfo("http://127.0.0.1:8000/api"), "http://127.0.0.1:8000/api");
+        assert_eq!(
+            mask_userinfo("https://u:p%40ss@a:8000/api,grpc://tok@b:10000"),
+            "https://********@a:8000/api,grpc://********@b:10000"
+        );
+        assert_eq!(mask_userinfo("http://u:p@ss@a/api"), "http://********@a/api");
+        assert_eq!(
+            mask_userinfo(r#"parameter "centrifugo.api_url" changed to "http://u:secret@h/api""#),
+            r#"parameter "centrifugo.api_url" changed to "http://********@h/api""#
+        );
+        // An @ after the authority is not userinfo.
+        assert_eq!(mask_userinfo("http://h/a@b mailto://x"), "http://h/a@b mailto://x");
+        assert_eq!(userinfo_secrets("http://u:secret@h/api, http://h2/api"), vec!["u:secret", "secret"]);
+    }
+
     use super::*;
 
     #[test]
