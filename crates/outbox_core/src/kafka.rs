@@ -194,7 +194,8 @@ impl KafkaConsumer {
         if self.max_poll_interval_ms > 0 && !(1..=86_400_000).contains(&self.max_poll_interval_ms) {
             return Err(format!("{who}: max_poll_interval must be at most 24h"));
         }
-        let effective_session = if self.session_timeout_ms > 0 { self.session_timeout_ms } else { 45_000 };
+        // Unset, the bridge asks for 6 s (a rebalance within seconds).
+        let effective_session = if self.session_timeout_ms > 0 { self.session_timeout_ms } else { 6_000 };
         let effective_poll = if self.max_poll_interval_ms > 0 { self.max_poll_interval_ms } else { 300_000 };
         if effective_poll < effective_session {
             return Err(format!(
@@ -793,8 +794,8 @@ mod tests {
         // librdkafka refuses a poll interval below the session timeout: this entry's error, at parse time.
         let e = parse_consumers(&json(r#", "session_timeout": "60s", "max_poll_interval": "30s""#)).unwrap_err();
         assert!(e.contains("max_poll_interval (30000 ms) must not be shorter than session_timeout (60000 ms)"), "{e}");
-        let e = parse_consumers(&json(r#", "max_poll_interval": "10s""#)).unwrap_err();
-        assert!(e.contains("session_timeout (45000 ms)"), "{e}");
+        let e = parse_consumers(&json(r#", "max_poll_interval": "5s""#)).unwrap_err();
+        assert!(e.contains("session_timeout (6000 ms)"), "{e}");
         assert!(parse_consumers(&json(r#", "session_timeout": "2h""#)).unwrap_err().contains("at most 1h"));
     }
 
