@@ -303,7 +303,7 @@ fn secrets_are_masked_and_settings_are_registered() {
     .unwrap();
     assert_eq!(
         flags,
-        "centrifugo.api_key=postmaster,centrifugo.api_url=sighup,centrifugo.kafka_sasl_password=postmaster,centrifugo.num_partitions=postmaster"
+        "centrifugo.api_key=sighup,centrifugo.api_url=sighup,centrifugo.kafka_sasl_password=sighup,centrifugo.num_partitions=postmaster"
     );
     // The prefix is reserved: a typo is an error, not a silent placeholder (PostgreSQL 15 and
     // later; 14 has no reserved prefixes and only warns at load about unknown centrifugo.* lines).

@@ -95,12 +95,7 @@ pub fn consumers() -> Result<Vec<KafkaConsumer>, String> {
 /// The kafka entries of `centrifugo.consumers` that are refused, with why (each stops only itself).
 pub fn refused_entries() -> Vec<String> {
     let Ok(list) = parse_consumers_each(&gucs::kafka::consumers()) else { return Vec::new() };
-    list.into_iter()
-        .filter_map(|e| match e.entry {
-            Err(why) => Some(why),
-            Ok(_) => None,
-        })
-        .collect()
+    list.into_iter().filter_map(|e| e.entry.err()).collect()
 }
 
 /// Registers one bridge worker per Kafka consumer; with invalid settings, one worker that logs
