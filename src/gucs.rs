@@ -75,7 +75,7 @@ static KAFKA_FETCH_READ_UNCOMMITTED: GucSetting<bool> = GucSetting::<bool>::new(
 static KAFKA_PARTITION_QUEUE_MAX_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 /// Broker connect timeout (0: the client's default); Centrifugo's `dial_timeout`.
 static KAFKA_DIAL_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
-/// How long the Kafka group waits for a silent bridge before giving its partitions away (0: librdkafka's 45 s); librdkafka's `session.timeout.ms`.
+/// How long the Kafka group waits for a silent bridge before giving its partitions away (0: 6 s, the bridge's default); librdkafka's `session.timeout.ms`.
 static KAFKA_SESSION_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(0);
 /// Longest the bridge may go between polls before the group drops it (0: librdkafka's 5 min); librdkafka's `max.poll.interval.ms`.
 static KAFKA_MAX_POLL_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -690,8 +690,14 @@ static mut PREVIOUS_EMIT_LOG_HOOK: pg_sys::emit_log_hook_type = None;
 
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn scrub_log_line(edata: *mut pg_sys::ErrorData) {
+    // Only the postmaster's reports (a reloaded or refused setting) and background workers':
+    // in a client backend the report goes to the client too, and scrubbing a text the client
+    // wrote would tell it which of its guesses is a secret. (The workers scrub what they take
+    // from outside themselves, and a superuser's own ALTER SYSTEM is a superuser's log.)
+    // SAFETY: plain reads of process globals.
+    let ours = unsafe { !pg_sys::IsUnderPostmaster || pg_sys::MyBackendType == pg_sys::BackendType::B_BG_WORKER };
     // Not while this process updates the secrets (an assign hook never logs; never wait here).
-    if let Ok(hidden) = HIDDEN.try_read() {
+    if let Some(hidden) = HIDDEN.try_read().ok().filter(|_| ours) {
         let secrets = hidden.secrets();
         drop(hidden);
         let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
@@ -769,7 +775,7 @@ unsafe extern "C-unwind" fn check_api_url(
     }
     // SAFETY: as above; the value may be null.
     let real = unsafe { (*newval).as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) };
-    let masked = outbox_core::endpoints::mask_userinfo(real.as_deref().unwrap_or(""));
+    let masked = outbox_core::endpoints::mask_url_list(real.as_deref().unwrap_or(""));
     // SAFETY: as above.
     unsafe { hide(newval, extra, &masked) }
 }

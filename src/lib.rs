@@ -44,8 +44,9 @@ pub extern "C-unwind" fn _PG_init() {
             "centrifugo_outbox must be loaded at server start: add it to shared_preload_libraries in postgresql.conf and restart PostgreSQL"
         );
     }
-    gucs::init();
+    // First: registering the settings may already log a refused value read from the file.
     gucs::install_log_scrubber();
+    gucs::init();
     shmem::init();
     pinned::init();
     worker::register();

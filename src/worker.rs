@@ -68,13 +68,17 @@ fn live_entries<R>(read: impl FnOnce(&LiveEntries) -> R) -> R {
         let mut live = cell.borrow_mut();
         if live.as_ref().is_none_or(|l| l.json != json) {
             let entries = outbox_core::consumers::parse_consumers_each(&json).map(|list| {
-                list.into_iter()
-                    .filter_map(|e| match e.entry {
-                        Ok(ConsumerEntry::Postgresql(c)) => Some((e.name, Ok(c))),
-                        Ok(ConsumerEntry::Kafka(_)) => None,
-                        Err(why) => Some((e.name, Err(why))),
-                    })
-                    .collect()
+                // The first entry of a name is the one that counts (a second is refused alone).
+                let mut map = HashMap::new();
+                for e in list {
+                    let entry = match e.entry {
+                        Ok(ConsumerEntry::Postgresql(c)) => Ok(c),
+                        Ok(ConsumerEntry::Kafka(_)) => continue,
+                        Err(why) => Err(why),
+                    };
+                    map.entry(e.name).or_insert(entry);
+                }
+                map
             });
             *live = Some(LiveEntries { json, entries });
         }

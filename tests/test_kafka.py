@@ -378,7 +378,6 @@ def test_session_timeout_and_max_poll_interval_are_taken(make_cluster, centrifug
     ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_session_timeout": 60000,
       "kafka_max_poll_interval": 30000}, "must not be shorter than session_timeout"),
     ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_sasl_mechanism": "aws-msk-iam"}, "aws-msk-iam"),
-    ({"consumers": json.dumps([{"name": "x", "type": "kafka"}])}, "must match"),
     ({"kafka_brokers": "127.0.0.1:9", "kafka_topics": "t", "kafka_tls": True, "kafka_tls_server_name": "kafka.example"},
      "server_name is not supported"),
 ])

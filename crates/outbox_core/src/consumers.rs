@@ -215,16 +215,17 @@ pub fn parse_consumers_each(json: &str) -> Result<Vec<EntryResult>, String> {
             });
             continue;
         }
+        let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
+            || obj.get("enabled").and_then(Value::as_bool) == Some(false);
+        if disabled {
+            continue;
+        }
+        // Among enabled entries only: a disabled copy refuses nothing.
         if !names.insert(name.to_owned()) {
             out.push(EntryResult {
                 name: name.to_owned(),
                 entry: Err(format!("centrifugo.consumers: name \"{name}\" is used twice")),
             });
-            continue;
-        }
-        let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
-            || obj.get("enabled").and_then(Value::as_bool) == Some(false);
-        if disabled {
             continue;
         }
         let entry = match obj.get("type").and_then(Value::as_str).unwrap_or("") {
