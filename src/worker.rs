@@ -157,15 +157,17 @@ impl OutboxSpec {
         self.settings().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
     }
     /// The NOTIFY channel the outbox trigger notifies for this consumer; None: none.
-    fn notification_channel(&self) -> Option<std::ffi::CString> {
-        match self.settings() {
-            None => gucs::partition_notification_channel_c(),
-            Some(e) => std::ffi::CString::new(e.notification_channel).ok().filter(|c| !c.is_empty()),
+    /// The table setting and NOTIFY channel of `settings` (this consumer's, as [`Self::settings`]
+    /// gives them: read once by the trigger, which runs for every row).
+    fn table_and_channel(settings: Option<OutboxConsumer>) -> (String, Option<std::ffi::CString>) {
+        match settings {
+            None => (gucs::outbox_table_name(), gucs::partition_notification_channel_c()),
+            Some(e) => (e.table, std::ffi::CString::new(e.notification_channel).ok().filter(|c| !c.is_empty())),
         }
     }
-    /// Whether this consumer drains the table `schema.table`.
-    fn drains(&self, schema: &str, table: &str) -> bool {
-        match table_name_parts(&self.table_setting()) {
+    /// Whether the table setting `setting` names the table `schema.table`.
+    fn names_table(setting: &str, schema: &str, table: &str) -> bool {
+        match table_name_parts(setting) {
             Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
             // Unqualified means the table in the extension's schema.
             Ok(parts) => {
@@ -288,9 +290,13 @@ pub fn routing_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) 
     }
     let (schema, table) = table()?;
     let mut routing = TableRouting { num_partitions: 0, channels: Vec::new() };
-    for spec in outbox_specs().iter().filter(|spec| spec.drains(&schema, &table)) {
+    for spec in outbox_specs() {
+        let (table_setting, channel) = OutboxSpec::table_and_channel(spec.settings());
+        if !OutboxSpec::names_table(&table_setting, &schema, &table) {
+            continue;
+        }
         routing.num_partitions = routing.num_partitions.max(spec.num_partitions());
-        if let Some(channel) = spec.notification_channel().filter(|c| !routing.channels.contains(c)) {
+        if let Some(channel) = channel.filter(|c| !routing.channels.contains(c)) {
             routing.channels.push(channel);
         }
     }

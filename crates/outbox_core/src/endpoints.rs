@@ -84,12 +84,20 @@ pub fn list_id(urls: &[String]) -> u64 {
 /// `url` as logs and status views show it: without any `user:password@` (refused in the
 /// setting; this is a second line).
 pub fn display_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+    match split_userinfo(url) {
+        Some((scheme, _, host_on)) => format!("{scheme}://{host_on}"),
         None => url.to_owned(),
     }
+}
+
+/// A URL with userinfo as (scheme, userinfo, what follows the `@`): the userinfo is everything
+/// before the last `@` of the authority, which ends at the first `/`, `?` or `#` (the rule the
+/// client reads it with). None without userinfo.
+fn split_userinfo(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let at = rest[..authority_end].rfind('@')?;
+    Some((scheme, &rest[..at], &rest[at + 1..]))
 }
 
 /// `text` with the userinfo of every URL in it (`scheme://user:password@host`) replaced by
@@ -125,13 +133,9 @@ pub fn mask_userinfo(text: &str) -> String {
 /// replaced by `********`, by the rule the client reads it with.
 pub fn mask_url_list(urls: &str) -> String {
     urls.split(',')
-        .map(|url| {
-            let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            match rest[..authority_end].rfind('@') {
-                Some(at) => format!("{scheme}://********{}", &rest[at..]),
-                None => url.to_owned(),
-            }
+        .map(|url| match split_userinfo(url) {
+            Some((scheme, _, host_on)) => format!("{scheme}://********@{host_on}"),
+            None => url.to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -142,10 +146,7 @@ pub fn mask_url_list(urls: &str) -> String {
 pub fn userinfo_secrets(urls: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     for url in urls.split(',') {
-        let Some((_, rest)) = url.trim().split_once("://") else { continue };
-        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
+        if let Some((_, userinfo, _)) = split_userinfo(url.trim()) {
             secrets.push(userinfo.to_owned());
             if let Some((_, password)) = userinfo.split_once(':') {
                 secrets.push(password.to_owned());

@@ -285,18 +285,6 @@ impl KafkaConsumer {
         }
         c
     }
-
-    /// Values of settings that must never be logged.
-    pub fn secrets(&self) -> Vec<String> {
-        let mut s = Vec::new();
-        if let Some((_, _, p)) = &self.sasl {
-            s.push(p.clone());
-        }
-        if let Some(Tls { key: Some(Pem::Text(k)), .. }) = &self.tls {
-            s.push(k.clone());
-        }
-        s
-    }
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
