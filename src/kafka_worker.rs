@@ -29,6 +29,7 @@ use outbox_core::client::{CentrifugoClient, InFlight};
 use outbox_core::consumers::{parse_consumers_each, ConsumerEntry};
 use outbox_core::dispatch::{Failure, Outcome, Prepared};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
+use outbox_core::lane::BatchWindow;
 use outbox_core::retry::{Backoff, Jitter};
 
 use crate::gucs;
@@ -208,6 +209,8 @@ struct PartitionQueue {
     retry_at: Option<Instant>,
     attempts: u32,
     paused: bool,
+    /// How many records the next batch may carry after failures (see `outbox_core::lane`).
+    window: BatchWindow,
 }
 
 #[pg_guard]
@@ -374,7 +377,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         let wanted = gucs::client_config();
         if client.as_ref().is_none_or(|c| *c.config() != wanted) {
             client = match CentrifugoClient::new(wanted) {
-                Ok(c) => Some(c.with_stop_check(shutdown_requested).carry_over(client.as_ref())),
+                Ok(c) => Some(
+                    c.with_stop_check(shutdown_requested)
+                        .with_node_board(Box::new(shmem::SharedNodeBoard))
+                        .carry_over(client.as_ref()),
+                ),
                 Err(e) => {
                     warn("client", format!("cannot reach Centrifugo: {e}"));
                     None
@@ -440,6 +447,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             // Queues change only in polls, and none runs while batches are in flight.
             let queue = queues.get_mut(&key).expect("not polled while in flight");
             let outcome = complete_dispatch(&spec, client, queue, dispatching);
+            let configured = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+            let (resend_through, reduced) = (queue.window.resend_through(), queue.window.reduced(configured));
+            if queue.records.iter().all(|r| r.done) {
+                queue.window.drained();
+            }
             for event in client.take_events() {
                 log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
             }
@@ -449,6 +461,8 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                         s.pid = pid;
                         s.assigned = true;
                         s.stats.record_endpoints(client);
+                        s.stats.resend_through = resend_through;
+                        s.stats.batch_limit = reduced.unwrap_or(0) as u32;
                         s.stats.batches += stats.batches;
                         s.stats.dead_lettered += stats.dead;
                         if stats.delivered > 0 {
@@ -511,8 +525,16 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                 }
                 Err(e) => {
                     queue.attempts += 1;
-                    queue.retry_at = Some(Instant::now() + Duration::from_millis(gucs::retry_backoff_max_ms() as u64));
-                    warn("dead letters", scrubbed(&format!("cannot record dead letters, partition paused: {e}")));
+                    let delay = Duration::from_millis(gucs::retry_backoff_max_ms() as u64);
+                    queue.retry_at = Some(Instant::now() + delay);
+                    let why = scrubbed(&format!("cannot write dead letters, partition paused: {e}"));
+                    shmem::update_kafka(index, &key.0, key.1, |s| {
+                        s.pid = pid;
+                        s.stats.backoff_ms = delay.as_millis() as u32;
+                        s.stats.record_error(0, &why);
+                        s.set_state(WorkerState::BackingOff);
+                    });
+                    warn("dead letters", why);
                 }
             }
             if queue.paused && queue.records.len() <= spec.partition_queue_max_size / 2 {
@@ -587,7 +609,11 @@ fn poll_records(
                     done: false,
                     dead_letter: None,
                 };
-                let queue = queues.entry(key.clone()).or_default();
+                // A resend that a restart interrupted goes on (offsets outlive the process).
+                let queue = queues.entry(key.clone()).or_insert_with(|| PartitionQueue {
+                    window: BatchWindow::resuming(shmem::kafka_resend_through(index, &key.0, key.1)),
+                    ..Default::default()
+                });
                 queue.records.push_back(record);
                 if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
                     let mut tpl = TopicPartitionList::new();
@@ -641,9 +667,15 @@ fn start_dispatch<'c>(
     spec: &KafkaConsumer,
     client: &'c CentrifugoClient,
     key: (String, i32),
-    queue: &PartitionQueue,
+    queue: &mut PartitionQueue,
 ) -> Dispatching<'c> {
-    let take = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+    let configured = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+    let first = queue.records.iter().find(|r| !r.done).map_or(0, |r| r.offset);
+    let take = queue.window.limit(configured, first);
+    // What one request may carry: a batch over it is sent in parts, in order.
+    let budget = gucs::batch_max_bytes();
+    let budget = client.batch_bytes_cap(take).map_or(budget, |cap| budget.min(cap));
+    let mut bytes = 0i64;
     let mut d = Dispatching {
         pending: Vec::with_capacity(take),
         outcomes: Vec::with_capacity(take),
@@ -669,7 +701,13 @@ fn start_dispatch<'c>(
             continue;
         }
         match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
+            Ok(p) if !d.commands.is_empty() && bytes + p.payload.len() as i64 > budget => {
+                // Left for the next batch, with every record after it.
+                d.pending.pop();
+                break;
+            }
             Ok(p) => {
+                bytes += p.payload.len() as i64;
                 d.methods.push(p.method.as_str().to_owned());
                 d.outcomes.push(None);
                 d.sendable.push(d.outcomes.len() - 1);
@@ -705,6 +743,10 @@ fn complete_dispatch(
         }
     }
     let Dispatching { key, pending, outcomes, methods, sendable, commands, .. } = d;
+    if let Some(&last) = pending.last() {
+        let last = queue.records[last].offset;
+        queue.window.record(sendable.iter().map(|&n| outcomes[n].as_ref()), last);
+    }
     let acked_ms = shmem::unix_micros() / 1000;
     let mut dead: Vec<KafkaDeadLetter> = Vec::new();
     let mut retried = vec![false; pending.len()];

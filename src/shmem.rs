@@ -12,7 +12,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
 
-use outbox_core::endpoints::MAX_ENDPOINTS;
+use outbox_core::endpoints::{NodeBoard, SharedNode, MAX_ENDPOINTS};
 use outbox_core::histogram;
 use outbox_core::partition::MAX_PARTITIONS;
 
@@ -83,6 +83,11 @@ pub struct Stats {
     pub endpoint_failures: [u64; MAX_ENDPOINTS],
     /// Which endpoint list the two fields above index (outbox_core::endpoints::list_id; 0: none).
     pub endpoints_id: u64,
+    /// Through which position (row id, offset) commands are resent one per request after a
+    /// partial failure (see outbox_core::lane); kept here so a restarted worker goes on with it.
+    pub resend_through: Option<i64>,
+    /// The most commands a batch carries now, when failures lowered it (0: the configured limit).
+    pub batch_limit: u32,
 }
 
 impl Default for Stats {
@@ -101,6 +106,8 @@ impl Default for Stats {
             endpoint: 0,
             endpoint_failures: [0; MAX_ENDPOINTS],
             endpoints_id: 0,
+            resend_through: None,
+            batch_limit: 0,
         }
     }
 }
@@ -298,6 +305,18 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
     update(slot);
 }
 
+/// Where a resend of `topic`[`partition`] by bridge `consumer` stood when its worker last reported.
+#[cfg(feature = "kafka")]
+pub fn kafka_resend_through(consumer: usize, topic: &str, partition: i32) -> Option<i64> {
+    let stored = stored_topic(topic);
+    let slots = KAFKA_SLOTS.share();
+    slots
+        .slots
+        .iter()
+        .find(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == stored)
+        .and_then(|s| s.stats.resend_through)
+}
+
 /// Marks every partition of a bridge worker as unassigned (at start and after revocation).
 #[cfg(feature = "kafka")]
 pub fn unassign_kafka(consumer: usize, pid: i32) {
@@ -331,7 +350,48 @@ unsafe impl PGRXSharedMemory for Slots {}
 // SAFETY: the name is unique to this extension.
 pub static SLOTS: PgLwLock<Slots> = unsafe { PgLwLock::new(c"centrifugo_outbox_slots") };
 
+/// What the workers know of the endpoints of one `centrifugo.api_url` list together.
+#[derive(Clone, Copy, Default)]
+pub struct NodeBoardState {
+    list_id: u64,
+    /// Counts every report, so a generation is never repeated, even across lists.
+    reports: u64,
+    nodes: [SharedNode; MAX_ENDPOINTS],
+}
+
+// SAFETY: plain data.
+unsafe impl PGRXSharedMemory for NodeBoardState {}
+
+// SAFETY: the name is unique to this extension.
+static NODE_BOARD: PgLwLock<NodeBoardState> = unsafe { PgLwLock::new(c"centrifugo_outbox_node_board") };
+
+/// The shared-memory board every worker's client shares node health on.
+pub struct SharedNodeBoard;
+
+impl NodeBoard for SharedNodeBoard {
+    fn read(&self, list_id: u64) -> Option<[SharedNode; MAX_ENDPOINTS]> {
+        let board = NODE_BOARD.share();
+        (board.list_id == list_id).then_some(board.nodes)
+    }
+
+    fn write(&self, list_id: u64, endpoint: usize, down_until: i64) -> u64 {
+        let mut board = NODE_BOARD.exclusive();
+        if board.list_id != list_id {
+            // Another list (a reload changed it): what was known is about other nodes.
+            board.list_id = list_id;
+            board.nodes = [SharedNode::default(); MAX_ENDPOINTS];
+        }
+        board.reports += 1;
+        let generation = board.reports;
+        if let Some(node) = board.nodes.get_mut(endpoint) {
+            *node = SharedNode { generation, down_until };
+        }
+        generation
+    }
+}
+
 pub fn init() {
+    pgrx::pg_shmem_init!(NODE_BOARD);
     pgrx::pg_shmem_init!(SLOTS);
     pgrx::pg_shmem_init!(KAFKA_SLOTS);
 }

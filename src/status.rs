@@ -32,6 +32,7 @@ type StatColumns = (
     JsonB,
     Option<String>,
     JsonB,
+    Option<i32>,
 );
 
 /// The endpoints of `centrifugo.api_url` as this session reads the setting (after a reload the
@@ -67,6 +68,7 @@ fn stat_columns(s: &Stats, endpoints: &[String], running: bool) -> StatColumns {
         JsonB(histogram::to_json(&s.latency)),
         running.then(|| endpoints.get(s.endpoint as usize).cloned()).flatten(),
         JsonB(serde_json::Value::Object(failures)),
+        (s.batch_limit > 0).then_some(s.batch_limit as i32),
     )
 }
 
@@ -98,9 +100,13 @@ fn outbox_row(
     JsonB,
     Option<String>,
     JsonB,
+    Option<i32>,
 ) {
     let (consumer, partition, pid, state, backlog, oldest) = head;
-    (consumer, partition, pid, state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11)
+    (
+        consumer, partition, pid, state, backlog, oldest, c.0, c.1, c.2, c.3, c.4, c.5, c.6, c.7, c.8, c.9, c.10, c.11,
+        c.12,
+    )
 }
 
 /// One row per partition worker: consumer, pid, state and counters since server start, and the
@@ -129,6 +135,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         name!(latency_histogram, JsonB),
         name!(endpoint, Option<String>),
         name!(endpoint_failures, JsonB),
+        name!(batch_limit, Option<i32>),
     ),
 > {
     let specs = worker::outbox_specs();
@@ -310,6 +317,7 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
         name!(latency_histogram, JsonB),
         name!(endpoint, Option<String>),
         name!(endpoint_failures, JsonB),
+        name!(batch_limit, Option<i32>),
     ),
 > {
     let endpoints = endpoints();
@@ -346,6 +354,7 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
                 c.9,
                 c.10,
                 c.11,
+                c.12,
             )
         })
         .collect();

@@ -32,6 +32,7 @@ use pgrx::PgTryBuilder;
 use outbox_core::client::CentrifugoClient;
 use outbox_core::consumers::{ConsumerEntry, OutboxConsumer};
 use outbox_core::dispatch::{prepare_text, Failure, OutboxKeys, Outcome, Prepared};
+use outbox_core::lane::BatchWindow;
 use outbox_core::partition::MAX_PARTITIONS;
 use outbox_core::retry::{Backoff, Jitter};
 use outbox_core::settings::table_name_parts;
@@ -397,6 +398,8 @@ struct Worker {
     applied: Vec<(RowKey, Outcome)>,
     /// Why this consumer's entry is refused since a reload (logged once per reason).
     refused: Option<String>,
+    /// How many rows the next batch may carry after failures (see `outbox_core::lane`).
+    window: BatchWindow,
 }
 
 #[pg_guard]
@@ -440,6 +443,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         settled: Settled::default(),
         applied: Vec::new(),
         refused: None,
+        // A resend that a restart interrupted goes on: the slot outlives the process.
+        window: BatchWindow::resuming(shmem::snapshot(slot).stats.resend_through),
     };
     log!(
         "centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")",
@@ -538,6 +543,12 @@ impl Worker {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
+        let (resend_through, reduced) =
+            (self.window.resend_through(), self.window.reduced(self.configured_limit() as usize));
+        shmem::update(self.slot, |s| {
+            s.stats.resend_through = resend_through;
+            s.stats.batch_limit = reduced.unwrap_or(0) as u32;
+        });
         if let Some(client) = &self.client {
             for event in client.take_events() {
                 log!(
@@ -719,7 +730,10 @@ impl Worker {
         match CentrifugoClient::new(config) {
             // A SIGTERM ends a wait for Centrifugo's reply (the batch is resent by the next start).
             Ok(client) => {
-                let client = client.with_stop_check(shutdown_requested).carry_over(self.client.as_ref());
+                let client = client
+                    .with_stop_check(shutdown_requested)
+                    .with_node_board(Box::new(shmem::SharedNodeBoard))
+                    .carry_over(self.client.as_ref());
                 self.client = Some(client);
                 self.client_error = None;
             }
@@ -730,14 +744,24 @@ impl Worker {
         }
     }
 
+    /// The rows a batch carries when nothing failed. Strict order: one command per request, so
+    /// a failed command holds back every later one.
+    fn configured_limit(&self) -> i32 {
+        if gucs::strict_order() {
+            1
+        } else {
+            self.spec.select_limit()
+        }
+    }
+
     /// One transaction: lock, then batch after batch while the partition has more and the
     /// transaction is young: send a batch, read and prepare the next one while Centrifugo works
     /// on it, apply the replies; finally delete every row that is done. The outbox is read and
     /// deleted from as its owner (see `xact::as_owner`).
     fn round(&mut self) -> Round {
         let partition = self.partition;
-        // Strict order: one command per request, so a failed command holds back every later one.
-        let limit = if gucs::strict_order() { 1 } else { self.spec.select_limit() };
+        let configured = self.configured_limit();
+        let limit = self.window.limit_now(configured as usize) as i32;
         let (table_schema, table_name) = self.spec.table_parts();
         let consumer_name = self.spec.name();
         let database = self.spec.database();
@@ -746,6 +770,8 @@ impl Worker {
         let statements = &mut self.statements;
         let settled = &mut self.settled;
         let applied = &mut self.applied;
+        let window = &mut self.window;
+        let slot = self.slot;
         applied.clear();
         // Attempts already made for the row that has been failing, if it fails for good now.
         let (failing_row, attempts) = (self.failing_row, self.attempts);
@@ -816,6 +842,9 @@ impl Worker {
                     as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid, payload_is_jsonb))?;
                 if settled.table_oid != table_oid {
                     settled.outcomes.clear();
+                    if settled.table_oid != 0 {
+                        window.reset();
+                    }
                     settled.table_oid = table_oid;
                 }
                 let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
@@ -864,6 +893,11 @@ impl Worker {
                     any_deferred |= batch.deferred;
                     if batch.rows.is_empty() {
                         break if any_deferred { Round::Full } else { Round::Drained };
+                    }
+                    // Past the rows resent one by one: the next round reads full batches again.
+                    let first = batch.rows[0].id;
+                    if window.limit(configured as usize, first) > limit as usize {
+                        break Round::Full;
                     }
                     // None after the largest id there can be: nothing can follow it.
                     let next_from = batch.rows.last().and_then(|r| r.id.checked_add(1));
@@ -916,6 +950,14 @@ impl Worker {
                         attempts_of,
                         &mut *applied,
                     )?;
+                    let last = batch.rows.last().map_or(first, |r| r.id);
+                    let resending = window.resend_through();
+                    window.record(batch.sendable.iter().map(|&i| batch.outcomes[i].as_ref()), last);
+                    if window.resend_through() != resending {
+                        // At once: a worker terminated before the round ends goes on with it.
+                        let through = window.resend_through();
+                        shmem::update(slot, |s| s.stats.resend_through = through);
+                    }
                     if let Some(retry) = retry {
                         break retry;
                     }
@@ -940,6 +982,7 @@ impl Worker {
                 }
                 if matches!(round, Round::Drained) {
                     self.settled.outcomes.clear();
+                    self.window.drained();
                 }
                 // A round of malformed rows only sends nothing but still dead-letters them.
                 if stats.batches > 0 || stats.dead > 0 || stats.delivered > 0 {
@@ -1393,7 +1436,10 @@ fn apply_outcomes(
                     attempts: attempts_of(row.id),
                     created_at: row.created_at,
                 };
-                insert_dead_letter(spi, target, &dead)?;
+                insert_dead_letter(spi, target, &dead).map_err(|e| DbError {
+                    message: format!("cannot write a dead letter to {}: {}", target.dead_letters, e.message),
+                    ..e
+                })?;
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
                 done.push(row.ctid);

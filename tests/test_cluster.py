@@ -158,6 +158,63 @@ def test_a_batch_the_dying_node_ran_is_not_published_again_by_the_next(make_clus
         dying.stop()
 
 
+def test_a_frozen_node_found_by_one_worker_is_skipped_by_every_worker(make_cluster, nodes):
+    # Issue 22: each worker learnt of a frozen node by itself, a whole http_timeout each, so the
+    # partitions that had rows after the freeze each waited one timeout in turn.
+    import os
+    import signal
+    a, b = nodes
+    partitions, timeout_ms = 8, 2000
+    settings = cluster_settings([a.api_url, b.api_url], a.api_key, num_partitions=partitions, http_timeout=timeout_ms)
+    pg = make_cluster({**settings, "max_worker_processes": 16})
+    wait_for_workers(pg)
+    channels = [f"chat:frozen{p}-{uid()}" for p in range(partitions)]
+    sub = Subscriber(b, channels=channels).start()
+    try:
+        for p in range(partitions):
+            pg.sql("SELECT centrifugo_publish(%s, '0', partition => %s)", (channels[p], p))
+        for p in range(partitions):
+            sub.wait_for_publications(1, channels[p])
+        assert all(endpoint == a.api_url for _, endpoint, _ in endpoints(pg))
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        # One partition after the other gets a row, each once the one before was delivered.
+        delays = []
+        for p in range(partitions):
+            start = time.monotonic()
+            pg.sql("SELECT centrifugo_publish(%s, '1', partition => %s)", (channels[p], p))
+            sub.wait_for_publications(2, channels[p], timeout=30)
+            delays.append(time.monotonic() - start)
+        print(f"\nfrozen node: delivery delay per partition in turn (s): {[round(d, 3) for d in delays]}")
+        # The first pays about one timeout (then its back-off); every other partition's worker
+        # already knows, and sends straight to B.
+        assert delays[0] < 2 * timeout_ms / 1000, delays
+        assert all(d < timeout_ms / 2000 for d in delays[1:]), delays
+        failures_at_a = [failures[a.api_url] for _, _, failures in endpoints(pg)]
+        assert sum(failures_at_a) == 1, f"one worker found A frozen, the others took its word: {failures_at_a}"
+        assert all(endpoint == b.api_url for _, endpoint, _ in endpoints(pg))
+        assert "another worker found" in pg.log()
+        # A thaws: once one probe finds it answering, every worker goes back to it.
+        os.kill(a.proc.pid, signal.SIGCONT)
+        n = 1
+
+        def all_back():
+            nonlocal n
+            n += 1
+            pg.sql("SELECT centrifugo_publish(%s, to_jsonb(%s::int), partition => 0)", (channels[0], n))
+            return all(endpoint == a.api_url for _, endpoint, _ in endpoints(pg)[:1])
+        wait_until(all_back, 20, interval=0.2, what="partition 0's worker back on A")
+        for p in range(1, partitions):
+            pg.sql("SELECT centrifugo_publish(%s, '2', partition => %s)", (channels[p], p))
+            sub.wait_for_publications(3, channels[p])
+        assert all(endpoint == a.api_url for _, endpoint, _ in endpoints(pg)), endpoints(pg)
+        for p in range(1, partitions):
+            assert [x.data for x in sub.publications(channels[p])] == [0, 1, 2]
+    finally:
+        if a.proc is not None:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        sub.stop()
+
+
 def test_traffic_returns_to_the_preferred_node_once_it_answers_again(make_cluster, nodes, transport):
     a, b = nodes
     pg = make_cluster(cluster_settings([a.endpoint(transport), b.endpoint(transport)], a.api_key))

@@ -14,7 +14,8 @@ import pytest
 from conftest import delivery_settings, wait_for_workers
 from harness.centrifugo import Centrifugo
 from harness.common import wait_until
-from harness.fault_double import FaultDouble, ok_replies
+from harness.fault_double import FaultDouble, RandomCode100, ok_replies, reorders_outside_first_batch
+from harness.subscriber import Subscriber
 from harness.grpc_double import GrpcFaultDouble
 
 FAST_RETRY = {"retry_backoff_base": 10, "retry_backoff_max": 200, "http_timeout": 500, "http_connect_timeout": 300}
@@ -179,6 +180,96 @@ def test_postgres_restart_keeps_the_backlog(double_cluster):
     wait_until(lambda: outbox_count(pg) == 0, 20, what="delivery after the restart")
     assert double.executed == list(range(30)), "each command ran once, in order"
     assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+
+
+def test_a_command_failing_again_is_resent_alone_so_only_its_own_first_batch_ever_overtakes_it(make_cluster, centrifugo):
+    # Issue 22: Centrifugo runs a whole batch, so the commands after one that fails temporarily
+    # have run: that much reordering is unavoidable. Before the fix the failed command was resent
+    # at the head of a full batch of newer rows, which overtook it too when it failed again.
+    writers, partitions, per_writer = 4, 4, 240
+    channels = [f"chat:resend{p}-{uid()}" for p in range(partitions)]
+    script = RandomCode100(key=lambda payload: (payload["channel"], payload["data"]["w"], payload["data"]["s"]))
+    double = FaultDouble(centrifugo.api_url).start()
+    double.script = script
+    pg = make_cluster(delivery_settings(double.api_url, centrifugo.api_key, num_partitions=partitions,
+                                        partition_select_limit=40, retry_backoff_base=5, retry_backoff_max=40))
+    sub = Subscriber(centrifugo, channels=channels).start()
+    errors = []
+
+    def write(w):
+        try:
+            with pg.connect() as conn:
+                for s in range(per_writer):
+                    p = (w + s) % partitions
+                    conn.execute("SELECT centrifugo_publish(%s, jsonb_build_object('w', %s::int, 's', %s::int), partition => %s)",
+                                 (channels[p], w, s, p))
+                    if s % 40 == 0:
+                        time.sleep(0.05)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    try:
+        wait_for_workers(pg)
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        # A worker terminated mid-way resumes the resend it was in (its slot outlives it).
+        time.sleep(1)
+        assert pg.scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE backend_type = 'centrifugo_outbox partition 1'")
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        total = writers * per_writer
+        wait_until(lambda: sum(len(sub.publications(c)) for c in channels) >= total, 120,
+                   what=f"{total} publications")
+        script.on = False
+        assert script.failed > 100, f"only {script.failed} failures injected: the test would prove little"
+        outside = []
+        for channel in channels:
+            got = [(channel, e.data["w"], e.data["s"]) for e in sub.publications(channel)]
+            assert len(got) == len(set(got)), f"{channel}: duplicates"
+            for w in range(writers):
+                mine = [k for k in got if k[1] == w]
+                outside += reorders_outside_first_batch(mine, script.first_batch)
+        assert not outside, (f"{len(outside)} reorders beyond the failed command's first batch, e.g. "
+                             f"{outside[:5]}")
+        assert sum(len(sub.publications(c)) for c in channels) == total
+        # The last rows are deleted once their round commits, just after their replies.
+        wait_until(lambda: outbox_count(pg) == 0, 10, what="the last rows deleted")
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+        # Drained: every partition batches again, and says so.
+        assert pg.sql("SELECT partition, batch_limit FROM centrifugo_outbox_status WHERE batch_limit IS NOT NULL") == []
+    finally:
+        sub.stop()
+        double.stop()
+
+
+def test_a_batch_that_keeps_timing_out_is_halved_down_to_one_command(double_cluster):
+    # Issue 22: a batch that times out was resent at the same size forever.
+    pg, double = double_cluster(partition_select_limit=16, http_timeout=300)
+    sizes = []
+
+    def script(request):
+        commands = request["body"]["commands"]
+        if commands:
+            sizes.append(len(commands))
+        # Centrifugo too slow for any batch of more than one command.
+        if len(commands) > 1:
+            return ("delay", 1.0, ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode()))
+        return ("reply", 200, json.dumps({"replies": ok_replies(request)}).encode())
+
+    double.script = script
+    publish_many(pg, "c", 16)
+    wait_until(lambda: pg.scalar("SELECT batch_limit FROM centrifugo_outbox_status WHERE partition = 0") == 1, 20,
+               what="the batch halved down to one command, in the status view")
+    wait_until(lambda: outbox_count(pg) == 0, 20, what="delivery one command at a time")
+    assert sizes[:5] == [16, 8, 4, 2, 1], sizes
+    assert "timeout" in pg.scalar("SELECT last_error FROM centrifugo_outbox_status WHERE partition = 0")
+    # Answered batches grow back towards the configured limit.
+    publish_many(pg, "c", 40, start=16)
+    wait_until(lambda: outbox_count(pg) == 0, 30, what="the rest")
+    assert max(sizes[5:]) > 1, sizes
 
 
 @pytest.mark.parametrize("fault", ["code100", "http500", "slow", "reset"])

@@ -16,7 +16,7 @@ import pytest
 from conftest import delivery_settings
 from harness.centrifugo import Centrifugo
 from harness.common import wait_until
-from harness.fault_double import FaultDouble
+from harness.fault_double import FaultDouble, RandomCode100, reorders_outside_first_batch
 from harness.subscriber import Subscriber
 
 
@@ -40,8 +40,8 @@ def command(channel, data, method="publish"):
 
 
 def bridge_cluster(make_cluster, centrifugo_server, kafka, topics, group=None, api_url=None, **extra):
-    settings = delivery_settings(api_url or centrifugo_server.api_url, centrifugo_server.api_key,
-                                 retry_backoff_max=500, **extra)
+    extra.setdefault("retry_backoff_max", 500)
+    settings = delivery_settings(api_url or centrifugo_server.api_url, centrifugo_server.api_key, **extra)
     settings.setdefault("centrifugo.kafka_brokers", kafka.bootstrap)
     settings["centrifugo.kafka_topics"] = ",".join(topics)
     settings["centrifugo.kafka_consumer_group"] = group or f"g{uid()}"
@@ -145,6 +145,65 @@ def test_partitions_are_dispatched_side_by_side_each_in_order(make_cluster, cent
         assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
     finally:
         double.stop()
+
+
+def test_a_record_failing_again_is_resent_alone_so_only_its_own_first_batch_ever_overtakes_it(make_cluster, centrifugo, kafka):
+    # Issue 22, for the bridge: a record that failed temporarily was resent at the head of a full
+    # batch of newer records, which overtook it too when it failed again.
+    topic = f"resend{uid()}"
+    kafka.create_topic(topic, partitions=4)
+    channels = [f"chat:kresend{p}-{uid()}" for p in range(4)]
+    script = RandomCode100(key=lambda payload: (payload["channel"], payload["data"]["s"]))
+    double = FaultDouble(centrifugo.api_url).start()
+    double.script = script
+    sub = Subscriber(centrifugo, channels=channels).start()
+    try:
+        n = 250
+        produce(kafka, topic, [(command(channels[p], {"s": s}), None, p) for s in range(n) for p in range(4)])
+        bridge_cluster(make_cluster, centrifugo, kafka, [topic], api_url=double.api_url,
+                       kafka_max_poll_records=40, retry_backoff_base=5, retry_backoff_max=40)
+        outside = []
+        for p, channel in enumerate(channels):
+            got = [(channel, e.data["s"]) for e in sub.wait_for_publications(n, channel, timeout=120)]
+            assert sorted(got) == [(channel, s) for s in range(n)], f"partition {p}: lost or duplicated"
+            outside += reorders_outside_first_batch(got, script.first_batch)
+        assert script.failed > 100, f"only {script.failed} failures injected: the test would prove little"
+        assert not outside, f"{len(outside)} reorders beyond the failed record's first batch, e.g. {outside[:5]}"
+    finally:
+        sub.stop()
+        double.stop()
+
+
+def test_a_kafka_batch_over_the_grpc_message_cap_is_sent_in_parts_in_order(make_cluster, centrifugo, kafka):
+    # Issue 22: the partition workers split a batch at the gRPC server's 4 MiB message cap; the
+    # bridge sent all of max_poll_records at once, which the real server refuses as a whole (and
+    # the bridge then resent one record per request).
+    from harness.common import free_port
+    topic = f"big{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:kbig{uid()}"
+    # Centrifugo unreachable at first, so the records pile up in the bridge's queue.
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], api_url=f"grpc://127.0.0.1:{free_port()}",
+                        kafka_max_poll_records=20, retry_backoff_max=200)
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        blob = "x" * (700 << 10)
+        produce(kafka, topic, [(command(channel, {"s": s, "blob": blob}), None, None) for s in range(12)])
+        time.sleep(3)
+        assert pg.scalar("SELECT retries FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) > 0
+        before = pg.scalar("SELECT batches FROM centrifugo_kafka_status WHERE topic = %s", (topic,))
+        pg.set(**{"centrifugo.api_url": centrifugo.endpoint("grpc")})
+        pg.reload()
+        got = [e.data["s"] for e in sub.wait_for_publications(12, channel, timeout=60)]
+        assert got == list(range(12))
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0
+        # 12 records of 700 kB in batches under 4 MiB: 3 or 4 requests (and perhaps one more to
+        # the old address before the reload). Refused as a whole, the batch would be resent one
+        # record per request (13 requests).
+        batches = pg.scalar("SELECT batches FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) - before
+        assert 3 <= batches <= 5, f"{batches} requests"
+    finally:
+        sub.stop()
 
 
 def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka, transport):

@@ -4,6 +4,8 @@ to a real Centrifugo, and a test-provided `script(request)` decides, per request
 
     ("forward",)                      pass to the upstream Centrifugo, return its answer
     ("reply", status, body_bytes)     answer by itself
+    ("fail_some", indexes, reply)     forward the batch without the commands at `indexes` and
+                                      answer each of those with `reply` (a command's error)
     ("rewrite", fn)                   forward, then answer fn(upstream_reply_json) instead
     ("delay", seconds, then_action)   wait, then do then_action (past the client's timeout)
     ("hold", seconds)                 forward at once, but hold the upstream's answer back
@@ -111,6 +113,19 @@ class FaultDouble(RecordingDouble):
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def _fail_some(self, request, failed, error_reply):
+        commands = request["body"]["commands"]
+        kept = [c for i, c in enumerate(commands) if i not in failed]
+        upstream = []
+        if kept:
+            status, body = self._forward(dict(request, raw=json.dumps({**request["body"], "commands": kept}).encode()))
+            if status != 200:
+                return status, body
+            upstream = json.loads(body)["replies"]
+        replies = iter(upstream)
+        return 200, json.dumps({"replies": [error_reply if i in failed else next(replies)
+                                            for i in range(len(commands))]}).encode()
+
     def _act(self, handler, action, request):
         kind = action[0]
         if kind == "delay":
@@ -136,6 +151,10 @@ class FaultDouble(RecordingDouble):
         elif kind == "rewrite":
             status, body = self._forward(request)
             body = json.dumps(action[1](json.loads(body))).encode()
+        elif kind == "fail_some":
+            # Centrifugo failing some commands of a batch while it runs the others: the batch goes
+            # upstream without the commands at indexes action[1], which get reply action[2].
+            status, body = self._fail_some(request, set(action[1]), action[2])
         elif kind == "reply":
             status, body = action[1], action[2]
         else:
@@ -160,3 +179,43 @@ def ok_replies(request):
         else:
             replies.append({method: {}})
     return replies
+
+
+class RandomCode100:
+    """A script for a FaultDouble in front of the real Centrifugo: while `on`, each command of a
+    batch fails with code 100 with probability `rate` (Centrifugo runs the others), as a node
+    under pressure does. `key(payload)` names a command; `first_batch[key]` is every command of
+    the first request that carried it, and `failed` counts the failures it answered."""
+
+    ERROR = {"error": {"code": 100, "message": "internal server error"}}
+
+    def __init__(self, key, rate=0.2, seed=7):
+        import random
+        self.key = key
+        self.rate = rate
+        self.random = random.Random(seed)
+        self.on = True
+        self.first_batch = {}
+        self.failed = 0
+
+    def __call__(self, request):
+        commands = (request["body"] or {}).get("commands", [])
+        keys = [self.key(next(iter(c.values()))) for c in commands]
+        batch = frozenset(keys)
+        for k in keys:
+            self.first_batch.setdefault(k, batch)
+        failing = [i for i in range(len(commands)) if self.on and self.random.random() < self.rate]
+        self.failed += len(failing)
+        return ("fail_some", failing, self.ERROR) if failing else ("forward",)
+
+
+def reorders_outside_first_batch(received, first_batch):
+    """Of one ordered lane's commands as a subscriber received them (keys that sort in the order
+    they were written), the pairs (late, overtaker) where a command received later was written
+    earlier and the one that overtook it was not in its first batch."""
+    outside = []
+    for i, overtaker in enumerate(received):
+        for late in received[i + 1:]:
+            if late < overtaker and overtaker not in first_batch.get(late, ()):
+                outside.append((late, overtaker))
+    return outside

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 
 use crate::command::Method;
 use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
-use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeFailure};
+use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeBoard, NodeFailure};
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ClientConfig {
@@ -55,6 +55,12 @@ pub struct CentrifugoClient {
     /// When a wait first saw the stop request: every later wait shares its [`STOP_GRACE`], so
     /// a bridge waiting for many partitions' answers stops within one grace, not one each.
     stop_seen: std::cell::Cell<Option<Instant>>,
+    /// Where node health is shared with the server's other workers (None: this client alone).
+    board: Option<Box<dyn NodeBoard>>,
+}
+
+fn unix_micros() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
 /// How requests travel, chosen by the scheme of `centrifugo.api_url`.
@@ -213,7 +219,43 @@ impl CentrifugoClient {
             events: RefCell::new(Vec::new()),
             stop_requested: || false,
             stop_seen: std::cell::Cell::new(None),
+            board: None,
         })
+    }
+
+    /// Shares what this client learns of the nodes with every client on `board` (the workers
+    /// of one server), and takes over what they learn.
+    pub fn with_node_board(mut self, board: Box<dyn NodeBoard>) -> Self {
+        self.board = Some(board);
+        self
+    }
+
+    /// Takes over what the other clients on the board reported since the last look.
+    fn take_shared(&self) {
+        let Some(board) = &self.board else { return };
+        let Some(shared) = board.read(self.endpoints_id()) else { return };
+        let before = self.failover.borrow().current();
+        if self.failover.borrow_mut().take_shared(&shared, Instant::now(), unix_micros()) {
+            let after = self.failover.borrow().current();
+            let back = after < before;
+            let (before, after) = (self.endpoint_name(before), self.endpoint_name(after));
+            self.events.borrow_mut().push(if back {
+                format!("another worker found {after} answering again: sending to it instead of {before}")
+            } else {
+                format!("another worker found {before} down: sending to {after} from now on")
+            });
+        }
+    }
+
+    /// Tells the board what this client learnt (a node that failed, or answers again).
+    fn share(&self) {
+        let Some(board) = &self.board else { return };
+        let list = self.endpoints_id();
+        let reports = self.failover.borrow_mut().to_share(Instant::now(), unix_micros());
+        for (endpoint, down_until) in reports {
+            let generation = board.write(list, endpoint, down_until);
+            self.failover.borrow_mut().reported(endpoint, generation);
+        }
     }
 
     #[cfg(feature = "grpc")]
@@ -326,6 +368,7 @@ impl CentrifugoClient {
     /// [`Self::start_batch`] with the request already made by [`Self::body`], sent to the
     /// endpoint in use.
     pub fn start_body(&self, body: Body) -> InFlight<'_> {
+        self.take_shared();
         self.check_probe();
         let endpoint = self.failover.borrow().current();
         self.start_at(endpoint, body)
@@ -380,7 +423,9 @@ impl CentrifugoClient {
                 ));
             }
             let before = self.failover.borrow().current();
-            if self.failover.borrow_mut().probed(endpoint, healthy, Instant::now()) {
+            let switched = self.failover.borrow_mut().probed(endpoint, healthy, Instant::now());
+            self.share();
+            if switched {
                 self.events.borrow_mut().push(format!(
                     "{} answers again: sending to it instead of {}",
                     self.endpoint_name(endpoint),
@@ -513,7 +558,9 @@ impl CentrifugoClient {
         tried[endpoint] = true;
         let publications_only = commands.iter().all(|c| matches!(c.method, Method::Publish | Method::Broadcast));
         while let Some(failure) = node_failure(&response) {
+            self.take_shared();
             let next = self.failover.borrow_mut().failed(endpoint, Instant::now());
+            self.share();
             if next != endpoint {
                 let why = match &response {
                     Response::Transport(message) => message.clone(),
@@ -554,6 +601,8 @@ impl CentrifugoClient {
             if endpoint == failover.current() || !failover.is_down(endpoint) {
                 failover.answered(endpoint, Instant::now());
             }
+            drop(failover);
+            self.share();
         }
         let tried = tried.iter().filter(|t| **t).count();
         let mut verdict = classify_batch(&response, commands);
@@ -1100,6 +1149,75 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let client = CentrifugoClient::new(config(format!("http://127.0.0.1:{closed}/api,{b}"))).unwrap();
         assert_eq!(client.send(&[unsubscribe("third")], &mut 0), vec![Outcome::Delivered]);
+    }
+
+    /// The shared-memory board of a server, in memory.
+    #[derive(Clone, Default)]
+    struct Board(std::sync::Arc<std::sync::Mutex<(u64, u64, [crate::endpoints::SharedNode; 8])>>);
+
+    impl NodeBoard for Board {
+        fn read(&self, list_id: u64) -> Option<[crate::endpoints::SharedNode; 8]> {
+            let b = self.0.lock().unwrap();
+            (b.0 == list_id).then_some(b.2)
+        }
+        fn write(&self, list_id: u64, endpoint: usize, down_until: i64) -> u64 {
+            let mut b = self.0.lock().unwrap();
+            if b.0 != list_id {
+                *b = (list_id, b.1, Default::default());
+            }
+            b.1 += 1;
+            let generation = b.1;
+            b.2[endpoint] = crate::endpoints::SharedNode { generation, down_until };
+            generation
+        }
+    }
+
+    /// Issue 22: a frozen node cost every worker a whole timeout of its own to learn of it.
+    #[test]
+    fn a_node_one_client_found_frozen_is_skipped_by_the_others_and_taken_back_by_all() {
+        let frozen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url_a = format!("http://{}/api", frozen.local_addr().unwrap());
+        let b = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let url_b = format!("http://{}/api", b.server_addr().to_ip().unwrap());
+        let seen_b = node(b, 200);
+        let mut c = config(format!("{url_a},{url_b}"));
+        c.timeout = Duration::from_millis(300);
+        let board = Board::default();
+        let clients: Vec<_> = (0..4)
+            .map(|_| CentrifugoClient::new(c.clone()).unwrap().with_node_board(Box::new(board.clone())))
+            .collect();
+        // The first pays the timeout, and moves on to B.
+        assert!(matches!(&clients[0].send(&[publish("first")], &mut 0)[..], [Outcome::Retry(f)] if f.is_timeout()));
+        assert_eq!((clients[0].endpoint_in_use(), clients[0].endpoint_failures()), (1, vec![1, 0]));
+        // The others go straight to B: no timeout, no failure of their own at A.
+        for (i, client) in clients.iter().enumerate().skip(1) {
+            let started = Instant::now();
+            assert_eq!(client.send(&[publish(&format!("c{i}"))], &mut 0), vec![Outcome::Delivered]);
+            assert!(started.elapsed() < Duration::from_millis(250), "client {i}: {:?}", started.elapsed());
+            assert_eq!((client.endpoint_in_use(), client.endpoint_failures()), (1, vec![0, 0]));
+            assert!(client.take_events().iter().any(|e| e.contains("another worker found") && e.contains(&url_a)));
+        }
+        assert_eq!(seen_b.lock().unwrap().len(), 3);
+        // Without the board each one learns for itself.
+        let alone = CentrifugoClient::new(c.clone()).unwrap();
+        assert!(matches!(&alone.send(&[publish("alone")], &mut 0)[..], [Outcome::Retry(f)] if f.is_timeout()));
+        // A comes back: once one client's probe finds it answering, every client uses it again.
+        drop(frozen);
+        let seen_a =
+            node(tiny_http::Server::http(url_a.trim_start_matches("http://").trim_end_matches("/api")).unwrap(), 200);
+        std::thread::sleep(crate::endpoints::PROBE_FIRST * 2);
+        let mut sent = 0;
+        while clients[0].endpoint_in_use() == 1 {
+            assert!(sent < 50, "never went back to A");
+            sent += 1;
+            clients[0].send(&[publish("probing")], &mut 0);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for client in &clients[1..] {
+            assert_eq!(client.send(&[publish("back")], &mut 0), vec![Outcome::Delivered]);
+            assert_eq!(client.endpoint_in_use(), 0);
+        }
+        assert_eq!(seen_a.lock().unwrap().iter().filter(|c| *c == "back").count(), 3);
     }
 
     /// Found by review: with every node hanging, one call took nodes × timeout.

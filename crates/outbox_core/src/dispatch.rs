@@ -88,6 +88,14 @@ impl Failure {
     pub fn is_deferred(&self) -> bool {
         self.message == crate::client::NOT_SENT_YET
     }
+
+    /// The request got no answer in time (over either transport; several endpoints' failures
+    /// are prefixed by the last one's name).
+    pub fn is_timeout(&self) -> bool {
+        self.kind == FailureKind::Http
+            && self.code.is_none()
+            && (self.message.starts_with("timeout") || self.message.contains(": timeout"))
+    }
 }
 
 /// A row ready to send: the method and the payload as JSON object text, exactly what goes into

@@ -211,16 +211,102 @@ impl Health {
     }
 }
 
+/// What the workers of one server know of one endpoint together (kept in shared memory), so a
+/// node one of them found dead or frozen is skipped by all from their next request, instead of
+/// each paying a refused connection or a whole timeout to learn it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedNode {
+    /// Changes with every report: a worker takes over only what changed since it last looked.
+    pub generation: u64,
+    /// Unix microseconds until which the node is believed down (its next probe); 0: up.
+    pub down_until: i64,
+}
+
+/// Where the workers of a server share what they know of the endpoints of list `list_id`
+/// (see [`list_id`]). Reports about another list are never mixed with this one's.
+pub trait NodeBoard {
+    /// The endpoints' shared state, or None when the board is about another list (or empty).
+    fn read(&self, list_id: u64) -> Option<[SharedNode; MAX_ENDPOINTS]>;
+    /// Reports `endpoint` down until `down_until` (0: up); returns the report's generation.
+    fn write(&self, list_id: u64, endpoint: usize, down_until: i64) -> u64;
+}
+
 /// Which endpoint a worker uses, and what it knows of the others.
 #[derive(Debug, Clone)]
 pub struct Failover {
     health: Vec<Health>,
     current: usize,
+    /// Per endpoint: the generation of the shared report last taken over or made, and whether
+    /// the board was last told (or told us) that it is down.
+    seen: Vec<u64>,
+    shared_down: Vec<bool>,
 }
 
 impl Failover {
     pub fn new(endpoints: usize) -> Self {
-        Failover { health: vec![Health::default(); endpoints.max(1)], current: 0 }
+        let n = endpoints.max(1);
+        Failover { health: vec![Health::default(); n], current: 0, seen: vec![0; n], shared_down: vec![false; n] }
+    }
+
+    /// Takes over what other workers reported since the last look (`now_unix`: the same moment
+    /// as `now`, in Unix microseconds): a node reported down is left (without counting a failure
+    /// of this worker's); a node reported up again is used again if the list prefers it.
+    /// Returns whether the endpoint in use changed.
+    pub fn take_shared(&mut self, shared: &[SharedNode], now: Instant, now_unix: i64) -> bool {
+        let before = self.current;
+        for (i, node) in shared.iter().enumerate().take(self.health.len()) {
+            if node.generation == self.seen[i] {
+                continue;
+            }
+            self.seen[i] = node.generation;
+            let down_for = node.down_until.saturating_sub(now_unix);
+            if node.down_until != 0 && down_for <= 0 {
+                // A report of a probe already due: nothing to take over.
+                continue;
+            }
+            if down_for > 0 {
+                self.shared_down[i] = true;
+                let health = &mut self.health[i];
+                health.up_since = None;
+                health.next_probe = Some(now + Duration::from_micros(down_for as u64));
+                if i == self.current && self.health.len() > 1 {
+                    let n = self.health.len();
+                    let next = (1..n).map(|k| (i + k) % n);
+                    self.current = next.clone().find(|&j| !self.is_down(j)).unwrap_or(self.current);
+                }
+            } else {
+                self.shared_down[i] = false;
+                if self.health[i].next_probe.take().is_some() && i < self.current {
+                    self.current = i;
+                }
+            }
+        }
+        self.current != before
+    }
+
+    /// What the board should learn from this worker: the endpoints whose state it found
+    /// different from what the board last said, as (endpoint, down until in Unix µs; 0: up).
+    /// Call [`Self::reported`] with each write's generation.
+    pub fn to_share(&mut self, now: Instant, now_unix: i64) -> Vec<(usize, i64)> {
+        let mut out = Vec::new();
+        for (i, health) in self.health.iter().enumerate() {
+            let down = health.next_probe.is_some();
+            if down != self.shared_down[i] {
+                self.shared_down[i] = down;
+                let until = health.next_probe.map_or(0, |at| {
+                    now_unix.saturating_add(at.saturating_duration_since(now).as_micros() as i64).max(now_unix + 1)
+                });
+                out.push((i, until));
+            }
+        }
+        out
+    }
+
+    /// The board took this worker's report about `endpoint` as `generation`: not taken over again.
+    pub fn reported(&mut self, endpoint: usize, generation: u64) {
+        if let Some(seen) = self.seen.get_mut(endpoint) {
+            *seen = generation;
+        }
     }
 
     /// The endpoint requests go to now.
@@ -334,6 +420,40 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn shared_reports_are_taken_over_once_and_never_echoed_back() {
+        let (now, unix) = (Instant::now(), 1_000_000_000);
+        let mut a = Failover::new(3);
+        let mut b = Failover::new(3);
+        // A finds node 0 down and says so.
+        assert_eq!(a.failed(0, now), 1);
+        let reports = a.to_share(now, unix);
+        assert!(matches!(reports[..], [(0, until)] if until > unix), "{reports:?}");
+        a.reported(0, 1);
+        assert!(a.to_share(now, unix).is_empty(), "said once");
+        let mut board = [SharedNode::default(); MAX_ENDPOINTS];
+        board[0] = SharedNode { generation: 1, down_until: reports[0].1 };
+        // A does not take its own report over; B does, and leaves node 0 without a failure of its own.
+        assert!(!a.take_shared(&board, now, unix));
+        assert!(b.take_shared(&board, now, unix));
+        assert_eq!((b.current(), b.failures()), (1, vec![0, 0, 0]));
+        assert!(b.is_down(0) && !b.may_try(0, now));
+        assert!(b.to_share(now, unix).is_empty(), "what B took over is not reported back");
+        // Taken over once: B's own later view is not overridden by the same report.
+        b.answered(1, now);
+        assert!(!b.take_shared(&board, now, unix));
+        // A report that node 0 answers again brings B back to it, the list's first.
+        board[0] = SharedNode { generation: 2, down_until: 0 };
+        assert!(b.take_shared(&board, now, unix));
+        assert_eq!(b.current(), 0);
+        assert!(!b.is_down(0));
+        // A report whose probe time already passed says nothing new.
+        let mut c = Failover::new(2);
+        board[0] = SharedNode { generation: 3, down_until: unix - 1 };
+        assert!(!c.take_shared(&board, now, unix));
+        assert_eq!(c.current(), 0);
+    }
 
     #[test]
     fn one_or_several_endpoints_are_read_from_the_setting() {

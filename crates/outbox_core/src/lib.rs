@@ -12,6 +12,7 @@ pub mod error;
 pub mod grpc;
 pub mod histogram;
 pub mod kafka;
+pub mod lane;
 pub mod partition;
 pub mod retry;
 pub mod settings;
