@@ -772,6 +772,7 @@ impl Worker {
         let applied = &mut self.applied;
         let window = &mut self.window;
         let slot = self.slot;
+        let writing_dead_letter = std::cell::Cell::new(false);
         applied.clear();
         // Attempts already made for the row that has been failing, if it fails for good now.
         let (failing_row, attempts) = (self.failing_row, self.attempts);
@@ -886,6 +887,7 @@ impl Worker {
                     consumer: &consumer_name,
                     partition,
                     payload_is_jsonb,
+                    writing: &writing_dead_letter,
                 };
                 let mut any_deferred = false;
                 let mut batch = reader.read(spi, i64::MIN, budget)?;
@@ -1010,7 +1012,10 @@ impl Worker {
                 }
                 round
             }
-            Err(error) => {
+            Err(mut error) => {
+                if writing_dead_letter.get() {
+                    error.message = format!("cannot write a dead letter: {}", error.message);
+                }
                 // Rolled back: the rows stay. What Centrifugo ran is remembered (bounded by one
                 // round's rows) and applied by the next round without sending it again.
                 let ran = self.applied.len();
@@ -1393,6 +1398,8 @@ struct DeadLetterTarget<'a> {
     payload_is_jsonb: bool,
     consumer: &'a str,
     partition: i32,
+    /// Set while a dead letter is written.
+    writing: &'a std::cell::Cell<bool>,
 }
 
 /// Applies every outcome of a batch: the ctids of delivered and dead-lettered rows join `done`
@@ -1436,10 +1443,10 @@ fn apply_outcomes(
                     attempts: attempts_of(row.id),
                     created_at: row.created_at,
                 };
-                insert_dead_letter(spi, target, &dead).map_err(|e| DbError {
-                    message: format!("cannot write a dead letter to {}: {}", target.dead_letters, e.message),
-                    ..e
-                })?;
+                // An ERROR inside unwinds past this: the flag tells the round's report what failed.
+                target.writing.set(true);
+                insert_dead_letter(spi, target, &dead)?;
+                target.writing.set(false);
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
                 done.push(row.ctid);
@@ -1514,7 +1521,7 @@ fn insert_dead_letter(
     target: &DeadLetterTarget<'_>,
     row: &DeadRow<'_>,
 ) -> Result<(), DbError> {
-    let DeadLetterTarget { dead_letters, oid, consumer, partition, payload_is_jsonb } = *target;
+    let DeadLetterTarget { dead_letters, oid, consumer, partition, payload_is_jsonb, .. } = *target;
     // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
     let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
         row.payload.to_owned()

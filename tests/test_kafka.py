@@ -206,6 +206,29 @@ def test_a_kafka_batch_over_the_grpc_message_cap_is_sent_in_parts_in_order(make_
         sub.stop()
 
 
+def test_a_dead_letter_write_that_fails_reaches_both_status_views_with_its_sqlstate(make_cluster, centrifugo, kafka):
+    # Issue 22: the bridge only logged a failed dead-letter write; its status row said nothing.
+    topic = f"dlfail{uid()}"
+    kafka.create_topic(topic)
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic], retry_backoff_max=200)
+    # The operator's own constraint refuses every dead letter for now (SQLSTATE 23514).
+    pg.sql("ALTER TABLE centrifugo_dead_letters ADD CONSTRAINT not_now CHECK (false) NOT VALID")
+    produce(kafka, topic, [(b"not json", None, None)])
+    pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('no_such_method', '{}')")
+    for view, where in (("centrifugo_kafka_status", f"topic = '{topic}'"), ("centrifugo_outbox_status", "partition = 0")):
+        wait_until(lambda: "SQLSTATE 23514" in (pg.scalar(f"SELECT last_error FROM {view} WHERE {where}") or ""), 20,
+                   what=f"the failed dead-letter write in {view}")
+        message = pg.scalar(f"SELECT last_error FROM {view} WHERE {where}")
+        assert "dead letter" in message and "not_now" in message, message
+    assert pg.scalar("SELECT state FROM centrifugo_kafka_status WHERE topic = %s", (topic,)) == "backing off"
+    assert pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 1, "the row stays until its dead letter is written"
+    # Once the constraint goes, both dead letters are written and both sources move on.
+    pg.sql("ALTER TABLE centrifugo_dead_letters DROP CONSTRAINT not_now")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 2, 20, what="both dead letters")
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 10, what="the outbox row gone")
+    assert sorted(r[0] for r in pg.sql("SELECT source FROM centrifugo_dead_letters")) == ["kafka", "outbox"]
+
+
 def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka, transport):
     topic, group = f"garbage{uid()}", f"g{uid()}"
     kafka.create_topic(topic)
