@@ -180,6 +180,9 @@ pub fn parse_consumers(json: &str) -> Result<Vec<ConsumerEntry>, String> {
     parse_consumers_each(json)?.into_iter().map(|e| e.entry).collect()
 }
 
+/// The longest consumer name (bytes; names are ASCII).
+pub const MAX_CONSUMER_NAME: usize = 63;
+
 /// One enabled entry of the `consumers` array: what it is, or why it is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryResult {
@@ -218,6 +221,18 @@ pub fn parse_consumers_each(json: &str) -> Result<Vec<EntryResult>, String> {
         let disabled = obj.get("disabled").and_then(Value::as_bool).unwrap_or(false)
             || obj.get("enabled").and_then(Value::as_bool) == Some(false);
         if disabled {
+            continue;
+        }
+        // A worker finds its entry by a name handed over in PostgreSQL's fixed-size worker
+        // data, and shows it in its process type: a longer one would be cut and never found.
+        if name.len() > MAX_CONSUMER_NAME {
+            out.push(EntryResult {
+                name: format!("consumers[{i}]"),
+                entry: Err(format!(
+                    "centrifugo.consumers[{i}]: name of {} characters; at most {MAX_CONSUMER_NAME} are allowed",
+                    name.len()
+                )),
+            });
             continue;
         }
         // Among enabled entries only: a disabled copy refuses nothing.
@@ -315,6 +330,17 @@ mod tests {
         assert!(each[2].entry.as_ref().unwrap_err().contains("used twice"));
         assert!(each[4].entry.as_ref().unwrap_err().contains("brokers are required"));
         assert!(parse_consumers_each("[not json").is_err());
+        // Found by review: a name longer than the worker data that carries it was cut, and its
+        // bridge never found its entry again; it is refused, alone, with the reason.
+        let long = "k".repeat(MAX_CONSUMER_NAME + 1);
+        let fits = "k".repeat(MAX_CONSUMER_NAME);
+        let json = format!(
+            r#"[{{"name": "{long}", "type": "postgresql", "postgresql": {{"outbox_table_name": "t"}}}},
+                {{"name": "{fits}", "type": "postgresql", "postgresql": {{"outbox_table_name": "u"}}}}]"#
+        );
+        let each = parse_consumers_each(&json).unwrap();
+        assert!(each[0].entry.as_ref().unwrap_err().contains("name of 64 characters; at most 63"), "{:?}", each[0].entry);
+        assert!(each[1].entry.is_ok());
         // All or the first error, as before.
         assert!(parse_consumers(r#"[{"name": "bad", "type": "postgresql"}]"#).is_err());
     }
