@@ -315,6 +315,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     // SAFETY: MyProcPid is set for every backend.
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::unassign_kafka(index, 0);
+    shmem::set_kafka_name(index, &spec.name);
     // The secrets scrubbed are those of now: a reload that rotates one is followed.
     let scrubbed = gucs::scrub;
 

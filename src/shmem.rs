@@ -247,6 +247,8 @@ pub struct KafkaSlots {
     pub slots: [KafkaSlot; MAX_KAFKA_PARTITIONS],
     /// Per bridge worker: connection attempts in a row that never got through.
     connect_attempts: [u32; MAX_KAFKA_CONSUMERS],
+    /// Per bridge worker: its consumer's name, as it started (a reload may reorder the entries).
+    names: [[u8; 64]; MAX_KAFKA_CONSUMERS],
 }
 
 /// Bridge workers beyond this count connect without the back-off of failed attempts.
@@ -254,7 +256,11 @@ const MAX_KAFKA_CONSUMERS: usize = 64;
 
 impl Default for KafkaSlots {
     fn default() -> Self {
-        KafkaSlots { slots: [KafkaSlot::default(); MAX_KAFKA_PARTITIONS], connect_attempts: [0; MAX_KAFKA_CONSUMERS] }
+        KafkaSlots {
+            slots: [KafkaSlot::default(); MAX_KAFKA_PARTITIONS],
+            connect_attempts: [0; MAX_KAFKA_CONSUMERS],
+            names: [[0; 64]; MAX_KAFKA_CONSUMERS],
+        }
     }
 }
 
@@ -327,6 +333,24 @@ pub fn unassign_kafka(consumer: usize, pid: i32) {
             slot.state = WorkerState::Stopped as u8;
         }
     }
+}
+
+/// Records the consumer name bridge worker `consumer` runs (names are at most 63 bytes).
+#[cfg(feature = "kafka")]
+pub fn set_kafka_name(consumer: usize, name: &str) {
+    if let Some(stored) = KAFKA_SLOTS.exclusive().names.get_mut(consumer) {
+        *stored = [0; 64];
+        let n = name.len().min(63);
+        stored[..n].copy_from_slice(&name.as_bytes()[..n]);
+    }
+}
+
+/// The consumer name bridge worker `consumer` last ran, if it ever started.
+pub fn kafka_name(consumer: usize) -> Option<String> {
+    let slots = KAFKA_SLOTS.share();
+    let stored = slots.names.get(consumer)?;
+    let end = stored.iter().position(|b| *b == 0).unwrap_or(stored.len());
+    (end > 0).then(|| String::from_utf8_lossy(&stored[..end]).into_owned())
 }
 
 pub fn kafka_snapshot() -> Vec<KafkaSlot> {

@@ -333,7 +333,10 @@ fn centrifugo_kafka_status_rows() -> TableIterator<
             let hw = (k.high_watermark >= 0).then_some(k.high_watermark);
             let lag = hw.map(|h| (h - committed.unwrap_or(0)).max(0));
             (
-                names.get(k.consumer as usize).cloned().unwrap_or_else(|| format!("#{}", k.consumer)),
+                // The name it ran under: the live list may have been reordered by a reload.
+                shmem::kafka_name(k.consumer as usize)
+                    .or_else(|| names.get(k.consumer as usize).cloned())
+                    .unwrap_or_else(|| format!("#{}", k.consumer)),
                 k.topic(),
                 k.partition,
                 (k.pid != 0).then_some(k.pid),

@@ -339,7 +339,11 @@ mod tests {
                 {{"name": "{fits}", "type": "postgresql", "postgresql": {{"outbox_table_name": "u"}}}}]"#
         );
         let each = parse_consumers_each(&json).unwrap();
-        assert!(each[0].entry.as_ref().unwrap_err().contains("name of 64 characters; at most 63"), "{:?}", each[0].entry);
+        assert!(
+            each[0].entry.as_ref().unwrap_err().contains("name of 64 characters; at most 63"),
+            "{:?}",
+            each[0].entry
+        );
         assert!(each[1].entry.is_ok());
         // All or the first error, as before.
         assert!(parse_consumers(r#"[{"name": "bad", "type": "postgresql"}]"#).is_err());
