@@ -448,11 +448,10 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             // Queues change only in polls, and none runs while batches are in flight.
             let queue = queues.get_mut(&key).expect("not polled while in flight");
             let outcome = complete_dispatch(&spec, client, queue, dispatching);
+            // A queue emptied is not a partition drained (the next fetch may bring more of the
+            // resend): a resend ends at the first record past it.
             let configured = if gucs::strict_order() { 1 } else { spec.max_poll_records };
-            let (resend_through, reduced) = (queue.window.resend_through(), queue.window.reduced(configured));
-            if queue.records.iter().all(|r| r.done) {
-                queue.window.drained();
-            }
+            let (resend, reduced) = (queue.window.resend(), queue.window.reduced(configured));
             for event in client.take_events() {
                 log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
             }
@@ -462,7 +461,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                         s.pid = pid;
                         s.assigned = true;
                         s.stats.record_endpoints(client);
-                        s.stats.resend_through = resend_through;
+                        s.stats.resend = resend;
                         s.stats.batch_limit = reduced.unwrap_or(0) as u32;
                         s.stats.batches += stats.batches;
                         s.stats.dead_lettered += stats.dead;
@@ -531,6 +530,8 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                     let why = scrubbed(&format!("cannot write dead letters, partition paused: {e}"));
                     shmem::update_kafka(index, &key.0, key.1, |s| {
                         s.pid = pid;
+                        s.stats.resend = resend;
+                        s.stats.batch_limit = reduced.unwrap_or(0) as u32;
                         s.stats.backoff_ms = delay.as_millis() as u32;
                         s.stats.record_error(0, &why);
                         s.set_state(WorkerState::BackingOff);
@@ -612,7 +613,7 @@ fn poll_records(
                 };
                 // A resend that a restart interrupted goes on (offsets outlive the process).
                 let queue = queues.entry(key.clone()).or_insert_with(|| PartitionQueue {
-                    window: BatchWindow::resuming(shmem::kafka_resend_through(index, &key.0, key.1)),
+                    window: BatchWindow::resuming(shmem::kafka_resend(index, &key.0, key.1)),
                     ..Default::default()
                 });
                 queue.records.push_back(record);
@@ -744,9 +745,9 @@ fn complete_dispatch(
         }
     }
     let Dispatching { key, pending, outcomes, methods, sendable, commands, .. } = d;
-    if let Some(&last) = pending.last() {
-        let last = queue.records[last].offset;
-        queue.window.record(sendable.iter().map(|&n| outcomes[n].as_ref()), last);
+    if let (Some(&first), Some(&last)) = (pending.first(), pending.last()) {
+        let (first, last) = (queue.records[first].offset, queue.records[last].offset);
+        queue.window.record(sendable.iter().map(|&n| outcomes[n].as_ref()), first, last);
     }
     let acked_ms = shmem::unix_micros() / 1000;
     let mut dead: Vec<KafkaDeadLetter> = Vec::new();

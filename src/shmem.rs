@@ -83,9 +83,9 @@ pub struct Stats {
     pub endpoint_failures: [u64; MAX_ENDPOINTS],
     /// Which endpoint list the two fields above index (outbox_core::endpoints::list_id; 0: none).
     pub endpoints_id: u64,
-    /// Through which position (row id, offset) commands are resent one per request after a
+    /// From and through which positions (row ids, offsets) commands are resent one per request after a
     /// partial failure (see outbox_core::lane); kept here so a restarted worker goes on with it.
-    pub resend_through: Option<i64>,
+    pub resend: Option<(i64, i64)>,
     /// The most commands a batch carries now, when failures lowered it (0: the configured limit).
     pub batch_limit: u32,
 }
@@ -106,7 +106,7 @@ impl Default for Stats {
             endpoint: 0,
             endpoint_failures: [0; MAX_ENDPOINTS],
             endpoints_id: 0,
-            resend_through: None,
+            resend: None,
             batch_limit: 0,
         }
     }
@@ -313,14 +313,14 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
 
 /// Where a resend of `topic`[`partition`] by bridge `consumer` stood when its worker last reported.
 #[cfg(feature = "kafka")]
-pub fn kafka_resend_through(consumer: usize, topic: &str, partition: i32) -> Option<i64> {
+pub fn kafka_resend(consumer: usize, topic: &str, partition: i32) -> Option<(i64, i64)> {
     let stored = stored_topic(topic);
     let slots = KAFKA_SLOTS.share();
     slots
         .slots
         .iter()
         .find(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == stored)
-        .and_then(|s| s.stats.resend_through)
+        .and_then(|s| s.stats.resend)
 }
 
 /// Marks every partition of a bridge worker as unassigned (at start and after revocation).

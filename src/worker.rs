@@ -444,7 +444,7 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         applied: Vec::new(),
         refused: None,
         // A resend that a restart interrupted goes on: the slot outlives the process.
-        window: BatchWindow::resuming(shmem::snapshot(slot).stats.resend_through),
+        window: BatchWindow::resuming(shmem::snapshot(slot).stats.resend),
     };
     log!(
         "centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")",
@@ -543,10 +543,9 @@ impl Worker {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
-        let (resend_through, reduced) =
-            (self.window.resend_through(), self.window.reduced(self.configured_limit() as usize));
+        let (resend, reduced) = (self.window.resend(), self.window.reduced(self.configured_limit() as usize));
         shmem::update(self.slot, |s| {
-            s.stats.resend_through = resend_through;
+            s.stats.resend = resend;
             s.stats.batch_limit = reduced.unwrap_or(0) as u32;
         });
         if let Some(client) = &self.client {
@@ -910,8 +909,14 @@ impl Worker {
                     // and read and prepare the next rows (after this batch: not deleted yet).
                     let next_from =
                         next_from.filter(|_| batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested());
-                    let mut on_error =
-                        std::panic::AssertUnwindSafe((client, &mut in_flight, &mut batch, &mut stats, &mut *applied));
+                    let mut on_error = std::panic::AssertUnwindSafe((
+                        client,
+                        &mut in_flight,
+                        &mut batch,
+                        &mut stats,
+                        &mut *applied,
+                        &mut *window,
+                    ));
                     let overlap =
                         PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
                             delete(spi, &mut done)?;
@@ -923,17 +928,19 @@ impl Worker {
                         .catch_others(move |error| {
                             // The batch is on its way and will run: learn what became of each command
                             // before the ERROR rolls the round back, so that none is sent again.
-                            let (client, in_flight, batch, stats, applied) = &mut *on_error;
+                            let (client, in_flight, batch, stats, applied, window) = &mut *on_error;
                             if let Some(in_flight) = in_flight.take() {
                                 let outcomes = client.finish(in_flight, &batch.commands, &mut stats.batches);
                                 batch.record(outcomes);
                                 batch.remember_outcomes(applied);
+                                note_outcomes(window, slot, batch);
                             }
                             error.rethrow()
                         })
                         .execute();
                     if let Some(in_flight) = in_flight.take() {
                         batch.record(client.finish(in_flight, &batch.commands, &mut stats.batches));
+                        note_outcomes(window, slot, &batch);
                     }
                     let next = match overlap {
                         Ok(next) => next,
@@ -952,14 +959,6 @@ impl Worker {
                         attempts_of,
                         &mut *applied,
                     )?;
-                    let last = batch.rows.last().map_or(first, |r| r.id);
-                    let resending = window.resend_through();
-                    window.record(batch.sendable.iter().map(|&i| batch.outcomes[i].as_ref()), last);
-                    if window.resend_through() != resending {
-                        // At once: a worker terminated before the round ends goes on with it.
-                        let through = window.resend_through();
-                        shmem::update(slot, |s| s.stats.resend_through = through);
-                    }
                     if let Some(retry) = retry {
                         break retry;
                     }
@@ -1387,6 +1386,19 @@ impl BatchReader<'_> {
             }
         }
         batch.body = self.client.body(&batch.commands);
+    }
+}
+
+/// Takes what became of `batch` into the partition's window as soon as it is known (before
+/// anything that may raise an ERROR), and keeps a resend it starts or widens in the slot, so a
+/// rolled-back round or a terminated worker goes on with it.
+fn note_outcomes(window: &mut BatchWindow, slot: usize, batch: &Batch) {
+    let (Some(first), Some(last)) = (batch.rows.first(), batch.rows.last()) else { return };
+    let before = window.resend();
+    window.record(batch.sendable.iter().map(|&i| batch.outcomes[i].as_ref()), first.id, last.id);
+    let after = window.resend();
+    if after != before {
+        shmem::update(slot, |s| s.stats.resend = after);
     }
 }
 

@@ -255,11 +255,13 @@ impl Failover {
     pub fn take_shared(&mut self, shared: &[SharedNode], now: Instant, now_unix: i64) -> bool {
         let before = self.current;
         for (i, node) in shared.iter().enumerate().take(self.health.len()) {
-            if node.generation == self.seen[i] {
+            // Generation 0: the board was reset for another list, nothing said about this one.
+            if node.generation == self.seen[i] || node.generation == 0 {
                 continue;
             }
             self.seen[i] = node.generation;
-            let down_for = node.down_until.saturating_sub(now_unix);
+            // Never longer than a probe wait: a wall clock stepped back must not park a node.
+            let down_for = node.down_until.saturating_sub(now_unix).min(PROBE_MAX.as_micros() as i64);
             if node.down_until != 0 && down_for <= 0 {
                 // A report of a probe already due: nothing to take over.
                 continue;

@@ -18,30 +18,36 @@ use crate::dispatch::{FailureKind, Outcome};
 /// The batch-size state of one lane.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchWindow {
-    /// Through this position commands go one per request (a command of that batch failed
-    /// temporarily while others ran).
-    resend_through: Option<i64>,
+    /// From and through these positions commands go one per request (a command of that batch
+    /// failed temporarily while others ran).
+    resend: Option<(i64, i64)>,
     /// Commands per batch after timeouts (None: the configured limit).
     timeout_cap: Option<usize>,
 }
 
 impl BatchWindow {
-    /// A lane's window, resuming a resend that a restart interrupted (see [`Self::resend_through`]).
-    pub fn resuming(resend_through: Option<i64>) -> Self {
-        BatchWindow { resend_through, timeout_cap: None }
+    /// A lane's window, resuming a resend that a restart interrupted (see [`Self::resend`]).
+    pub fn resuming(resend: Option<(i64, i64)>) -> Self {
+        BatchWindow { resend, timeout_cap: None }
     }
 
-    /// Through which position commands are resent one per request, if they are: kept where a
-    /// restarted worker finds it.
+    /// From and through which positions commands are resent one per request, if they are: kept
+    /// where a restarted worker finds it.
+    pub fn resend(&self) -> Option<(i64, i64)> {
+        self.resend
+    }
+
+    /// Through which position commands are resent one per request, if they are.
     pub fn resend_through(&self) -> Option<i64> {
-        self.resend_through
+        self.resend.map(|(_, through)| through)
     }
 
     /// The most commands the batch starting at `first_position` may carry, `configured` being
-    /// the lane's own limit. A first position past the resend ends the resend.
+    /// the lane's own limit. A first position past the resend ends it, and so does one before
+    /// it: the positions started again (a table truncated with its sequence, a topic recreated).
     pub fn limit(&mut self, configured: usize, first_position: i64) -> usize {
-        if self.resend_through.is_some_and(|through| first_position > through) {
-            self.resend_through = None;
+        if self.resend.is_some_and(|(from, through)| first_position > through || first_position < from) {
+            self.resend = None;
         }
         self.limit_now(configured)
     }
@@ -49,7 +55,7 @@ impl BatchWindow {
     /// [`Self::limit`] without a position: what the next batch may carry as things stand.
     pub fn limit_now(&self, configured: usize) -> usize {
         let configured = configured.max(1);
-        if self.resend_through.is_some() {
+        if self.resend.is_some() {
             return 1;
         }
         self.timeout_cap.map_or(configured, |cap| cap.clamp(1, configured))
@@ -62,12 +68,23 @@ impl BatchWindow {
     }
 
     /// Takes what became of a batch whose commands' outcomes are `outcomes` (in order; `None`
-    /// for commands not sent) and whose last position is `last_position`.
-    pub fn record<'a>(&mut self, outcomes: impl IntoIterator<Item = Option<&'a Outcome>>, last_position: i64) {
+    /// for commands not sent) and whose positions run from `first_position` to `last_position`.
+    pub fn record<'a>(
+        &mut self,
+        outcomes: impl IntoIterator<Item = Option<&'a Outcome>>,
+        first_position: i64,
+        last_position: i64,
+    ) {
         let (mut sent, mut retried, mut timed_out, mut answered) = (0usize, 0usize, 0usize, false);
         for outcome in outcomes.into_iter().flatten() {
             sent += 1;
             if let Outcome::Retry(failure) = outcome {
+                if failure.is_deferred() {
+                    // Not sent (no time left for a one-by-one resend): it has not run, and
+                    // its first batch is still to come.
+                    sent -= 1;
+                    continue;
+                }
                 retried += 1;
                 timed_out += usize::from(failure.is_timeout());
                 answered |= failure.kind == FailureKind::Centrifugo;
@@ -90,7 +107,10 @@ impl BatchWindow {
             // Centrifugo ran the batch and failed some of it (perhaps all, perhaps a batch of
             // one): a full batch with newer commands could fail them again while the newer
             // ones run, so resend apart through this batch.
-            self.resend_through = Some(self.resend_through.map_or(last_position, |t| t.max(last_position)));
+            self.resend = Some(match self.resend {
+                Some((from, through)) => (from.min(first_position), through.max(last_position)),
+                None => (first_position, last_position),
+            });
         }
         // Every command refused alike by the request (a node down, a 5xx, a refused key):
         // nothing ran, so the same batch resent keeps the order.
@@ -98,7 +118,7 @@ impl BatchWindow {
 
     /// The lane has nothing left to send: no resend is under way.
     pub fn drained(&mut self) {
-        self.resend_through = None;
+        self.resend = None;
     }
 
     /// Forgets everything (the lane was drained, or is about another table now).
@@ -127,13 +147,13 @@ mod tests {
         // Rows 1..=10: row 3 failed, the rest ran.
         let outcomes: Vec<Outcome> =
             (1..=10).map(|i| if i == 3 { retry("internal") } else { Outcome::Delivered }).collect();
-        w.record(outcomes.iter().map(Some), 10);
+        w.record(outcomes.iter().map(Some), 1, 10);
         assert_eq!(w.resend_through(), Some(10));
         // Row 3 goes alone, and fails again: still alone, and nothing newer joins it.
         assert_eq!(w.limit(100, 3), 1);
-        w.record([Some(&retry("internal"))], 3);
+        w.record([Some(&retry("internal"))], 3, 3);
         assert_eq!(w.limit(100, 3), 1);
-        w.record([Some(&Outcome::Delivered)], 3);
+        w.record([Some(&Outcome::Delivered)], 3, 3);
         // The next row is newer than the batch: full batches again.
         assert_eq!(w.limit(100, 11), 100);
         assert_eq!(w.resend_through(), None);
@@ -142,21 +162,21 @@ mod tests {
 
     #[test]
     fn a_second_partial_failure_inside_a_resend_extends_it_only_as_far_as_its_batch() {
-        let mut w = BatchWindow::resuming(Some(10));
-        w.record([Some(&retry("x"))], 4);
+        let mut w = BatchWindow::resuming(Some((1, 10)));
+        w.record([Some(&retry("x"))], 4, 4);
         assert_eq!(w.resend_through(), Some(10), "a resend's one command never widens it");
         // Found by the e2e test: a batch of one that Centrifugo failed is resent alone too
         // (before, it went out again at the head of a full batch).
         let mut w = BatchWindow::default();
-        w.record([Some(&retry("x"))], 3);
+        w.record([Some(&retry("x"))], 3, 3);
         assert_eq!((w.resend_through(), w.limit(100, 3)), (Some(3), 1));
         assert_eq!(w.limit(100, 4), 100);
         let mut w = BatchWindow::default();
-        w.record([Some(&retry("x")), Some(&retry("y"))], 8);
+        w.record([Some(&retry("x")), Some(&retry("y"))], 7, 8);
         assert_eq!(w.resend_through(), Some(8), "every command failed by Centrifugo itself");
         let mut w = BatchWindow::default();
-        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 20);
-        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 30);
+        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 19, 20);
+        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 29, 30);
         assert_eq!(w.resend_through(), Some(30));
     }
 
@@ -164,10 +184,10 @@ mod tests {
     fn a_batch_refused_as_a_whole_is_resent_as_it_was() {
         let mut w = BatchWindow::default();
         let refused = Outcome::Retry(Failure::http(Some(503), "unavailable"));
-        w.record([Some(&refused), Some(&refused)], 2);
+        w.record([Some(&refused), Some(&refused)], 1, 2);
         assert_eq!(w, BatchWindow::default());
         // Commands not sent (malformed, known already) do not count.
-        w.record([None, None], 2);
+        w.record([None, None], 1, 2);
         assert_eq!(w, BatchWindow::default());
     }
 
@@ -178,33 +198,47 @@ mod tests {
         let mut sizes = vec![];
         while size > 1 {
             let outcomes = vec![timeout(); size];
-            w.record(outcomes.iter().map(Some), size as i64);
+            w.record(outcomes.iter().map(Some), 1, size as i64);
             size = w.limit(1000, 1);
             sizes.push(size);
         }
         assert_eq!(sizes, [500, 250, 125, 62, 31, 15, 7, 3, 1]);
         assert_eq!(w.reduced(1000), Some(1));
         // A lone command that times out stays alone.
-        w.record([Some(&timeout())], 1);
+        w.record([Some(&timeout())], 1, 1);
         assert_eq!(w.limit(1000, 1), 1);
         let mut grown = vec![];
         for _ in 0..11 {
-            w.record([Some(&Outcome::Delivered)], 1);
+            w.record([Some(&Outcome::Delivered)], 1, 1);
             grown.push(w.limit(1000, 1));
         }
         assert_eq!(grown, [2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 1000]);
         assert_eq!(w.reduced(1000), None);
         // A timeout prefixed by the node that timed out (several endpoints) is one too.
         let labelled = Outcome::Retry(Failure::http(None, "2 endpoints tried, last http://b/api: timeout"));
-        w.record([Some(&labelled), Some(&labelled)], 2);
+        w.record([Some(&labelled), Some(&labelled)], 1, 2);
         assert_eq!(w.limit(1000, 1), 1);
+    }
+
+    /// Found by review: positions that start again (a truncated table, a recreated topic) left
+    /// a resend that never ended; commands not sent yet started one.
+    #[test]
+    fn a_resend_ends_when_positions_start_again_and_commands_not_sent_start_none() {
+        let mut w = BatchWindow::default();
+        w.record([Some(&Outcome::Delivered), Some(&retry("x"))], 500, 520);
+        assert_eq!(w.resend(), Some((500, 520)));
+        assert_eq!(w.limit(100, 510), 1);
+        assert_eq!(w.limit(100, 1), 100, "ids started again below the resend");
+        let not_sent = Outcome::Retry(Failure::http(None, crate::client::NOT_SENT_YET));
+        w.record([Some(&Outcome::Delivered), Some(&not_sent), Some(&not_sent)], 1, 3);
+        assert_eq!(w.resend(), None);
     }
 
     #[test]
     fn the_configured_limit_bounds_everything() {
         let mut w = BatchWindow::default();
         assert_eq!(w.limit(0, 1), 1);
-        w.record([Some(&timeout()), Some(&timeout()), Some(&timeout()), Some(&timeout())], 4);
+        w.record([Some(&timeout()), Some(&timeout()), Some(&timeout()), Some(&timeout())], 1, 4);
         assert_eq!(w.limit(1, 1), 1);
         assert_eq!(w.limit(10, 1), 2);
     }
