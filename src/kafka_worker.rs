@@ -369,10 +369,18 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             // A rotated SASL password or a changed consumers entry: leave the group cleanly (what
             // is done is committed below) and start again with the new settings.
-            if consumers().ok().and_then(|list| list.into_iter().find(|c| c.name == spec.name)).as_ref() != Some(&spec)
-            {
-                log!("centrifugo_outbox: kafka consumer {}: its settings changed; restarting the bridge", spec.name);
-                break;
+            match consumers() {
+                // Unreadable as a whole (not one entry): nothing says what this consumer should
+                // be now, so it runs on as it started, as the partition workers do.
+                Err(e) => warn("settings", format!("{e}; running on with the settings it started with")),
+                Ok(list) if list.iter().find(|c| c.name == spec.name) != Some(&spec) => {
+                    log!(
+                        "centrifugo_outbox: kafka consumer {}: its settings changed; restarting the bridge",
+                        spec.name
+                    );
+                    break;
+                }
+                Ok(_) => {}
             }
         }
         let wanted = gucs::client_config();

@@ -229,6 +229,29 @@ def test_a_dead_letter_write_that_fails_reaches_both_status_views_with_its_sqlst
     assert sorted(r[0] for r in pg.sql("SELECT source FROM centrifugo_dead_letters")) == ["kafka", "outbox"]
 
 
+def test_an_unreadable_consumers_json_on_reload_leaves_the_running_bridge_as_it_was(make_cluster, centrifugo, kafka):
+    # Found by review: a reload that made centrifugo.consumers unreadable as a whole parked every
+    # bridge, the flat one too, until the next reload.
+    topic = f"keep{uid()}"
+    kafka.create_topic(topic)
+    channel = f"chat:keep{uid()}"
+    pg = bridge_cluster(make_cluster, centrifugo, kafka, [topic])
+    sub = Subscriber(centrifugo, channels=[channel]).start()
+    try:
+        produce(kafka, topic, [(command(channel, {"n": 1}), None, None)])
+        sub.wait_for_publications(1, channel, timeout=30)
+        pid = kafka_worker_pid(pg)
+        pg.set(**{"centrifugo.consumers": "[not json"})
+        pg.reload()
+        wait_until(lambda: "running on with the settings it started with" in pg.log(), 10,
+                   what="the bridge saying it runs on")
+        produce(kafka, topic, [(command(channel, {"n": 2}), None, None)])
+        assert [p.data["n"] for p in sub.wait_for_publications(2, channel, timeout=30)] == [1, 2]
+        assert kafka_worker_pid(pg) == pid, "the bridge was not restarted"
+    finally:
+        sub.stop()
+
+
 def test_garbage_becomes_dead_letters_and_offsets_advance(make_cluster, centrifugo, kafka, transport):
     topic, group = f"garbage{uid()}", f"g{uid()}"
     kafka.create_topic(topic)
