@@ -458,7 +458,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             let outcome = complete_dispatch(&spec, client, queue, dispatching);
             // A queue emptied is not a partition drained (the next fetch may bring more of the
             // resend): a resend ends at the first record past it.
-            let configured = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+            let configured = configured_batch(&spec);
             let (resend, reduced) = (queue.window.resend(), queue.window.reduced(configured));
             for event in client.take_events() {
                 log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
@@ -669,6 +669,15 @@ struct Dispatching<'c> {
     request: Option<InFlight<'c>>,
 }
 
+/// The records a batch carries when nothing failed (strict order: one).
+fn configured_batch(spec: &KafkaConsumer) -> usize {
+    if gucs::strict_order() {
+        1
+    } else {
+        spec.max_poll_records
+    }
+}
+
 /// Starts the dispatch of the head of one partition's queue: the records not done yet among the
 /// first `max_poll_records` (or just the first one in strict order), the sendable ones put on
 /// the wire as one batch; records that cannot be sent, or whose dead letter is still to be
@@ -679,7 +688,7 @@ fn start_dispatch<'c>(
     key: (String, i32),
     queue: &mut PartitionQueue,
 ) -> Dispatching<'c> {
-    let configured = if gucs::strict_order() { 1 } else { spec.max_poll_records };
+    let configured = configured_batch(spec);
     let first = queue.records.iter().find(|r| !r.done).map_or(0, |r| r.offset);
     let take = queue.window.limit(configured, first);
     // What one request may carry: a batch over it is sent in parts, in order.

@@ -292,10 +292,7 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
     let mut slots = KAFKA_SLOTS.exclusive();
     // Compared as stored, so that a name cut to fit still finds its slot (never a new one each time).
     let stored = stored_topic(topic);
-    let found = slots
-        .slots
-        .iter()
-        .position(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == stored);
+    let found = kafka_slot_of(&slots, consumer, &stored, partition);
     let index = match found.or_else(|| slots.slots.iter().position(|s| !s.used)) {
         Some(i) => i,
         None => return,
@@ -314,13 +311,17 @@ pub fn update_kafka(consumer: usize, topic: &str, partition: i32, update: impl F
 /// Where a resend of `topic`[`partition`] by bridge `consumer` stood when its worker last reported.
 #[cfg(feature = "kafka")]
 pub fn kafka_resend(consumer: usize, topic: &str, partition: i32) -> Option<(i64, i64)> {
-    let stored = stored_topic(topic);
     let slots = KAFKA_SLOTS.share();
+    kafka_slot_of(&slots, consumer, &stored_topic(topic), partition).and_then(|i| slots.slots[i].stats.resend)
+}
+
+/// The index of the slot of (consumer, topic as stored, partition), if it has one.
+#[cfg(feature = "kafka")]
+fn kafka_slot_of(slots: &KafkaSlots, consumer: usize, stored: &[u8; TOPIC_BYTES], partition: i32) -> Option<usize> {
     slots
         .slots
         .iter()
-        .find(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == stored)
-        .and_then(|s| s.stats.resend)
+        .position(|s| s.used && s.consumer as usize == consumer && s.partition == partition && s.topic == *stored)
 }
 
 /// Marks every partition of a bridge worker as unassigned (at start and after revocation).

@@ -400,6 +400,8 @@ struct Worker {
     refused: Option<String>,
     /// How many rows the next batch may carry after failures (see `outbox_core::lane`).
     window: BatchWindow,
+    /// The window's resend and reduced limit as the slot shows them (written when they change).
+    shown: (Option<(i64, i64)>, u32),
 }
 
 #[pg_guard]
@@ -425,6 +427,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     // SAFETY: a read of the cluster's identifier from the control file data in shared memory.
     let system_id = unsafe { pg_sys::GetSystemIdentifier() };
     let database = spec.database();
+    // What the slot kept from this partition's last worker.
+    let resumed = shmem::snapshot(slot).stats;
     let mut worker = Worker {
         slot,
         spec,
@@ -444,7 +448,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         applied: Vec::new(),
         refused: None,
         // A resend that a restart interrupted goes on: the slot outlives the process.
-        window: BatchWindow::resuming(shmem::snapshot(slot).stats.resend),
+        window: BatchWindow::resuming(resumed.resend),
+        shown: (resumed.resend, resumed.batch_limit),
     };
     log!(
         "centrifugo_outbox: consumer {} partition {partition} worker started (database \"{database}\")",
@@ -543,11 +548,11 @@ impl Worker {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
-        let (resend, reduced) = (self.window.resend(), self.window.reduced(self.configured_limit() as usize));
-        shmem::update(self.slot, |s| {
-            s.stats.resend = resend;
-            s.stats.batch_limit = reduced.unwrap_or(0) as u32;
-        });
+        let shown = (self.window.resend(), self.window.reduced(self.configured_limit() as usize).unwrap_or(0) as u32);
+        if shown != self.shown {
+            self.shown = shown;
+            shmem::update(self.slot, |s| (s.stats.resend, s.stats.batch_limit) = shown);
+        }
         if let Some(client) = &self.client {
             for event in client.take_events() {
                 log!(

@@ -43,6 +43,8 @@ pub struct CentrifugoClient {
     /// Each endpoint as the setting gives it, in its order, and as logs and status views show it.
     urls: Vec<String>,
     names: Vec<String>,
+    /// `endpoints::list_id` of `names`, asked for before every request (the node board's key).
+    list_id: u64,
     failover: RefCell<Failover>,
     /// The probe of a failed endpoint earlier in the list, while it runs.
     probe: RefCell<Option<(usize, JoinHandle<Response>)>>,
@@ -207,12 +209,14 @@ impl CentrifugoClient {
         } else {
             Self::http_transport(&urls, &config)?
         };
+        let names: Vec<String> = urls.iter().map(|u| display_url(u)).collect();
         Ok(CentrifugoClient {
             config,
             transport,
             runtime,
             failover: RefCell::new(Failover::new(urls.len())),
-            names: urls.iter().map(|u| display_url(u)).collect(),
+            list_id: crate::endpoints::list_id(&names),
+            names,
             probe_statuses: RefCell::new(vec![0; urls.len()]),
             urls,
             probe: RefCell::new(None),
@@ -322,7 +326,7 @@ impl CentrifugoClient {
 
     /// An identifier of the endpoint list (see [`crate::endpoints::list_id`]).
     pub fn endpoints_id(&self) -> u64 {
-        crate::endpoints::list_id(&self.names)
+        self.list_id
     }
 
     /// Makes waits for replies give up when `stop_requested` says so (a worker's SIGTERM).

@@ -38,6 +38,7 @@ impl BatchWindow {
     }
 
     /// Through which position commands are resent one per request, if they are.
+    #[cfg(test)]
     pub fn resend_through(&self) -> Option<i64> {
         self.resend.map(|(_, through)| through)
     }
