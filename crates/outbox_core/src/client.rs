@@ -1,6 +1,7 @@
-//! The client towards Centrifugo's server API, over HTTP (`/api/batch`, `X-API-Key`) or gRPC (the
-//! `Batch` RPC, see [`crate::grpc`]): keep-alive, bounded connect and request timeouts, TLS
-//! verified by default (custom CA and client certificate optional).
+//! The client towards Centrifugo's server API, over a [`Transport`] (HTTP, see [`crate::http`], or
+//! gRPC's `Batch` RPC, see [`crate::grpc`]), chosen by the scheme of the URL. It keeps the nodes'
+//! health (failover, probes, the shared node board) and turns an answer into one outcome per
+//! command, resending one by one when Centrifugo refuses a batch as a whole.
 //! One client per partition worker, which sends one request at a time, so there is never more
 //! than one request in flight per partition. The Kafka bridge's client has one in flight per
 //! ready Kafka partition at once.
@@ -17,28 +18,14 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::command::Method;
-use crate::dispatch::{batch_body, classify_batch, scrub, BatchVerdict, Outcome, Prepared, Response};
+use crate::dispatch::{classify_batch, BatchVerdict, Outcome, Prepared, Response, NOT_SENT_YET, STOPPING};
 use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeBoard, NodeFailure};
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ClientConfig {
-    /// Base URL, e.g. `http://127.0.0.1:8000/api`, or several (a cluster's nodes) separated by
-    /// commas, in order of preference (see [`crate::endpoints`]).
-    pub api_url: String,
-    pub api_key: String,
-    pub connect_timeout: Duration,
-    pub timeout: Duration,
-    /// PEM file of the CA of Centrifugo's certificate (empty: system roots).
-    pub tls_root_ca: String,
-    /// PEM files of a client certificate and key for mutual TLS (both or neither).
-    pub tls_cert: String,
-    pub tls_key: String,
-    pub tls_insecure_skip_verify: bool,
-}
+pub use crate::transport::{is_grpc_url, Body, ClientConfig};
+use crate::transport::Transport;
 
 pub struct CentrifugoClient {
     config: ClientConfig,
-    transport: Transport,
+    transport: Box<dyn Transport>,
     runtime: Runtime,
     /// Each endpoint as the setting gives it, in its order, and as logs and status views show it.
     urls: Vec<String>,
@@ -65,72 +52,12 @@ fn unix_micros() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
-/// How requests travel, chosen by the scheme of `centrifugo.api_url`.
-enum Transport {
-    /// JSON to the `/api/batch` URL of each endpoint.
-    Http { http: reqwest::Client, batch_urls: Vec<String> },
-    #[cfg(feature = "grpc")]
-    Grpc(crate::grpc::GrpcTransport),
-}
-
-/// A batch request ready to send, made by [`CentrifugoClient::body`] for the client's transport.
-#[derive(Debug)]
-pub enum Body {
-    Json(Vec<u8>),
-    #[cfg(feature = "grpc")]
-    Grpc(crate::grpc::proto::BatchRequest),
-    /// A command that the transport cannot carry (why): the batch is refused without a request.
-    Unsendable(String),
-}
-
-impl Default for Body {
-    fn default() -> Self {
-        Body::Json(Vec::new())
-    }
-}
-
-/// Whether `url` selects the gRPC transport.
-pub fn is_grpc_url(url: &str) -> bool {
-    let scheme = url.split_once("://").map_or("", |(s, _)| s);
-    scheme.eq_ignore_ascii_case("grpc") || scheme.eq_ignore_ascii_case("grpcs")
-}
-
 /// How often a wait for a reply checks whether the worker must stop.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
 /// How long a wait goes on after the worker was asked to stop: most replies come by then, and
 /// a batch whose reply came is not sent again by the next worker.
 const STOP_GRACE: Duration = Duration::from_secs(3);
-
-/// What a reply not awaited because the worker stops becomes: nothing is known to have run.
-pub const STOPPING: &str = "not awaited: the worker is stopping";
-
-/// What a request made for the other transport becomes (nothing was sent).
-const MISMATCHED_BODY: &str = "connect failed: request made for another transport, sent again next round";
-
-/// How a transport failure that never reached the server begins (no connection could be made).
-pub const CONNECT_FAILED: &str = "connect failed";
-
-/// The most of a reply that is read for a small batch, over either transport. Centrifugo answers
-/// a batch with a few dozen bytes per command; only a broadcast's answer grows with its request
-/// (per channel, up to ~51 bytes for the 4 of `"a",`): see [`reply_cap`].
-pub const MAX_REPLY_BYTES: usize = 256 << 20;
-
-/// Bytes of reply allowed per byte of request, above [`MAX_REPLY_BYTES`].
-const REPLY_BYTES_PER_REQUEST_BYTE: usize = 32;
-
-/// Of a reply that is not a 200, what is read: its text is only quoted in the reason.
-const ERROR_REPLY_BYTES: usize = 64 << 10;
-
-/// The most of the reply to a request of `request_bytes` that is read: more than Centrifugo
-/// can answer to it (a longer reply is not its answer, and reading on would only take memory).
-pub fn reply_cap(request_bytes: usize) -> usize {
-    MAX_REPLY_BYTES.max(request_bytes.saturating_mul(REPLY_BYTES_PER_REQUEST_BYTE))
-}
-
-/// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
-/// (see [`crate::dispatch::Failure::is_deferred`]).
-pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
 
 /// A batch request on the wire. Dropping it without waiting cancels the request.
 pub struct InFlight<'c> {
@@ -207,10 +134,24 @@ impl CentrifugoClient {
         let transport = if urls.first().is_some_and(|u| is_grpc_url(u)) {
             Self::grpc_transport(&urls, &config, &runtime)?
         } else {
-            Self::http_transport(&urls, &config)?
+            Box::new(crate::http::HttpTransport::new(&urls, &config)?)
         };
+        Ok(Self::with_transport(config, urls, transport, runtime))
+    }
+
+    /// A client over `transport` (for tests: a scripted one) to the endpoints `urls`.
+    pub fn over(config: ClientConfig, transport: Box<dyn Transport>) -> Result<Self, String> {
+        let urls = parse_api_urls(&config.api_url)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the client's runtime: {e}"))?;
+        Ok(Self::with_transport(config, urls, transport, runtime))
+    }
+
+    fn with_transport(config: ClientConfig, urls: Vec<String>, transport: Box<dyn Transport>, runtime: Runtime) -> Self {
         let names: Vec<String> = urls.iter().map(|u| display_url(u)).collect();
-        Ok(CentrifugoClient {
+        CentrifugoClient {
             config,
             transport,
             runtime,
@@ -224,7 +165,7 @@ impl CentrifugoClient {
             stop_requested: || false,
             stop_seen: std::cell::Cell::new(None),
             board: None,
-        })
+        }
     }
 
     /// Shares what this client learns of the nodes with every client on `board` (the workers
@@ -263,55 +204,14 @@ impl CentrifugoClient {
     }
 
     #[cfg(feature = "grpc")]
-    fn grpc_transport(urls: &[String], config: &ClientConfig, runtime: &Runtime) -> Result<Transport, String> {
+    fn grpc_transport(urls: &[String], config: &ClientConfig, runtime: &Runtime) -> Result<Box<dyn Transport>, String> {
         let _inside = runtime.enter();
-        crate::grpc::GrpcTransport::new(urls, config).map(Transport::Grpc)
+        Ok(Box::new(crate::grpc::GrpcTransport::new(urls, config)?))
     }
 
     #[cfg(not(feature = "grpc"))]
-    fn grpc_transport(_: &[String], _: &ClientConfig, _: &Runtime) -> Result<Transport, String> {
+    fn grpc_transport(_: &[String], _: &ClientConfig, _: &Runtime) -> Result<Box<dyn Transport>, String> {
         Err("centrifugo.api_url: this build has no gRPC transport (the grpc feature is off)".into())
-    }
-
-    fn http_transport(urls: &[String], config: &ClientConfig) -> Result<Transport, String> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.timeout)
-            // Below Centrifugo's own 30 s (its HTTP server closes idle keep-alive connections then).
-            .pool_idle_timeout(Duration::from_secs(15))
-            .tcp_nodelay(true)
-            .no_proxy()
-            // A redirect would take the API key (a custom header, which reqwest keeps across
-            // hosts) and the batch to wherever it points, and its answer would count as
-            // Centrifugo's: it is an answer of its own, retried with its status shown.
-            .redirect(reqwest::redirect::Policy::none())
-            .danger_accept_invalid_certs(config.tls_insecure_skip_verify);
-        if !config.tls_root_ca.is_empty() {
-            let pem = std::fs::read(&config.tls_root_ca)
-                .map_err(|e| format!("centrifugo.http_tls_root_ca: cannot read {}: {e}", config.tls_root_ca))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("centrifugo.http_tls_root_ca: not a PEM certificate: {e}"))?;
-            builder = builder.add_root_certificate(cert);
-        }
-        match (config.tls_cert.is_empty(), config.tls_key.is_empty()) {
-            (true, true) => {}
-            (false, false) => {
-                let mut pem = std::fs::read(&config.tls_cert)
-                    .map_err(|e| format!("centrifugo.http_tls_cert: cannot read {}: {e}", config.tls_cert))?;
-                pem.push(b'\n');
-                pem.extend(
-                    std::fs::read(&config.tls_key)
-                        .map_err(|e| format!("centrifugo.http_tls_key: cannot read the key file: {e}"))?,
-                );
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    format!("centrifugo.http_tls_cert/http_tls_key: not a PEM certificate and key: {e}")
-                })?;
-                builder = builder.identity(identity);
-            }
-            _ => return Err("centrifugo.http_tls_cert and centrifugo.http_tls_key must be set together".into()),
-        }
-        let http = builder.build().map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Transport::Http { http, batch_urls: urls.iter().map(|u| crate::settings::batch_url(u)).collect() })
     }
 
     /// Takes over what `previous` (the client this one replaces after a reload) knew of the
@@ -346,27 +246,14 @@ impl CentrifugoClient {
 
     /// The request of one sequential batch of `commands`, for this client's transport.
     pub fn body(&self, commands: &[Prepared]) -> Body {
-        match &self.transport {
-            Transport::Http { .. } => Body::Json(batch_body(commands)),
-            #[cfg(feature = "grpc")]
-            Transport::Grpc(_) => crate::grpc::batch_request(commands).map_or_else(Body::Unsendable, Body::Grpc),
-        }
+        self.transport.body(commands)
     }
 
     /// The most payload text one batch of `commands` commands may carry over this transport
     /// (None: no limit of its own). Centrifugo's gRPC server refuses messages over 4 MiB by
     /// default; HTTP has no such limit.
-    #[cfg_attr(not(feature = "grpc"), allow(unused_variables))]
     pub fn batch_bytes_cap(&self, commands: usize) -> Option<i64> {
-        match &self.transport {
-            Transport::Http { .. } => None,
-            #[cfg(feature = "grpc")]
-            Transport::Grpc(_) => Some(
-                crate::grpc::DEFAULT_MAX_MESSAGE
-                    .saturating_sub(crate::grpc::PER_COMMAND_OVERHEAD * commands)
-                    .max(1 << 20) as i64,
-            ),
-        }
+        self.transport.batch_bytes_cap(commands)
     }
 
     /// [`Self::start_batch`] with the request already made by [`Self::body`], sent to the
@@ -438,34 +325,13 @@ impl CentrifugoClient {
             }
         }
         if let Some(endpoint) = self.failover.borrow().probe_due(Instant::now()) {
-            let task = match &self.transport {
-                Transport::Http { http, batch_urls } => {
-                    let request = http
-                        .post(&batch_urls[endpoint])
-                        .header("X-API-Key", &self.config.api_key)
-                        .header("Content-Type", "application/json")
-                        .body(&b"{\"commands\":[]}"[..]);
-                    self.runtime.spawn(async move {
-                        match request.send().await {
-                            Ok(resp) => Response::Http { status: resp.status().as_u16(), body: Vec::new() },
-                            Err(_) => Response::Transport("probe failed".into()),
-                        }
-                    })
-                }
-                #[cfg(feature = "grpc")]
-                Transport::Grpc(grpc) => self.runtime.spawn(grpc.call(
-                    endpoint,
-                    crate::grpc::proto::BatchRequest::default(),
-                    self.config.timeout,
-                    String::new(),
-                )),
-            };
+            let task = self.runtime.spawn(self.transport.probe(endpoint, self.config.timeout));
             *probe = Some((endpoint, task));
         }
     }
 
     fn is_grpc(&self) -> bool {
-        !matches!(self.transport, Transport::Http { .. })
+        self.transport.is_grpc()
     }
 
     /// Puts a batch on the wire to endpoint `endpoint` and returns at once.
@@ -477,39 +343,13 @@ impl CentrifugoClient {
     fn start_at_within(&self, endpoint: usize, body: Body, timeout: Duration) -> InFlight<'_> {
         let started = Instant::now();
         let timeout = timeout.max(Duration::from_millis(1));
-        let api_key = self.config.api_key.clone();
         // The runtime sleeps while the worker does: first let idle connections see what happened
         // meanwhile (a server closes keep-alive connections after a while; a closed one must
         // leave the pool before the request picks it).
         self.drive();
-        let task = match (&self.transport, body) {
-            (_, Body::Unsendable(why)) => self.runtime.spawn(async move { Response::Unsendable(why) }),
-            (Transport::Http { http, batch_urls }, Body::Json(body)) => {
-                let cap = reply_cap(body.len());
-                let request = http
-                    .post(&batch_urls[endpoint])
-                    .timeout(timeout)
-                    .header("X-API-Key", &self.config.api_key)
-                    .header("Content-Type", "application/json")
-                    .body(body);
-                self.runtime.spawn(async move {
-                    let result = async {
-                        let resp = request.send().await.map_err(|e| describe(&e))?;
-                        let status = resp.status().as_u16();
-                        read_reply(resp, status, cap).await.map(|body| Response::Http { status, body })
-                    }
-                    .await;
-                    result.unwrap_or_else(|e| Response::Transport(scrub(&e, &[&api_key])))
-                })
-            }
-            #[cfg(feature = "grpc")]
-            (Transport::Grpc(grpc), Body::Grpc(request)) => {
-                self.runtime.spawn(grpc.call(endpoint, request, timeout, api_key))
-            }
-            // A body made by a client of the other transport (never today: a round keeps its
-            // client): nothing is sent, the commands are retried.
-            #[allow(unreachable_patterns)]
-            (_, _) => self.runtime.spawn(async { Response::Transport(MISMATCHED_BODY.into()) }),
+        let task = match body {
+            Body::Unsendable(why) => self.runtime.spawn(async move { Response::Unsendable(why) }),
+            body => self.runtime.spawn(self.transport.call(endpoint, body, timeout)),
         };
         // Put the request on the wire now; whatever is not written yet is written by `wait`.
         self.drive();
@@ -659,54 +499,10 @@ fn grpc_status_of(status: u16) -> i32 {
     }
 }
 
-/// The body of `resp` (HTTP `status`), or why it was not read whole: a 200 longer than `max`
-/// bytes (announced or as it came; nothing past it is read), or a transport error. Of another
-/// status, the first [`ERROR_REPLY_BYTES`] are read: the status is what counts.
-async fn read_reply(mut resp: reqwest::Response, status: u16, max: usize) -> Result<Vec<u8>, String> {
-    let too_long = || {
-        format!(
-            "a reply (HTTP {status}) longer than {max} bytes, more than Centrifugo answers to this batch, was not read"
-        )
-    };
-    if status == 200 && resp.content_length().is_some_and(|len| len > max as u64) {
-        return Err(too_long());
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| describe(&e))? {
-        if status != 200 && body.len() + chunk.len() > ERROR_REPLY_BYTES {
-            body.extend_from_slice(&chunk[..ERROR_REPLY_BYTES - body.len()]);
-            break;
-        }
-        if body.len() + chunk.len() > max {
-            return Err(too_long());
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// A one-line description of a transport error, with its causes.
-fn describe(e: &reqwest::Error) -> String {
-    // A connect timeout is a connect failure: the request never went out.
-    let mut text = if e.is_connect() {
-        CONNECT_FAILED.to_owned()
-    } else if e.is_timeout() {
-        "timeout".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::{reply_cap, MAX_REPLY_BYTES};
     use crate::dispatch::prepare;
     use serde_json::json;
     use std::io::{Read, Write};

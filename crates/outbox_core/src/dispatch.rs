@@ -83,10 +83,10 @@ pub enum Outcome {
 }
 
 impl Failure {
-    /// No failure: the command was not sent yet (see `client::NOT_SENT_YET`), a retry without
+    /// No failure: the command was not sent yet (see [`NOT_SENT_YET`]), a retry without
     /// back-off.
     pub fn is_deferred(&self) -> bool {
-        self.message == crate::client::NOT_SENT_YET
+        self.message == NOT_SENT_YET
     }
 
     /// The request got no answer in time (over either transport; several endpoints' failures
@@ -231,6 +231,16 @@ pub fn batch_body<'a>(commands: impl IntoIterator<Item = &'a Prepared>) -> Vec<u
     out.extend_from_slice(b"],\"parallel\":false}");
     out
 }
+
+/// The retry of commands a one-by-one resend had no time left for: no failure, so no back-off
+/// (see [`Failure::is_deferred`]).
+pub const NOT_SENT_YET: &str = "not sent yet: the batch is resent one command at a time, the rest next round";
+
+/// What a reply not awaited because the worker stops becomes: nothing is known to have run.
+pub const STOPPING: &str = "not awaited: the worker is stopping";
+
+/// How a transport failure that never reached the server begins (no connection could be made).
+pub const CONNECT_FAILED: &str = "connect failed";
 
 /// What came back from one exchange with Centrifugo, over HTTP or gRPC.
 #[derive(Debug, Clone)]

@@ -173,8 +173,8 @@ pub enum NodeFailure {
 /// when nothing was learnt (a stopping worker's abandoned wait).
 pub fn node_failure(response: &Response) -> Option<NodeFailure> {
     match response {
-        Response::Transport(message) if message == crate::client::STOPPING => None,
-        Response::Transport(message) if message.starts_with(crate::client::CONNECT_FAILED) => {
+        Response::Transport(message) if message == crate::dispatch::STOPPING => None,
+        Response::Transport(message) if message.starts_with(crate::dispatch::CONNECT_FAILED) => {
             Some(NodeFailure::NotReached)
         }
         Response::Transport(_) => Some(NodeFailure::Unknown),
@@ -504,7 +504,7 @@ mod tests {
         assert_eq!(node_failure(&transport("connect failed: connection refused")), Some(NodeFailure::NotReached));
         assert_eq!(node_failure(&transport("timeout")), Some(NodeFailure::Unknown));
         assert_eq!(node_failure(&transport("request failed: connection reset")), Some(NodeFailure::Unknown));
-        assert_eq!(node_failure(&transport(crate::client::STOPPING)), None);
+        assert_eq!(node_failure(&transport(crate::dispatch::STOPPING)), None);
         for status in [500, 502, 503, 504] {
             assert_eq!(node_failure(&http(status)), Some(NodeFailure::Unknown), "{status}");
         }

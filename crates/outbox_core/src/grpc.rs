@@ -14,9 +14,9 @@ use serde_json::value::RawValue;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::client::{ClientConfig, CONNECT_FAILED};
 use crate::command::Method;
-use crate::dispatch::{ChannelResponse, ErrorBody, Prepared, Reply, Response};
+use crate::dispatch::{ChannelResponse, ErrorBody, Prepared, Reply, Response, CONNECT_FAILED};
+use crate::transport::{reply_cap, Body, Call, ClientConfig, Transport};
 
 /// The message types and client generated from `proto/centrifugo/api.proto` (Centrifugo v6.9.6).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -243,6 +243,8 @@ fn is_connect_io(e: &(dyn std::error::Error + 'static)) -> bool {
 pub struct GrpcTransport {
     clients: Vec<CentrifugoApiClient<Channel>>,
     authorization: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// Scrubbed from whatever a failure says.
+    api_key: String,
 }
 
 impl GrpcTransport {
@@ -283,32 +285,52 @@ impl GrpcTransport {
             }
             clients.push(CentrifugoApiClient::new(endpoint.connect_lazy()));
         }
-        Ok(GrpcTransport { clients, authorization })
+        Ok(GrpcTransport { clients, authorization, api_key: config.api_key.clone() })
     }
 
     /// Sends `request` to endpoint `endpoint`, giving up after `timeout`.
-    pub fn call(
-        &self,
-        endpoint: usize,
-        request: proto::BatchRequest,
-        timeout: Duration,
-        secret: String,
-    ) -> impl std::future::Future<Output = Response> + Send + 'static {
+    fn send(&self, endpoint: usize, request: proto::BatchRequest, timeout: Duration) -> Call {
+        let secret = self.api_key.clone();
         // Replies may be large (a batch of broadcasts answers per channel), up to what the request allows.
-        let cap = crate::client::reply_cap(prost::Message::encoded_len(&request));
+        let cap = reply_cap(prost::Message::encoded_len(&request));
         let mut client = self.clients[endpoint].clone().max_decoding_message_size(cap);
         let mut request = tonic::Request::new(request);
         request.set_timeout(timeout);
         if let Some(value) = &self.authorization {
             request.metadata_mut().insert("authorization", value.clone());
         }
-        async move {
+        Box::pin(async move {
             match tokio::time::timeout(timeout, client.batch(request)).await {
                 Err(_) => Response::Transport("timeout".into()),
                 Ok(Ok(reply)) => Response::Replies(replies(reply.into_inner())),
                 Ok(Err(status)) => status_response(&status, &secret),
             }
+        })
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn body(&self, commands: &[Prepared]) -> Body {
+        batch_request(commands).map_or_else(Body::Unsendable, Body::new)
+    }
+
+    fn call(&self, endpoint: usize, body: Body, timeout: Duration) -> Call {
+        match body.take::<proto::BatchRequest>() {
+            Ok(request) => self.send(endpoint, request, timeout),
+            Err(response) => Box::pin(async move { response }),
         }
+    }
+
+    fn probe(&self, endpoint: usize, timeout: Duration) -> Call {
+        self.send(endpoint, proto::BatchRequest::default(), timeout)
+    }
+
+    fn batch_bytes_cap(&self, commands: usize) -> Option<i64> {
+        Some(DEFAULT_MAX_MESSAGE.saturating_sub(PER_COMMAND_OVERHEAD * commands).max(1 << 20) as i64)
+    }
+
+    fn is_grpc(&self) -> bool {
+        true
     }
 }
 
@@ -381,7 +403,6 @@ impl tokio_rustls::rustls::client::danger::ServerCertVerifier for AnyCertificate
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::CentrifugoClient;
     use crate::dispatch::{classify_batch, prepare, BatchVerdict, Outcome};
     use prost::Message;
 
@@ -606,19 +627,26 @@ mod tests {
         assert_eq!(node_failure(&status_response(&proxied(502), "")), Some(NodeFailure::Unknown));
     }
 
-    #[test]
-    fn a_port_nobody_listens_on_is_a_connect_failure_without_the_key() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let client = CentrifugoClient::new(crate::client::ClientConfig {
-            api_url: format!("grpc://127.0.0.1:{port}"),
-            api_key: "secret-key-123".into(),
+    fn config(url: &str, api_key: &str) -> ClientConfig {
+        ClientConfig {
+            api_url: url.into(),
+            api_key: api_key.into(),
             connect_timeout: Duration::from_millis(500),
             timeout: Duration::from_millis(500),
             ..Default::default()
-        })
-        .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_port_nobody_listens_on_is_a_connect_failure_without_the_key() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("grpc://127.0.0.1:{port}");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _inside = runtime.enter();
+        let transport = GrpcTransport::new(std::slice::from_ref(&url), &config(&url, "secret-key-123")).unwrap();
         let cmd = prepared("publish", r#"{"channel":"a","data":1}"#);
-        let response = client.start_batch(std::slice::from_ref(&cmd)).wait();
+        let body = transport.body(std::slice::from_ref(&cmd));
+        let response = runtime.block_on(transport.call(0, body, Duration::from_millis(500)));
         assert!(
             matches!(&response, Response::Transport(m) if m.starts_with(CONNECT_FAILED) && !m.contains("secret-key-123")),
             "{response:?}"
@@ -628,13 +656,8 @@ mod tests {
 
     #[test]
     fn a_key_that_cannot_be_metadata_is_refused_without_showing_it() {
-        let e = CentrifugoClient::new(crate::client::ClientConfig {
-            api_url: "grpc://127.0.0.1:10000".into(),
-            api_key: "line\nbreak-secret".into(),
-            ..Default::default()
-        })
-        .err()
-        .unwrap();
+        let url = "grpc://127.0.0.1:10000".to_owned();
+        let e = GrpcTransport::new(std::slice::from_ref(&url), &config(&url, "line\nbreak-secret")).err().unwrap();
         assert!(e.contains("centrifugo.api_key") && !e.contains("break-secret"), "{e}");
     }
 }

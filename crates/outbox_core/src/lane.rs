@@ -230,7 +230,7 @@ mod tests {
         assert_eq!(w.resend(), Some((500, 520)));
         assert_eq!(w.limit(100, 510), 1);
         assert_eq!(w.limit(100, 1), 100, "ids started again below the resend");
-        let not_sent = Outcome::Retry(Failure::http(None, crate::client::NOT_SENT_YET));
+        let not_sent = Outcome::Retry(Failure::http(None, crate::dispatch::NOT_SENT_YET));
         w.record([Some(&Outcome::Delivered), Some(&not_sent), Some(&not_sent)], 1, 3);
         assert_eq!(w.resend(), None);
     }

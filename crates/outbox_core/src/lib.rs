@@ -7,15 +7,18 @@ pub mod command;
 pub mod consumers;
 pub mod dispatch;
 pub mod endpoints;
+pub mod engine;
 pub mod error;
 #[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod histogram;
+pub mod http;
 pub mod kafka;
 pub mod lane;
 pub mod partition;
 pub mod retry;
 pub mod settings;
+pub mod transport;
 
 pub use command::{Command, Method, PayloadBuilder};
 pub use error::{CommandError, ErrorClass};

@@ -1,0 +1,708 @@
+//! The delivery engine: one pipelined dispatcher for every source of commands (the outbox
+//! partitions, the Kafka partitions, and whatever comes next).
+//!
+//! A source hands the engine *lanes*: streams of commands in the order they must run, each
+//! command with a position (a row id, an offset). Per lane the engine keeps at most one batch
+//! in flight; the source reads ahead (pushes more) while it waits. A batch is sized by the
+//! lane's window (see [`crate::lane`]) and by what one request may carry, so a transport never
+//! gets more than it takes. After a temporary failure the lane backs off; what Centrifugo ran
+//! is settled whatever failed around it, and a settled command is never sent again: not after
+//! a failure next to it, not after the source's transaction rolled back (the outcome is
+//! remembered and applied to the same command when it is read again).
+//!
+//! The engine does no I/O of its own besides the client's requests. It says per lane what is
+//! settled ([`Engine::unapplied`]); the source makes that durable (deletes rows, writes dead
+//! letters, commits offsets) and says so ([`Engine::applied`]), and learns through which
+//! position the lane is done, which is what it may commit or confirm.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use crate::client::{CentrifugoClient, InFlight};
+use crate::dispatch::{Failure, Outcome, Prepared};
+use crate::lane::BatchWindow;
+use crate::retry::{Backoff, Jitter};
+
+/// What a command is when the source hands it over.
+pub enum Ready {
+    /// To be sent.
+    Send(Prepared),
+    /// Its outcome is known without sending it (a malformed row is a dead letter already).
+    Known(Outcome),
+}
+
+/// How batches are made and failures waited out; the sources read it from the settings, which
+/// a reload may change.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// The commands a batch carries when nothing failed.
+    pub batch: usize,
+    /// The most payload bytes one batch carries (the first command always goes).
+    pub budget: i64,
+    pub backoff: Backoff,
+}
+
+/// One command as the engine holds it.
+struct Held<T> {
+    position: i64,
+    /// With the position, what tells a command read again from another one at the same
+    /// position (an outbox row's created_at): a remembered outcome applies only to the same.
+    identity: i64,
+    /// None while the command is in flight.
+    command: Option<Prepared>,
+    /// Delivered or dead letter; None while it is still to be sent (a temporary failure too).
+    outcome: Option<Outcome>,
+    /// Attempts made, for a dead letter's record.
+    attempts: u32,
+    /// The source made the outcome durable.
+    applied: bool,
+    item: T,
+}
+
+struct Lane<T> {
+    held: VecDeque<Held<T>>,
+    window: BatchWindow,
+    /// Consecutive temporary failures, and the position they are about.
+    attempts: u32,
+    failing: Option<i64>,
+    /// No batch before this (backing off).
+    ready_at: Option<Instant>,
+    in_flight: bool,
+    /// Outcomes the source applied in its open transaction, until it commits.
+    pending: Vec<((i64, i64), Outcome)>,
+    /// Outcomes of commands Centrifugo ran whose application was rolled back: applied, without
+    /// sending, when the same command is pushed again.
+    remembered: HashMap<(i64, i64), Outcome>,
+}
+
+impl<T> Lane<T> {
+    fn new(resend: Option<(i64, i64)>) -> Self {
+        Lane {
+            held: VecDeque::new(),
+            window: BatchWindow::resuming(resend),
+            attempts: 0,
+            failing: None,
+            ready_at: None,
+            in_flight: false,
+            pending: Vec::new(),
+            remembered: HashMap::new(),
+        }
+    }
+
+    fn wants_dispatch(&self, now: Instant) -> bool {
+        !self.in_flight
+            && self.ready_at.is_none_or(|t| t <= now)
+            && self.held.iter().any(|h| h.outcome.is_none() || !h.applied)
+    }
+}
+
+/// A settled command the source has yet to make durable.
+pub struct Settled<'a, T> {
+    pub position: i64,
+    pub identity: i64,
+    pub outcome: &'a Outcome,
+    /// The command as prepared (None when it was known bad before being prepared).
+    pub command: Option<&'a Prepared>,
+    /// Attempts made, counting the last one.
+    pub attempts: u32,
+    pub item: &'a T,
+}
+
+/// A temporary failure a batch ran into: the first command of the lane that must be sent again.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    pub position: i64,
+    pub method: &'static str,
+    pub failure: Failure,
+    /// How long the lane waits (zero for commands a one-by-one resend had no time for).
+    pub delay: Duration,
+    pub attempt: u32,
+}
+
+/// What one batch of a lane came to.
+#[derive(Debug)]
+pub struct Report<K> {
+    pub lane: K,
+    /// Requests made (a resend one by one, a failover make several).
+    pub requests: u64,
+    pub retry: Option<Retry>,
+    /// Consecutive failures this batch ended (it was answered after them).
+    pub recovered_after: u32,
+}
+
+/// One lane's batch on its way.
+struct LaneBatch<'c, K> {
+    lane: K,
+    /// Indexes into the lane's held commands of those sent, in order.
+    sent: Vec<usize>,
+    commands: Vec<Prepared>,
+    bytes: i64,
+    request: Option<InFlight<'c>>,
+}
+
+/// The batches of one dispatch round, at most one per lane.
+pub struct Flight<'c, K> {
+    batches: Vec<LaneBatch<'c, K>>,
+}
+
+impl<K: PartialEq> Flight<'_, K> {
+    /// Payload bytes in flight for `lane`.
+    pub fn bytes(&self, lane: &K) -> i64 {
+        self.batches.iter().filter(|b| b.lane == *lane).map(|b| b.bytes).sum()
+    }
+
+    /// Whether anything was put on the wire.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+pub struct Engine<K, T> {
+    lanes: HashMap<K, Lane<T>>,
+    policy: Policy,
+    jitter: Jitter,
+}
+
+impl<K: Hash + Eq + Clone, T> Engine<K, T> {
+    pub fn new(policy: Policy, jitter_seed: u64) -> Self {
+        Engine { lanes: HashMap::new(), policy, jitter: Jitter::new(jitter_seed) }
+    }
+
+    /// Takes the settings as they are now.
+    pub fn set_policy(&mut self, policy: Policy) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Opens `lane` unless it is open, resuming a one-by-one resend a restart interrupted.
+    pub fn open(&mut self, lane: &K, resend: impl FnOnce() -> Option<(i64, i64)>) {
+        if !self.lanes.contains_key(lane) {
+            self.lanes.insert(lane.clone(), Lane::new(resend()));
+        }
+    }
+
+    pub fn is_open(&self, lane: &K) -> bool {
+        self.lanes.contains_key(lane)
+    }
+
+    /// Closes `lane` (a Kafka partition revoked): nothing of it is sent or reported any more,
+    /// not even the answer of a batch in flight; its new owner sends what is not done again.
+    pub fn remove(&mut self, lane: &K) {
+        self.lanes.remove(lane);
+    }
+
+    /// Adds a command at the end of `lane` (opened if need be). A command whose outcome is
+    /// remembered from a rolled-back application gets it without being sent.
+    pub fn push(&mut self, lane: &K, position: i64, identity: i64, ready: Ready, item: T) {
+        self.open(lane, || None);
+        let lane = self.lanes.get_mut(lane).expect("opened above");
+        let (command, outcome) = match ready {
+            Ready::Send(command) => {
+                let outcome = lane.remembered.get(&(position, identity)).cloned();
+                (Some(command), outcome)
+            }
+            Ready::Known(outcome) => (None, Some(outcome)),
+        };
+        lane.held.push_back(Held { position, identity, command, outcome, attempts: 1, applied: false, item });
+    }
+
+    /// Commands of `lane` held: not settled, or settled and not applied yet.
+    pub fn len(&self, lane: &K) -> usize {
+        self.lanes.get(lane).map_or(0, |l| l.held.len())
+    }
+
+    /// How many commands the next batch of `lane` may carry as things stand (what a source that
+    /// reads one batch at a time reads).
+    pub fn read_limit(&self, lane: &K) -> usize {
+        let configured = self.policy.batch;
+        self.lanes.get(lane).map_or(configured.max(1), |l| l.window.limit_now(configured))
+    }
+
+    /// The lane's one-by-one resend (from, through), and its batch size when reduced, for the
+    /// status views and for a restarted worker.
+    pub fn window(&self, lane: &K) -> (Option<(i64, i64)>, Option<usize>) {
+        self.lanes.get(lane).map_or((None, None), |l| (l.window.resend(), l.window.reduced(self.policy.batch)))
+    }
+
+    /// Whether some lane would start a batch now.
+    pub fn any_ready(&self, now: Instant) -> bool {
+        self.lanes.values().any(|l| l.wants_dispatch(now))
+    }
+
+    /// Puts the next batch of every lane that is ready on the wire (a lane with only settled
+    /// commands to apply joins without a request), and returns at once.
+    pub fn start<'c>(&mut self, client: &'c CentrifugoClient, now: Instant) -> Flight<'c, K> {
+        let configured = self.policy.batch;
+        let mut batches = Vec::new();
+        for (key, lane) in &mut self.lanes {
+            if !lane.wants_dispatch(now) {
+                continue;
+            }
+            lane.in_flight = true;
+            let mut batch = LaneBatch { lane: key.clone(), sent: Vec::new(), commands: Vec::new(), bytes: 0, request: None };
+            if let Some(first) = lane.held.iter().find(|h| h.outcome.is_none()).map(|h| h.position) {
+                let limit = lane.window.limit(configured, first);
+                let budget = client.batch_bytes_cap(limit).map_or(self.policy.budget, |cap| cap.min(self.policy.budget));
+                for (i, held) in lane.held.iter_mut().enumerate().filter(|(_, h)| h.outcome.is_none()).take(limit) {
+                    let command = held.command.as_ref().expect("a command not settled is held");
+                    let size = command.payload.len() as i64;
+                    // What does not fit goes in the next batch, with everything after it.
+                    if !batch.commands.is_empty() && batch.bytes + size > budget {
+                        break;
+                    }
+                    batch.bytes += size;
+                    batch.commands.push(held.command.take().expect("checked above"));
+                    batch.sent.push(i);
+                }
+            }
+            if !batch.commands.is_empty() {
+                batch.request = Some(client.start_batch(&batch.commands));
+            }
+            batches.push(batch);
+        }
+        Flight { batches }
+    }
+
+    /// Waits for every batch of `flight` (all answers are read before any is handled, so none
+    /// waits unread and times out while another one is), takes what each command came to, and
+    /// backs off the lanes that ran into a temporary failure. A lane removed meanwhile gets
+    /// nothing.
+    pub fn finish(&mut self, client: &CentrifugoClient, mut flight: Flight<'_, K>, now: Instant) -> Vec<Report<K>> {
+        for request in flight.batches.iter_mut().filter_map(|b| b.request.as_mut()) {
+            request.settle();
+        }
+        let mut reports = Vec::with_capacity(flight.batches.len());
+        for batch in flight.batches {
+            let mut requests = 0;
+            let outcomes = match batch.request {
+                Some(request) => client.finish(request, &batch.commands, &mut requests),
+                None => Vec::new(),
+            };
+            let Some(lane) = self.lanes.get_mut(&batch.lane) else { continue };
+            lane.in_flight = false;
+            if let (Some(&first), Some(&last)) = (batch.sent.first(), batch.sent.last()) {
+                let (first, last) = (lane.held[first].position, lane.held[last].position);
+                lane.window.record(outcomes.iter().map(Some), first, last);
+            }
+            let mut retry: Option<(i64, &'static str, Failure)> = None;
+            for ((&i, command), outcome) in batch.sent.iter().zip(batch.commands).zip(outcomes) {
+                let held = &mut lane.held[i];
+                match outcome {
+                    Outcome::Retry(failure) => {
+                        retry.get_or_insert((held.position, command.method.as_str(), failure));
+                    }
+                    settled => {
+                        held.attempts = if lane.failing == Some(held.position) { lane.attempts + 1 } else { 1 };
+                        held.outcome = Some(settled);
+                    }
+                }
+                held.command = Some(command);
+            }
+            let recovered_after = if retry.is_none() { std::mem::take(&mut lane.attempts) } else { 0 };
+            let retry = match retry {
+                None => {
+                    lane.failing = None;
+                    lane.ready_at = None;
+                    None
+                }
+                Some((position, method, failure)) if failure.is_deferred() => {
+                    lane.ready_at = None;
+                    Some(Retry { position, method, failure, delay: Duration::ZERO, attempt: lane.attempts })
+                }
+                Some((position, method, failure)) => {
+                    lane.attempts += 1;
+                    lane.failing = Some(position);
+                    let delay = self.policy.backoff.delay(lane.attempts, self.jitter.next_fraction());
+                    lane.ready_at = Some(now + delay);
+                    Some(Retry { position, method, failure, delay, attempt: lane.attempts })
+                }
+            };
+            reports.push(Report { lane: batch.lane, requests, retry, recovered_after });
+        }
+        reports
+    }
+
+    /// The settled commands of `lane` the source has not made durable yet, in order.
+    pub fn unapplied(&self, lane: &K) -> impl Iterator<Item = Settled<'_, T>> {
+        self.lanes.get(lane).into_iter().flat_map(|l| l.held.iter()).filter(|h| !h.applied).filter_map(|h| {
+            Some(Settled {
+                position: h.position,
+                identity: h.identity,
+                outcome: h.outcome.as_ref()?,
+                command: h.command.as_ref(),
+                attempts: h.attempts,
+                item: &h.item,
+            })
+        })
+    }
+
+    /// The source made every settled command of `lane` durable (in its open transaction, see
+    /// [`Self::committed`]). Returns the position through which the lane is done: every command
+    /// up to it is settled and applied (what a Kafka consumer commits).
+    pub fn applied(&mut self, lane: &K) -> Option<i64> {
+        let lane = self.lanes.get_mut(lane)?;
+        for held in lane.held.iter_mut().filter(|h| !h.applied) {
+            if let Some(outcome) = &held.outcome {
+                held.applied = true;
+                lane.pending.push(((held.position, held.identity), outcome.clone()));
+            }
+        }
+        let mut done = None;
+        while lane.held.front().is_some_and(|h| h.applied) {
+            done = lane.held.pop_front().map(|h| h.position);
+        }
+        done
+    }
+
+    /// The source's transaction committed what it applied: nothing of it is remembered.
+    pub fn committed(&mut self, lane: &K) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            for (key, _) in lane.pending.drain(..) {
+                lane.remembered.remove(&key);
+            }
+        }
+    }
+
+    /// The source's transaction rolled back: every outcome known is remembered for when the
+    /// source reads the commands again, and what is held is dropped (see [`Self::restart`]).
+    pub fn rolled_back(&mut self, lane: &K) -> usize {
+        let Some(lane) = self.lanes.get_mut(lane) else { return 0 };
+        let settled = lane.held.iter().filter_map(|h| Some(((h.position, h.identity), h.outcome.clone()?)));
+        let known: Vec<_> = lane.pending.drain(..).chain(settled).collect();
+        let count = known.len();
+        lane.remembered.extend(known);
+        lane.held.clear();
+        lane.in_flight = false;
+        count
+    }
+
+    /// The source reads `lane` again from its start: what is held is dropped (outcomes
+    /// remembered stay).
+    pub fn restart(&mut self, lane: &K) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            lane.held.clear();
+            lane.in_flight = false;
+        }
+    }
+
+    /// Everything remembered of `lane` is moot (it was drained: nothing is left that an earlier
+    /// failed transaction could have sent), and so is a resend under way.
+    pub fn drained(&mut self, lane: &K) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            lane.remembered.clear();
+            lane.window.drained();
+        }
+    }
+
+    /// `lane` is about something else now (another table under the name): nothing of before
+    /// applies, its window included.
+    pub fn reset(&mut self, lane: &K) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            lane.remembered.clear();
+            lane.pending.clear();
+            lane.held.clear();
+            lane.window.reset();
+        }
+    }
+
+    /// Holds `lane` back until `until` (its source could not apply what is settled).
+    pub fn hold(&mut self, lane: &K, until: Instant) {
+        if let Some(lane) = self.lanes.get_mut(lane) {
+            lane.ready_at = Some(until);
+        }
+    }
+
+    /// Consecutive temporary failures of `lane`.
+    pub fn attempts(&self, lane: &K) -> u32 {
+        self.lanes.get(lane).map_or(0, |l| l.attempts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::{prepare, ErrorBody, Reply, Response};
+    use crate::transport::{Body, Call, ClientConfig, Transport};
+    use std::sync::{Arc, Mutex};
+
+    /// What the scripted transport does with its next request (then: answer everything).
+    #[derive(Clone)]
+    enum Act {
+        /// Centrifugo answers each command; those at these indexes fail with this code.
+        Fail(Vec<usize>, u32),
+        /// No answer comes: the request times out.
+        Hang,
+    }
+
+    #[derive(Default)]
+    struct Script {
+        acts: VecDeque<Act>,
+        /// The data of each command sent, per request, in order.
+        sent: Vec<Vec<i64>>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Scripted(Arc<Mutex<Script>>);
+
+    impl Scripted {
+        fn then(&self, act: Act) -> &Self {
+            self.0.lock().unwrap().acts.push_back(act);
+            self
+        }
+        fn sent(&self) -> Vec<Vec<i64>> {
+            self.0.lock().unwrap().sent.clone()
+        }
+    }
+
+    impl Transport for Scripted {
+        fn body(&self, commands: &[Prepared]) -> Body {
+            let data = commands
+                .iter()
+                .map(|c| serde_json::from_str::<serde_json::Value>(&c.payload).unwrap()["data"].as_i64().unwrap())
+                .collect::<Vec<i64>>();
+            Body::new(data)
+        }
+
+        fn call(&self, _endpoint: usize, body: Body, timeout: Duration) -> Call {
+            let data: Vec<i64> = body.take().unwrap();
+            let mut script = self.0.lock().unwrap();
+            let count = data.len();
+            script.sent.push(data);
+            match script.acts.pop_front() {
+                None => Box::pin(async move { replies(count, &[], 0) }),
+                Some(Act::Fail(at, code)) => Box::pin(async move { replies(count, &at, code) }),
+                Some(Act::Hang) => Box::pin(async move {
+                    tokio::time::sleep(timeout).await;
+                    Response::Transport("timeout".into())
+                }),
+            }
+        }
+
+        fn probe(&self, _endpoint: usize, _timeout: Duration) -> Call {
+            Box::pin(async { Response::Replies(Vec::new()) })
+        }
+    }
+
+    fn replies(count: usize, failing: &[usize], code: u32) -> Response {
+        Response::Replies(
+            (0..count)
+                .map(|i| Reply {
+                    error: failing.contains(&i).then(|| ErrorBody { code, message: "scripted".into() }),
+                    broadcast: None,
+                })
+                .collect(),
+        )
+    }
+
+    fn client(script: &Scripted) -> CentrifugoClient {
+        let config = ClientConfig {
+            api_url: "http://scripted:8000/api".into(),
+            timeout: Duration::from_millis(100),
+            connect_timeout: Duration::from_millis(100),
+            ..Default::default()
+        };
+        CentrifugoClient::over(config, Box::new(script.clone())).unwrap()
+    }
+
+    fn engine(batch: usize) -> Engine<&'static str, ()> {
+        let backoff = Backoff { base: Duration::from_millis(50), max: Duration::from_millis(50) };
+        Engine::new(Policy { batch, budget: i64::MAX, backoff }, 7)
+    }
+
+    fn push(engine: &mut Engine<&'static str, ()>, lane: &'static str, positions: std::ops::Range<i64>) {
+        for p in positions {
+            let command = prepare("publish", &format!(r#"{{"channel":"c","data":{p}}}"#), || format!("k{p}")).unwrap();
+            engine.push(&lane, p, 0, Ready::Send(command), ());
+        }
+    }
+
+    /// What is settled in `lane`, as (position, delivered).
+    fn settled(engine: &Engine<&'static str, ()>, lane: &'static str) -> Vec<(i64, bool)> {
+        engine.unapplied(&lane).map(|s| (s.position, matches!(s.outcome, Outcome::Delivered))).collect()
+    }
+
+    #[test]
+    fn a_lane_has_one_batch_in_flight_while_the_source_reads_ahead_and_is_done_in_order() {
+        let script = Scripted::default();
+        let client = client(&script);
+        let mut engine = engine(3);
+        push(&mut engine, "a", 0..4);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        // Read ahead while the batch is in flight: no second batch of the lane goes meanwhile.
+        push(&mut engine, "a", 4..7);
+        assert!(engine.start(&client, now).is_empty());
+        let reports = engine.finish(&client, flight, now);
+        assert!(reports.len() == 1 && reports[0].retry.is_none(), "{reports:?}");
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, true)]);
+        assert_eq!(engine.applied(&"a"), Some(2));
+        while engine.any_ready(now) {
+            let flight = engine.start(&client, now);
+            engine.finish(&client, flight, now);
+            engine.applied(&"a");
+        }
+        assert_eq!(script.sent(), vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert_eq!(engine.len(&"a"), 0);
+    }
+
+    #[test]
+    fn a_partial_failure_settles_what_ran_and_resends_the_failed_command_alone_after_a_back_off() {
+        let script = Scripted::default();
+        script.then(Act::Fail(vec![1], 100));
+        let client = client(&script);
+        let mut engine = engine(4);
+        push(&mut engine, "a", 0..8);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        let reports = engine.finish(&client, flight, now);
+        let retry = reports[0].retry.clone().expect("a temporary failure");
+        assert_eq!((retry.position, retry.attempt), (1, 1));
+        assert!(retry.delay > Duration::ZERO && !retry.failure.is_deferred());
+        // What ran after the failed command is settled: never sent again.
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (2, true), (3, true)]);
+        // Only the prefix is done: position 1 holds back what a Kafka consumer may commit.
+        assert_eq!(engine.applied(&"a"), Some(0));
+        assert!(engine.start(&client, now).is_empty(), "backing off");
+        let later = now + retry.delay;
+        // Through the failed batch, one command per request; then full batches again.
+        let mut reports = Vec::new();
+        while engine.any_ready(later) {
+            let flight = engine.start(&client, later);
+            reports.extend(engine.finish(&client, flight, later));
+            engine.applied(&"a");
+        }
+        assert_eq!(script.sent(), vec![vec![0, 1, 2, 3], vec![1], vec![4, 5, 6, 7]]);
+        assert_eq!(reports[0].recovered_after, 1);
+        assert_eq!(engine.window(&"a"), (None, None));
+    }
+
+    #[test]
+    fn a_batch_that_gets_no_reply_is_retried_halved_and_nothing_of_it_is_lost() {
+        let script = Scripted::default();
+        script.then(Act::Hang).then(Act::Hang);
+        let client = client(&script);
+        let mut engine = engine(4);
+        push(&mut engine, "a", 0..6);
+        let mut now = Instant::now();
+        for expected_limit in [Some(2), Some(1)] {
+            let flight = engine.start(&client, now);
+            let reports = engine.finish(&client, flight, now);
+            let retry = reports[0].retry.clone().expect("timed out");
+            assert!(retry.failure.is_timeout(), "{:?}", retry.failure);
+            assert_eq!(engine.window(&"a").1, expected_limit);
+            assert!(settled(&engine, "a").is_empty());
+            now += retry.delay;
+        }
+        while engine.any_ready(now) {
+            let flight = engine.start(&client, now);
+            engine.finish(&client, flight, now);
+            engine.applied(&"a");
+        }
+        // Answered batches double the size back: 1, 2, then the rest.
+        assert_eq!(script.sent(), vec![vec![0, 1, 2, 3], vec![0, 1], vec![0], vec![1, 2], vec![3, 4, 5]]);
+        assert_eq!(engine.len(&"a"), 0);
+    }
+
+    #[test]
+    fn a_lane_revoked_mid_flight_gets_nothing_and_the_other_lanes_go_on() {
+        let script = Scripted::default();
+        let client = client(&script);
+        let mut engine = engine(10);
+        push(&mut engine, "a", 0..2);
+        push(&mut engine, "b", 10..12);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        engine.remove(&"a");
+        let reports = engine.finish(&client, flight, now);
+        assert_eq!(reports.iter().map(|r| r.lane).collect::<Vec<_>>(), vec!["b"]);
+        assert!(!engine.is_open(&"a") && settled(&engine, "a").is_empty());
+        assert_eq!(engine.applied(&"b"), Some(11));
+        // Assigned again: its commands are read again and sent again (their keys absorb it).
+        push(&mut engine, "a", 0..2);
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true)]);
+        let mut sent = script.sent();
+        sent.sort();
+        assert_eq!(sent, vec![vec![0, 1], vec![0, 1], vec![10, 11]]);
+    }
+
+    #[test]
+    fn what_ran_is_remembered_across_a_rollback_and_applied_without_sending_it_again() {
+        let script = Scripted::default();
+        script.then(Act::Fail(vec![2], 107));
+        let client = client(&script);
+        let mut engine = engine(10);
+        push(&mut engine, "a", 0..3);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        engine.applied(&"a");
+        // The source's transaction (deletes, dead letters) rolled back: it reads the rows again.
+        assert_eq!(engine.rolled_back(&"a"), 3);
+        push(&mut engine, "a", 0..3);
+        // Another command at a position (a row id used again) is not the one remembered.
+        let other = prepare("publish", r#"{"channel":"c","data":3}"#, || "k".into()).unwrap();
+        engine.push(&"a", 3, 1, Ready::Send(other), ());
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, false), (3, true)]);
+        assert_eq!(script.sent(), vec![vec![0, 1, 2], vec![3]]);
+        engine.applied(&"a");
+        engine.committed(&"a");
+        // Committed: nothing is remembered, the same rows would be sent (they are gone).
+        engine.restart(&"a");
+        push(&mut engine, "a", 0..1);
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(script.sent().len(), 3);
+    }
+
+    #[test]
+    fn a_batch_over_what_one_request_may_carry_goes_in_parts_in_order() {
+        let script = Scripted::default();
+        let client = client(&script);
+        let mut engine = engine(10);
+        let mut policy = engine.policy();
+        let one = prepare("publish", r#"{"channel":"c","data":0}"#, || "k0".into()).unwrap();
+        policy.budget = 2 * one.payload.len() as i64;
+        engine.set_policy(policy);
+        push(&mut engine, "a", 0..5);
+        let now = Instant::now();
+        while engine.any_ready(now) {
+            let flight = engine.start(&client, now);
+            engine.finish(&client, flight, now);
+            engine.applied(&"a");
+        }
+        assert_eq!(script.sent(), vec![vec![0, 1], vec![2, 3], vec![4]]);
+    }
+
+    #[test]
+    fn settled_commands_the_source_could_not_apply_are_offered_again_and_never_sent_again() {
+        let script = Scripted::default();
+        script.then(Act::Fail(vec![0], 107));
+        let client = client(&script);
+        let mut engine = engine(10);
+        push(&mut engine, "a", 0..2);
+        engine.push(&"a", 2, 0, Ready::Known(Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None }), ());
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(settled(&engine, "a"), vec![(0, false), (1, true), (2, false)]);
+        // The dead letters could not be written: the lane waits, then offers them again.
+        let until = now + Duration::from_millis(30);
+        engine.hold(&"a", until);
+        assert!(engine.start(&client, now).is_empty());
+        let flight = engine.start(&client, until);
+        assert!(!flight.is_empty());
+        engine.finish(&client, flight, until);
+        assert_eq!(settled(&engine, "a"), vec![(0, false), (1, true), (2, false)]);
+        assert_eq!(engine.applied(&"a"), Some(2));
+        assert_eq!(script.sent(), vec![vec![0, 1]]);
+        assert!(!engine.any_ready(until));
+    }
+}
