@@ -10,6 +10,10 @@
 //! a failure next to it, not after the source's transaction rolled back (the outcome is
 //! remembered and applied to the same command when it is read again).
 //!
+//! While a lane's batch is in flight, [`Engine::prepare`] makes the lane's next batch (its
+//! commands chosen, its request made) from what the source read ahead, so that once the answer
+//! is in, the next request goes at once; a temporary failure in the batch before undoes it.
+//!
 //! The engine does no I/O of its own besides the client's requests. It says per lane what is
 //! settled ([`Engine::unapplied`]); the source makes that durable (deletes rows, writes dead
 //! letters, commits offsets) and says so ([`Engine::applied`]), and learns through which
@@ -19,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use crate::client::{CentrifugoClient, InFlight};
+use crate::client::{Body, CentrifugoClient, InFlight};
 use crate::dispatch::{Failure, Outcome, Prepared};
 use crate::lane::BatchWindow;
 use crate::retry::{Backoff, Jitter};
@@ -60,8 +64,22 @@ struct Held<T> {
     item: T,
 }
 
+/// A lane's next batch: which held commands (absolute indexes, see `Lane::base`), taken out.
+struct Chosen {
+    sent: Vec<usize>,
+    commands: Vec<Prepared>,
+    bytes: i64,
+    /// The request, when made ahead.
+    body: Option<Body>,
+}
+
 struct Lane<T> {
     held: VecDeque<Held<T>>,
+    /// How many commands were ever taken off the front of `held`: `held[i - base]` is command
+    /// `i`, so a batch's indexes stay right while the lane's done prefix goes.
+    base: usize,
+    /// The next batch, made while the one before is in flight.
+    next: Option<Chosen>,
     window: BatchWindow,
     /// Consecutive temporary failures, and the position they are about.
     attempts: u32,
@@ -80,6 +98,8 @@ impl<T> Lane<T> {
     fn new(resend: Option<(i64, i64)>) -> Self {
         Lane {
             held: VecDeque::new(),
+            base: 0,
+            next: None,
             window: BatchWindow::resuming(resend),
             attempts: 0,
             failing: None,
@@ -93,7 +113,49 @@ impl<T> Lane<T> {
     fn wants_dispatch(&self, now: Instant) -> bool {
         !self.in_flight
             && self.ready_at.is_none_or(|t| t <= now)
-            && self.held.iter().any(|h| h.outcome.is_none() || !h.applied)
+            && (self.next.is_some() || self.held.iter().any(|h| h.outcome.is_none() || !h.applied))
+    }
+
+    fn held_mut(&mut self, index: usize) -> &mut Held<T> {
+        &mut self.held[index - self.base]
+    }
+
+    /// Takes the next batch out of the commands not settled and not on their way: at most what
+    /// the window allows, and what fits in `budget` (a budget of its own per size: the
+    /// transport's cap may depend on how many commands go).
+    fn choose(&mut self, configured: usize, budget: impl Fn(usize) -> i64) -> Chosen {
+        let mut chosen = Chosen { sent: Vec::new(), commands: Vec::new(), bytes: 0, body: None };
+        let waiting = |h: &Held<T>| h.outcome.is_none() && h.command.is_some();
+        let Some(first) = self.held.iter().find(|h| waiting(h)).map(|h| h.position) else { return chosen };
+        let limit = self.window.limit(configured, first);
+        let budget = budget(limit);
+        let base = self.base;
+        for (i, held) in self.held.iter_mut().enumerate().filter(|(_, h)| waiting(h)).take(limit) {
+            let size = held.command.as_ref().map_or(0, |c| c.payload.len() as i64);
+            // What does not fit goes in the next batch, with everything after it.
+            if !chosen.commands.is_empty() && chosen.bytes + size > budget {
+                break;
+            }
+            chosen.bytes += size;
+            chosen.commands.push(held.command.take().expect("chosen: waiting"));
+            chosen.sent.push(base + i);
+        }
+        chosen
+    }
+
+    /// Puts the commands of a batch made ahead back (the batch before it failed).
+    fn give_back(&mut self, chosen: Chosen) {
+        for (i, command) in chosen.sent.into_iter().zip(chosen.commands) {
+            self.held_mut(i).command = Some(command);
+        }
+    }
+
+    /// Forgets what is held (the source reads the lane again).
+    fn clear(&mut self) {
+        self.base += self.held.len();
+        self.held.clear();
+        self.next = None;
+        self.in_flight = false;
     }
 }
 
@@ -156,6 +218,11 @@ impl<K: PartialEq> Flight<'_, K> {
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
+}
+
+/// What one batch of `commands` commands may carry: the policy's budget, and the transport's cap.
+fn budget(policy: &Policy, client: &CentrifugoClient, commands: usize) -> i64 {
+    client.batch_bytes_cap(commands).map_or(policy.budget, |cap| cap.min(policy.budget))
 }
 
 pub struct Engine<K, T> {
@@ -236,35 +303,38 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     /// Puts the next batch of every lane that is ready on the wire (a lane with only settled
     /// commands to apply joins without a request), and returns at once.
     pub fn start<'c>(&mut self, client: &'c CentrifugoClient, now: Instant) -> Flight<'c, K> {
-        let configured = self.policy.batch;
+        let policy = self.policy;
         let mut batches = Vec::new();
         for (key, lane) in &mut self.lanes {
             if !lane.wants_dispatch(now) {
                 continue;
             }
+            let mut chosen = match lane.next.take() {
+                Some(chosen) => chosen,
+                None => lane.choose(policy.batch, |limit| budget(&policy, client, limit)),
+            };
             lane.in_flight = true;
-            let mut batch = LaneBatch { lane: key.clone(), sent: Vec::new(), commands: Vec::new(), bytes: 0, request: None };
-            if let Some(first) = lane.held.iter().find(|h| h.outcome.is_none()).map(|h| h.position) {
-                let limit = lane.window.limit(configured, first);
-                let budget = client.batch_bytes_cap(limit).map_or(self.policy.budget, |cap| cap.min(self.policy.budget));
-                for (i, held) in lane.held.iter_mut().enumerate().filter(|(_, h)| h.outcome.is_none()).take(limit) {
-                    let command = held.command.as_ref().expect("a command not settled is held");
-                    let size = command.payload.len() as i64;
-                    // What does not fit goes in the next batch, with everything after it.
-                    if !batch.commands.is_empty() && batch.bytes + size > budget {
-                        break;
-                    }
-                    batch.bytes += size;
-                    batch.commands.push(held.command.take().expect("checked above"));
-                    batch.sent.push(i);
-                }
-            }
-            if !batch.commands.is_empty() {
-                batch.request = Some(client.start_batch(&batch.commands));
-            }
-            batches.push(batch);
+            let request = (!chosen.commands.is_empty()).then(|| {
+                let body = chosen.body.take().unwrap_or_else(|| client.body(&chosen.commands));
+                client.start_body(body)
+            });
+            let Chosen { sent, commands, bytes, .. } = chosen;
+            batches.push(LaneBatch { lane: key.clone(), sent, commands, bytes, request });
         }
         Flight { batches }
+    }
+
+    /// Makes the next batch of every lane in flight from what the source pushed meanwhile, its
+    /// request included, so it goes on the wire as soon as the answer before it is in.
+    pub fn prepare(&mut self, client: &CentrifugoClient) {
+        let policy = self.policy;
+        for lane in self.lanes.values_mut().filter(|l| l.in_flight && l.next.is_none()) {
+            let mut chosen = lane.choose(policy.batch, |limit| budget(&policy, client, limit));
+            if !chosen.commands.is_empty() {
+                chosen.body = Some(client.body(&chosen.commands));
+                lane.next = Some(chosen);
+            }
+        }
     }
 
     /// Waits for every batch of `flight` (all answers are read before any is handled, so none
@@ -285,22 +355,29 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
             let Some(lane) = self.lanes.get_mut(&batch.lane) else { continue };
             lane.in_flight = false;
             if let (Some(&first), Some(&last)) = (batch.sent.first(), batch.sent.last()) {
-                let (first, last) = (lane.held[first].position, lane.held[last].position);
+                let (first, last) = (lane.held_mut(first).position, lane.held_mut(last).position);
                 lane.window.record(outcomes.iter().map(Some), first, last);
             }
             let mut retry: Option<(i64, &'static str, Failure)> = None;
+            let (failing, attempts) = (lane.failing, lane.attempts);
             for ((&i, command), outcome) in batch.sent.iter().zip(batch.commands).zip(outcomes) {
-                let held = &mut lane.held[i];
+                let held = lane.held_mut(i);
                 match outcome {
                     Outcome::Retry(failure) => {
                         retry.get_or_insert((held.position, command.method.as_str(), failure));
                     }
                     settled => {
-                        held.attempts = if lane.failing == Some(held.position) { lane.attempts + 1 } else { 1 };
+                        held.attempts = if failing == Some(held.position) { attempts + 1 } else { 1 };
                         held.outcome = Some(settled);
                     }
                 }
                 held.command = Some(command);
+            }
+            if retry.is_some() {
+                // The batch made ahead assumed this one would go through.
+                if let Some(next) = lane.next.take() {
+                    lane.give_back(next);
+                }
             }
             let recovered_after = if retry.is_none() { std::mem::take(&mut lane.attempts) } else { 0 };
             let retry = match retry {
@@ -354,6 +431,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
         let mut done = None;
         while lane.held.front().is_some_and(|h| h.applied) {
             done = lane.held.pop_front().map(|h| h.position);
+            lane.base += 1;
         }
         done
     }
@@ -375,8 +453,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
         let known: Vec<_> = lane.pending.drain(..).chain(settled).collect();
         let count = known.len();
         lane.remembered.extend(known);
-        lane.held.clear();
-        lane.in_flight = false;
+        lane.clear();
         count
     }
 
@@ -384,8 +461,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     /// remembered stay).
     pub fn restart(&mut self, lane: &K) {
         if let Some(lane) = self.lanes.get_mut(lane) {
-            lane.held.clear();
-            lane.in_flight = false;
+            lane.clear();
         }
     }
 
@@ -404,7 +480,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
         if let Some(lane) = self.lanes.get_mut(lane) {
             lane.remembered.clear();
             lane.pending.clear();
-            lane.held.clear();
+            lane.clear();
             lane.window.reset();
         }
     }
@@ -704,5 +780,39 @@ mod tests {
         assert_eq!(engine.applied(&"a"), Some(2));
         assert_eq!(script.sent(), vec![vec![0, 1]]);
         assert!(!engine.any_ready(until));
+    }
+
+    #[test]
+    fn the_next_batch_made_while_one_is_in_flight_goes_next_or_is_undone_when_that_one_fails() {
+        for failing in [false, true] {
+            let script = Scripted::default();
+            if failing {
+                script.then(Act::Fail(vec![0], 100));
+            }
+            let client = client(&script);
+            let mut engine = engine(2);
+            push(&mut engine, "a", 0..2);
+            let mut now = Instant::now();
+            let flight = engine.start(&client, now);
+            push(&mut engine, "a", 2..4);
+            engine.prepare(&client);
+            let reports = engine.finish(&client, flight, now);
+            engine.applied(&"a");
+            if let Some(retry) = &reports[0].retry {
+                now += retry.delay;
+            }
+            while engine.any_ready(now) {
+                let flight = engine.start(&client, now);
+                engine.finish(&client, flight, now);
+                engine.applied(&"a");
+            }
+            let expected = if failing {
+                vec![vec![0, 1], vec![0], vec![2, 3]]
+            } else {
+                vec![vec![0, 1], vec![2, 3]]
+            };
+            assert_eq!(script.sent(), expected, "failing: {failing}");
+            assert_eq!(engine.len(&"a"), 0);
+        }
     }
 }
