@@ -2,8 +2,8 @@
 
 use pgrx::prelude::*;
 
+use crate::layout::outbox_specs;
 use crate::session;
-use crate::worker::outbox_specs;
 
 /// Moves dead letters back into the outbox they came from (Kafka ones into the default outbox),
 /// in their original order and partition, and returns how many. Filters combine with AND; no

@@ -878,9 +878,9 @@ pub fn outbox_table() -> String {
 }
 
 /// The settings of the HTTP client towards Centrifugo, as they are now.
-pub fn client_config() -> outbox_core::client::ClientConfig {
+pub fn client_config() -> outbox_core::transport::ClientConfig {
     use std::time::Duration;
-    outbox_core::client::ClientConfig {
+    outbox_core::transport::ClientConfig {
         api_url: api_url(),
         api_key: api_key(),
         connect_timeout: Duration::from_millis(http_connect_timeout_ms() as u64),

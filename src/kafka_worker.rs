@@ -1,9 +1,10 @@
 //! The Kafka bridge: one background worker per Kafka consumer consumes Centrifugo commands from
-//! Kafka topics and dispatches them through the same client, batch dispatch, outcomes, retry
-//! policy and dead-letter table as the outbox workers.
+//! Kafka topics and hands them to the delivery engine (`outbox_core::engine`), one lane per Kafka
+//! partition, with the same client, outcomes, retry policy and dead-letter table as the outbox
+//! workers.
 //!
 //! Per Kafka partition, records are dispatched in offset order (up to `max_poll_records` per
-//! `/api/batch`), one batch at a time; the batches of different partitions are in flight
+//! batch), one batch at a time; the batches of different partitions are in flight
 //! together while librdkafka fetches the next records. A temporary failure pauses only that
 //! partition while it backs off. An offset is
 //! committed only after its record is done: delivered, or written to the dead letters in a
@@ -12,7 +13,7 @@
 //! is dropped for the new owner to read again. Offsets never move past an undone record, so a
 //! crash redelivers (at least once), and derived idempotency keys stop duplicate publications.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -25,12 +26,12 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 
-use outbox_core::client::{CentrifugoClient, InFlight};
+use outbox_core::client::CentrifugoClient;
 use outbox_core::consumers::{parse_consumers_each, ConsumerEntry};
-use outbox_core::dispatch::{Failure, Outcome, Prepared};
+use outbox_core::dispatch::{Failure, Outcome};
+use outbox_core::engine::{Engine, Policy, Ready};
 use outbox_core::kafka::{flat_tls, parse_record, split_list, KafkaConsumer, RecordPosition, SaslMechanism};
-use outbox_core::lane::BatchWindow;
-use outbox_core::retry::{Backoff, Jitter};
+use outbox_core::retry::Backoff;
 
 use crate::gucs;
 use crate::shmem::{self, WorkerState};
@@ -190,27 +191,17 @@ impl ConsumerContext for BridgeContext {
     }
 }
 
+/// A Kafka partition: the engine's lane key.
+type Partition = (String, i32);
+
+/// What the bridge keeps of a record while the engine holds it.
 struct Record {
-    offset: i64,
     /// The record's timestamp (producer create time), for the latency histogram.
     timestamp_ms: Option<i64>,
+    /// The value as it came, for a dead letter's raw_value.
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Vec<u8>)>,
-    /// Delivered or dead-lettered while an earlier record still waits for a retry: never sent
-    /// again, and its offset is committed once every record before it is done too.
-    done: bool,
-    /// Its dead letter, once known, until it is written: never sent again meanwhile.
-    dead_letter: Option<KafkaDeadLetter>,
-}
-
-#[derive(Default)]
-struct PartitionQueue {
-    records: VecDeque<Record>,
-    retry_at: Option<Instant>,
-    attempts: u32,
-    paused: bool,
-    /// How many records the next batch may carry after failures (see `outbox_core::lane`).
-    window: BatchWindow,
+    /// The method it names, for a dead letter.
+    method: String,
 }
 
 #[pg_guard]
@@ -349,8 +340,9 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     );
 
     let mut client: Option<CentrifugoClient> = None;
-    let mut queues: HashMap<(String, i32), PartitionQueue> = HashMap::new();
-    let mut jitter = Jitter::new(u64::from(pid as u32));
+    let mut engine: Engine<Partition, Record> = Engine::new(delivery_policy(&spec), u64::from(pid as u32));
+    // Partitions paused at the broker for a full queue.
+    let mut paused: HashSet<Partition> = HashSet::new();
     let mut last_status = Instant::now() - Duration::from_secs(10);
     // Partitions assigned, as of the last status update (a blocking call into librdkafka).
     let mut assigned = 1usize;
@@ -405,11 +397,10 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             assigned = publish_assignment(&consumer, index, pid).max(1);
         }
 
+        engine.set_policy(delivery_policy(&spec));
         // Poll: wait only when nothing is ready to dispatch.
-        let now = Instant::now();
         // Without a client nothing is dispatched: wait in the poll rather than spin.
-        let ready =
-            client.is_some() && queues.values().any(|q| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now));
+        let ready = client.is_some() && engine.any_ready(Instant::now());
         let timeout = if ready { Duration::ZERO } else { Duration::from_millis(100) };
         // A batch's worth per assigned partition, so that several partitions have a batch ready
         // at once. Records come partition by partition (a fetched set at a time), so a poll stops
@@ -418,9 +409,8 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
         // partition backing off, still gains a record per poll: it is paused at its bound.)
         let most = spec.max_poll_records.saturating_mul(assigned);
         let queue_bound = (spec.partition_queue_max_size / 2).max(1);
-        poll_records(&consumer, &spec, index, &mut queues, timeout, most, queue_bound, &mut |e| {
-            warn("poll", scrubbed(&format!("poll: {e}")))
-        });
+        let mut poll = Poll { consumer: &consumer, spec: &spec, index, engine: &mut engine, paused: &mut paused };
+        poll.records(timeout, most, queue_bound, &mut |e| warn("poll", scrubbed(&format!("poll: {e}"))));
 
         if !postmaster_alive() {
             // An orphan would go on consuming and committing offsets, and PostgreSQL cannot start
@@ -430,48 +420,31 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
             unsafe { pg_sys::proc_exit(1) };
         }
         let Some(client) = client.as_ref() else { continue };
-        let now = Instant::now();
-        let keys: Vec<(String, i32)> = queues
-            .iter()
-            .filter(|(_, q)| !q.records.is_empty() && q.retry_at.is_none_or(|t| t <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
         // Every ready partition's batch goes on the wire at once (partitions are independent;
         // within one, a batch waits for the one before it); librdkafka's fetcher keeps reading
         // the next records meanwhile. The consumer is not polled while batches are in flight:
         // a rebalance callback runs inside a poll, and a partition revoked with its batch in
         // flight would be sent again by its new owner while Centrifugo may still be running it.
-        let mut in_flight: Vec<Dispatching<'_>> = Vec::with_capacity(keys.len());
-        for key in keys {
-            let queue = queues.get_mut(&key).expect("key from the map");
-            in_flight.push(start_dispatch(&spec, client, key, queue));
+        let flight = engine.start(client, Instant::now());
+        let reports = engine.finish(client, flight, Instant::now());
+        for event in client.take_events() {
+            log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
         }
-        // Every answer is read before any is handled: none waits unread (and times out) while
-        // another partition's dead letters are written.
-        for request in in_flight.iter_mut().filter_map(|d| d.request.as_mut()) {
-            request.settle();
-        }
-        for dispatching in in_flight {
-            let key = dispatching.key.clone();
-            // Queues change only in polls, and none runs while batches are in flight.
-            let queue = queues.get_mut(&key).expect("not polled while in flight");
-            let outcome = complete_dispatch(&spec, client, queue, dispatching);
+        for report in reports {
+            let key = report.lane;
             // A queue emptied is not a partition drained (the next fetch may bring more of the
             // resend): a resend ends at the first record past it.
-            let configured = configured_batch(&spec);
-            let (resend, reduced) = (queue.window.resend(), queue.window.reduced(configured));
-            for event in client.take_events() {
-                log!("centrifugo_outbox: kafka consumer {}: {}", spec.name, scrubbed(&event));
-            }
-            match outcome {
-                Ok((done, retry, stats)) => {
+            let (resend, reduced) = engine.window(&key);
+            let applied = apply_settled(&spec.name, &key, &mut engine);
+            match applied {
+                Ok((done, stats)) => {
                     shmem::update_kafka(index, &key.0, key.1, |s| {
                         s.pid = pid;
                         s.assigned = true;
                         s.stats.record_endpoints(client);
                         s.stats.resend = resend;
                         s.stats.batch_limit = reduced.unwrap_or(0) as u32;
-                        s.stats.batches += stats.batches;
+                        s.stats.batches += report.requests;
                         s.stats.dead_lettered += stats.dead;
                         if stats.delivered > 0 {
                             s.stats.record_success(stats.delivered, stats.latencies_ms.iter().copied());
@@ -482,7 +455,7 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                         if let Some(last) = done {
                             s.committed = last + 1;
                         }
-                        s.set_state(if retry.is_some() { WorkerState::BackingOff } else { WorkerState::Idle });
+                        s.set_state(if report.retry.is_some() { WorkerState::BackingOff } else { WorkerState::Idle });
                     });
                     if let Some(last) = done {
                         consumer.context().done.lock().unwrap().insert(key.clone(), last + 1);
@@ -492,49 +465,34 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                             warn("commit", scrubbed(&format!("offset commit for {}[{}]: {e}", key.0, key.1)));
                         }
                     }
-                    match retry {
-                        None => {
-                            queue.attempts = 0;
-                            queue.retry_at = None;
-                        }
-                        // The rest of a batch resent one by one: dispatched again at once.
-                        Some((failure, _)) if failure.is_deferred() => {
-                            queue.retry_at = None;
-                        }
-                        Some((failure, method)) => {
-                            queue.attempts += 1;
-                            let backoff = Backoff {
-                                base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
-                                max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
-                            };
-                            let delay = backoff.delay(queue.attempts, jitter.next_fraction());
-                            queue.retry_at = Some(Instant::now() + delay);
-                            let offset = queue.records.front().map(|r| r.offset).unwrap_or(-1);
-                            shmem::update_kafka(index, &key.0, key.1, |s| {
-                                s.stats.retries += 1;
-                                s.stats.backoff_ms = delay.as_millis() as u32;
-                                s.stats.record_error(
-                                    failure.code.map(|c| c as i32).unwrap_or(-1),
-                                    &scrubbed(&failure.to_string()),
-                                );
-                            });
-                            warn(
-                                "retry",
-                                scrubbed(&format!(
-                                    "{}[{}] offset {offset} ({method}): {failure}; retrying in {} ms (attempt {})",
-                                    key.0,
-                                    key.1,
-                                    delay.as_millis(),
-                                    queue.attempts
-                                )),
+                    // The rest of a batch resent one by one is dispatched again at once.
+                    if let Some(retry) = report.retry.filter(|r| !r.failure.is_deferred()) {
+                        let failure = &retry.failure;
+                        shmem::update_kafka(index, &key.0, key.1, |s| {
+                            s.stats.retries += 1;
+                            s.stats.backoff_ms = retry.delay.as_millis() as u32;
+                            s.stats.record_error(
+                                failure.code.map(|c| c as i32).unwrap_or(-1),
+                                &scrubbed(&failure.to_string()),
                             );
-                        }
+                        });
+                        warn(
+                            "retry",
+                            scrubbed(&format!(
+                                "{}[{}] offset {} ({}): {failure}; retrying in {} ms (attempt {})",
+                                key.0,
+                                key.1,
+                                retry.position,
+                                retry.method,
+                                retry.delay.as_millis(),
+                                retry.attempt
+                            )),
+                        );
                     }
                 }
                 Err(e) => {
-                    queue.attempts += 1;
                     let delay = Duration::from_millis(gucs::retry_backoff_max_ms() as u64);
-                    queue.retry_at = Some(Instant::now() + delay);
+                    engine.hold(&key, Instant::now() + delay);
                     let why = scrubbed(&format!("cannot write dead letters, partition paused: {e}"));
                     shmem::update_kafka(index, &key.0, key.1, |s| {
                         s.pid = pid;
@@ -547,11 +505,11 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
                     warn("dead letters", why);
                 }
             }
-            if queue.paused && queue.records.len() <= spec.partition_queue_max_size / 2 {
+            if paused.contains(&key) && engine.len(&key) <= spec.partition_queue_max_size / 2 {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&key.0, key.1);
                 if consumer.resume(&tpl).is_ok() {
-                    queue.paused = false;
+                    paused.remove(&key);
                 }
             }
         }
@@ -570,209 +528,140 @@ fn run(index: usize, spec: KafkaConsumer) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads up to `max` (at least one) records into the partitions' queues, waiting up to
-/// `timeout` for the first one and stopping once a queue holds `queue_bound` records; drops the
-/// queues of partitions revoked by each poll (nothing of them is sent or committed any more:
-/// their new owner reads them again). A full queue pauses its partition.
-#[allow(clippy::too_many_arguments)]
-fn poll_records(
-    consumer: &BaseConsumer<BridgeContext>,
-    spec: &KafkaConsumer,
+/// What a poll fills: the engine's lanes, the partitions paused for a full queue.
+struct Poll<'a> {
+    consumer: &'a BaseConsumer<BridgeContext>,
+    spec: &'a KafkaConsumer,
     index: usize,
-    queues: &mut HashMap<(String, i32), PartitionQueue>,
-    mut timeout: Duration,
-    max: usize,
-    queue_bound: usize,
-    poll_failed: &mut dyn FnMut(KafkaError),
-) {
-    let drop_revoked = |queues: &mut HashMap<(String, i32), PartitionQueue>| {
-        for key in std::mem::take(&mut *consumer.context().revoked.lock().unwrap()) {
-            let left = queues.remove(&key).map_or(0, |q| q.records.iter().filter(|r| !r.done).count());
-            consumer.context().done.lock().unwrap().remove(&key);
-            shmem::update_kafka(index, &key.0, key.1, |s| s.assigned = false);
+    engine: &'a mut Engine<Partition, Record>,
+    paused: &'a mut HashSet<Partition>,
+}
+
+impl Poll<'_> {
+    /// Reads up to `max` (at least one) records into the partitions' lanes, waiting up to
+    /// `timeout` for the first one and stopping once a lane holds `queue_bound` records; drops
+    /// the lanes of partitions revoked by each poll (nothing of them is sent or committed any
+    /// more: their new owner reads them again). A full lane pauses its partition.
+    fn records(
+        &mut self,
+        mut timeout: Duration,
+        max: usize,
+        queue_bound: usize,
+        poll_failed: &mut dyn FnMut(KafkaError),
+    ) {
+        for _ in 0..max {
+            let polled = self.consumer.poll(timeout);
+            // A rebalance inside that poll: drop what was revoked before taking the record, which
+            // may already come from the new assignment.
+            self.drop_revoked();
+            match polled {
+                None => break,
+                Some(Err(e)) => {
+                    poll_failed(e);
+                    break;
+                }
+                Some(Ok(msg)) => {
+                    let key = (msg.topic().to_owned(), msg.partition());
+                    if self.push(&key, &msg) >= queue_bound {
+                        break;
+                    }
+                }
+            }
+            timeout = Duration::ZERO;
+        }
+    }
+
+    /// Hands a record to its partition's lane; returns how many the lane holds.
+    fn push(&mut self, key: &Partition, msg: &rdkafka::message::BorrowedMessage<'_>) -> usize {
+        let (index, spec) = (self.index, self.spec);
+        // A resend that a restart interrupted goes on (offsets outlive the process).
+        self.engine.open(key, || shmem::kafka_resend(index, &key.0, key.1));
+        let value = msg.payload().map(<[u8]>::to_vec);
+        let headers = record_headers(msg);
+        let pos = RecordPosition {
+            topic: &key.0,
+            partition: key.1,
+            offset: msg.offset(),
+            timestamp_ms: msg.timestamp().to_millis(),
+        };
+        let (ready, method) = match parse_record(spec, value.as_deref(), &headers, &pos) {
+            Ok(p) => {
+                let method = p.method.as_str().to_owned();
+                (Ready::Send(p), method)
+            }
+            Err(failure) => (
+                Ready::Known(Outcome::DeadLetter { failure, payload: None }),
+                record_method(spec, &headers, value.as_deref()),
+            ),
+        };
+        let record = Record { timestamp_ms: pos.timestamp_ms, value, method };
+        self.engine.push(key, msg.offset(), 0, ready, record);
+        let held = self.engine.len(key);
+        if held >= spec.partition_queue_max_size && !self.paused.contains(key) {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&key.0, key.1);
+            if self.consumer.pause(&tpl).is_ok() {
+                self.paused.insert(key.clone());
+            }
+        }
+        held
+    }
+
+    fn drop_revoked(&mut self) {
+        for key in std::mem::take(&mut *self.consumer.context().revoked.lock().unwrap()) {
+            let left = self.engine.len(&key);
+            self.engine.remove(&key);
+            self.paused.remove(&key);
+            self.consumer.context().done.lock().unwrap().remove(&key);
+            shmem::update_kafka(self.index, &key.0, key.1, |s| s.assigned = false);
             log!(
                 "centrifugo_outbox: kafka consumer {}: {}[{}] revoked; {left} record(s) not done are left to its new owner",
-                spec.name,
+                self.spec.name,
                 key.0,
                 key.1
             );
         }
-    };
-    for _ in 0..max {
-        let polled = consumer.poll(timeout);
-        // A rebalance inside that poll: drop what was revoked before taking the record, which
-        // may already come from the new assignment.
-        drop_revoked(queues);
-        match polled {
-            None => break,
-            Some(Err(e)) => {
-                poll_failed(e);
-                break;
-            }
-            Some(Ok(msg)) => {
-                let key = (msg.topic().to_owned(), msg.partition());
-                let record = Record {
-                    offset: msg.offset(),
-                    timestamp_ms: msg.timestamp().to_millis(),
-                    value: msg.payload().map(<[u8]>::to_vec),
-                    headers: record_headers(&msg),
-                    done: false,
-                    dead_letter: None,
-                };
-                // A resend that a restart interrupted goes on (offsets outlive the process).
-                let queue = queues.entry(key.clone()).or_insert_with(|| PartitionQueue {
-                    window: BatchWindow::resuming(shmem::kafka_resend(index, &key.0, key.1)),
-                    ..Default::default()
-                });
-                queue.records.push_back(record);
-                if queue.records.len() >= spec.partition_queue_max_size && !queue.paused {
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&key.0, key.1);
-                    if consumer.pause(&tpl).is_ok() {
-                        queue.paused = true;
-                    }
-                }
-                if queue.records.len() >= queue_bound {
-                    break;
-                }
-            }
-        }
-        timeout = Duration::ZERO;
     }
 }
 
-/// What one dispatch did, for the shared-memory counters.
+/// What applying one partition's settled records did, for the shared-memory counters.
 #[derive(Default)]
 struct DispatchStats {
     delivered: u64,
     dead: u64,
-    batches: u64,
     latencies_ms: Vec<f64>,
     last_dead: Option<Failure>,
 }
 
-/// What [`dispatch`] did: the last offset of the done prefix, the first temporary failure (with
-/// its record's method), and the counters.
-type Dispatched = (Option<i64>, Option<(Failure, String)>, DispatchStats);
-
-/// One partition's batch: the queue records it carries (indexes into a queue that does not
-/// change while the batch is in flight: no poll runs then), what is already known of each, and
-/// the request.
-struct Dispatching<'c> {
-    key: (String, i32),
-    pending: Vec<usize>,
-    outcomes: Vec<Option<Outcome>>,
-    methods: Vec<String>,
-    /// Which of `outcomes` the commands are, in order.
-    sendable: Vec<usize>,
-    commands: Vec<Prepared>,
-    request: Option<InFlight<'c>>,
-}
-
-/// The records a batch carries when nothing failed (strict order: one).
-fn configured_batch(spec: &KafkaConsumer) -> usize {
-    if gucs::strict_order() {
-        1
-    } else {
-        spec.max_poll_records
+/// How batches are made and failures waited out, as the settings say now. Strict order: one
+/// record per batch.
+fn delivery_policy(spec: &KafkaConsumer) -> Policy {
+    Policy {
+        batch: if gucs::strict_order() { 1 } else { spec.max_poll_records },
+        budget: gucs::batch_max_bytes(),
+        backoff: Backoff {
+            base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
+            max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
+        },
     }
 }
 
-/// Starts the dispatch of the head of one partition's queue: the records not done yet among the
-/// first `max_poll_records` (or just the first one in strict order), the sendable ones put on
-/// the wire as one batch; records that cannot be sent, or whose dead letter is still to be
-/// written, get their outcome at once.
-fn start_dispatch<'c>(
-    spec: &KafkaConsumer,
-    client: &'c CentrifugoClient,
-    key: (String, i32),
-    queue: &mut PartitionQueue,
-) -> Dispatching<'c> {
-    let configured = configured_batch(spec);
-    let first = queue.records.iter().find(|r| !r.done).map_or(0, |r| r.offset);
-    let take = queue.window.limit(configured, first);
-    // What one request may carry: a batch over it is sent in parts, in order.
-    let budget = gucs::batch_max_bytes();
-    let budget = client.batch_bytes_cap(take).map_or(budget, |cap| budget.min(cap));
-    let mut bytes = 0i64;
-    let mut d = Dispatching {
-        pending: Vec::with_capacity(take),
-        outcomes: Vec::with_capacity(take),
-        methods: Vec::with_capacity(take),
-        sendable: Vec::with_capacity(take),
-        commands: Vec::with_capacity(take),
-        request: None,
-        key,
-    };
-    for (i, record) in queue.records.iter().enumerate().filter(|(_, r)| !r.done).take(take) {
-        let pos = RecordPosition {
-            topic: &d.key.0,
-            partition: d.key.1,
-            offset: record.offset,
-            timestamp_ms: record.timestamp_ms,
-        };
-        d.pending.push(i);
-        if let Some(dead) = &record.dead_letter {
-            // Its dead letter could not be written last time: write it, do not send it again.
-            d.methods.push(dead.method.clone());
-            d.outcomes
-                .push(Some(Outcome::DeadLetter { failure: dead.failure.clone(), payload: Some(dead.payload.clone()) }));
-            continue;
-        }
-        match parse_record(spec, record.value.as_deref(), &record.headers, &pos) {
-            Ok(p) if !d.commands.is_empty() && bytes + p.payload.len() as i64 > budget => {
-                // Left for the next batch, with every record after it.
-                d.pending.pop();
-                break;
-            }
-            Ok(p) => {
-                bytes += p.payload.len() as i64;
-                d.methods.push(p.method.as_str().to_owned());
-                d.outcomes.push(None);
-                d.sendable.push(d.outcomes.len() - 1);
-                d.commands.push(p);
-            }
-            Err(failure) => {
-                d.methods.push(record_method(spec, record));
-                d.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
-            }
-        }
-    }
-    if !d.commands.is_empty() {
-        d.request = Some(client.start_batch(&d.commands));
-    }
-    d
-}
-
-/// Waits for a dispatch started by [`start_dispatch`] and applies every outcome: Centrifugo ran
-/// every command of the batch, so a record that succeeded after a failed one is done and never
-/// sent again. Returns the offset of the last record of the done prefix (removed from the
-/// queue; its offset can be committed), the first temporary failure (with the method of that
-/// record), if any, and what it did.
-fn complete_dispatch(
-    spec: &KafkaConsumer,
-    client: &CentrifugoClient,
-    queue: &mut PartitionQueue,
-    mut d: Dispatching<'_>,
-) -> Result<Dispatched, String> {
+/// Makes what the engine settled in one partition durable: its dead letters are written in one
+/// transaction, and only then are those records done (delivered ones are done at once, but the
+/// done prefix waits for the dead letters before them). Returns the offset through which the
+/// partition is done (what may be committed), and what it did. Err: the dead letters could not
+/// be written; nothing is applied, and nothing is sent again.
+fn apply_settled(
+    consumer: &str,
+    key: &Partition,
+    engine: &mut Engine<Partition, Record>,
+) -> Result<(Option<i64>, DispatchStats), String> {
     let mut stats = DispatchStats::default();
-    if let Some(request) = d.request.take() {
-        for (i, outcome) in d.sendable.iter().zip(client.finish(request, &d.commands, &mut stats.batches)) {
-            d.outcomes[*i] = Some(outcome);
-        }
-    }
-    let Dispatching { key, pending, outcomes, methods, sendable, commands, .. } = d;
-    if let (Some(&first), Some(&last)) = (pending.first(), pending.last()) {
-        let (first, last) = (queue.records[first].offset, queue.records[last].offset);
-        queue.window.record(sendable.iter().map(|&n| outcomes[n].as_ref()), first, last);
-    }
+    let mut dead = Vec::new();
     let acked_ms = shmem::unix_micros() / 1000;
-    let mut dead: Vec<KafkaDeadLetter> = Vec::new();
-    let mut retried = vec![false; pending.len()];
-    let mut retry = None;
-    for (n, outcome) in outcomes.into_iter().enumerate() {
-        let record = &queue.records[pending[n]];
-        match outcome.expect("every record has an outcome") {
+    for settled in engine.unapplied(key) {
+        let record = settled.item;
+        match settled.outcome {
             Outcome::Delivered => {
                 stats.delivered += 1;
                 if let Some(ts) = record.timestamp_ms {
@@ -782,61 +671,39 @@ fn complete_dispatch(
             Outcome::DeadLetter { failure, payload } => {
                 stats.dead += 1;
                 stats.last_dead = Some(failure.clone());
-                let payload = match payload {
-                    Some(p) => p,
-                    None => match sendable.iter().position(|s| *s == n) {
-                        Some(c) => commands[c].payload.clone(),
-                        None => raw_payload(record.value.as_deref()),
-                    },
+                let payload = match (payload, settled.command) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(command)) => command.payload.clone(),
+                    (None, None) => raw_payload(record.value.as_deref()),
                 };
                 dead.push(KafkaDeadLetter {
-                    offset: record.offset,
-                    method: methods[n].clone(),
+                    offset: settled.position,
+                    method: record.method.clone(),
                     payload,
                     raw: record.value.clone(),
-                    failure,
+                    failure: failure.clone(),
+                    attempts: settled.attempts,
                 });
             }
-            Outcome::Retry(failure) => {
-                retried[n] = true;
-                retry.get_or_insert((failure, methods[n].clone()));
-            }
-        }
-    }
-    // Delivered records are done whatever happens to the dead letters: never sent again; the
-    // dead ones keep their dead letter until it is written.
-    let dead_indexes: Vec<bool> =
-        (0..pending.len()).map(|n| dead.iter().any(|d| d.offset == queue.records[pending[n]].offset)).collect();
-    for (n, &i) in pending.iter().enumerate() {
-        queue.records[i].done = !retried[n] && !dead_indexes[n];
-        if dead_indexes[n] {
-            queue.records[i].dead_letter = dead.iter().find(|d| d.offset == queue.records[i].offset).cloned();
+            Outcome::Retry(_) => {}
         }
     }
     if !dead.is_empty() {
-        insert_dead_letters(&spec.name, &key, &dead, queue.attempts + 1)?;
+        insert_dead_letters(consumer, key, &dead)?;
     }
-    // Only now, with the dead letters committed, are those records done.
-    for (n, &i) in pending.iter().enumerate() {
-        queue.records[i].done |= dead_indexes[n];
-    }
-    let prefix = queue.records.iter().take_while(|r| r.done).count();
-    let last = (prefix > 0).then(|| queue.records[prefix - 1].offset);
-    queue.records.drain(..prefix);
-    Ok((last, retry, stats))
+    let done = engine.applied(key);
+    engine.committed(key);
+    Ok((done, stats))
 }
 
 /// The method a record that does not parse names, for its dead letter (header, then value).
-fn record_method(spec: &KafkaConsumer, record: &Record) -> String {
-    record
-        .headers
+fn record_method(spec: &KafkaConsumer, headers: &[(String, Vec<u8>)], value: Option<&[u8]>) -> String {
+    headers
         .iter()
         .find(|(k, _)| *k == spec.method_header)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         .or_else(|| {
-            record
-                .value
-                .as_deref()
+            value
                 .and_then(|v| serde_json::from_slice::<serde_json::Value>(v).ok())
                 .and_then(|v| v.get("method").and_then(|m| m.as_str()).map(str::to_owned))
         })
@@ -896,7 +763,6 @@ fn raw_payload(value: Option<&[u8]>) -> String {
 }
 
 /// A record on its way to the dead letters.
-#[derive(Clone)]
 struct KafkaDeadLetter {
     offset: i64,
     method: String,
@@ -905,18 +771,14 @@ struct KafkaDeadLetter {
     /// The record's value as it came, for raw_value.
     raw: Option<Vec<u8>>,
     failure: Failure,
+    attempts: u32,
 }
 
 /// Writes a partition's dead letters in one transaction. A payload jsonb refuses (a `\u0000`
 /// escape, a lone surrogate, a number beyond numeric's range, nesting too deep) is stored as JSON
 /// null: raw_value keeps the bytes either way. Any other ERROR rolls back and comes back as Err
 /// (the partition backs off and tries again) instead of ending the worker.
-fn insert_dead_letters(
-    consumer: &str,
-    key: &(String, i32),
-    rows: &[KafkaDeadLetter],
-    attempts: u32,
-) -> Result<(), String> {
+fn insert_dead_letters(consumer: &str, key: &(String, i32), rows: &[KafkaDeadLetter]) -> Result<(), String> {
     let (topic, partition) = (key.0.as_str(), key.1);
     crate::xact::transaction(|| {
         Spi::connect_mut(|spi| -> Result<(), crate::xact::DbError> {
@@ -946,7 +808,7 @@ fn insert_dead_letters(
                         row.failure.kind.as_str().into(),
                         row.failure.code.map(|c| c as i32).into(),
                         gucs::scrub(&row.failure.message).into(),
-                        (attempts as i32).into(),
+                        (row.attempts as i32).into(),
                         consumer.into(),
                         row.raw.clone().into(),
                     ]

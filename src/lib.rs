@@ -14,11 +14,14 @@ mod errors;
 pub mod gucs;
 #[cfg(feature = "kafka")]
 mod kafka_worker;
+mod layout;
+mod outbox_source;
 mod payload;
 mod pinned;
 mod session;
 mod shmem;
 mod status;
+mod wake;
 mod worker;
 mod xact;
 

@@ -9,8 +9,8 @@ use pgrx::JsonB;
 
 use outbox_core::histogram;
 
+use crate::layout;
 use crate::shmem::{self, Stats};
-use crate::worker;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -138,7 +138,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         name!(batch_limit, Option<i32>),
     ),
 > {
-    let specs = worker::outbox_specs();
+    let specs = layout::outbox_specs();
     let endpoints = endpoints();
     let this_db = Spi::connect(|c| c.select("SELECT current_database()::text", None, &[])?.first().get_one::<String>())
         .ok()
@@ -148,7 +148,7 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
     let (standby, started_at) = unsafe { (pg_sys::RecoveryInProgress(), pg_sys::PgStartTime) };
     // SAFETY: as above.
     let up_for_secs = (unsafe { pg_sys::GetCurrentTimestamp() } - started_at) / 1_000_000;
-    let slots = worker::worker_slots();
+    let slots = layout::worker_slots();
     let mut rows: Vec<_> = slots
         .iter()
         .enumerate()
@@ -176,10 +176,10 @@ fn centrifugo_outbox_status_rows() -> TableIterator<
         let c = stat_columns(&stats, &[], false);
         outbox_row((consumer, partition, None, state.to_owned(), backlog, None), c)
     };
-    for problem in worker::layout_problems() {
+    for problem in layout::layout_problems() {
         rows.push(problem_row("(settings)".to_owned(), None, "invalid settings", None, &problem));
     }
-    for &(consumer, p) in worker::configured_partitions().iter().skip(slots.len()) {
+    for &(consumer, p) in layout::configured_partitions().iter().skip(slots.len()) {
         let spec = &specs[consumer];
         let backlog = if spec.database() == this_db { backlog(&spec.qualified_table(), p).0 } else { None };
         let why = format!(
@@ -372,7 +372,7 @@ fn centrifugo_wait_until_running(timeout: default!(pgrx::datum::Interval, "'10 s
     let micros = timeout.as_micros().max(0) as u64;
     let deadline = Instant::now() + Duration::from_micros(micros);
     loop {
-        let slots = worker::worker_slots();
+        let slots = layout::worker_slots();
         let running = (0..slots.len()).all(|i| {
             let s = shmem::snapshot(i);
             s.pid != 0 && !matches!(s.state(), shmem::WorkerState::Stopped | shmem::WorkerState::Waiting)
@@ -424,8 +424,8 @@ fn centrifugo_worker_status() -> TableIterator<
         name!(last_error_code, Option<i32>),
     ),
 > {
-    let specs = worker::outbox_specs();
-    let rows: Vec<_> = worker::worker_slots()
+    let specs = layout::outbox_specs();
+    let rows: Vec<_> = layout::worker_slots()
         .into_iter()
         .enumerate()
         .map(|(slot, (consumer, p))| {

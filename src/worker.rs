@@ -19,290 +19,27 @@
 //! Order is id order among committed rows at the time of the read: a row whose transaction
 //! commits after a higher id was already delivered is delivered later, never skipped.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
-use pgrx::datum::TimestampWithTimeZone;
-use pgrx::pg_sys::PgOid;
 use pgrx::prelude::*;
-use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::spi::SpiClient;
 use pgrx::PgTryBuilder;
 
 use outbox_core::client::CentrifugoClient;
-use outbox_core::consumers::{ConsumerEntry, OutboxConsumer};
-use outbox_core::dispatch::{prepare_text, Failure, OutboxKeys, Outcome, Prepared};
-use outbox_core::lane::BatchWindow;
-use outbox_core::partition::MAX_PARTITIONS;
+use outbox_core::dispatch::OutboxKeys;
+use outbox_core::engine::{Engine, Policy, Retry};
 use outbox_core::retry::{Backoff, Jitter};
-use outbox_core::settings::table_name_parts;
 
 use crate::gucs;
-use crate::payload::{PayloadDatum, PayloadText, Scratch};
+use crate::layout::{layout_problems, outbox_specs, worker_slots, OutboxSpec};
+use crate::outbox_source::{
+    apply_settled, as_owner_of, lock_checked, relation_named, BatchReader, DeadLetterTarget, RoundSnapshot, RoundStats,
+    Row, Statements,
+};
 use crate::session::{self, quote_ident, ConnectSlot};
 use crate::shmem::{self, WorkerState};
 use crate::xact::{self, DbError};
-
-/// An outbox consumer: the default one, defined by the flat `centrifugo.*` settings (reloadable),
-/// or a `postgresql` entry of `centrifugo.consumers` (fixed at server start).
-#[derive(Debug, Clone)]
-pub struct OutboxSpec {
-    /// None for the default consumer, whose settings are read live.
-    entry: Option<OutboxConsumer>,
-}
-
-/// The `postgresql` entries of `centrifugo.consumers` as the settings say now (a reload may
-/// change an entry's table, limit, poll interval and channel, or break it), parsed once per
-/// value in each process: the outbox trigger asks for every row.
-struct LiveEntries {
-    json: String,
-    /// Err: the text is not a JSON array, and every entry keeps the settings it started with.
-    entries: Result<HashMap<String, Result<OutboxConsumer, String>>, String>,
-}
-
-fn live_entries<R>(read: impl FnOnce(&LiveEntries) -> R) -> R {
-    thread_local! {
-        static LIVE: std::cell::RefCell<Option<LiveEntries>> = const { std::cell::RefCell::new(None) };
-    }
-    let json = gucs::kafka::consumers();
-    LIVE.with(|cell| {
-        let mut live = cell.borrow_mut();
-        if live.as_ref().is_none_or(|l| l.json != json) {
-            let entries = outbox_core::consumers::parse_consumers_each(&json).map(|list| {
-                // The first entry of a name is the one that counts (a second is refused alone).
-                let mut map = HashMap::new();
-                for e in list {
-                    let entry = match e.entry {
-                        Ok(ConsumerEntry::Postgresql(c)) => Ok(c),
-                        Ok(ConsumerEntry::Kafka(_)) => continue,
-                        Err(why) => Err(why),
-                    };
-                    map.entry(e.name).or_insert(entry);
-                }
-                map
-            });
-            *live = Some(LiveEntries { json, entries });
-        }
-        read(live.as_ref().expect("set above"))
-    })
-}
-
-impl OutboxSpec {
-    /// This consumer's settings now: None for the default consumer (read from the flat
-    /// settings); an entry as the settings say now, its name, database and partition count as
-    /// at start (they shape the workers); Err when a reload broke or removed the entry.
-    fn current(&self) -> Result<Option<OutboxConsumer>, String> {
-        let Some(start) = &self.entry else { return Ok(None) };
-        live_entries(|live| {
-            match &live.entries {
-            Err(_) => Ok(Some(start.clone())),
-            Ok(map) => match map.get(&start.name) {
-                Some(Ok(now)) => Ok(Some(OutboxConsumer {
-                    name: start.name.clone(),
-                    database: start.database.clone(),
-                    num_partitions: start.num_partitions,
-                    ..now.clone()
-                })),
-                Some(Err(why)) => Err(why.clone()),
-                None => Err(format!(
-                    "centrifugo.consumers no longer has an enabled entry \"{}\": not draining (its workers go at the next restart)",
-                    start.name
-                )),
-            },
-        }
-        })
-    }
-
-    /// The entry's settings now, or as at start when a reload broke it (for what is not delivery).
-    fn settings(&self) -> Option<OutboxConsumer> {
-        self.current().unwrap_or_else(|_| self.entry.clone())
-    }
-
-    pub fn name(&self) -> String {
-        match &self.entry {
-            Some(e) => e.name.clone(),
-            // Reloadable, but never to the name of another consumer (their locks would collide).
-            None => {
-                let live = gucs::consumer_name();
-                if layout().entries.iter().any(|e| e.name == live) {
-                    layout().default_name.clone()
-                } else {
-                    live
-                }
-            }
-        }
-    }
-    pub fn database(&self) -> String {
-        self.entry.as_ref().and_then(|e| e.database.clone()).unwrap_or_else(gucs::database)
-    }
-    pub fn table_setting(&self) -> String {
-        self.settings().map_or_else(gucs::outbox_table_name, |e| e.table)
-    }
-    /// The outbox table as a schema-qualified quoted SQL name; unqualified means the extension's
-    /// schema (ERROR when the extension is missing). For SQL run in a backend.
-    pub fn qualified_table(&self) -> String {
-        crate::session::qualified_outbox(&self.table_setting())
-    }
-    /// The outbox table as (schema, table), the schema None when the setting has none.
-    fn table_parts(&self) -> (Option<String>, String) {
-        match table_name_parts(&self.table_setting()).unwrap_or_default().as_slice() {
-            [schema, table] => (Some(schema.clone()), table.clone()),
-            [table] => (None, table.clone()),
-            _ => (None, "centrifugo_outbox".to_owned()),
-        }
-    }
-    pub fn num_partitions(&self) -> i32 {
-        self.entry.as_ref().map_or_else(gucs::num_partitions, |e| e.num_partitions)
-    }
-    fn select_limit(&self) -> i32 {
-        self.settings().map_or_else(gucs::partition_select_limit, |e| e.select_limit)
-    }
-    /// The NOTIFY channel the outbox trigger notifies for this consumer; None: none.
-    /// The table setting and NOTIFY channel of `settings` (this consumer's, as [`Self::settings`]
-    /// gives them: read once by the trigger, which runs for every row).
-    fn table_and_channel(settings: Option<OutboxConsumer>) -> (String, Option<std::ffi::CString>) {
-        match settings {
-            None => (gucs::outbox_table_name(), gucs::partition_notification_channel_c()),
-            Some(e) => (e.table, std::ffi::CString::new(e.notification_channel).ok().filter(|c| !c.is_empty())),
-        }
-    }
-    /// Whether the table setting `setting` names the table `schema.table`.
-    fn names_table(setting: &str, schema: &str, table: &str) -> bool {
-        match table_name_parts(setting) {
-            Ok(parts) if parts.len() == 2 => parts[0] == schema && parts[1] == table,
-            // Unqualified means the table in the extension's schema.
-            Ok(parts) => {
-                parts.len() == 1 && parts[0] == table && crate::session::extension_schema().as_deref() == Some(schema)
-            }
-            Err(_) => false,
-        }
-    }
-    fn poll_interval(&self) -> Duration {
-        Duration::from_millis(
-            self.settings().map_or_else(|| gucs::partition_poll_interval_ms() as u64, |e| e.poll_interval_ms),
-        )
-    }
-}
-
-/// The outbox consumers as the server started them: fixed in the postmaster (workers and
-/// sessions inherit it), so a reload can never change which slot drains what.
-struct Layout {
-    /// The `postgresql` entries of `centrifugo.consumers` that run.
-    entries: Vec<OutboxConsumer>,
-    /// The default consumer's name at start.
-    default_name: String,
-}
-
-fn layout() -> &'static Layout {
-    static LAYOUT: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
-    LAYOUT.get_or_init(|| {
-        let default_name = gucs::consumer_name();
-        let entries = match outbox_core::consumers::parse_consumers_each(&gucs::kafka::consumers()) {
-            Ok(list) => list
-                .into_iter()
-                .filter_map(|e| match e.entry {
-                    Ok(ConsumerEntry::Postgresql(c)) if c.name != default_name => Some(c),
-                    _ => None,
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        Layout { entries, default_name }
-    })
-}
-
-/// What the server could not start from the settings, for the log at start and the status view.
-pub fn layout_problems() -> Vec<String> {
-    let mut problems = Vec::new();
-    let started = |name: &str| layout().entries.iter().any(|e| e.name == name);
-    match outbox_core::consumers::parse_consumers_each(&gucs::kafka::consumers()) {
-        Err(e) if layout().entries.is_empty() => {
-            problems.push(format!("centrifugo.consumers is invalid, none of its consumers runs: {e}"))
-        }
-        Err(e) => problems
-            .push(format!("centrifugo.consumers is invalid, its consumers keep the settings they started with: {e}")),
-        Ok(list) => {
-            for e in list {
-                match e.entry {
-                    Err(why) if started(&e.name) => problems.push(format!(
-                        "centrifugo.consumers entry \"{}\" is refused and does not drain: {why}",
-                        e.name
-                    )),
-                    Err(why) => problems.push(format!("centrifugo.consumers entry \"{}\" does not run: {why}", e.name)),
-                    Ok(ConsumerEntry::Postgresql(c)) if c.name == layout().default_name => problems.push(format!(
-                        "centrifugo.consumers entry \"{}\" has the name of the default consumer (centrifugo.consumer_name) and does not run",
-                        c.name
-                    )),
-                    Ok(ConsumerEntry::Postgresql(c)) if !started(&c.name) => problems.push(format!(
-                        "centrifugo.consumers entry \"{}\" was added or mended after the server started: its workers start at the next restart",
-                        c.name
-                    )),
-                    Ok(_) => {}
-                }
-            }
-        }
-    }
-    let configured = configured_partitions().len();
-    if configured > MAX_PARTITIONS as usize {
-        problems.push(format!(
-            "{configured} outbox partitions are configured in total, and at most {MAX_PARTITIONS} have a worker: partitions beyond that are not drained"
-        ));
-    }
-    problems
-}
-
-/// The default consumer first, then the `postgresql` entries of `centrifugo.consumers`.
-pub fn outbox_specs() -> Vec<OutboxSpec> {
-    std::iter::once(OutboxSpec { entry: None })
-        .chain(layout().entries.iter().map(|e| OutboxSpec { entry: Some(e.clone()) }))
-        .collect()
-}
-
-/// Every configured partition as (index into `outbox_specs()`, partition), workers or not.
-pub fn configured_partitions() -> Vec<(usize, i32)> {
-    outbox_specs().iter().enumerate().flat_map(|(i, spec)| (0..spec.num_partitions()).map(move |p| (i, p))).collect()
-}
-
-/// Every partition worker as (index into `outbox_specs()`, partition), at most one per
-/// shared-memory slot. A worker's position in this list is its slot.
-pub fn worker_slots() -> Vec<(usize, i32)> {
-    configured_partitions().into_iter().take(MAX_PARTITIONS as usize).collect()
-}
-
-/// What the outbox trigger needs to know of the table a row went into.
-pub struct TableRouting {
-    /// The most partitions any consumer drains from it.
-    pub num_partitions: i32,
-    /// The NOTIFY channels of the consumers that drain it (Centrifugo's
-    /// `partition_notification_channel`, per consumer), each once.
-    pub channels: Vec<std::ffi::CString>,
-}
-
-/// The routing of the table `table()` names, as (schema, name). With only the default consumer
-/// (the usual case) the answer is its settings whatever the table, so the name is not looked up:
-/// this runs for every row. A table no consumer names gets the default consumer's settings.
-pub fn routing_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) -> Result<TableRouting, E> {
-    let default_routing = || TableRouting {
-        num_partitions: gucs::num_partitions(),
-        channels: gucs::partition_notification_channel_c().into_iter().collect(),
-    };
-    if layout().entries.is_empty() {
-        return Ok(default_routing());
-    }
-    let (schema, table) = table()?;
-    let mut routing = TableRouting { num_partitions: 0, channels: Vec::new() };
-    for spec in outbox_specs() {
-        let (table_setting, channel) = OutboxSpec::table_and_channel(spec.settings());
-        if !OutboxSpec::names_table(&table_setting, &schema, &table) {
-            continue;
-        }
-        routing.num_partitions = routing.num_partitions.max(spec.num_partitions());
-        if let Some(channel) = channel.filter(|c| !routing.channels.contains(c)) {
-            routing.channels.push(channel);
-        }
-    }
-    Ok(if routing.num_partitions == 0 { default_routing() } else { routing })
-}
 
 /// Registers one worker per partition of every outbox consumer; called from `_PG_init`.
 pub fn register() {
@@ -321,7 +58,7 @@ pub fn register() {
     let specs = outbox_specs();
     for (slot, (consumer, partition)) in worker_slots().into_iter().enumerate() {
         let spec = &specs[consumer];
-        let name = if spec.entry.is_none() {
+        let name = if spec.is_default() {
             format!("centrifugo_outbox partition {partition}")
         } else {
             format!("centrifugo_outbox {} partition {partition}", spec.name())
@@ -351,29 +88,19 @@ enum Next {
 
 /// The result of one round.
 enum Round {
-    /// The partition had fewer rows than the limit; all done were removed.
-    Drained,
+    /// The partition had fewer rows than the limit; all done were removed (after that many
+    /// temporary failures).
+    Drained { recovered_after: u32 },
     /// A full batch was done; there may be more.
-    Full,
+    Full { recovered_after: u32 },
     /// Another session holds the partition's lock: its pid, when PostgreSQL says.
     Locked { holder: Option<i32> },
     /// The outbox table or the extension is missing in the database.
     NotReady(String),
-    /// A temporary failure at outbox row `id`.
-    Retry { id: i64, method: String, failure: Failure },
+    /// A temporary failure at an outbox row (its id is the position).
+    Retry(Retry),
     /// An ERROR rolled the round back; `ran` commands had already run at Centrifugo.
     Failed { error: DbError, ran: usize },
-}
-
-/// An outbox row's identity across rounds: its id and created_at (Unix µs).
-type RowKey = (i64, i64);
-
-/// Outcomes of commands Centrifugo ran in a round that an ERROR rolled back afterwards: the next
-/// rounds apply them without sending the commands again.
-#[derive(Default)]
-struct Settled {
-    table_oid: i64,
-    outcomes: HashMap<RowKey, Outcome>,
 }
 
 struct Worker {
@@ -384,23 +111,19 @@ struct Worker {
     client_error: Option<String>,
     system_id: u64,
     jitter: Jitter,
-    /// Consecutive temporary failures, and the row they are about.
-    attempts: u32,
-    failing_row: Option<i64>,
     /// Consecutive rounds rolled back by an ERROR.
     db_errors: u32,
     /// When partition 0's worker last looked for rows no worker drains.
     stranded_checked_at: Option<Instant>,
     log: RateLimitedLog,
     statements: Statements,
-    settled: Settled,
-    /// Delivered and dead-lettered rows of the current round, with their outcomes.
-    applied: Vec<(RowKey, Outcome)>,
+    /// The partition as the engine's one lane: its window, back-off and remembered outcomes.
+    engine: Engine<(), Row>,
+    /// The outbox table the lane is about (another table under the name starts it afresh).
+    table_oid: i64,
     /// Why this consumer's entry is refused since a reload (logged once per reason).
     refused: Option<String>,
-    /// How many rows the next batch may carry after failures (see `outbox_core::lane`).
-    window: BatchWindow,
-    /// The window's resend and reduced limit as the slot shows them (written when they change).
+    /// The lane's resend and reduced limit as the slot shows them (written when they change).
     shown: (Option<(i64, i64)>, u32),
 }
 
@@ -429,6 +152,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
     let database = spec.database();
     // What the slot kept from this partition's last worker.
     let resumed = shmem::snapshot(slot).stats;
+    // SAFETY: MyProcPid is set for every backend.
+    let jitter_seed = u64::from(unsafe { pg_sys::MyProcPid } as u32) << 20 ^ partition as u64;
     let mut worker = Worker {
         slot,
         spec,
@@ -436,19 +161,14 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         client: None,
         client_error: None,
         system_id,
-        // SAFETY: MyProcPid is set for every backend.
-        jitter: Jitter::new(u64::from(unsafe { pg_sys::MyProcPid } as u32) << 20 ^ partition as u64),
-        attempts: 0,
-        failing_row: None,
         db_errors: 0,
         stranded_checked_at: None,
         log: RateLimitedLog::default(),
         statements: Statements::default(),
-        settled: Settled::default(),
-        applied: Vec::new(),
+        engine: Engine::new(delivery_policy(1), jitter_seed),
+        jitter: Jitter::new(jitter_seed ^ 0x5eed),
+        table_oid: 0,
         refused: None,
-        // A resend that a restart interrupted goes on: the slot outlives the process.
-        window: BatchWindow::resuming(resumed.resend),
         shown: (resumed.resend, resumed.batch_limit),
     };
     log!(
@@ -456,6 +176,8 @@ pub extern "C-unwind" fn centrifugo_partition_worker_main(arg: pg_sys::Datum) {
         worker.spec.name()
     );
 
+    // A resend that a restart interrupted goes on: the slot outlives the process.
+    worker.engine.open(&(), || resumed.resend);
     let mut next = Next::DrainNow;
     loop {
         let wait = match next {
@@ -548,11 +270,7 @@ impl Worker {
             Some(_) => self.round(),
             None => Round::NotReady(self.client_error.clone().unwrap_or_default()),
         };
-        let shown = (self.window.resend(), self.window.reduced(self.configured_limit() as usize).unwrap_or(0) as u32);
-        if shown != self.shown {
-            self.shown = shown;
-            shmem::update(self.slot, |s| (s.stats.resend, s.stats.batch_limit) = shown);
-        }
+        self.show_window();
         if let Some(client) = &self.client {
             for event in client.take_events() {
                 log!(
@@ -565,8 +283,8 @@ impl Worker {
             shmem::update(self.slot, |s| s.stats.record_endpoints(client));
         }
         match round {
-            Round::Drained => {
-                self.recovered();
+            Round::Drained { recovered_after } => {
+                self.recovered(recovered_after);
                 shmem::set_state(self.slot, WorkerState::Idle);
                 Next::Wait
             }
@@ -581,8 +299,8 @@ impl Worker {
                 shmem::set_state(self.slot, WorkerState::Locked);
                 Next::Wait
             }
-            Round::Full => {
-                self.recovered();
+            Round::Full { recovered_after } => {
+                self.recovered(recovered_after);
                 Next::DrainNow
             }
             Round::NotReady(reason) => {
@@ -593,15 +311,8 @@ impl Worker {
                 Next::Wait
             }
             // The rest of a batch resent one by one: sent by the next round, at once.
-            Round::Retry { failure, .. } if failure.is_deferred() => Next::DrainNow,
-            Round::Retry { id, method, failure } => {
-                self.failing_row = Some(id);
-                self.attempts += 1;
-                let backoff = Backoff {
-                    base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
-                    max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
-                };
-                let delay = backoff.delay(self.attempts, self.jitter.next_fraction());
+            Round::Retry(retry) if retry.failure.is_deferred() => Next::DrainNow,
+            Round::Retry(Retry { position: id, method, failure, delay, attempt }) => {
                 shmem::update(self.slot, |s| {
                     s.stats.retries += 1;
                     s.stats.backoff_ms = delay.as_millis() as u32;
@@ -614,20 +325,15 @@ impl Worker {
                     self.partition,
                     "retry",
                     &gucs::scrub(&format!(
-                        "outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {})",
+                        "outbox id {id} ({method}): {failure}; retrying in {} ms (attempt {attempt})",
                         delay.as_millis(),
-                        self.attempts
                     )),
                 );
                 Next::BackOff(delay)
             }
             Round::Failed { error, ran } => {
                 self.db_errors += 1;
-                let backoff = Backoff {
-                    base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
-                    max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
-                };
-                let delay = backoff.delay(self.db_errors, self.jitter.next_fraction());
+                let delay = retry_backoff().delay(self.db_errors, self.jitter.next_fraction());
                 let error = gucs::scrub(&error.to_string());
                 shmem::update(self.slot, |s| {
                     s.stats.backoff_ms = delay.as_millis() as u32;
@@ -703,13 +409,12 @@ impl Worker {
         }
     }
 
-    fn recovered(&mut self) {
-        if self.attempts > 0 {
+    fn recovered(&mut self, retries: u32) {
+        if retries > 0 {
             log!(
-                "centrifugo_outbox: consumer {} partition {} delivering again after {} retries",
+                "centrifugo_outbox: consumer {} partition {} delivering again after {retries} retries",
                 self.spec.name(),
                 self.partition,
-                self.attempts
             );
         }
         if self.db_errors > 0 {
@@ -720,9 +425,11 @@ impl Worker {
                 self.db_errors
             );
         }
-        self.attempts = 0;
         self.db_errors = 0;
-        self.failing_row = None;
+    }
+
+    fn show_window(&mut self) {
+        show_window(&self.engine, self.slot, &mut self.shown);
     }
 
     /// Rebuilds the HTTP client when its settings changed (after a reload).
@@ -764,22 +471,19 @@ impl Worker {
     /// deleted from as its owner (see `xact::as_owner`).
     fn round(&mut self) -> Round {
         let partition = self.partition;
-        let configured = self.configured_limit();
-        let limit = self.window.limit_now(configured as usize) as i32;
+        self.engine.set_policy(delivery_policy(self.configured_limit() as usize));
+        self.engine.restart(&());
         let (table_schema, table_name) = self.spec.table_parts();
         let consumer_name = self.spec.name();
         let database = self.spec.database();
         let client = self.client.as_ref().expect("client checked by the caller");
         let system_id = self.system_id;
         let statements = &mut self.statements;
-        let settled = &mut self.settled;
-        let applied = &mut self.applied;
-        let window = &mut self.window;
+        let engine = &mut self.engine;
+        let known_table = &mut self.table_oid;
         let slot = self.slot;
+        let shown = &mut self.shown;
         let writing_dead_letter = std::cell::Cell::new(false);
-        applied.clear();
-        // Attempts already made for the row that has been failing, if it fails for good now.
-        let (failing_row, attempts) = (self.failing_row, self.attempts);
         let result = xact::transaction(|| {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), DbError> {
                 let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
@@ -845,12 +549,12 @@ impl Worker {
                 let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
                 let table_statements =
                     as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid, payload_is_jsonb))?;
-                if settled.table_oid != table_oid {
-                    settled.outcomes.clear();
-                    if settled.table_oid != 0 {
-                        window.reset();
+                // Another table under the name: nothing known of the old one applies to it.
+                if *known_table != table_oid {
+                    if *known_table != 0 {
+                        engine.reset(&());
                     }
-                    settled.table_oid = table_oid;
+                    *known_table = table_oid;
                 }
                 let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
                 let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
@@ -858,19 +562,25 @@ impl Worker {
                 let reader = BatchReader {
                     statements: table_statements,
                     snapshot: &snapshot,
-                    client,
                     partition,
-                    limit,
                     exact_commit_ts,
                     keys: OutboxKeys::new(system_id, table_oid as u32),
                     owner,
                     table_oid,
-                    settled: &settled.outcomes,
                     max_command_size: gucs::max_command_size(),
                 };
+                let read = |spi: &SpiClient<'_>, engine: &mut Engine<(), Row>, from: i64, budget: i64| {
+                    let read = reader.read(spi, from, engine.read_limit(&()), budget)?;
+                    let last = read.rows.last().map(|r| r.id);
+                    for row in read.rows {
+                        let ready = reader.ready(&row);
+                        engine.push(&(), row.id, row.created_at, ready, row);
+                    }
+                    Ok::<_, DbError>((last, read.full, read.deferred))
+                };
                 // What one batch may hold, the next one read ahead included.
-                let budget = gucs::batch_max_bytes();
-                let budget = client.batch_bytes_cap(limit as usize).map_or(budget, |cap| budget.min(cap));
+                let budget = engine.policy().budget;
+                let budget = client.batch_bytes_cap(engine.read_limit(&())).map_or(budget, |cap| budget.min(cap));
 
                 let started = Instant::now();
                 let mut stats = RoundStats::default();
@@ -894,85 +604,66 @@ impl Worker {
                     writing: &writing_dead_letter,
                 };
                 let mut any_deferred = false;
-                let mut batch = reader.read(spi, i64::MIN, budget)?;
+                let (mut last, mut full, deferred) = read(spi, engine, i64::MIN, budget)?;
+                any_deferred |= deferred;
                 let round = loop {
-                    any_deferred |= batch.deferred;
-                    if batch.rows.is_empty() {
-                        break if any_deferred { Round::Full } else { Round::Drained };
+                    if engine.len(&()) == 0 {
+                        break if any_deferred {
+                            Round::Full { recovered_after: stats.recovered_after }
+                        } else {
+                            Round::Drained { recovered_after: stats.recovered_after }
+                        };
                     }
-                    // Past the rows resent one by one: the next round reads full batches again.
-                    let first = batch.rows[0].id;
-                    if window.limit(configured as usize, first) > limit as usize {
-                        break Round::Full;
-                    }
-                    // None after the largest id there can be: nothing can follow it.
-                    let next_from = batch.rows.last().and_then(|r| r.id.checked_add(1));
-                    let in_flight_bytes: i64 = batch.rows.iter().map(|r| r.payload.len() as i64).sum();
-                    let mut in_flight =
-                        (!batch.commands.is_empty()).then(|| client.start_body(std::mem::take(&mut batch.body)));
+                    let flight = engine.start(client, Instant::now());
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
-                    let next_from =
-                        next_from.filter(|_| batch.full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested());
-                    let mut on_error = std::panic::AssertUnwindSafe((
-                        client,
-                        &mut in_flight,
-                        &mut batch,
-                        &mut stats,
-                        &mut *applied,
-                        &mut *window,
-                    ));
-                    let overlap =
-                        PgTryBuilder::new(std::panic::AssertUnwindSafe(|| -> Result<Option<Batch>, DbError> {
+                    // None after the largest id there can be: nothing can follow it.
+                    let next_from = last
+                        .and_then(|id| id.checked_add(1))
+                        .filter(|_| full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested());
+                    let in_flight_bytes = flight.bytes(&());
+                    let overlap = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
+                        Ok((|| {
                             delete(spi, &mut done)?;
-                            Ok(match next_from {
-                                Some(from) => Some(reader.read(spi, from, budget - in_flight_bytes)?),
-                                None => None,
-                            })
-                        }))
-                        .catch_others(move |error| {
-                            // The batch is on its way and will run: learn what became of each command
-                            // before the ERROR rolls the round back, so that none is sent again.
-                            let (client, in_flight, batch, stats, applied, window) = &mut *on_error;
-                            if let Some(in_flight) = in_flight.take() {
-                                let outcomes = client.finish(in_flight, &batch.commands, &mut stats.batches);
-                                batch.record(outcomes);
-                                batch.remember_outcomes(applied);
-                                note_outcomes(window, slot, batch);
-                            }
-                            error.rethrow()
-                        })
-                        .execute();
-                    if let Some(in_flight) = in_flight.take() {
-                        batch.record(client.finish(in_flight, &batch.commands, &mut stats.batches));
-                        note_outcomes(window, slot, &batch);
-                    }
+                            let Some(from) = next_from else { return Ok(None) };
+                            let next = read(spi, engine, from, budget - in_flight_bytes)?;
+                            engine.prepare(client);
+                            Ok::<_, DbError>(Some(next))
+                        })())
+                    }))
+                    // The batch is on its way and will run: learn what became of each command
+                    // (below) before the ERROR rolls the round back, so that none is sent again.
+                    .catch_others(|error| Err(Box::new(error)))
+                    .execute();
+                    let reports = engine.finish(client, flight, Instant::now());
+                    // Known before anything that may raise: a rolled-back round keeps its resend.
+                    show_window(engine, slot, shown);
                     let next = match overlap {
-                        Ok(next) => next,
-                        Err(e) => {
-                            batch.remember_outcomes(applied);
-                            return Err(e);
-                        }
+                        Ok(next) => next?,
+                        Err(error) => (*error).rethrow(),
                     };
-                    let attempts_of = |id| if failing_row == Some(id) { attempts + 1 } else { 1 };
-                    let retry = apply_outcomes(
-                        spi,
-                        &batch,
-                        &mut done,
-                        &mut stats,
-                        &dead_letter_target,
-                        attempts_of,
-                        &mut *applied,
-                    )?;
-                    if let Some(retry) = retry {
-                        break retry;
+                    let report = reports.into_iter().next();
+                    if let Some(report) = &report {
+                        stats.batches += report.requests;
+                        stats.recovered_after = stats.recovered_after.max(report.recovered_after);
                     }
-                    if !batch.full {
-                        break if any_deferred { Round::Full } else { Round::Drained };
+                    apply_settled(spi, engine, &mut done, &mut stats, &dead_letter_target)?;
+                    if let Some(retry) = report.and_then(|r| r.retry) {
+                        break Round::Retry(retry);
+                    }
+                    if !full {
+                        break if any_deferred {
+                            Round::Full { recovered_after: stats.recovered_after }
+                        } else {
+                            Round::Drained { recovered_after: stats.recovered_after }
+                        };
                     }
                     match next {
-                        Some(next) => batch = next,
-                        None => break Round::Full,
+                        Some((next_last, next_full, deferred)) => {
+                            (last, full) = (next_last, next_full);
+                            any_deferred |= deferred;
+                        }
+                        None => break Round::Full { recovered_after: stats.recovered_after },
                     }
                 };
                 delete(spi, &mut done)?;
@@ -983,12 +674,9 @@ impl Worker {
             Ok((round, stats)) => {
                 // Rows done in this round are gone: nothing to remember about them. A drained
                 // partition has nothing left that an earlier failed round could have sent.
-                for (key, _) in self.applied.drain(..) {
-                    self.settled.outcomes.remove(&key);
-                }
-                if matches!(round, Round::Drained) {
-                    self.settled.outcomes.clear();
-                    self.window.drained();
+                self.engine.committed(&());
+                if matches!(round, Round::Drained { .. }) {
+                    self.engine.drained(&());
                 }
                 // A round of malformed rows only sends nothing but still dead-letters them.
                 if stats.batches > 0 || stats.dead > 0 || stats.delivered > 0 {
@@ -1022,12 +710,34 @@ impl Worker {
                 }
                 // Rolled back: the rows stay. What Centrifugo ran is remembered (bounded by one
                 // round's rows) and applied by the next round without sending it again.
-                let ran = self.applied.len();
-                self.settled.outcomes.extend(self.applied.drain(..));
+                let ran = self.engine.rolled_back(&());
                 self.statements = Statements::default();
                 Round::Failed { error, ran }
             }
         }
+    }
+}
+
+/// Writes the lane's resend and reduced batch size to the slot when they changed (a restarted
+/// worker goes on with the resend).
+fn show_window(engine: &Engine<(), Row>, slot: usize, shown: &mut (Option<(i64, i64)>, u32)) {
+    let (resend, reduced) = engine.window(&());
+    let now = (resend, reduced.unwrap_or(0) as u32);
+    if now != *shown {
+        *shown = now;
+        shmem::update(slot, |s| (s.stats.resend, s.stats.batch_limit) = now);
+    }
+}
+
+/// How batches are made and failures waited out, as the settings say now.
+fn delivery_policy(batch: usize) -> Policy {
+    Policy { batch, budget: gucs::batch_max_bytes(), backoff: retry_backoff() }
+}
+
+fn retry_backoff() -> Backoff {
+    Backoff {
+        base: Duration::from_millis(gucs::retry_backoff_base_ms() as u64),
+        max: Duration::from_millis(gucs::retry_backoff_max_ms() as u64),
     }
 }
 
@@ -1038,562 +748,6 @@ const STRANDED_CHECK_EVERY: Duration = Duration::from_secs(300);
 /// crash makes us resend (the idempotency keys absorb it) and how long the transaction holds its
 /// snapshot; long enough that commits and the first index descent are paid once per many batches.
 const DRAIN_BUDGET: Duration = Duration::from_millis(50);
-
-/// The worker's prepared statements, kept across transactions (PostgreSQL re-plans a kept plan
-/// by itself when the table changes; a new table under the same name gets new statements).
-#[derive(Default)]
-struct Statements {
-    head: Option<OwnedPreparedStatement>,
-    table: Option<TableStatements>,
-}
-
-struct TableStatements {
-    name: String,
-    oid: i64,
-    /// The select reads the payload as jsonb (made text by the worker, see `payload`), else as text.
-    payload_is_jsonb: bool,
-    /// `$1` partition, `$2` first id, `$3` limit, `$4` whether commit timestamps are tracked.
-    select: OwnedPreparedStatement,
-    /// `$1` the ctids of the rows done.
-    delete: OwnedPreparedStatement,
-}
-
-impl Statements {
-    /// The per-transaction bookkeeping in one statement: where the extension lives, the outbox
-    /// table's oid, kind and owner (whose rights its rows are read and deleted with), the partition lock (the key Centrifugo's consumer uses), whether commit
-    /// timestamps are tracked, and a plan fix: the (partition, id) index is always right for
-    /// "the next rows of this partition", even before a freshly filled queue table has statistics.
-    fn head(&mut self, spi: &SpiClient<'_>) -> Result<&OwnedPreparedStatement, pgrx::spi::Error> {
-        if self.head.is_none() {
-            let text = PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
-            // $1 the table's schema (NULL: the extension's), $2 the table, $3 the lock key.
-            self.head = Some(
-                spi.prepare(
-                    "SELECT ext.nspname::pg_catalog.text, t.oid::pg_catalog.int8, t.relkind::pg_catalog.text,
-                            t.relowner::pg_catalog.int8,
-                            pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext($3)),
-                            pg_catalog.current_setting('track_commit_timestamp')::pg_catalog.bool,
-                            pg_catalog.set_config('enable_seqscan', 'off', true),
-                            pg_catalog.set_config('enable_bitmapscan', 'off', true),
-                            pg_catalog.set_config('enable_sort', 'off', true),
-                            (SELECT d.oid::pg_catalog.int8 FROM pg_catalog.pg_class d
-                             WHERE d.relnamespace OPERATOR(pg_catalog.=) ext.oid AND d.relname OPERATOR(pg_catalog.=) 'centrifugo_dead_letters'),
-                            t.relhassubclass,
-                            (SELECT a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.jsonb'::pg_catalog.regtype FROM pg_catalog.pg_attribute a
-                             WHERE a.attrelid OPERATOR(pg_catalog.=) t.oid AND a.attname OPERATOR(pg_catalog.=) 'payload')
-                     FROM (SELECT 1) AS one
-                     LEFT JOIN (SELECT n.oid, n.nspname FROM pg_catalog.pg_extension e
-                                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) e.extnamespace
-                                WHERE e.extname OPERATOR(pg_catalog.=) 'centrifugo_outbox') AS ext ON true
-                     LEFT JOIN (pg_catalog.pg_class t JOIN pg_catalog.pg_namespace tn ON tn.oid OPERATOR(pg_catalog.=) t.relnamespace)
-                            ON tn.nspname OPERATOR(pg_catalog.=) coalesce($1, ext.nspname) AND t.relname OPERATOR(pg_catalog.=) $2",
-                    &[text, text, text],
-                )?
-                .keep(),
-            );
-        }
-        Ok(self.head.as_ref().expect("prepared above"))
-    }
-
-    fn for_table(
-        &mut self,
-        spi: &SpiClient<'_>,
-        name: &str,
-        oid: i64,
-        payload_is_jsonb: bool,
-    ) -> Result<&TableStatements, pgrx::spi::Error> {
-        if !self
-            .table
-            .as_ref()
-            .is_some_and(|t| t.name == name && t.oid == oid && t.payload_is_jsonb == payload_is_jsonb)
-        {
-            self.table = None;
-            let oids = |list: &[PgBuiltInOids]| list.iter().map(|o| PgOid::BuiltIn(*o)).collect::<Vec<_>>();
-            let marker = crate::pinned::MARKER;
-            // The commit time of each row, for the latency histogram: exact with
-            // track_commit_timestamp = on, else created_at (the inserting transaction's start).
-            // Read through a cursor (see `BatchReader::read`): rows past the byte budget are
-            // never made text. A jsonb payload is made text by the worker (see `payload`).
-            // Prepared as "mutating" so that each read takes a fresh snapshot: the first one must
-            // see what a drainer that held the lock before us committed.
-            let payload = if payload_is_jsonb { "payload" } else { "payload::pg_catalog.text" };
-            let select = spi
-                .prepare_mut(
-                    &format!(
-                        "{marker}SELECT id, method, {payload},
-                                coalesce(CASE WHEN $4 THEN pg_catalog.pg_xact_commit_timestamp(xmin) END, created_at), ctid, created_at,
-                                xmin
-                         FROM ONLY {name} WHERE partition OPERATOR(pg_catalog.=) $1 AND id OPERATOR(pg_catalog.>=) $2 ORDER BY id LIMIT $3"
-                    ),
-                    &oids(&[PgBuiltInOids::INT4OID, PgBuiltInOids::INT8OID, PgBuiltInOids::INT8OID, PgBuiltInOids::BOOLOID]),
-                )?
-                .keep();
-            // By ctid, read in this transaction: no index descent per row. A ctid cannot point
-            // to another row meanwhile (vacuum keeps what our snapshot may see), and a row
-            // updated meanwhile has a new ctid, so it stays and is sent again: never lost.
-            let delete = spi
-                .prepare_mut(
-                    &format!("{marker}DELETE FROM ONLY {name} WHERE ctid OPERATOR(pg_catalog.=) ANY($1)"),
-                    &oids(&[PgBuiltInOids::TIDARRAYOID]),
-                )?
-                .keep();
-            self.table = Some(TableStatements { name: name.to_owned(), oid, payload_is_jsonb, select, delete });
-        }
-        Ok(self.table.as_ref().expect("prepared above"))
-    }
-}
-
-/// One outbox row as read.
-struct Row {
-    id: i64,
-    ctid: pg_sys::ItemPointerData,
-    method: String,
-    /// Empty when the payload was not made text.
-    payload: String,
-    /// A jsonb payload not made text (see `payload`): the dead letter's reason, and the value.
-    dead_letter: Option<(String, pg_sys::Datum)>,
-    /// Unix microseconds.
-    committed_at: i64,
-    /// Unix microseconds; with the id, what makes the row's idempotency key unique.
-    created_at: i64,
-}
-
-/// Rows read in id order, parsed: the commands to send, and the rows that are dead letters
-/// already (malformed).
-struct Batch {
-    rows: Vec<Row>,
-    /// One per row: known before sending for malformed rows, filled in from the reply otherwise.
-    outcomes: Vec<Option<Outcome>>,
-    /// Which rows `commands` are.
-    sendable: Vec<usize>,
-    commands: Vec<Prepared>,
-    /// The `/api/batch` request body of `commands`, made ahead of sending.
-    body: outbox_core::client::Body,
-    /// The limit was reached: the partition may have more.
-    full: bool,
-    /// Rows were left for the next round (committed after the round's snapshot).
-    deferred: bool,
-}
-
-impl Batch {
-    /// Takes Centrifugo's per-command outcomes of `commands`.
-    fn record(&mut self, per_command: Vec<Outcome>) {
-        for (i, outcome) in self.sendable.iter().zip(per_command) {
-            self.outcomes[*i] = Some(outcome);
-        }
-    }
-
-    /// Adds the rows that are done (delivered or dead letters) to `applied`.
-    fn remember_outcomes(&self, applied: &mut Vec<(RowKey, Outcome)>) {
-        for (row, outcome) in self.rows.iter().zip(&self.outcomes) {
-            if let Some(outcome @ (Outcome::Delivered | Outcome::DeadLetter { .. })) = outcome {
-                applied.push(((row.id, row.created_at), outcome.clone()));
-            }
-        }
-    }
-}
-
-struct BatchReader<'s> {
-    statements: &'s TableStatements,
-    /// What the round may send: rows committed before it began (see [`RoundSnapshot`]).
-    snapshot: &'s RoundSnapshot,
-    /// Makes each batch's request while the previous one is in flight.
-    client: &'s CentrifugoClient,
-    partition: i32,
-    limit: i32,
-    exact_commit_ts: bool,
-    keys: OutboxKeys,
-    /// The table's owner, as whom rows are read, and the table.
-    owner: pg_sys::Oid,
-    table_oid: i64,
-    /// Outcomes already known from a round that was rolled back: not sent again.
-    settled: &'s HashMap<RowKey, Outcome>,
-    /// Rows whose payload text is longer are dead letters (0: no limit).
-    max_command_size: i32,
-}
-
-/// The snapshot a round takes once it holds the partition's lock: every read of the round sends
-/// only rows it sees. Each read runs with a fresh snapshot (it must see what was committed before
-/// the lock), so without this a read ahead could see a transaction that committed after the
-/// previous read (a low id, skipped since the reads go on from the last id) together with a
-/// later transaction of the same writer (a higher id), and send the later one first.
-struct RoundSnapshot(pg_sys::Snapshot);
-
-impl RoundSnapshot {
-    fn take() -> Self {
-        // SAFETY: inside the round's transaction; registered with its resource owner, so an
-        // ERROR releases it with the transaction, and unregistered by `drop` otherwise.
-        RoundSnapshot(unsafe { pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot()) })
-    }
-
-    /// The transaction id the next transaction will get (low 32 bits): read after a cursor is
-    /// opened, every row that cursor returns has an older `xmin`.
-    fn next_xid() -> u32 {
-        // SAFETY: reads shared memory under its lock; callable in any transaction.
-        unsafe { pg_sys::ReadNextFullTransactionId() }.value as u32
-    }
-
-    /// Whether a committed row with `xmin` is visible to the snapshot, `next_xid` being
-    /// [`Self::next_xid`] read after the row's cursor was opened. Only xids from the snapshot's
-    /// xmin up to `next_xid` are asked about: anything else finished before the snapshot, and a
-    /// frozen row keeps its original xmin, which may be more than 2^31 xids old and so would
-    /// look like a future one to a comparison modulo 2^32.
-    fn sees(&self, xmin: u32, next_xid: u32) -> bool {
-        // SAFETY: the snapshot is registered for as long as `self` lives.
-        let snapshot_xmin = unsafe { (*self.0).xmin }.into_inner();
-        let recent = xmin >= pg_sys::FirstNormalTransactionId.into_inner()
-            && xmin.wrapping_sub(snapshot_xmin) < next_xid.wrapping_sub(snapshot_xmin);
-        // SAFETY: as above.
-        !recent || !unsafe { pg_sys::XidInMVCCSnapshot(pg_sys::TransactionId::from(xmin), self.0) }
-    }
-}
-
-impl Drop for RoundSnapshot {
-    fn drop(&mut self) {
-        // During an ERROR's unwinding the transaction's abort releases it instead.
-        if !std::thread::panicking() {
-            // SAFETY: registered by `take`, unregistered once.
-            unsafe { pg_sys::UnregisterSnapshot(self.0) };
-        }
-    }
-}
-
-/// PostgreSQL's epoch (2000-01-01) in Unix microseconds.
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
-
-impl BatchReader<'_> {
-    /// The next rows of the partition with `id >= from`, at most the limit and, past the first
-    /// row, at most `budget` bytes of payload text.
-    fn read(&self, spi: &SpiClient<'_>, from: i64, budget: i64) -> Result<Batch, DbError> {
-        let args = [self.partition.into(), from.into(), i64::from(self.limit).into(), self.exact_commit_ts.into()];
-        // Fetches of 16 rows, then more while the rows are small: the scan stops at the budget
-        // (a fetched row is made text only if it fits, by its detoasted size and then by its
-        // text), and the first row always comes, however large.
-        let mut rows_per_fetch: libc::c_long = 16;
-        let (mut fetched, mut deferred) = (0i64, false);
-        let (rows, over_budget) = as_owner_of(self.owner, self.table_oid, || -> Result<(Vec<Row>, bool), DbError> {
-            let mut cursor = spi.try_open_cursor(&self.statements.select, &args)?;
-            let mut scratch = Scratch::new();
-            let next_xid = RoundSnapshot::next_xid();
-            let (mut rows, mut bytes) = (Vec::new(), 0i64);
-            loop {
-                let chunk = cursor.fetch(rows_per_fetch)?;
-                if chunk.is_empty() {
-                    return Ok((rows, false));
-                }
-                fetched += chunk.len() as i64;
-                // Grow while a fetch of twice as many rows of the size seen so far stays within budget.
-                let average = bytes / (rows.len() as i64).max(1);
-                if (2 * rows_per_fetch as i64) * average.max(1) < budget - bytes {
-                    rows_per_fetch = (rows_per_fetch * 2).min(1024);
-                }
-                for row in chunk {
-                    // A row committed after the round began waits for the next round,
-                    // which reads the partition from its start: were it sent now, a row
-                    // of an earlier transaction with a lower id, invisible to the round's
-                    // first read, would go after it.
-                    let xmin = row.get::<pg_sys::TransactionId>(7)?.map_or(0, |x| x.into_inner());
-                    let payload = row.get::<PayloadDatum>(3)?;
-                    let raw_size = payload.as_ref().map_or(0, |p| p.raw_size() as i64);
-                    if !self.snapshot.sees(xmin, next_xid) {
-                        deferred = true;
-                        // Read all the same: it counts against the budget.
-                        bytes += raw_size;
-                        if bytes > budget {
-                            return Ok((rows, true));
-                        }
-                        continue;
-                    }
-                    if !rows.is_empty() && bytes + raw_size > budget {
-                        return Ok((rows, true));
-                    }
-                    let row = self.row(&row, payload, &mut scratch)?;
-                    let size = row.payload.len() as i64;
-                    if !rows.is_empty() && bytes + size > budget {
-                        return Ok((rows, true));
-                    }
-                    bytes += size;
-                    rows.push(row);
-                }
-            }
-        })?;
-        let mut batch = Batch {
-            // The limit was reached, or the budget or the snapshot left rows behind: there may be more.
-            full: over_budget || deferred || fetched >= i64::from(self.limit),
-            deferred,
-            outcomes: Vec::with_capacity(rows.len()),
-            sendable: Vec::with_capacity(rows.len()),
-            commands: Vec::with_capacity(rows.len()),
-            body: Default::default(),
-            rows,
-        };
-        self.prepare(&mut batch);
-        Ok(batch)
-    }
-
-    fn row(
-        &self,
-        row: &pgrx::spi::SpiHeapTupleData<'_>,
-        payload: Option<PayloadDatum>,
-        scratch: &mut Scratch,
-    ) -> Result<Row, DbError> {
-        let max_command_size = self.max_command_size.max(0) as usize;
-        let (payload, dead_letter) = match payload.map(|p| p.text(scratch, max_command_size)).transpose()? {
-            None => (String::new(), None),
-            Some(PayloadText::Text(text)) => (text, None),
-            Some(PayloadText::DeadLetter { why, jsonb }) => (String::new(), Some((why, jsonb))),
-        };
-        Ok(Row {
-            id: row.get::<i64>(1)?.unwrap_or(0),
-            ctid: row.get::<pg_sys::ItemPointerData>(5)?.unwrap_or_default(),
-            method: row.get::<String>(2)?.unwrap_or_default(),
-            payload,
-            dead_letter,
-            committed_at: row
-                .get::<TimestampWithTimeZone>(4)?
-                .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
-            created_at: row
-                .get::<TimestampWithTimeZone>(6)?
-                .map_or(0, |t| pg_sys::TimestampTz::from(t) + PG_EPOCH_UNIX_MICROS),
-        })
-    }
-
-    /// Prepares the batch's rows: outcomes already known, dead letters found before sending,
-    /// and the request body of the rest.
-    fn prepare(&self, batch: &mut Batch) {
-        for (i, row) in batch.rows.iter().enumerate() {
-            if let Some(outcome) = self.settled.get(&(row.id, row.created_at)) {
-                batch.outcomes.push(Some(outcome.clone()));
-                continue;
-            }
-            // The SQL API refuses both at call time; a plain INSERT is caught here.
-            if let Some((why, _)) = &row.dead_letter {
-                let failure = Failure::malformed(why.clone());
-                batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
-                continue;
-            }
-            let size = outbox_core::settings::compact_json_len(&row.payload);
-            if self.max_command_size > 0 && size > self.max_command_size as usize {
-                let failure = Failure::malformed(format!(
-                    "payload of {size} bytes exceeds centrifugo.max_command_size ({} bytes)",
-                    self.max_command_size
-                ));
-                batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None }));
-                continue;
-            }
-            match prepare_text(&row.method, &row.payload, || self.keys.key(row.id, row.created_at)) {
-                Ok(p) => {
-                    batch.outcomes.push(None);
-                    batch.sendable.push(i);
-                    batch.commands.push(p);
-                }
-                Err(failure) => batch.outcomes.push(Some(Outcome::DeadLetter { failure, payload: None })),
-            }
-        }
-        batch.body = self.client.body(&batch.commands);
-    }
-}
-
-/// Takes what became of `batch` into the partition's window as soon as it is known (before
-/// anything that may raise an ERROR), and keeps a resend it starts or widens in the slot, so a
-/// rolled-back round or a terminated worker goes on with it.
-fn note_outcomes(window: &mut BatchWindow, slot: usize, batch: &Batch) {
-    let (Some(first), Some(last)) = (batch.rows.first(), batch.rows.last()) else { return };
-    let before = window.resend();
-    window.record(batch.sendable.iter().map(|&i| batch.outcomes[i].as_ref()), first.id, last.id);
-    let after = window.resend();
-    if after != before {
-        shmem::update(slot, |s| s.stats.resend = after);
-    }
-}
-
-/// Where dead letters of this consumer go.
-struct DeadLetterTarget<'a> {
-    dead_letters: &'a str,
-    oid: pg_sys::Oid,
-    /// The outbox's payload column is jsonb: its text always goes back into jsonb.
-    payload_is_jsonb: bool,
-    consumer: &'a str,
-    partition: i32,
-    /// Set while a dead letter is written.
-    writing: &'a std::cell::Cell<bool>,
-}
-
-/// Applies every outcome of a batch: the ctids of delivered and dead-lettered rows join `done`
-/// (and `applied`), rows that failed temporarily stay for a resend. Centrifugo ran every command of the batch, so
-/// a command that succeeded after a failed one is done too: resending it would run it twice.
-/// Returns the first temporary failure, if any. `attempts_of` gives a row's attempt count for
-/// its dead letter.
-fn apply_outcomes(
-    spi: &mut SpiClient<'_>,
-    batch: &Batch,
-    done: &mut Vec<pg_sys::ItemPointerData>,
-    stats: &mut RoundStats,
-    target: &DeadLetterTarget<'_>,
-    attempts_of: impl Fn(i64) -> u32,
-    applied: &mut Vec<(RowKey, Outcome)>,
-) -> Result<Option<Round>, DbError> {
-    // First, in case a dead-letter insert fails: the round will be rolled back, and these ran.
-    batch.remember_outcomes(applied);
-    let acked_at = shmem::unix_micros();
-    let mut retry = None;
-    for (row, outcome) in batch.rows.iter().zip(&batch.outcomes) {
-        match outcome.as_ref().expect("every row has an outcome") {
-            Outcome::Delivered => {
-                stats.delivered += 1;
-                stats.latencies_ms.push((acked_at - row.committed_at).max(0) as f64 / 1000.0);
-                done.push(row.ctid);
-            }
-            Outcome::DeadLetter { failure, payload: replacement } => {
-                let payload = replacement.as_deref().unwrap_or(&row.payload);
-                let dead = DeadRow {
-                    outbox_id: row.id,
-                    method: &row.method,
-                    payload,
-                    // A replacement (the channels of a broadcast that failed) is what is kept.
-                    jsonb_not_made_text: row
-                        .dead_letter
-                        .as_ref()
-                        .filter(|_| replacement.is_none())
-                        .map(|(_, jsonb)| *jsonb),
-                    failure,
-                    attempts: attempts_of(row.id),
-                    created_at: row.created_at,
-                };
-                // An ERROR inside unwinds past this: the flag tells the round's report what failed.
-                target.writing.set(true);
-                insert_dead_letter(spi, target, &dead)?;
-                target.writing.set(false);
-                stats.dead += 1;
-                stats.last_dead = Some(failure.clone());
-                done.push(row.ctid);
-            }
-            Outcome::Retry(failure) => {
-                if retry.is_none() {
-                    retry = Some(Round::Retry { id: row.id, method: row.method.clone(), failure: failure.clone() });
-                }
-            }
-        }
-    }
-    Ok(retry)
-}
-
-/// The oid of table `name` in schema `schema` as the catalog caches see it now.
-fn relation_named(schema: &str, name: &str) -> Option<i64> {
-    crate::session::relation_named(schema, name).map(|oid| i64::from(u32::from(oid)))
-}
-
-/// Locks table `oid` (named `schema.name` when it was looked up) so that nobody can drop it and
-/// put a table of their own under the name while our statements run (a schema's owner may drop
-/// any table in it), then checks the name still means it and returns its owner as of now
-/// (ALTER TABLE ... OWNER waits for the lock). Err says what happened meanwhile.
-fn lock_checked(schema: &str, name: &str, oid: i64, mode: u32) -> Result<pg_sys::Oid, &'static str> {
-    // SAFETY: a lock taken in the current transaction, released at its end.
-    unsafe { pg_sys::LockRelationOid(pg_sys::Oid::from(oid as u32), mode as pg_sys::LOCKMODE) };
-    // By the catalog caches, which the lock just brought up to date (an SQL query would see the
-    // transaction's first snapshot), and without to_regclass(), which needs USAGE on the schema.
-    if relation_named(schema, name) != Some(oid) {
-        return Err("was replaced");
-    }
-    relation_owner(oid).ok_or("was dropped")
-}
-
-/// The owner of relation `oid` as the catalog caches see it now.
-fn relation_owner(oid: i64) -> Option<pg_sys::Oid> {
-    crate::session::relation_class(pg_sys::Oid::from(oid as u32)).map(|(_, owner)| owner)
-}
-
-/// Runs `body` as the outbox's owner (see `xact::as_owner`), its statements held to the table
-/// checked (see `pinned`).
-fn as_owner_of<R>(owner: pg_sys::Oid, table_oid: i64, body: impl FnOnce() -> R) -> R {
-    crate::pinned::pinned(&[pg_sys::Oid::from(table_oid as u32)], || xact::as_owner(owner, body))
-}
-
-/// What one round did, for the shared-memory counters.
-#[derive(Default)]
-struct RoundStats {
-    delivered: u64,
-    dead: u64,
-    batches: u64,
-    latencies_ms: Vec<f64>,
-    last_dead: Option<Failure>,
-}
-
-/// One outbox row on its way to the dead letters.
-struct DeadRow<'a> {
-    outbox_id: i64,
-    method: &'a str,
-    payload: &'a str,
-    /// Instead of `payload`: a jsonb value not made text (see `payload`), valid until the round's
-    /// transaction ends.
-    jsonb_not_made_text: Option<pg_sys::Datum>,
-    failure: &'a Failure,
-    attempts: u32,
-    /// The row's created_at (Unix µs), already read: a lookup by id alone could find several rows.
-    created_at: i64,
-}
-
-fn insert_dead_letter(
-    spi: &mut SpiClient<'_>,
-    target: &DeadLetterTarget<'_>,
-    row: &DeadRow<'_>,
-) -> Result<(), DbError> {
-    let DeadLetterTarget { dead_letters, oid, consumer, partition, payload_is_jsonb, .. } = *target;
-    // A payload that is not JSON at all is kept as a JSON string, so nothing is lost.
-    let payload_json = if serde_json::from_str::<&serde_json::value::RawValue>(row.payload).is_ok() {
-        row.payload.to_owned()
-    } else {
-        serde_json::Value::String(row.payload.to_owned()).to_string()
-    };
-    let marker = crate::pinned::MARKER;
-    let (raw_column, raw_value) = crate::session::raw_value_column(oid);
-    let insert = format!(
-        "{marker}INSERT INTO {dead_letters} (source, consumer, outbox_id, method, payload, partition, error_kind, error_code, error_message, attempts, enqueued_at{raw_column})
-         VALUES ('outbox', $9, $1, $2, $3::pg_catalog.jsonb, $4, $5, $6, $7, $8, $10{raw_value})"
-    );
-    let args = |payload: pgrx::datum::DatumWithOid<'static>,
-                raw: Option<Vec<u8>>|
-     -> Vec<pgrx::datum::DatumWithOid<'static>> {
-        vec![
-            row.outbox_id.into(),
-            row.method.to_owned().into(),
-            payload,
-            partition.into(),
-            row.failure.kind.as_str().into(),
-            row.failure.code.map(|c| c as i32).into(),
-            gucs::scrub(&row.failure.message).into(),
-            (row.attempts as i32).into(),
-            consumer.to_owned().into(),
-            TimestampWithTimeZone::try_from(row.created_at - PG_EPOCH_UNIX_MICROS).ok().into(),
-            raw.into(),
-        ]
-    };
-    if let Some(jsonb) = row.jsonb_not_made_text {
-        // SAFETY: a jsonb value copied into the transaction's memory (see `DeadRow`).
-        let payload = unsafe { pgrx::datum::DatumWithOid::new(jsonb, pg_sys::JSONBOID) };
-        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload, None)))?;
-        return Ok(());
-    }
-    // The outbox's payload is jsonb, so this holds: a table of one's own may have json or text
-    // with what jsonb refuses (`\u0000`, huge numbers). Then the bytes go to raw_value.
-    if payload_is_jsonb {
-        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json.into(), None)))?;
-        return Ok(());
-    }
-    let exact = xact::subtransaction(|| {
-        crate::pinned::pinned(&[oid], || spi.update(&insert, None, &args(payload_json.into(), None)).map(|_| ()))
-    });
-    match exact {
-        Ok(result) => result?,
-        Err(e) if xact::refused_as_jsonb(&e) => {
-            crate::pinned::pinned(&[oid], || {
-                spi.update(&insert, None, &args("null".to_owned().into(), Some(row.payload.as_bytes().to_vec())))
-            })?;
-        }
-        Err(e) => return Err(e),
-    }
-    Ok(())
-}
 
 /// At most one warning of a kind per 10 seconds per worker, with a count of the ones held back,
 /// so a dead Centrifugo does not flood the log; a new kind of problem is logged at once. The

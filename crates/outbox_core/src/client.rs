@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 use crate::command::Method;
 use crate::dispatch::{classify_batch, BatchVerdict, Outcome, Prepared, Response, NOT_SENT_YET, STOPPING};
 use crate::endpoints::{display_url, node_failure, parse_api_urls, Failover, NodeBoard, NodeFailure};
-pub use crate::transport::{is_grpc_url, Body, ClientConfig};
 use crate::transport::Transport;
+pub use crate::transport::{is_grpc_url, Body, ClientConfig};
 
 pub struct CentrifugoClient {
     config: ClientConfig,
@@ -149,7 +149,12 @@ impl CentrifugoClient {
         Ok(Self::with_transport(config, urls, transport, runtime))
     }
 
-    fn with_transport(config: ClientConfig, urls: Vec<String>, transport: Box<dyn Transport>, runtime: Runtime) -> Self {
+    fn with_transport(
+        config: ClientConfig,
+        urls: Vec<String>,
+        transport: Box<dyn Transport>,
+        runtime: Runtime,
+    ) -> Self {
         let names: Vec<String> = urls.iter().map(|u| display_url(u)).collect();
         CentrifugoClient {
             config,
@@ -502,8 +507,8 @@ fn grpc_status_of(status: u16) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{reply_cap, MAX_REPLY_BYTES};
     use crate::dispatch::prepare;
+    use crate::transport::{reply_cap, MAX_REPLY_BYTES};
     use serde_json::json;
     use std::io::{Read, Write};
 

@@ -764,7 +764,13 @@ mod tests {
         let client = client(&script);
         let mut engine = engine(10);
         push(&mut engine, "a", 0..2);
-        engine.push(&"a", 2, 0, Ready::Known(Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None }), ());
+        engine.push(
+            &"a",
+            2,
+            0,
+            Ready::Known(Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None }),
+            (),
+        );
         let now = Instant::now();
         let flight = engine.start(&client, now);
         engine.finish(&client, flight, now);
@@ -806,11 +812,7 @@ mod tests {
                 engine.finish(&client, flight, now);
                 engine.applied(&"a");
             }
-            let expected = if failing {
-                vec![vec![0, 1], vec![0], vec![2, 3]]
-            } else {
-                vec![vec![0, 1], vec![2, 3]]
-            };
+            let expected = if failing { vec![vec![0, 1], vec![0], vec![2, 3]] } else { vec![vec![0, 1], vec![2, 3]] };
             assert_eq!(script.sent(), expected, "failing: {failing}");
             assert_eq!(engine.len(&"a"), 0);
         }

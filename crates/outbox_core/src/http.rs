@@ -76,7 +76,8 @@ impl Transport for HttpTransport {
             Err(response) => return Box::pin(async move { response }),
         };
         let cap = reply_cap(body.len());
-        let request = self.http
+        let request = self
+            .http
             .post(&self.batch_urls[endpoint])
             .timeout(timeout)
             .header("X-API-Key", &self.api_key)
@@ -95,7 +96,8 @@ impl Transport for HttpTransport {
     }
 
     fn probe(&self, endpoint: usize, timeout: Duration) -> Call {
-        let request = self.http
+        let request = self
+            .http
             .post(&self.batch_urls[endpoint])
             .timeout(timeout)
             .header("X-API-Key", &self.api_key)
@@ -154,4 +156,3 @@ fn describe(e: &reqwest::Error) -> String {
     }
     text
 }
-
