@@ -277,3 +277,11 @@ pub fn routing_of_table<E>(table: impl FnOnce() -> Result<(String, String), E>) 
     }
     Ok(if routing.num_partitions == 0 { default_routing() } else { routing })
 }
+
+/// How many Kafka bridge workers the settings ask for (for the worker budget check).
+pub fn kafka_workers_needed() -> usize {
+    #[cfg(feature = "kafka")]
+    return crate::kafka_worker::consumers().map_or(1, |c| c.len());
+    #[cfg(not(feature = "kafka"))]
+    0
+}

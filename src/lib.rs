@@ -30,14 +30,6 @@ mod xact;
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!("../sql/finalize.sql", name = "finalize", finalize);
 
-/// How many Kafka bridge workers the settings ask for (for the worker budget check).
-fn kafka_workers_needed() -> usize {
-    #[cfg(feature = "kafka")]
-    return kafka_worker::consumers().map_or(1, |c| c.len());
-    #[cfg(not(feature = "kafka"))]
-    0
-}
-
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     // SAFETY: a plain read of a postmaster global during library load.

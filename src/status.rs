@@ -210,8 +210,8 @@ fn worker_budget_message(partition_workers: usize) -> String {
     let max = unsafe { pg_sys::max_worker_processes };
     format!(
         "never started: centrifugo_outbox needs {} background workers ({partition_workers} partition workers and {} Kafka bridge workers) besides those of other extensions and parallel queries, and max_worker_processes is {max}",
-        partition_workers + crate::kafka_workers_needed(),
-        crate::kafka_workers_needed()
+        partition_workers + crate::layout::kafka_workers_needed(),
+        crate::layout::kafka_workers_needed()
     )
 }
 

@@ -48,7 +48,7 @@ pub fn register() {
     }
     // SAFETY: a plain read of a postmaster setting during library load.
     let max_workers = unsafe { pg_sys::max_worker_processes };
-    let needed = worker_slots().len() + crate::kafka_workers_needed();
+    let needed = worker_slots().len() + crate::layout::kafka_workers_needed();
     // PostgreSQL's logical replication launcher takes a slot before any library's workers.
     if needed as i32 >= max_workers {
         warning!(
