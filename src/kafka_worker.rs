@@ -584,19 +584,19 @@ impl Poll<'_> {
             offset: msg.offset(),
             timestamp_ms: msg.timestamp().to_millis(),
         };
-        let (ready, method) = match parse_record(spec, value.as_deref(), &headers, &pos) {
+        let (ready, size, method) = match parse_record(spec, value.as_deref(), &headers, &pos) {
             Ok(p) => {
-                let method = p.method.as_str().to_owned();
-                (Ready::Send(p), method)
+                let (size, method) = (p.payload.len() as i64, p.method.as_str().to_owned());
+                (Ready::Send(p), size, method)
             }
             Err(failure) => (
                 Ready::Known(Outcome::DeadLetter { failure, payload: None }),
+                0,
                 record_method(spec, &headers, value.as_deref()),
             ),
         };
         let record = Record { timestamp_ms: pos.timestamp_ms, value, method };
-        self.engine.push(key, msg.offset(), 0, ready, record);
-        let held = self.engine.len(key);
+        let held = self.engine.push(key, msg.offset(), 0, ready, size, record);
         if held >= spec.partition_queue_max_size && !self.paused.contains(key) {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&key.0, key.1);
@@ -609,7 +609,7 @@ impl Poll<'_> {
 
     fn drop_revoked(&mut self) {
         for key in std::mem::take(&mut *self.consumer.context().revoked.lock().unwrap()) {
-            let left = self.engine.len(&key);
+            let left = self.engine.undone(&key);
             self.engine.remove(&key);
             self.paused.remove(&key);
             self.consumer.context().done.lock().unwrap().remove(&key);
@@ -691,9 +691,7 @@ fn apply_settled(
     if !dead.is_empty() {
         insert_dead_letters(consumer, key, &dead)?;
     }
-    let done = engine.applied(key);
-    engine.committed(key);
-    Ok((done, stats))
+    Ok((engine.applied_durably(key), stats))
 }
 
 /// The method a record that does not parse names, for its dead letter (header, then value).

@@ -99,6 +99,8 @@ enum Round {
     NotReady(String),
     /// A temporary failure at an outbox row (its id is the position).
     Retry(Retry),
+    /// The partition's lane still backs off for this long (after a rolled-back round).
+    Wait(Duration),
     /// An ERROR rolled the round back; `ran` commands had already run at Centrifugo.
     Failed { error: DbError, ran: usize },
 }
@@ -312,6 +314,10 @@ impl Worker {
             }
             // The rest of a batch resent one by one: sent by the next round, at once.
             Round::Retry(retry) if retry.failure.is_deferred() => Next::DrainNow,
+            Round::Wait(delay) => {
+                shmem::set_state(self.slot, WorkerState::BackingOff);
+                Next::BackOff(delay)
+            }
             Round::Retry(Retry { position: id, method, failure, delay, attempt }) => {
                 shmem::update(self.slot, |s| {
                     s.stats.retries += 1;
@@ -573,8 +579,8 @@ impl Worker {
                     let read = reader.read(spi, from, engine.read_limit(&()), budget)?;
                     let last = read.rows.last().map(|r| r.id);
                     for row in read.rows {
-                        let ready = reader.ready(&row);
-                        engine.push(&(), row.id, row.created_at, ready, row);
+                        let (ready, size) = (reader.ready(&row), row.payload.len() as i64);
+                        engine.push(&(), row.id, row.created_at, ready, size, row);
                     }
                     Ok::<_, DbError>((last, read.full, read.deferred))
                 };
@@ -615,6 +621,11 @@ impl Worker {
                         };
                     }
                     let flight = engine.start(client, Instant::now());
+                    // Still backing off (nothing went): wait for it, reading nothing ahead.
+                    if flight.is_empty() {
+                        let until = engine.ready_at(&()).unwrap_or_else(Instant::now);
+                        break Round::Wait(until.saturating_duration_since(Instant::now()));
+                    }
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
                     // None after the largest id there can be: nothing can follow it.
@@ -651,7 +662,8 @@ impl Worker {
                     if let Some(retry) = report.and_then(|r| r.retry) {
                         break Round::Retry(retry);
                     }
-                    if !full {
+                    // Drained only when nothing is left to send (the read may have been split).
+                    if !full && engine.waiting(&()) == 0 {
                         break if any_deferred {
                             Round::Full { recovered_after: stats.recovered_after }
                         } else {
@@ -663,6 +675,8 @@ impl Worker {
                             (last, full) = (next_last, next_full);
                             any_deferred |= deferred;
                         }
+                        // The rest of the last read goes next (it did not fit in one batch).
+                        None if !full => {}
                         None => break Round::Full { recovered_after: stats.recovered_after },
                     }
                 };

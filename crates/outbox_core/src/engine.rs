@@ -55,6 +55,8 @@ struct Held<T> {
     identity: i64,
     /// None while the command is in flight.
     command: Option<Prepared>,
+    /// Its size as the source measures what one batch may carry.
+    size: i64,
     /// Delivered or dead letter; None while it is still to be sent (a temporary failure too).
     outcome: Option<Outcome>,
     /// Attempts made, for a dead letter's record.
@@ -74,6 +76,9 @@ struct Chosen {
 }
 
 struct Lane<T> {
+    /// Changes whenever what is held is dropped: a batch of another generation is not this
+    /// lane's any more (it was cleared, or removed and opened again, meanwhile).
+    generation: u64,
     held: VecDeque<Held<T>>,
     /// How many commands were ever taken off the front of `held`: `held[i - base]` is command
     /// `i`, so a batch's indexes stay right while the lane's done prefix goes.
@@ -87,16 +92,18 @@ struct Lane<T> {
     /// No batch before this (backing off).
     ready_at: Option<Instant>,
     in_flight: bool,
-    /// Outcomes the source applied in its open transaction, until it commits.
-    pending: Vec<((i64, i64), Outcome)>,
+    /// Outcomes the source applied in its open transaction, until it commits (and whether
+    /// Centrifugo ran the command: it was sent).
+    pending: Vec<((i64, i64), Outcome, bool)>,
     /// Outcomes of commands Centrifugo ran whose application was rolled back: applied, without
     /// sending, when the same command is pushed again.
     remembered: HashMap<(i64, i64), Outcome>,
 }
 
 impl<T> Lane<T> {
-    fn new(resend: Option<(i64, i64)>) -> Self {
+    fn new(resend: Option<(i64, i64)>, generation: u64) -> Self {
         Lane {
+            generation,
             held: VecDeque::new(),
             base: 0,
             next: None,
@@ -123,15 +130,18 @@ impl<T> Lane<T> {
     /// Takes the next batch out of the commands not settled and not on their way: at most what
     /// the window allows, and what fits in `budget` (a budget of its own per size: the
     /// transport's cap may depend on how many commands go).
-    fn choose(&mut self, configured: usize, budget: impl Fn(usize) -> i64) -> Chosen {
+    /// `ahead`: the batch is made before the answer to the one in flight, which may still widen
+    /// a resend, so the window is only looked at (sending ends a resend, see [`Engine::start`]).
+    fn choose(&mut self, configured: usize, ahead: bool, budget: impl Fn(usize) -> i64) -> Chosen {
         let mut chosen = Chosen { sent: Vec::new(), commands: Vec::new(), bytes: 0, body: None };
         let waiting = |h: &Held<T>| h.outcome.is_none() && h.command.is_some();
         let Some(first) = self.held.iter().find(|h| waiting(h)).map(|h| h.position) else { return chosen };
-        let limit = self.window.limit(configured, first);
+        let limit =
+            if ahead { self.window.peek_limit(configured, first) } else { self.window.limit(configured, first) };
         let budget = budget(limit);
         let base = self.base;
         for (i, held) in self.held.iter_mut().enumerate().filter(|(_, h)| waiting(h)).take(limit) {
-            let size = held.command.as_ref().map_or(0, |c| c.payload.len() as i64);
+            let size = held.size;
             // What does not fit goes in the next batch, with everything after it.
             if !chosen.commands.is_empty() && chosen.bytes + size > budget {
                 break;
@@ -150,8 +160,10 @@ impl<T> Lane<T> {
         }
     }
 
-    /// Forgets what is held (the source reads the lane again).
-    fn clear(&mut self) {
+    /// Forgets what is held (the source reads the lane again); a batch in flight is no longer
+    /// this lane's.
+    fn clear(&mut self, generation: u64) {
+        self.generation = generation;
         self.base += self.held.len();
         self.held.clear();
         self.next = None;
@@ -196,6 +208,7 @@ pub struct Report<K> {
 /// One lane's batch on its way.
 struct LaneBatch<'c, K> {
     lane: K,
+    generation: u64,
     /// Indexes into the lane's held commands of those sent, in order.
     sent: Vec<usize>,
     commands: Vec<Prepared>,
@@ -229,11 +242,13 @@ pub struct Engine<K, T> {
     lanes: HashMap<K, Lane<T>>,
     policy: Policy,
     jitter: Jitter,
+    /// The last lane generation given out.
+    generations: u64,
 }
 
 impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     pub fn new(policy: Policy, jitter_seed: u64) -> Self {
-        Engine { lanes: HashMap::new(), policy, jitter: Jitter::new(jitter_seed) }
+        Engine { lanes: HashMap::new(), policy, jitter: Jitter::new(jitter_seed), generations: 0 }
     }
 
     /// Takes the settings as they are now.
@@ -248,8 +263,16 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     /// Opens `lane` unless it is open, resuming a one-by-one resend a restart interrupted.
     pub fn open(&mut self, lane: &K, resend: impl FnOnce() -> Option<(i64, i64)>) {
         if !self.lanes.contains_key(lane) {
-            self.lanes.insert(lane.clone(), Lane::new(resend()));
+            self.generations += 1;
+            self.lanes.insert(lane.clone(), Lane::new(resend(), self.generations));
         }
+    }
+
+    /// A lane, and a new generation for it (see `Lane::clear`).
+    fn lane_and_generation(&mut self, lane: &K) -> Option<(&mut Lane<T>, u64)> {
+        self.generations += 1;
+        let generation = self.generations;
+        self.lanes.get_mut(lane).map(|l| (l, generation))
     }
 
     pub fn is_open(&self, lane: &K) -> bool {
@@ -262,10 +285,14 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
         self.lanes.remove(lane);
     }
 
-    /// Adds a command at the end of `lane` (opened if need be). A command whose outcome is
-    /// remembered from a rolled-back application gets it without being sent.
-    pub fn push(&mut self, lane: &K, position: i64, identity: i64, ready: Ready, item: T) {
-        self.open(lane, || None);
+    /// Adds a command at the end of `lane` (opened if need be), `size` being what it counts
+    /// against a batch's budget as the source measures it (so that what the source read within
+    /// the budget is one batch). A command whose outcome is remembered from a rolled-back
+    /// application gets it without being sent. Returns how many commands the lane holds.
+    pub fn push(&mut self, lane: &K, position: i64, identity: i64, ready: Ready, size: i64, item: T) -> usize {
+        if !self.lanes.contains_key(lane) {
+            self.open(lane, || None);
+        }
         let lane = self.lanes.get_mut(lane).expect("opened above");
         let (command, outcome) = match ready {
             Ready::Send(command) => {
@@ -274,12 +301,28 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
             }
             Ready::Known(outcome) => (None, Some(outcome)),
         };
-        lane.held.push_back(Held { position, identity, command, outcome, attempts: 1, applied: false, item });
+        lane.held.push_back(Held { position, identity, command, size, outcome, attempts: 1, applied: false, item });
+        lane.held.len()
     }
 
     /// Commands of `lane` held: not settled, or settled and not applied yet.
     pub fn len(&self, lane: &K) -> usize {
         self.lanes.get(lane).map_or(0, |l| l.held.len())
+    }
+
+    /// Commands of `lane` not done: still to be sent, or settled and not applied.
+    pub fn undone(&self, lane: &K) -> usize {
+        self.lanes.get(lane).map_or(0, |l| l.held.iter().filter(|h| !h.applied).count())
+    }
+
+    /// Commands of `lane` still to be sent.
+    pub fn waiting(&self, lane: &K) -> usize {
+        self.lanes.get(lane).map_or(0, |l| l.held.iter().filter(|h| h.outcome.is_none()).count())
+    }
+
+    /// Until when `lane` backs off, if it does.
+    pub fn ready_at(&self, lane: &K) -> Option<Instant> {
+        self.lanes.get(lane).and_then(|l| l.ready_at)
     }
 
     /// How many commands the next batch of `lane` may carry as things stand (what a source that
@@ -310,8 +353,15 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
                 continue;
             }
             let mut chosen = match lane.next.take() {
-                Some(chosen) => chosen,
-                None => lane.choose(policy.batch, |limit| budget(&policy, client, limit)),
+                Some(chosen) => {
+                    // Made ahead with the window only looked at: sending it ends a resend it is past.
+                    if let Some(&first) = chosen.sent.first() {
+                        let first = lane.held_mut(first).position;
+                        lane.window.limit(policy.batch, first);
+                    }
+                    chosen
+                }
+                None => lane.choose(policy.batch, false, |limit| budget(&policy, client, limit)),
             };
             lane.in_flight = true;
             let request = (!chosen.commands.is_empty()).then(|| {
@@ -319,7 +369,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
                 client.start_body(body)
             });
             let Chosen { sent, commands, bytes, .. } = chosen;
-            batches.push(LaneBatch { lane: key.clone(), sent, commands, bytes, request });
+            batches.push(LaneBatch { lane: key.clone(), generation: lane.generation, sent, commands, bytes, request });
         }
         Flight { batches }
     }
@@ -329,7 +379,7 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     pub fn prepare(&mut self, client: &CentrifugoClient) {
         let policy = self.policy;
         for lane in self.lanes.values_mut().filter(|l| l.in_flight && l.next.is_none()) {
-            let mut chosen = lane.choose(policy.batch, |limit| budget(&policy, client, limit));
+            let mut chosen = lane.choose(policy.batch, true, |limit| budget(&policy, client, limit));
             if !chosen.commands.is_empty() {
                 chosen.body = Some(client.body(&chosen.commands));
                 lane.next = Some(chosen);
@@ -352,7 +402,10 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
                 Some(request) => client.finish(request, &batch.commands, &mut requests),
                 None => Vec::new(),
             };
-            let Some(lane) = self.lanes.get_mut(&batch.lane) else { continue };
+            // Removed, or cleared, meanwhile: what it held is gone, and so is this batch's part.
+            let Some(lane) = self.lanes.get_mut(&batch.lane).filter(|l| l.generation == batch.generation) else {
+                continue;
+            };
             lane.in_flight = false;
             if let (Some(&first), Some(&last)) = (batch.sent.first(), batch.sent.last()) {
                 let (first, last) = (lane.held_mut(first).position, lane.held_mut(last).position);
@@ -417,15 +470,28 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
         })
     }
 
-    /// The source made every settled command of `lane` durable (in its open transaction, see
-    /// [`Self::committed`]). Returns the position through which the lane is done: every command
-    /// up to it is settled and applied (what a Kafka consumer commits).
+    /// The source made every settled command of `lane` durable in its open transaction (see
+    /// [`Self::committed`], [`Self::rolled_back`]). Returns the position through which the lane
+    /// is done: every command up to it is settled and applied.
     pub fn applied(&mut self, lane: &K) -> Option<i64> {
+        self.apply(lane, true)
+    }
+
+    /// The source made every settled command of `lane` durable for good (a Kafka consumer's dead
+    /// letters are committed at once): nothing is kept for a rollback. Returns the position
+    /// through which the lane is done (what it commits).
+    pub fn applied_durably(&mut self, lane: &K) -> Option<i64> {
+        self.apply(lane, false)
+    }
+
+    fn apply(&mut self, lane: &K, transactional: bool) -> Option<i64> {
         let lane = self.lanes.get_mut(lane)?;
         for held in lane.held.iter_mut().filter(|h| !h.applied) {
             if let Some(outcome) = &held.outcome {
                 held.applied = true;
-                lane.pending.push(((held.position, held.identity), outcome.clone()));
+                if transactional {
+                    lane.pending.push(((held.position, held.identity), outcome.clone(), held.command.is_some()));
+                }
             }
         }
         let mut done = None;
@@ -439,29 +505,34 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     /// The source's transaction committed what it applied: nothing of it is remembered.
     pub fn committed(&mut self, lane: &K) {
         if let Some(lane) = self.lanes.get_mut(lane) {
-            for (key, _) in lane.pending.drain(..) {
+            for (key, _, _) in lane.pending.drain(..) {
                 lane.remembered.remove(&key);
             }
         }
     }
 
     /// The source's transaction rolled back: every outcome known is remembered for when the
-    /// source reads the commands again, and what is held is dropped (see [`Self::restart`]).
+    /// source reads the commands again, and what is held is dropped (see [`Self::restart`]); the
+    /// lane's back-off is the source's to wait out now. Returns how many of those commands
+    /// Centrifugo ran (were sent).
     pub fn rolled_back(&mut self, lane: &K) -> usize {
-        let Some(lane) = self.lanes.get_mut(lane) else { return 0 };
-        let settled = lane.held.iter().filter_map(|h| Some(((h.position, h.identity), h.outcome.clone()?)));
+        let Some((lane, generation)) = self.lane_and_generation(lane) else { return 0 };
+        let unapplied = lane.held.iter().filter(|h| !h.applied);
+        let settled =
+            unapplied.filter_map(|h| Some(((h.position, h.identity), h.outcome.clone()?, h.command.is_some())));
         let known: Vec<_> = lane.pending.drain(..).chain(settled).collect();
-        let count = known.len();
-        lane.remembered.extend(known);
-        lane.clear();
-        count
+        let ran = known.iter().filter(|(_, _, sent)| *sent).count();
+        lane.remembered.extend(known.into_iter().map(|(key, outcome, _)| (key, outcome)));
+        lane.clear(generation);
+        lane.ready_at = None;
+        ran
     }
 
     /// The source reads `lane` again from its start: what is held is dropped (outcomes
     /// remembered stay).
     pub fn restart(&mut self, lane: &K) {
-        if let Some(lane) = self.lanes.get_mut(lane) {
-            lane.clear();
+        if let Some((lane, generation)) = self.lane_and_generation(lane) {
+            lane.clear(generation);
         }
     }
 
@@ -477,10 +548,10 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
     /// `lane` is about something else now (another table under the name): nothing of before
     /// applies, its window included.
     pub fn reset(&mut self, lane: &K) {
-        if let Some(lane) = self.lanes.get_mut(lane) {
+        if let Some((lane, generation)) = self.lane_and_generation(lane) {
             lane.remembered.clear();
             lane.pending.clear();
-            lane.clear();
+            lane.clear(generation);
             lane.window.reset();
         }
     }
@@ -512,6 +583,8 @@ mod tests {
         Fail(Vec<usize>, u32),
         /// No answer comes: the request times out.
         Hang,
+        /// The request is refused as a whole with this HTTP status (nothing ran).
+        Refuse(u16),
     }
 
     #[derive(Default)]
@@ -551,6 +624,7 @@ mod tests {
             match script.acts.pop_front() {
                 None => Box::pin(async move { replies(count, &[], 0) }),
                 Some(Act::Fail(at, code)) => Box::pin(async move { replies(count, &at, code) }),
+                Some(Act::Refuse(status)) => Box::pin(async move { Response::Http { status, body: Vec::new() } }),
                 Some(Act::Hang) => Box::pin(async move {
                     tokio::time::sleep(timeout).await;
                     Response::Transport("timeout".into())
@@ -592,7 +666,8 @@ mod tests {
     fn push(engine: &mut Engine<&'static str, ()>, lane: &'static str, positions: std::ops::Range<i64>) {
         for p in positions {
             let command = prepare("publish", &format!(r#"{{"channel":"c","data":{p}}}"#), || format!("k{p}")).unwrap();
-            engine.push(&lane, p, 0, Ready::Send(command), ());
+            let size = command.payload.len() as i64;
+            engine.push(&lane, p, 0, Ready::Send(command), size, ());
         }
     }
 
@@ -723,7 +798,7 @@ mod tests {
         push(&mut engine, "a", 0..3);
         // Another command at a position (a row id used again) is not the one remembered.
         let other = prepare("publish", r#"{"channel":"c","data":3}"#, || "k".into()).unwrap();
-        engine.push(&"a", 3, 1, Ready::Send(other), ());
+        engine.push(&"a", 3, 1, Ready::Send(other), 1, ());
         let flight = engine.start(&client, now);
         engine.finish(&client, flight, now);
         assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, false), (3, true)]);
@@ -769,6 +844,7 @@ mod tests {
             2,
             0,
             Ready::Known(Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None }),
+            0,
             (),
         );
         let now = Instant::now();
@@ -816,5 +892,73 @@ mod tests {
             assert_eq!(script.sent(), expected, "failing: {failing}");
             assert_eq!(engine.len(&"a"), 0);
         }
+    }
+
+    #[test]
+    fn a_batch_made_ahead_never_ends_a_resend_before_the_answer_before_it_is_in() {
+        let script = Scripted::default();
+        // Position 2 fails while 3 and 4 run: 2 is resent alone; that resend is refused as a
+        // whole (503) while the next rows were read ahead.
+        script.then(Act::Fail(vec![1], 100)).then(Act::Refuse(503));
+        let client = client(&script);
+        let mut engine = engine(4);
+        push(&mut engine, "a", 1..5);
+        let mut now = Instant::now();
+        let flight = engine.start(&client, now);
+        now += engine.finish(&client, flight, now)[0].retry.clone().unwrap().delay;
+        engine.applied(&"a");
+        let flight = engine.start(&client, now);
+        push(&mut engine, "a", 5..8);
+        engine.prepare(&client);
+        let reports = engine.finish(&client, flight, now);
+        now += reports[0].retry.clone().expect("refused").delay;
+        assert_eq!(engine.window(&"a").0, Some((1, 4)), "the resend is still under way");
+        while engine.any_ready(now) {
+            let flight = engine.start(&client, now);
+            engine.finish(&client, flight, now);
+            engine.applied(&"a");
+        }
+        assert_eq!(script.sent(), vec![vec![1, 2, 3, 4], vec![2], vec![2], vec![5, 6, 7]]);
+    }
+
+    #[test]
+    fn a_lane_cleared_or_opened_again_mid_flight_takes_nothing_of_the_batch_before() {
+        let script = Scripted::default();
+        script.then(Act::Fail(vec![0, 1], 100)).then(Act::Fail(vec![0, 1], 100));
+        let client = client(&script);
+        let mut engine = engine(4);
+        let now = Instant::now();
+        // Cleared (the source reads the lane again) while its batch is in flight.
+        push(&mut engine, "a", 0..2);
+        let flight = engine.start(&client, now);
+        engine.restart(&"a");
+        assert!(engine.finish(&client, flight, now).is_empty());
+        // Removed and opened again (revoked, assigned again) while its batch is in flight.
+        push(&mut engine, "b", 10..12);
+        let flight = engine.start(&client, now);
+        engine.remove(&"b");
+        push(&mut engine, "b", 10..12);
+        assert!(engine.finish(&client, flight, now).is_empty());
+        // Neither batch's failures reached the lanes as they are now.
+        assert_eq!(engine.window(&"b"), (None, None));
+        assert_eq!((engine.attempts(&"a"), engine.attempts(&"b")), (0, 0));
+        assert_eq!(engine.waiting(&"b"), 2);
+    }
+
+    #[test]
+    fn after_a_rollback_the_lane_does_not_back_off_a_second_time() {
+        let script = Scripted::default();
+        script.then(Act::Refuse(503));
+        let client = client(&script);
+        let mut engine = engine(4);
+        push(&mut engine, "a", 0..2);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        assert!(engine.finish(&client, flight, now)[0].retry.is_some());
+        assert!(engine.ready_at(&"a").is_some_and(|t| t > now));
+        // The source's transaction failed afterwards: it waits out its own back-off.
+        engine.rolled_back(&"a");
+        push(&mut engine, "a", 0..2);
+        assert!(engine.any_ready(now));
     }
 }

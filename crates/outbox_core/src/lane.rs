@@ -53,6 +53,17 @@ impl BatchWindow {
         self.limit_now(configured)
     }
 
+    /// [`Self::limit`] without ending a resend: what a batch made ahead of the answer before it
+    /// may carry (that answer may still widen the resend, so only sending may end it).
+    pub fn peek_limit(&self, configured: usize, first_position: i64) -> usize {
+        match self.resend {
+            Some((from, through)) if first_position > through || first_position < from => {
+                BatchWindow { resend: None, ..self.clone() }.limit_now(configured)
+            }
+            _ => self.limit_now(configured),
+        }
+    }
+
     /// [`Self::limit`] without a position: what the next batch may carry as things stand.
     pub fn limit_now(&self, configured: usize) -> usize {
         let configured = configured.max(1);
