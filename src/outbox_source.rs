@@ -15,6 +15,7 @@ use outbox_core::engine::{Engine, Ready};
 
 use crate::gucs;
 use crate::payload::{PayloadDatum, PayloadText, Scratch};
+use crate::session::quote_ident;
 use crate::shmem;
 use crate::xact::{self, DbError};
 
@@ -120,6 +121,112 @@ impl Statements {
         }
         Ok(self.table.as_ref().expect("prepared above"))
     }
+}
+
+/// The outbox table a round drains, as checked by [`check_table`].
+pub struct OutboxTable {
+    /// Schema-qualified and quoted.
+    pub name: String,
+    pub oid: i64,
+    /// Whose rights its rows are read and deleted with.
+    pub owner: pg_sys::Oid,
+    /// Commit timestamps are tracked (exact latencies).
+    pub exact_commit_ts: bool,
+    /// Its payload column is jsonb (made text by the worker, see `payload`).
+    pub payload_is_jsonb: bool,
+    /// The dead-letter table of the extension, quoted, and its oid.
+    pub dead_letters: String,
+    pub dead_letters_oid: pg_sys::Oid,
+}
+
+/// What a round may do, by [`check_table`].
+pub enum Checked {
+    Ready(OutboxTable),
+    /// Another session holds the partition's lock: its pid, when PostgreSQL says.
+    Locked {
+        holder: Option<i32>,
+    },
+    /// Why the partition cannot be drained now (no extension, no table, a table of a kind
+    /// rows cannot be deleted from by ctid, one replaced while it was checked).
+    NotReady(String),
+}
+
+/// The round's bookkeeping in one statement (see [`Statements::head`]): where the extension
+/// lives, the outbox table `table_schema.table_name` (None: the extension's schema) and what it
+/// is, and the partition lock `lock_key`, which it takes. The table is then locked and checked
+/// again under the lock, so the statements that follow are about the table checked.
+pub fn check_table(
+    spi: &SpiClient<'_>,
+    statements: &mut Statements,
+    table_schema: &Option<String>,
+    table_name: &str,
+    lock_key: &str,
+    database: &str,
+) -> Result<Checked, DbError> {
+    let head = statements.head(spi)?;
+    let head = spi.select(head, None, &[table_schema.clone().into(), table_name.into(), lock_key.into()])?;
+    let head = head.first();
+    let not_ready = |reason: String| Ok(Checked::NotReady(reason));
+    let Some(schema) = head.get::<String>(1)? else {
+        return not_ready(format!("extension centrifugo_outbox is not installed in database \"{database}\""));
+    };
+    let table = format!("{}.{}", quote_ident(table_schema.as_deref().unwrap_or(&schema)), quote_ident(table_name));
+    let Some(table_oid) = head.get::<i64>(2)? else {
+        return not_ready(format!("outbox table {table} does not exist"));
+    };
+    // Rows are deleted by ctid, which is unique only within one table: a partitioned
+    // table or one with inheritance children would lose other partitions' rows.
+    match head.get::<String>(3)?.as_deref() {
+            Some("r") if head.get::<bool>(11)? != Some(true) => {}
+            Some("r") => {
+                return not_ready(format!(
+                    "outbox table {table} has inheritance children, which are not supported (if it no longer has any, ANALYZE it)"
+                ))
+            }
+            Some("p") => return not_ready(format!("outbox table {table} is partitioned, which is not supported")),
+            _ => return not_ready(format!("outbox {table} is not a table")),
+        }
+    if head.get::<bool>(5)? != Some(true) {
+        let holder = spi
+                .select(
+                    "SELECT l.pid FROM pg_catalog.pg_locks l
+                     WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.objsubid OPERATOR(pg_catalog.=) 1
+                       AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                       AND ((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8)
+                           OPERATOR(pg_catalog.=) pg_catalog.hashtext($1)::pg_catalog.int8
+                     LIMIT 1",
+                    None,
+                    &[lock_key.into()],
+                )?
+                .first()
+                .get_one::<i32>()?;
+        return Ok(Checked::Locked { holder });
+    }
+    // The checks above were about the table that had this name then.
+    let owner = match lock_checked(
+        table_schema.as_deref().unwrap_or(&schema),
+        table_name,
+        table_oid,
+        pg_sys::RowExclusiveLock,
+    ) {
+        Ok(owner) => owner,
+        Err(what) => {
+            return not_ready(format!("outbox table {table} {what} while the worker checked it; checking again"))
+        }
+    };
+    let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
+    let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
+    let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
+    let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
+    Ok(Checked::Ready(OutboxTable {
+        name: table,
+        oid: table_oid,
+        owner,
+        exact_commit_ts,
+        payload_is_jsonb,
+        dead_letters,
+        dead_letters_oid,
+    }))
 }
 
 /// One outbox row as read.

@@ -34,8 +34,8 @@ use outbox_core::retry::{Backoff, Jitter};
 use crate::gucs;
 use crate::layout::{layout_problems, outbox_specs, worker_slots, OutboxSpec};
 use crate::outbox_source::{
-    apply_settled, as_owner_of, lock_checked, relation_named, BatchReader, DeadLetterTarget, RoundSnapshot, RoundStats,
-    Row, Statements,
+    apply_settled, as_owner_of, check_table, lock_checked, relation_named, BatchReader, Checked, DeadLetterTarget,
+    OutboxTable, RoundSnapshot, RoundStats, Row, Statements,
 };
 use crate::session::{self, quote_ident, ConnectSlot};
 use crate::shmem::{self, WorkerState};
@@ -490,71 +490,19 @@ impl Worker {
         let slot = self.slot;
         let shown = &mut self.shown;
         let writing_dead_letter = std::cell::Cell::new(false);
+        let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
         let result = xact::transaction(|| {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), DbError> {
-                let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
-                let head = statements.head(spi)?;
-                let head =
-                    spi.select(head, None, &[table_schema.clone().into(), table_name.clone().into(), lock_key.into()])?;
-                let head = head.first();
-                let not_ready = |reason: String| Ok((Round::NotReady(reason), RoundStats::default()));
-                let Some(schema) = head.get::<String>(1)? else {
-                    return not_ready(format!(
-                        "extension centrifugo_outbox is not installed in database \"{database}\""
-                    ));
+                let table = match check_table(spi, statements, &table_schema, &table_name, &lock_key, &database)? {
+                    Checked::Ready(table) => table,
+                    Checked::Locked { holder } => return Ok((Round::Locked { holder }, RoundStats::default())),
+                    Checked::NotReady(reason) => return Ok((Round::NotReady(reason), RoundStats::default())),
                 };
-                let table =
-                    format!("{}.{}", quote_ident(table_schema.as_deref().unwrap_or(&schema)), quote_ident(&table_name));
-                let Some(table_oid) = head.get::<i64>(2)? else {
-                    return not_ready(format!("outbox table {table} does not exist"));
-                };
-                // Rows are deleted by ctid, which is unique only within one table: a partitioned
-                // table or one with inheritance children would lose other partitions' rows.
-                match head.get::<String>(3)?.as_deref() {
-                    Some("r") if head.get::<bool>(11)? != Some(true) => {}
-                    Some("r") => {
-                        return not_ready(format!(
-                            "outbox table {table} has inheritance children, which are not supported (if it no longer has any, ANALYZE it)"
-                        ))
-                    }
-                    Some("p") => return not_ready(format!("outbox table {table} is partitioned, which is not supported")),
-                    _ => return not_ready(format!("outbox {table} is not a table")),
-                }
-                if head.get::<bool>(5)? != Some(true) {
-                    let holder = spi
-                        .select(
-                            "SELECT l.pid FROM pg_catalog.pg_locks l
-                             WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted AND l.objsubid OPERATOR(pg_catalog.=) 1
-                               AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
-                               AND ((l.classid::pg_catalog.int8 OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::pg_catalog.int8)
-                                   OPERATOR(pg_catalog.=) pg_catalog.hashtext($1)::pg_catalog.int8
-                             LIMIT 1",
-                            None,
-                            &[format!("centrifugo_partition_lock_{consumer_name}{partition}").into()],
-                        )?
-                        .first()
-                        .get_one::<i32>()?;
-                    return Ok((Round::Locked { holder }, RoundStats::default()));
-                }
-                // The checks above were about the table that had this name then.
-                let owner = match lock_checked(
-                    table_schema.as_deref().unwrap_or(&schema),
-                    &table_name,
-                    table_oid,
-                    pg_sys::RowExclusiveLock,
-                ) {
-                    Ok(owner) => owner,
-                    Err(what) => {
-                        return not_ready(format!(
-                            "outbox table {table} {what} while the worker checked it; checking again"
-                        ))
-                    }
-                };
-                let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
+                let OutboxTable { oid: table_oid, owner, exact_commit_ts, .. } = table;
                 // Parsed as the owner too: the worker needs no rights on the table or its schema.
-                let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
-                let table_statements =
-                    as_owner_of(owner, table_oid, || statements.for_table(spi, &table, table_oid, payload_is_jsonb))?;
+                let table_statements = as_owner_of(owner, table_oid, || {
+                    statements.for_table(spi, &table.name, table_oid, table.payload_is_jsonb)
+                })?;
                 // Another table under the name: nothing known of the old one applies to it.
                 if *known_table != table_oid {
                     if *known_table != 0 {
@@ -562,8 +510,6 @@ impl Worker {
                     }
                     *known_table = table_oid;
                 }
-                let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));
-                let dead_letters_oid = pg_sys::Oid::from(head.get::<i64>(10)?.unwrap_or(0) as u32);
                 let snapshot = RoundSnapshot::take();
                 let reader = BatchReader {
                     statements: table_statements,
@@ -602,11 +548,11 @@ impl Worker {
                     Ok(())
                 };
                 let dead_letter_target = DeadLetterTarget {
-                    dead_letters: &dead_letters,
-                    oid: dead_letters_oid,
+                    dead_letters: &table.dead_letters,
+                    oid: table.dead_letters_oid,
                     consumer: &consumer_name,
                     partition,
-                    payload_is_jsonb,
+                    payload_is_jsonb: table.payload_is_jsonb,
                     writing: &writing_dead_letter,
                 };
                 let mut any_deferred = false;

@@ -65,6 +65,18 @@ impl HttpTransport {
     }
 }
 
+impl HttpTransport {
+    /// A batch request to endpoint `endpoint`, with the key.
+    fn post(&self, endpoint: usize, timeout: Duration, body: impl Into<reqwest::Body>) -> reqwest::RequestBuilder {
+        self.http
+            .post(&self.batch_urls[endpoint])
+            .timeout(timeout)
+            .header("X-API-Key", &self.api_key)
+            .header("Content-Type", "application/json")
+            .body(body)
+    }
+}
+
 impl Transport for HttpTransport {
     fn body(&self, commands: &[Prepared]) -> Body {
         Body::new(batch_body(commands))
@@ -76,13 +88,7 @@ impl Transport for HttpTransport {
             Err(response) => return Box::pin(async move { response }),
         };
         let cap = reply_cap(body.len());
-        let request = self
-            .http
-            .post(&self.batch_urls[endpoint])
-            .timeout(timeout)
-            .header("X-API-Key", &self.api_key)
-            .header("Content-Type", "application/json")
-            .body(body);
+        let request = self.post(endpoint, timeout, body);
         let api_key = self.api_key.clone();
         Box::pin(async move {
             let result = async {
@@ -96,13 +102,7 @@ impl Transport for HttpTransport {
     }
 
     fn probe(&self, endpoint: usize, timeout: Duration) -> Call {
-        let request = self
-            .http
-            .post(&self.batch_urls[endpoint])
-            .timeout(timeout)
-            .header("X-API-Key", &self.api_key)
-            .header("Content-Type", "application/json")
-            .body(&b"{\"commands\":[]}"[..]);
+        let request = self.post(endpoint, timeout, &b"{\"commands\":[]}"[..]);
         Box::pin(async move {
             match request.send().await {
                 Ok(resp) => Response::Http { status: resp.status().as_u16(), body: Vec::new() },
