@@ -203,17 +203,14 @@ pub fn check_table(
         return Ok(Checked::Locked { holder });
     }
     // The checks above were about the table that had this name then.
-    let owner = match lock_checked(
-        table_schema.as_deref().unwrap_or(&schema),
-        table_name,
-        table_oid,
-        pg_sys::RowExclusiveLock,
-    ) {
-        Ok(owner) => owner,
-        Err(what) => {
-            return not_ready(format!("outbox table {table} {what} while the worker checked it; checking again"))
-        }
-    };
+    let owner =
+        match lock_checked(table_schema.as_deref().unwrap_or(&schema), table_name, table_oid, pg_sys::RowExclusiveLock)
+        {
+            Ok(owner) => owner,
+            Err(what) => {
+                return not_ready(format!("outbox table {table} {what} while the worker checked it; checking again"))
+            }
+        };
     let exact_commit_ts = head.get::<bool>(6)?.unwrap_or(false);
     let payload_is_jsonb = head.get::<bool>(12)? == Some(true);
     let dead_letters = format!("{}.centrifugo_dead_letters", quote_ident(&schema));

@@ -491,6 +491,7 @@ impl Worker {
         let shown = &mut self.shown;
         let writing_dead_letter = std::cell::Cell::new(false);
         let lock_key = format!("centrifugo_partition_lock_{consumer_name}{partition}");
+        let poll_interval = self.spec.poll_interval();
         let result = xact::transaction(|| {
             Spi::connect_mut(|spi| -> Result<(Round, RoundStats), DbError> {
                 let table = match check_table(spi, statements, &table_schema, &table_name, &lock_key, &database)? {
@@ -558,26 +559,41 @@ impl Worker {
                 let mut any_deferred = false;
                 let (mut last, mut full, deferred) = read(spi, engine, i64::MIN, budget)?;
                 any_deferred |= deferred;
+                // Where a read goes on from, if it may: only after a read that hit its limit, and
+                // while the round is young.
+                let read_on = |last: Option<i64>, full: bool| {
+                    last.and_then(|id| id.checked_add(1))
+                        .filter(|_| full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested())
+                };
                 let round = loop {
                     if engine.len(&()) == 0 {
-                        break if any_deferred {
-                            Round::Full { recovered_after: stats.recovered_after }
-                        } else {
-                            Round::Drained { recovered_after: stats.recovered_after }
+                        let done = |any_deferred: bool, full: bool| {
+                            let recovered_after = stats.recovered_after;
+                            if any_deferred || full {
+                                Round::Full { recovered_after }
+                            } else {
+                                Round::Drained { recovered_after }
+                            }
                         };
+                        // Everything read was settled already (dead letters before sending,
+                        // outcomes remembered from a rolled-back round): read on.
+                        let Some(from) = read_on(last, full) else { break done(any_deferred, full) };
+                        let deferred;
+                        (last, full, deferred) = read(spi, engine, from, budget)?;
+                        any_deferred |= deferred;
+                        continue;
                     }
                     let flight = engine.start(client, Instant::now());
                     // Still backing off (nothing went): wait for it, reading nothing ahead.
                     if flight.is_empty() {
-                        let until = engine.ready_at(&()).unwrap_or_else(Instant::now);
-                        break Round::Wait(until.saturating_duration_since(Instant::now()));
+                        let wait =
+                            engine.ready_at(&()).map_or(poll_interval, |t| t.saturating_duration_since(Instant::now()));
+                        break Round::Wait(wait);
                     }
                     // While Centrifugo works on this batch: delete what the previous one finished,
                     // and read and prepare the next rows (after this batch: not deleted yet).
                     // None after the largest id there can be: nothing can follow it.
-                    let next_from = last
-                        .and_then(|id| id.checked_add(1))
-                        .filter(|_| full && started.elapsed() < DRAIN_BUDGET && !shutdown_requested());
+                    let next_from = read_on(last, full);
                     let in_flight_bytes = flight.bytes(&());
                     let overlap = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| {
                         Ok((|| {

@@ -358,3 +358,20 @@ def test_postgresql_entries_of_centrifugo_consumers_get_their_own_workers(make_c
             conn.rollback()
     finally:
         sub.stop()
+
+
+def test_rows_read_ahead_that_are_all_dead_letters_do_not_end_the_round_before_the_rows_after_them(outbox, centrifugo):
+    # Strict order: one row per batch, so the row read ahead while the first is in flight is a
+    # batch of its own; it is malformed (a plain INSERT with a method nobody knows), a dead letter
+    # before sending. The rows after it were committed with it: no commit wakes the worker again,
+    # and the poll interval is a minute, so they come at once only if the round reads on.
+    pg = outbox(strict_order="on", partition_poll_interval="60s", num_partitions=1)
+    channel = f"chat:ahead{uid()}"
+    pg.sql("""INSERT INTO centrifugo_outbox (method, payload, partition)
+              SELECT CASE WHEN g = 2 THEN 'no_such_method' ELSE 'publish' END,
+                     jsonb_build_object('channel', %s::text, 'data', jsonb_build_object('n', g)), 0
+              FROM generate_series(1, 10) g ORDER BY g""", (channel,))
+    wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15,
+               what="the rows after the dead letter, delivered by the same round")
+    assert [h["n"] for h in centrifugo.history(channel)] == [1, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 1

@@ -407,6 +407,11 @@ impl<K: Hash + Eq + Clone, T> Engine<K, T> {
                 continue;
             };
             lane.in_flight = false;
+            // Nothing was sent (only settled commands to apply): nothing about failures is learnt.
+            if batch.sent.is_empty() {
+                reports.push(Report { lane: batch.lane, requests, retry: None, recovered_after: 0 });
+                continue;
+            }
             if let (Some(&first), Some(&last)) = (batch.sent.first(), batch.sent.last()) {
                 let (first, last) = (lane.held_mut(first).position, lane.held_mut(last).position);
                 lane.window.record(outcomes.iter().map(Some), first, last);
@@ -960,5 +965,25 @@ mod tests {
         engine.rolled_back(&"a");
         push(&mut engine, "a", 0..2);
         assert!(engine.any_ready(now));
+    }
+
+    #[test]
+    fn a_lane_with_only_settled_commands_to_apply_keeps_its_failure_count() {
+        let script = Scripted::default();
+        script.then(Act::Refuse(503));
+        let client = client(&script);
+        let mut engine = engine(4);
+        push(&mut engine, "a", 0..1);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        let later = now + engine.finish(&client, flight, now)[0].retry.clone().unwrap().delay;
+        // A dead letter known before sending joins a dispatch without a request.
+        let bad = Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None };
+        engine.restart(&"a");
+        engine.push(&"a", 0, 0, Ready::Known(bad), 0, ());
+        let flight = engine.start(&client, later);
+        let reports = engine.finish(&client, flight, later);
+        assert_eq!((reports[0].requests, reports[0].recovered_after), (0, 0));
+        assert_eq!(engine.attempts(&"a"), 1, "not a recovery: nothing was sent");
     }
 }
