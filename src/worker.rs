@@ -567,8 +567,7 @@ impl Worker {
                 };
                 let round = loop {
                     if engine.len(&()) == 0 {
-                        let done = |any_deferred: bool, full: bool| {
-                            let recovered_after = stats.recovered_after;
+                        let end = |any_deferred: bool, full: bool, recovered_after: u32| {
                             if any_deferred || full {
                                 Round::Full { recovered_after }
                             } else {
@@ -576,8 +575,14 @@ impl Worker {
                             }
                         };
                         // Everything read was settled already (dead letters before sending,
-                        // outcomes remembered from a rolled-back round): read on.
-                        let Some(from) = read_on(last, full) else { break done(any_deferred, full) };
+                        // outcomes remembered from a rolled-back round): read on, but only once
+                        // those rows are gone. A round that cannot delete then fails before it
+                        // sends anything new, so what is remembered never outgrows one read.
+                        let Some(from) = read_on(last, full) else {
+                            break end(any_deferred, full, stats.recovered_after);
+                        };
+                        apply_settled(spi, engine, &mut done, &mut stats, &dead_letter_target)?;
+                        delete(spi, &mut done)?;
                         let deferred;
                         (last, full, deferred) = read(spi, engine, from, budget)?;
                         any_deferred |= deferred;

@@ -135,12 +135,21 @@ impl<T> Lane<T> {
     fn choose(&mut self, configured: usize, ahead: bool, budget: impl Fn(usize) -> i64) -> Chosen {
         let mut chosen = Chosen { sent: Vec::new(), commands: Vec::new(), bytes: 0, body: None };
         let waiting = |h: &Held<T>| h.outcome.is_none() && h.command.is_some();
-        let Some(first) = self.held.iter().find(|h| waiting(h)).map(|h| h.position) else { return chosen };
+        // A batch never reaches past a command settled before it was sent (a dead letter, an
+        // outcome remembered) that the source has not applied: its dead letter is written, its
+        // row deleted, before anything after it is sent.
+        let before_unapplied = |h: &&mut Held<T>| h.applied || h.outcome.is_none();
+        let Some(first) = self.held.iter().take_while(|h| h.applied || h.outcome.is_none()).find(|h| waiting(h)) else {
+            return chosen;
+        };
+        let first = first.position;
         let limit =
             if ahead { self.window.peek_limit(configured, first) } else { self.window.limit(configured, first) };
         let budget = budget(limit);
         let base = self.base;
-        for (i, held) in self.held.iter_mut().enumerate().filter(|(_, h)| waiting(h)).take(limit) {
+        for (i, held) in
+            self.held.iter_mut().take_while(before_unapplied).enumerate().filter(|(_, h)| waiting(h)).take(limit)
+        {
             let size = held.size;
             // What does not fit goes in the next batch, with everything after it.
             if !chosen.commands.is_empty() && chosen.bytes + size > budget {
@@ -806,7 +815,13 @@ mod tests {
         engine.push(&"a", 3, 1, Ready::Send(other), 1, ());
         let flight = engine.start(&client, now);
         engine.finish(&client, flight, now);
-        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, false), (3, true)]);
+        // What is remembered is applied before anything after it is sent.
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, false)]);
+        assert_eq!(script.sent(), vec![vec![0, 1, 2]]);
+        engine.applied(&"a");
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(settled(&engine, "a"), vec![(3, true)]);
         assert_eq!(script.sent(), vec![vec![0, 1, 2], vec![3]]);
         engine.applied(&"a");
         engine.committed(&"a");
@@ -867,6 +882,39 @@ mod tests {
         assert_eq!(engine.applied(&"a"), Some(2));
         assert_eq!(script.sent(), vec![vec![0, 1]]);
         assert!(!engine.any_ready(until));
+    }
+
+    #[test]
+    fn a_command_settled_before_sending_is_applied_before_anything_after_it_is_sent() {
+        let script = Scripted::default();
+        let client = client(&script);
+        let mut engine = engine(10);
+        let dead = || Ready::Known(Outcome::DeadLetter { failure: Failure::malformed("bad"), payload: None });
+        push(&mut engine, "a", 0..2);
+        engine.push(&"a", 2, 0, dead(), 0, ());
+        push(&mut engine, "a", 3..5);
+        let now = Instant::now();
+        let flight = engine.start(&client, now);
+        // Made ahead while 0 and 1 are on their way: nothing past the dead letter.
+        engine.prepare(&client);
+        engine.finish(&client, flight, now);
+        assert_eq!(script.sent(), vec![vec![0, 1]]);
+        assert_eq!(settled(&engine, "a"), vec![(0, true), (1, true), (2, false)]);
+        // Its dead letter written (applied), the commands after it go.
+        assert_eq!(engine.applied(&"a"), Some(2));
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(script.sent(), vec![vec![0, 1], vec![3, 4]]);
+        // A lane that begins with one joins a dispatch without a request first.
+        engine.applied(&"a");
+        engine.push(&"a", 5, 0, dead(), 0, ());
+        push(&mut engine, "a", 6..7);
+        let flight = engine.start(&client, now);
+        assert_eq!(engine.finish(&client, flight, now)[0].requests, 0);
+        assert_eq!(engine.applied(&"a"), Some(5));
+        let flight = engine.start(&client, now);
+        engine.finish(&client, flight, now);
+        assert_eq!(script.sent(), vec![vec![0, 1], vec![3, 4], vec![6]]);
     }
 
     #[test]
