@@ -557,6 +557,7 @@ impl Worker {
                     writing: &writing_dead_letter,
                 };
                 let mut any_deferred = false;
+                let mut applied_unsent = false;
                 let (mut last, mut full, deferred) = read(spi, engine, i64::MIN, budget)?;
                 any_deferred |= deferred;
                 // Where a read goes on from, if it may: only after a read that hit its limit, and
@@ -577,16 +578,20 @@ impl Worker {
                         // Everything read was settled already (dead letters before sending,
                         // outcomes remembered from a rolled-back round): read on, but only once
                         // those rows are gone. A round that cannot delete then fails before it
-                        // sends anything new, so what is remembered never outgrows one read.
+                        // sends anything new (so what is remembered stays within what was read).
                         let Some(from) = read_on(last, full) else {
                             break end(any_deferred, full, stats.recovered_after);
                         };
-                        apply_settled(spi, engine, &mut done, &mut stats, &dead_letter_target)?;
                         delete(spi, &mut done)?;
                         let deferred;
                         (last, full, deferred) = read(spi, engine, from, budget)?;
                         any_deferred |= deferred;
                         continue;
+                    }
+                    // The last dispatch only applied commands settled before they were sent (dead
+                    // letters, remembered outcomes): their rows go before anything after them is sent.
+                    if applied_unsent {
+                        delete(spi, &mut done)?;
                     }
                     let flight = engine.start(client, Instant::now());
                     // Still backing off (nothing went): wait for it, reading nothing ahead.
@@ -621,6 +626,7 @@ impl Worker {
                         Err(error) => (*error).rethrow(),
                     };
                     let report = reports.into_iter().next();
+                    applied_unsent = report.as_ref().is_some_and(|r| r.requests == 0);
                     if let Some(report) = &report {
                         stats.batches += report.requests;
                         stats.recovered_after = stats.recovered_after.max(report.recovered_after);
@@ -642,8 +648,9 @@ impl Worker {
                             (last, full) = (next_last, next_full);
                             any_deferred |= deferred;
                         }
-                        // The rest of the last read goes next (it did not fit in one batch).
-                        None if !full => {}
+                        // The rest of the last read goes next (it did not fit in one batch, or
+                        // waited behind a command settled before it was sent).
+                        None if !full || engine.waiting(&()) > 0 => {}
                         None => break Round::Full { recovered_after: stats.recovered_after },
                     }
                 };

@@ -91,6 +91,31 @@ def test_an_error_in_a_round_rolls_it_back_and_no_command_runs_twice(make_cluste
         double.stop()
 
 
+def test_a_round_that_cannot_delete_a_dead_letter_row_sends_nothing_after_it(make_cluster):
+    # A malformed row first, then five good ones, batches of 2: the dead letter is settled before
+    # sending, and its row must go before anything after it is sent. While DELETE raises, every
+    # round fails at that delete and Centrifugo receives nothing.
+    double = executing_double(lambda m, p: False, times=0)
+    try:
+        pg = make_cluster(delivery_settings(double.api_url, "k", partition_select_limit=2, **FAST_RETRY))
+        wait_for_workers(pg)
+        pg.sql(CLOSED_GATE)
+        pg.sql("INSERT INTO centrifugo_outbox (method, payload) VALUES ('no_such_method', '{}')")
+        for i in range(5):
+            pg.sql(f"SELECT centrifugo_publish('c', '{i}')")
+        wait_until(lambda: "outbox closed for maintenance" in (pg.scalar("SELECT last_error FROM centrifugo_outbox_status") or ""),
+                   15, what="the status to show the ERROR")
+        time.sleep(1.5)  # many rounds fail meanwhile
+        assert double.executed == [], "nothing after the dead letter was sent while its row stayed"
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 0, "rolled back with the round"
+        pg.sql("UPDATE public.gate SET open = true")
+        wait_until(lambda: pg.scalar("SELECT count(*) FROM centrifugo_outbox") == 0, 15, what="the outbox to drain")
+        assert [json.loads(p)["data"] for m, p in double.executed] == [0, 1, 2, 3, 4]
+        assert pg.scalar("SELECT count(*) FROM centrifugo_dead_letters") == 1
+    finally:
+        double.stop()
+
+
 def test_kafka_records_jsonb_cannot_hold_are_dead_lettered_with_their_bytes(make_cluster, centrifugo, kafka):
     topic = f"nul{uid()}"
     kafka.create_topic(topic, partitions=1)

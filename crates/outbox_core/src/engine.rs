@@ -136,8 +136,8 @@ impl<T> Lane<T> {
         let mut chosen = Chosen { sent: Vec::new(), commands: Vec::new(), bytes: 0, body: None };
         let waiting = |h: &Held<T>| h.outcome.is_none() && h.command.is_some();
         // A batch never reaches past a command settled before it was sent (a dead letter, an
-        // outcome remembered) that the source has not applied: its dead letter is written, its
-        // row deleted, before anything after it is sent.
+        // outcome remembered) that the source has not applied: the source makes it durable (a
+        // dead letter written, a row deleted) before anything after it is sent.
         let before_unapplied = |h: &&mut Held<T>| h.applied || h.outcome.is_none();
         let Some(first) = self.held.iter().take_while(|h| h.applied || h.outcome.is_none()).find(|h| waiting(h)) else {
             return chosen;
