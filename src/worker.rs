@@ -568,19 +568,17 @@ impl Worker {
                 };
                 let round = loop {
                     if engine.len(&()) == 0 {
-                        let end = |any_deferred: bool, full: bool, recovered_after: u32| {
-                            if any_deferred || full {
-                                Round::Full { recovered_after }
-                            } else {
-                                Round::Drained { recovered_after }
-                            }
-                        };
                         // Everything read was settled already (dead letters before sending,
                         // outcomes remembered from a rolled-back round): read on, but only once
                         // those rows are gone. A round that cannot delete then fails before it
                         // sends anything new (so what is remembered stays within what was read).
                         let Some(from) = read_on(last, full) else {
-                            break end(any_deferred, full, stats.recovered_after);
+                            let recovered_after = stats.recovered_after;
+                            break if any_deferred || full {
+                                Round::Full { recovered_after }
+                            } else {
+                                Round::Drained { recovered_after }
+                            };
                         };
                         delete(spi, &mut done)?;
                         let deferred;

@@ -100,6 +100,13 @@ struct Lane<T> {
     remembered: HashMap<(i64, i64), Outcome>,
 }
 
+impl<T> Held<T> {
+    /// Settled, and not yet made durable by the source.
+    fn settled_unapplied(&self) -> bool {
+        self.outcome.is_some() && !self.applied
+    }
+}
+
 impl<T> Lane<T> {
     fn new(resend: Option<(i64, i64)>, generation: u64) -> Self {
         Lane {
@@ -138,8 +145,7 @@ impl<T> Lane<T> {
         // A batch never reaches past a command settled before it was sent (a dead letter, an
         // outcome remembered) that the source has not applied: the source makes it durable (a
         // dead letter written, a row deleted) before anything after it is sent.
-        let before_unapplied = |h: &&mut Held<T>| h.applied || h.outcome.is_none();
-        let Some(first) = self.held.iter().take_while(|h| h.applied || h.outcome.is_none()).find(|h| waiting(h)) else {
+        let Some(first) = self.held.iter().take_while(|h| !h.settled_unapplied()).find(|h| waiting(h)) else {
             return chosen;
         };
         let first = first.position;
@@ -147,8 +153,13 @@ impl<T> Lane<T> {
             if ahead { self.window.peek_limit(configured, first) } else { self.window.limit(configured, first) };
         let budget = budget(limit);
         let base = self.base;
-        for (i, held) in
-            self.held.iter_mut().take_while(before_unapplied).enumerate().filter(|(_, h)| waiting(h)).take(limit)
+        for (i, held) in self
+            .held
+            .iter_mut()
+            .take_while(|h| !h.settled_unapplied())
+            .enumerate()
+            .filter(|(_, h)| waiting(h))
+            .take(limit)
         {
             let size = held.size;
             // What does not fit goes in the next batch, with everything after it.
