@@ -151,12 +151,13 @@ impl<T> Lane<T> {
         let first = first.position;
         let limit =
             if ahead { self.window.peek_limit(configured, first) } else { self.window.limit(configured, first) };
+        let stop_before = self.window.stop_before(first);
         let budget = budget(limit);
         let base = self.base;
         for (i, held) in self
             .held
             .iter_mut()
-            .take_while(|h| !h.settled_unapplied())
+            .take_while(|h| !h.settled_unapplied() && stop_before.is_none_or(|stop| h.position < stop))
             .enumerate()
             .filter(|(_, h)| waiting(h))
             .take(limit)
@@ -956,6 +957,34 @@ mod tests {
             assert_eq!(script.sent(), expected, "failing: {failing}");
             assert_eq!(engine.len(&"a"), 0);
         }
+    }
+
+    /// Found by the e2e test (a worker terminated mid-resend): the restarted worker re-read the
+    /// rows its rolled-back round had sent before the resend, and a batch starting below the
+    /// resend ended it, so the failed command went out again at the head of a full batch.
+    #[test]
+    fn a_resumed_resend_holds_when_rows_before_it_come_again() {
+        let script = Scripted::default();
+        // Position 5 (resent alone before the restart) fails once more.
+        script.then(Act::Fail(vec![], 0)).then(Act::Fail(vec![0], 100));
+        let client = client(&script);
+        let mut engine = engine(4);
+        engine.open(&"a", || Some((5, 8)));
+        // 3 and 4 ran in full batches before the resend; the rolled-back round left them.
+        push(&mut engine, "a", 3..11);
+        let mut now = Instant::now();
+        while engine.any_ready(now) {
+            let flight = engine.start(&client, now);
+            if let Some(retry) = engine.finish(&client, flight, now).pop().and_then(|r| r.retry) {
+                now += retry.delay;
+            }
+            engine.applied(&"a");
+        }
+        assert_eq!(
+            script.sent(),
+            vec![vec![3, 4], vec![5], vec![5], vec![6], vec![7], vec![8], vec![9, 10]],
+            "nothing after the resend's first position joins it before the resend is through"
+        );
     }
 
     #[test]

@@ -44,13 +44,14 @@ impl BatchWindow {
     }
 
     /// The most commands the batch starting at `first_position` may carry, `configured` being
-    /// the lane's own limit. A first position past the resend ends it, and so does one before
-    /// it: the positions started again (a table truncated with its sequence, a topic recreated).
+    /// the lane's own limit. A first position past the resend ends it. One before it (rows a
+    /// rolled-back round or a restart brings again, positions that started again) goes in a
+    /// batch that stops before the resend (see [`Self::stop_before`]), which stays.
     pub fn limit(&mut self, configured: usize, first_position: i64) -> usize {
-        if self.resend.is_some_and(|(from, through)| first_position > through || first_position < from) {
+        if self.resend.is_some_and(|(_, through)| first_position > through) {
             self.resend = None;
         }
-        self.limit_now(configured)
+        self.peek_limit(configured, first_position)
     }
 
     /// [`Self::limit`] without ending a resend: what a batch made ahead of the answer before it
@@ -62,6 +63,12 @@ impl BatchWindow {
             }
             _ => self.limit_now(configured),
         }
+    }
+
+    /// The position a batch starting at `first_position` stops before: the start of a resend
+    /// ahead of it (what came before it ran in full batches; the resend goes one by one).
+    pub fn stop_before(&self, first_position: i64) -> Option<i64> {
+        self.resend.map(|(from, _)| from).filter(|&from| first_position < from)
     }
 
     /// [`Self::limit`] without a position: what the next batch may carry as things stand.
@@ -233,14 +240,19 @@ mod tests {
     }
 
     /// Found by review: positions that start again (a truncated table, a recreated topic) left
-    /// a resend that never ended; commands not sent yet started one.
+    /// a resend that never ended; commands not sent yet started one. Found by the e2e test: a
+    /// batch starting below the resend (rows a restart read again) ended it, so the failed
+    /// command went out again in a full batch; now such a batch stops before the resend.
     #[test]
-    fn a_resend_ends_when_positions_start_again_and_commands_not_sent_start_none() {
+    fn a_resend_ends_past_its_end_and_rows_before_it_stop_short_of_it() {
         let mut w = BatchWindow::default();
         w.record([Some(&Outcome::Delivered), Some(&retry("x"))], 500, 520);
         assert_eq!(w.resend(), Some((500, 520)));
-        assert_eq!(w.limit(100, 510), 1);
-        assert_eq!(w.limit(100, 1), 100, "ids started again below the resend");
+        assert_eq!((w.limit(100, 510), w.stop_before(510)), (1, None));
+        assert_eq!((w.limit(100, 1), w.stop_before(1)), (100, Some(500)), "ids before the resend");
+        assert_eq!(w.resend(), Some((500, 520)), "kept for when the positions reach it");
+        assert_eq!(w.limit(100, 500), 1);
+        assert_eq!((w.limit(100, 521), w.resend()), (100, None));
         let not_sent = Outcome::Retry(Failure::http(None, crate::dispatch::NOT_SENT_YET));
         w.record([Some(&Outcome::Delivered), Some(&not_sent), Some(&not_sent)], 1, 3);
         assert_eq!(w.resend(), None);
