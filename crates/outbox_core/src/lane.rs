@@ -127,6 +127,11 @@ impl BatchWindow {
             // one): a full batch with newer commands could fail them again while the newer
             // ones run, so resend apart through this batch.
             self.resend = Some(match self.resend {
+                // A batch far below the resend (positions started again) starts a resend of its
+                // own: joined, the two would send everything between them one by one.
+                Some((from, through)) if last_position < from && from - last_position > through - from + 1 => {
+                    (first_position, last_position)
+                }
                 Some((from, through)) => (from.min(first_position), through.max(last_position)),
                 None => (first_position, last_position),
             });
@@ -256,6 +261,20 @@ mod tests {
         let not_sent = Outcome::Retry(Failure::http(None, crate::dispatch::NOT_SENT_YET));
         w.record([Some(&Outcome::Delivered), Some(&not_sent), Some(&not_sent)], 1, 3);
         assert_eq!(w.resend(), None);
+    }
+
+    /// Found by review: a resend left over from before the positions started again, joined
+    /// with a failure among the new positions, sent everything between them one by one.
+    #[test]
+    fn a_failure_far_below_a_resend_starts_its_own_and_one_just_below_joins_it() {
+        let mut w = BatchWindow::resuming(Some((1_000_000, 1_000_099)));
+        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 1, 100);
+        assert_eq!(w.resend(), Some((1, 100)));
+        assert_eq!(w.limit(100, 101), 100);
+        // Rows a restarted worker reads again just below the resend it resumed.
+        let mut w = BatchWindow::resuming(Some((60, 95)));
+        w.record([Some(&retry("x")), Some(&Outcome::Delivered)], 50, 58);
+        assert_eq!(w.resend(), Some((50, 95)));
     }
 
     #[test]
